@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine:  `make demo` (run the gateway)  and  `make test` (run every check).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# binary:debian-package pairs the tests need; installed with apt-get when missing and running as root
+SYSDEPS := curl:curl
+
+.PHONY: demo test lint sysdeps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
+
+demo: $(VENV)/.installed
+	@$(BIN)/bastion simulate --port 8001 --itl 0.02 & sim=$$!; trap 'kill $$sim' EXIT INT TERM; \
+	  echo "try: curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+	    -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"; \
+	  BASTION_UPSTREAM_URL=http://127.0.0.1:8001 $(BIN)/bastion serve
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+test: sysdeps $(VENV)/.installed lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

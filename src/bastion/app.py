@@ -1,0 +1,133 @@
+"""`create_app(settings)`: wiring only, no request logic.
+
+The returned ASGI app sends `/v1/*` straight to the plain-ASGI proxy (the hot
+path skips FastAPI's routing) and everything else to a small FastAPI app for the
+health, readiness and admin routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from .asgi import ASGIApp, Receive, Scope, Send, header
+from .config import Settings
+from .errors import error_body
+from .exchange import Exchange, Listener
+from .proxy import Proxy
+from .upstream.client import build_client
+from .upstream.state import Phase, Upstream
+
+log = logging.getLogger("bastion")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+class Gateway:
+    """The outermost ASGI callable: opens an `Exchange` per `/v1` request and dispatches."""
+
+    def __init__(self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener]) -> None:
+        self.api = api
+        self._v1 = v1
+        self._listeners = tuple(listeners)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.api(scope, receive, send)
+            return
+        exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
+        client = scope.get("client")
+        if client:
+            exchange.client_ip = client[0]
+        scope["bastion.exchange"] = exchange
+        try:
+            await self._v1(scope, receive, send)
+        finally:
+            exchange.finished = time.perf_counter()
+            for listener in self._listeners:
+                try:
+                    listener(exchange)
+                except Exception:
+                    log.exception("request listener failed (request %s)", exchange.request_id)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream: Upstream | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    listeners: Sequence[Listener] = (),
+) -> Gateway:
+    if upstream is None:
+        if settings.upstream_url is None:
+            raise ValueError("no upstream: set BASTION_UPSTREAM_URL (or --upstream-url)")
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
+    client = build_client(settings, transport)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    api = FastAPI(title="bastion", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(api)
+
+    @api.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        """Alive: the gateway process answers. Says nothing about the model."""
+        return {"status": "ok"}
+
+    @api.get("/ready", include_in_schema=False)
+    async def ready() -> JSONResponse:
+        """Ready: requests would reach a model that answers."""
+        state = {"status": upstream.phase.value, "detail": upstream.detail}
+        if upstream.phase is Phase.EXTERNAL:
+            reachable = await _probe(client, upstream.base_url + "/health")
+            state = {"status": "ready" if reachable else "unreachable", "detail": ""}
+            return JSONResponse(state, status_code=200 if reachable else 503)
+        return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
+
+    return Gateway(api, Proxy(settings, upstream, client), listeners)
+
+
+async def _probe(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        response = await client.get(url, timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def _request_id(scope: Scope) -> str:
+    given = header(scope, b"x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+def _install_error_handlers(api: FastAPI) -> None:
+    """FastAPI's own 404/405/422 answers in the OpenAI envelope too."""
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        message = "Unknown route." if exc.status_code == 404 else str(exc.detail)
+        return Response(error_body(exc.status_code, message), exc.status_code, media_type="application/json")
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        return Response(error_body(400, "Invalid request."), 400, media_type="application/json")
+
+    api.add_exception_handler(StarletteHTTPException, http_error)
+    api.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,96 @@
+"""Small plain-ASGI helpers shared by the proxy and the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """First value of a request header (name in lower case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+async def read_body(receive: Receive, limit: int, declared: bytes | None = None) -> bytes:
+    """Read the whole request body, refusing more than `limit` bytes.
+
+    A Content-Length above the limit is refused before a byte is read.
+    """
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
+
+
+class DisconnectWatch:
+    """Cancel the current task as soon as the client goes away.
+
+    ASGI servers drop writes to a closed connection silently, so a slow stream
+    would otherwise keep the upstream generating until its next chunk. Once the
+    request body has been read, the only message `receive()` can still deliver is
+    `http.disconnect`; waiting for it in a side task lets us cancel the forwarding
+    task at once. Use as an async context manager around the response phase and
+    check `.disconnected` after catching `CancelledError`.
+    """
+
+    __slots__ = ("_done", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive: Receive) -> None:
+        self._task = asyncio.current_task()
+        self._done = False
+        self.disconnected = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self._done and self._task is not None:
+            self.disconnected = True
+            self._task.cancel()
+
+    def finish(self) -> None:
+        """Mark the response complete: a later disconnect is just the end of the exchange."""
+        self._done = True
+        self._watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True (and the cancellation undone) if it was ours."""
+        if self.disconnected and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False

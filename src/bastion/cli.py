@@ -1,0 +1,146 @@
+"""`bastion serve | simulate | check-config`.
+
+Every flag is a setting: a flag given on the command line wins over its
+`BASTION_*` variable, which wins over `.env` and the default. Secrets are never
+flags (argv is visible to every user of the machine); they come from the
+environment or `.env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from . import __version__
+from .config import Settings, describe_validation_error
+from .logs import configure_logging
+from .upstream.simulator import Simulator, SimulatorSettings
+
+
+def _flag(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], name: str, **kw: Any) -> None:
+    """Add `--name` for a settings field; its help text is the field's description plus its variable."""
+    field = settings_cls.model_fields[name]
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    default = field.get_default(call_default_factory=True)
+    help_text = f"{field.description} [{prefix}{name.upper()}, default: {default}]"
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text, **kw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bastion",
+        description="Authenticating, rate-limiting OpenAI-compatible gateway for a self-hosted vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"bastion {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway", description="Run the gateway.")
+    _flag(serve, Settings, "host")
+    _flag(serve, Settings, "port", type=int)
+    _flag(serve, Settings, "upstream_url", metavar="URL")
+    _flag(serve, Settings, "log_level")
+    _flag(serve, Settings, "log_format", choices=["text", "json"])
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a fake vLLM server (tests, benchmarks, no-GPU demo)",
+        description="Run an OpenAI/vLLM-compatible fake model server. Its API key, if any, "
+        "comes from VLLM_API_KEY as for vLLM.",
+    )
+    for name, kind in (
+        ("host", str),
+        ("port", int),
+        ("model", str),
+        ("ttft", float),
+        ("itl", float),
+        ("tokens", int),
+        ("startup_delay", float),
+        ("error_rate", float),
+        ("crash_after", int),
+        ("seed", int),
+        ("created", int),
+    ):
+        _flag(simulate, SimulatorSettings, name, type=kind)
+
+    commands.add_parser(
+        "check-config",
+        help="validate the settings and print them (secrets hidden)",
+        description="Validate settings from the environment and .env, print them, exit 0 if valid.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        if command == "simulate":
+            return _simulate(SimulatorSettings(**args))
+        settings = Settings(**args)
+    except ValidationError as exc:
+        print(f"bastion: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    if command == "check-config":
+        for name, value in settings.model_dump().items():
+            print(f"{name} = {value}")
+        return 0
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    from .app import create_app
+
+    configure_logging(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _simulate(settings: SimulatorSettings) -> int:
+    if settings.startup_delay:
+        _pretend_to_load(settings.startup_delay)
+    print(
+        f"bastion simulate: serving {settings.model} on http://{settings.host}:{settings.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        Simulator(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+    return 0
+
+
+def _pretend_to_load(seconds: float) -> None:
+    """Stay unreachable for a while, printing loading lines as vLLM does."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        print(f"bastion simulate: loading model weights... {left:.1f}s left", file=sys.stderr, flush=True)
+        time.sleep(min(1.0, left))

@@ -1,0 +1,42 @@
+"""One request's record, filled in along the path and handed to listeners at the end.
+
+Authentication, limits and the proxy each write what they learn; metrics, the
+audit log and token accounting read it once the response is finished. It holds
+no credential and no prompt text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .usage import Usage
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    path: str
+    client_ip: str = ""
+    principal: str = ""
+    model: str = ""
+    stream: bool = False
+    status: int = 0
+    outcome: str = "ok"  # ok, client_disconnect, upstream_error, rejected, ...
+    usage: Usage | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_byte: float | None = None
+    finished: float | None = None
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started
+
+
+Listener = Callable[[Exchange], None]

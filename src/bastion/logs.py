@@ -1,0 +1,84 @@
+"""Logging set-up with a redacting filter that is always on.
+
+The filter scrubs anything shaped like a credential (Bearer values, `bst-` API
+keys, JWTs) and every secret value registered with it (the internal upstream
+key, the metrics token), from the message and from exception text alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+from .config import LogFormat, Settings
+
+_PATTERNS = (
+    (re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
+    (re.compile(r"\bbst-[A-Za-z0-9_\-]{8,}"), "bst-[redacted]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"), "[redacted-jwt]"),
+    (re.compile(r"(?i)(VLLM_API_KEY=)\S+"), r"\1[redacted]"),
+)
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+
+    def add_secret(self, value: str) -> None:
+        if len(value) >= 8:
+            self._secrets.add(value)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> RedactingFilter:
+    """Route every logger (ours, uvicorn's) through one redacting handler on stderr."""
+    redactor = RedactingFilter()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(redactor)
+    if settings.log_format is LogFormat.JSON:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    # httpx logs every request at INFO: noise, and formatting work on the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return redactor

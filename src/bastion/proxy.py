@@ -1,0 +1,211 @@
+"""The hot path: a plain ASGI callable that streams `/v1/*` to the upstream.
+
+Bytes go through untouched and unbuffered. The only edits are on the way in:
+the client's credentials are replaced by the gateway's internal upstream key,
+and a streaming request without `stream_options.include_usage` gets it added so
+the gateway can account tokens (the extra usage event is removed again on the
+way out, so the client sees exactly the stream it asked for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from .asgi import BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+from .config import Settings
+from .errors import GatewayError, send_error
+from .exchange import Exchange
+from .upstream.client import upstream_failure
+from .upstream.state import Upstream
+from .usage import StreamTap, find_usage
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Never forwarded upstream: the client's credentials, and what the transport recomputes.
+_DROP_REQUEST = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect", b"x-request-id"}
+# Never passed back: what our own server sets (date, server) or we set (x-request-id).
+_DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
+_SSE = b"text/event-stream"
+_FORBIDDEN_IN_PATH = (b"%2e", b"%2f", b"%5c", b"\\")
+
+
+class UpstreamBroke(Exception):
+    """The upstream failed after the response had started: the connection is aborted."""
+
+
+class Proxy:
+    def __init__(self, settings: Settings, upstream: Upstream, client: httpx.AsyncClient) -> None:
+        self._upstream = upstream
+        self._client = client
+        self._methods = frozenset(m.upper() for m in settings.passthrough_methods)
+        self._max_body = settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange: Exchange = scope["bastion.exchange"]
+        try:
+            await self._handle(scope, receive, send, exchange)
+        except GatewayError as error:
+            exchange.status = error.status
+            if exchange.outcome == "ok":
+                exchange.outcome = "upstream_error" if error.status >= 500 else "rejected"
+            await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+        if scope["method"] not in self._methods:
+            raise GatewayError(405, f"Method {scope['method']} is not allowed here.")
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if not _safe_path(scope["path"], raw_path):
+            raise GatewayError(404, "Unknown route.")
+        if not self._upstream.accepting:
+            raise self._upstream.not_ready_error()
+        try:
+            body = await read_body(receive, self._max_body, header(scope, b"content-length"))
+        except BodyTooLarge:
+            raise GatewayError(413, f"The request body exceeds {self._max_body} bytes.") from None
+        except ClientGone:
+            exchange.outcome = "client_disconnect"
+            return
+        content, strip_usage = _inspect_body(scope, body, exchange)
+
+        url = self._upstream.base_url + raw_path.decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        request = self._client.build_request(
+            scope["method"], url, headers=self._upstream_headers(scope, exchange), content=content
+        )
+        watch = DisconnectWatch(receive)
+        response: httpx.Response | None = None
+        try:
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise upstream_failure(exc) from exc
+            await self._relay(response, send, exchange, strip_usage, watch)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            exchange.outcome = "client_disconnect"
+        finally:
+            watch.finish()
+            if response is not None:
+                await response.aclose()
+
+    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        headers.append((b"x-request-id", exchange.request_id.encode()))
+        if self._upstream.api_key:
+            headers.append((b"authorization", b"Bearer " + self._upstream.api_key.encode()))
+        return headers
+
+    async def _relay(
+        self,
+        response: httpx.Response,
+        send: Send,
+        exchange: Exchange,
+        strip_usage: bool,
+        watch: DisconnectWatch,
+    ) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        is_sse = False
+        for name, value in response.headers.raw:
+            lname = name.lower()
+            if lname in _DROP_RESPONSE:
+                continue
+            if lname == b"content-type" and value.startswith(_SSE):
+                is_sse = True
+            headers.append((lname, value))
+        headers.append((b"x-request-id", exchange.request_id.encode()))
+        tap: StreamTap | None = None
+        if is_sse:
+            tap = StreamTap(strip_usage=strip_usage)
+            headers = [h for h in headers if h[0] != b"content-length"]
+            headers.append((b"x-accel-buffering", b"no"))
+        exchange.status = response.status_code
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+
+        previous = last = b""
+        try:
+            async for chunk in response.aiter_raw():
+                if exchange.first_byte is None:
+                    exchange.first_byte = time.perf_counter()
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
+                else:
+                    previous, last = last, chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            exchange.outcome = "upstream_error"
+            if tap is None:
+                raise UpstreamBroke("upstream failed mid-response") from exc
+            await self._end_stream_with_error(send, tap, watch, upstream_failure(exc))
+            return
+        tail = tap.flush() if tap is not None else b""
+        watch.finish()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        exchange.usage = tap.usage if tap is not None else find_usage(previous + last)
+
+    async def _end_stream_with_error(
+        self, send: Send, tap: StreamTap, watch: DisconnectWatch, error: GatewayError
+    ) -> None:
+        """Close a broken stream with an error event, as vLLM does, so SDKs raise instead of hanging."""
+        event = json.dumps(error.payload(), separators=(",", ":")).encode()
+        body = tap.flush() + b"data: " + event + b"\n\n"
+        watch.finish()
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _safe_path(path: str, raw_path: bytes) -> bool:
+    """Refuse dot segments and encoded separators that an upstream might normalise away."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    lowered = raw_path.lower()
+    return not any(bad in lowered for bad in _FORBIDDEN_IN_PATH)
+
+
+def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes, bool]:
+    """Parse a JSON body once: record model and stream flag, add include_usage if missing.
+
+    Returns the bytes to send upstream (the original ones unless edited) and
+    whether the usage event must be hidden from the client.
+    """
+    if scope["method"] != "POST" or not body:
+        return body, False
+    content_type = header(scope, b"content-type")
+    if content_type is not None and content_type.startswith(b"multipart/"):
+        return body, False  # file uploads (audio); everything else on /v1 is JSON
+    try:
+        payload: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        raise GatewayError(400, "The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    model = payload.get("model")
+    if isinstance(model, str):
+        exchange.model = model
+    if payload.get("stream") is not True:
+        return body, False
+    exchange.stream = True
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return body, False
+    payload["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(payload, separators=(",", ":")).encode(), True

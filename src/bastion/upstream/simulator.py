@@ -1,0 +1,328 @@
+"""A fake vLLM OpenAI server for tests, benchmarks and the no-GPU demo.
+
+It speaks the same wire format as vLLM (chunk shapes, the usage-only final
+chunk, `data: [DONE]`, `{"error": "Unauthorized"}` for a wrong key, `vllm:*`
+metrics) and generates deterministic text, so a stream through the gateway can
+be compared byte for byte with one taken directly. It is plain ASGI with
+pre-encoded chunk templates so that it is never the bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import random
+import time
+import zlib
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven bright lanterns sway above "
+    "calm water and distant bells ring across green hills near an old stone bridge"
+).split()
+
+
+class SimulatorSettings(BaseSettings):
+    """Knobs of `bastion simulate`; every flag has a BASTION_SIMULATE_* variable."""
+
+    model_config = SettingsConfigDict(env_prefix="BASTION_SIMULATE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8001, ge=0, le=65535, description="Port to listen on.")
+    model: str = Field("qwen2.5-7b-instruct", description="Model name served and reported.")
+    ttft: float = Field(0.0, ge=0, description="Seconds before the first token.")
+    itl: float = Field(0.0, ge=0, description="Seconds between tokens.")
+    tokens: int = Field(16, ge=1, description="Completion tokens when the request sets no lower max_tokens.")
+    startup_delay: float = Field(0.0, ge=0, description="Seconds to 'load the model' before listening.")
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of requests answered with a 500.")
+    crash_after: int = Field(0, ge=0, description="Exit abruptly on the request after this many (0: never).")
+    seed: int = Field(0, description="Seed of the error-rate random generator.")
+    created: int = Field(0, ge=0, description="Fixed `created` timestamp for reproducible output (0: now).")
+    # Read from VLLM_API_KEY like vLLM itself, so the supervisor treats both alike; never a flag.
+    api_key: SecretStr | None = Field(None, validation_alias="VLLM_API_KEY", exclude=True)
+
+
+class _Metrics:
+    def __init__(self, model: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.prompt = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry)
+        self.generation = Counter(
+            "vllm:generation_tokens", "Generation tokens produced.", labels, registry=self.registry
+        )
+        self.finished = Counter(
+            "vllm:request_success",
+            "Finished requests by reason.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self.running = Gauge("vllm:num_requests_running", "Requests running.", labels, registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting.", labels, registry=self.registry)
+        self.prompt_m = self.prompt.labels(model)
+        self.generation_m = self.generation.labels(model)
+        self.running_m = self.running.labels(model)
+        self.waiting.labels(model).set(0)
+        self.reasons = {r: self.finished.labels(model, r) for r in ("stop", "length", "abort")}
+
+
+class Simulator:
+    """The ASGI app. One instance per process; all state lives here."""
+
+    def __init__(self, settings: SimulatorSettings) -> None:
+        self.settings = settings
+        self.metrics = _Metrics(settings.model)
+        self._key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self._random = random.Random(settings.seed)
+        self._served = 0
+        self._created = int(time.time())
+        self._model_json = json.dumps(settings.model)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            await _send(send, 200, b"", b"application/json")
+        elif path == "/metrics":
+            await _send(send, 200, generate_latest(self.metrics.registry), b"text/plain; version=0.0.4")
+        elif path.startswith("/v1/") and not self._authorized(scope):
+            await _send(send, 401, b'{"error":"Unauthorized"}')
+        elif path == "/v1/models" and method == "GET":
+            await _send(send, 200, self._models())
+        elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
+            await self._generate(scope, receive, send, chat=path == "/v1/chat/completions")
+        else:
+            await _send(send, 404, _vllm_error(404, "Not Found"))
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._key is None:
+            return True
+        given = header(scope, b"authorization") or b""
+        return hmac.compare_digest(given, b"Bearer " + self._key)
+
+    def _models(self) -> bytes:
+        card = {
+            "id": self.settings.model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vllm",
+            "root": self.settings.model,
+            "parent": None,
+            "max_model_len": 32768,
+        }
+        return json.dumps({"object": "list", "data": [card]}).encode()
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
+        self._served += 1
+        if self.settings.crash_after and self._served > self.settings.crash_after:
+            os._exit(3)  # a crash, not a shutdown: what the supervisor must survive
+        try:
+            body = await read_body(receive, 64 << 20)
+            request: Any = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError
+        except ClientGone:
+            return
+        except ValueError:
+            await _send(send, 400, _vllm_error(400, "Invalid JSON body"))
+            return
+        if self.settings.error_rate and self._random.random() < self.settings.error_rate:
+            await _send(send, 500, _vllm_error(500, "Simulated engine failure"))
+            return
+        request_id = header(scope, b"x-request-id")
+        job = _Job(self, request, chat=chat, request_id=request_id.decode("latin-1") if request_id else None)
+        if job.invalid:
+            await _send(send, 400, _vllm_error(400, job.invalid))
+            return
+        self.metrics.running_m.inc()
+        watch = DisconnectWatch(receive)
+        try:
+            if job.stream:
+                await job.stream_to(send, watch)
+            else:
+                await job.respond(send, watch)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            self.metrics.reasons["abort"].inc()
+            self.metrics.generation_m.inc(job.generated)
+        finally:
+            watch.finish()
+            self.metrics.running_m.dec()
+
+
+class _Job:
+    """One generation request: its parameters and the bytes it produces."""
+
+    def __init__(self, sim: Simulator, request: dict[str, Any], *, chat: bool, request_id: str | None) -> None:
+        self.sim = sim
+        self.chat = chat
+        self.invalid = ""
+        self.stream = request.get("stream") is True
+        options = request.get("stream_options") or {}
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        n = request.get("n", 1)
+        cap = request.get("max_completion_tokens", request.get("max_tokens"))
+        if not isinstance(n, int) or not 1 <= n <= 16:
+            self.invalid = "n must be an integer between 1 and 16"
+            n = 1
+        if cap is not None and (not isinstance(cap, int) or cap < 1):
+            self.invalid = "max_tokens must be a positive integer"
+            cap = None
+        self.n = n
+        tokens = sim.settings.tokens
+        self.length = min(tokens, cap) if cap is not None else tokens
+        self.finish_reason = "length" if cap is not None and cap <= tokens else "stop"
+        text = _prompt_text(request, chat)
+        self.prompt_tokens = max(1, len(text.split())) + (4 if chat else 0)
+        start = zlib.crc32(text.encode())
+        self.words = [" " + WORDS[(start + i) % len(WORDS)] for i in range(self.length)]
+        self.generated = 0
+        # Like vLLM, the response id follows the caller's X-Request-Id when there is one.
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id or os.urandom(12).hex()}"
+        self.created = sim.settings.created or int(time.time())
+        self.head = (
+            f'{{"id":{json.dumps(rid)},"object":"{"chat.completion.chunk" if chat else "text_completion"}",'
+            f'"created":{self.created},"model":{sim._model_json},'
+        )
+        self.rid = rid
+
+    def _usage(self) -> dict[str, int]:
+        completion = self.length * self.n
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens": completion,
+        }
+
+    def _account(self) -> None:
+        metrics = self.sim.metrics
+        metrics.prompt_m.inc(self.prompt_tokens)
+        metrics.generation_m.inc(self.length * self.n)
+        metrics.reasons[self.finish_reason].inc()
+
+    def _chunk(self, index: int, piece: str, finish: str | None) -> bytes:
+        reason = "null" if finish is None else f'"{finish}"'
+        if self.chat:
+            delta = f'{{"content":{json.dumps(piece)}}}'
+            choice = f'{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{reason}}}'
+        else:
+            choice = f'{{"index":{index},"text":{json.dumps(piece)},"logprobs":null,"finish_reason":{reason}}}'
+        return f'data: {self.head}"choices":[{choice}]}}\n\n'.encode()
+
+    async def stream_to(self, send: Send, watch: DisconnectWatch) -> None:
+        settings = self.sim.settings
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
+        if settings.ttft:
+            await asyncio.sleep(settings.ttft)
+        if self.chat:
+            role = '{"role":"assistant","content":""}'
+            first = "".join(
+                f'data: {self.head}"choices":[{{"index":{i},"delta":{role},"logprobs":null,'
+                f'"finish_reason":null}}]}}\n\n'
+                for i in range(self.n)
+            )
+            await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
+        last = self.length - 1
+        for step, word in enumerate(self.words):
+            if step and settings.itl:
+                await asyncio.sleep(settings.itl)
+            finish = self.finish_reason if step == last else None
+            body = b"".join(self._chunk(i, word, finish) for i in range(self.n))
+            self.generated += self.n
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        tail = b""
+        if self.include_usage:
+            usage = json.dumps(self._usage(), separators=(",", ":"))
+            tail = f'data: {self.head}"choices":[],"usage":{usage}}}\n\n'.encode()
+        self._account()
+        watch.finish()
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+
+    async def respond(self, send: Send, watch: DisconnectWatch) -> None:
+        settings = self.sim.settings
+        delay = settings.ttft + settings.itl * max(0, self.length - 1)
+        if delay:
+            await asyncio.sleep(delay)
+        self.generated = self.length * self.n
+        text = "".join(self.words)
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": self.finish_reason,
+                    "stop_reason": None,
+                }
+                for i in range(self.n)
+            ]
+            kind = "chat.completion"
+        else:
+            choices = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": self.finish_reason, "stop_reason": None}
+                for i in range(self.n)
+            ]
+            kind = "text_completion"
+        body = {
+            "id": self.rid,
+            "object": kind,
+            "created": self.created,
+            "model": self.sim.settings.model,
+            "choices": choices,
+            "usage": self._usage(),
+        }
+        self._account()
+        watch.finish()
+        await _send(send, 200, json.dumps(body, separators=(",", ":")).encode())
+
+
+def _prompt_text(request: dict[str, Any], chat: bool) -> str:
+    if chat:
+        parts = []
+        for message in request.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(parts)
+    prompt = request.get("prompt", "")
+    return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+
+
+def _vllm_error(status: int, message: str) -> bytes:
+    kinds = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+    error = {"object": "error", "message": message, "type": kinds.get(status, "Error"), "param": None, "code": status}
+    return json.dumps(error).encode()
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

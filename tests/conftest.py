@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import gateway, simulator
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[str]:
+    """A fast simulator shared by a test module."""
+    with simulator("--created", "1700000000", "--tokens", "12") as (_, base):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def gw(sim: str) -> Iterator[str]:
+    """A gateway in front of the module's simulator."""
+    with gateway("--upstream-url", sim) as (_, base):
+        yield base
