@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
@@ -74,13 +74,16 @@ def create_app(
         key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
     client = build_client(settings, transport)
+    # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
+    # async context manager entered at start-up and left, in reverse order, at shutdown.
+    services: list[AbstractAsyncContextManager[object]] = [client]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
+        async with AsyncExitStack() as stack:
+            for service in services:
+                await stack.enter_async_context(service)
             yield
-        finally:
-            await client.aclose()
 
     api = FastAPI(title="bastion", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(api)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from . import __version__
-from .config import Settings, describe_validation_error
+from .config import Settings, describe_validation_error, env_example
 from .logs import configure_logging
 from .upstream.simulator import Simulator, SimulatorSettings
 
@@ -70,10 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         _flag(simulate, SimulatorSettings, name, type=kind)
 
-    commands.add_parser(
+    check = commands.add_parser(
         "check-config",
         help="validate the settings and print them (secrets hidden)",
         description="Validate settings from the environment and .env, print them, exit 0 if valid.",
+    )
+    check.add_argument(
+        "--env-example", action="store_true", help="print a commented .env template of every setting instead"
     )
     return parser
 
@@ -81,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if args.pop("env_example", False):
+        print(env_example(Settings), end="")
+        return 0
     try:
         if command == "simulate":
             return _simulate(SimulatorSettings(**args))

@@ -24,7 +24,11 @@ class Exchange:
     model: str = ""
     stream: bool = False
     status: int = 0
-    outcome: str = "ok"  # ok, client_disconnect, upstream_error, rejected, ...
+    # Coarse outcome: ok | rejected (the gateway refused it) | client_disconnect | upstream_error.
+    outcome: str = "ok"
+    # Why, in a word from a small fixed set (a metric label): e.g. invalid_json, body_too_large,
+    # not_ready, connect, timeout, midstream; later stages add invalid_api_key, ip_denied, rate_limit_requests...
+    reason: str = ""
     usage: Usage | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None

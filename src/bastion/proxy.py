@@ -62,7 +62,8 @@ class Proxy:
         except GatewayError as error:
             exchange.status = error.status
             if exchange.outcome == "ok":
-                exchange.outcome = "upstream_error" if error.status >= 500 else "rejected"
+                exchange.outcome = "upstream_error" if error.status in (502, 504) else "rejected"
+                exchange.reason = exchange.reason or error.code or ""
             await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
@@ -151,7 +152,7 @@ class Proxy:
                     previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
-            exchange.outcome = "upstream_error"
+            exchange.outcome, exchange.reason = "upstream_error", "midstream"
             if tap is None:
                 raise UpstreamBroke("upstream failed mid-response") from exc
             await self._end_stream_with_error(send, tap, watch, upstream_failure(exc))
@@ -193,9 +194,9 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     try:
         payload: Any = json.loads(body)
     except (ValueError, RecursionError):
-        raise GatewayError(400, "The request body is not valid JSON.") from None
+        raise GatewayError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
-        raise GatewayError(400, "The request body must be a JSON object.")
+        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
     model = payload.get("model")
     if isinstance(model, str):
         exchange.model = model

@@ -23,7 +23,7 @@ class Phase(StrEnum):
 class Upstream:
     """Where requests go and whether they may go there now."""
 
-    __slots__ = ("api_key", "base_url", "detail", "phase", "retry_after")
+    __slots__ = ("api_key", "base_url", "detail", "phase", "restarts", "retry_after")
 
     def __init__(self, base_url: str, api_key: str | None, phase: Phase = Phase.EXTERNAL) -> None:
         self.base_url = base_url.rstrip("/")
@@ -31,6 +31,7 @@ class Upstream:
         self.phase = phase
         self.detail = ""
         self.retry_after = 5
+        self.restarts = 0  # times the supervisor restarted a dead or hung child
 
     @property
     def accepting(self) -> bool:
