@@ -22,10 +22,10 @@ sysdeps:
 	  else echo "missing system packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 demo: $(VENV)/.installed
-	@$(BIN)/bastion simulate --port 8001 --itl 0.02 & sim=$$!; trap 'kill $$sim' EXIT INT TERM; \
-	  echo "try: curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \
-	    -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"; \
-	  BASTION_UPSTREAM_URL=http://127.0.0.1:8001 $(BIN)/bastion serve
+	@echo "bastion demo: gateway on http://127.0.0.1:8000 supervising the vLLM simulator (no GPU needed). Try:"
+	@echo "  curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "    -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"
+	@$(BIN)/bastion serve --upstream-command '{python} -m bastion simulate --host {host} --port {port} --itl 0.02'
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests

@@ -28,6 +28,7 @@ from .exchange import Exchange, Listener
 from .proxy import Proxy
 from .upstream.client import build_client
 from .upstream.state import Phase, Upstream
+from .upstream.supervisor import supervised_upstream
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -68,15 +69,17 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
-    if upstream is None:
-        if settings.upstream_url is None:
-            raise ValueError("no upstream: set BASTION_UPSTREAM_URL (or --upstream-url)")
-        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
     client = build_client(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
     services: list[AbstractAsyncContextManager[object]] = [client]
+    if upstream is None:
+        if settings.upstream_url is not None:
+            key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+            upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
+        else:
+            upstream, supervisor = supervised_upstream(settings, client)
+            services.append(supervisor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +99,11 @@ def create_app(
     @api.get("/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
         """Ready: requests would reach a model that answers."""
-        state = {"status": upstream.phase.value, "detail": upstream.detail}
+        state: dict[str, str | int] = {
+            "status": upstream.phase.value,
+            "detail": upstream.detail,
+            "restarts": upstream.restarts,
+        }
         if upstream.phase is Phase.EXTERNAL:
             reachable = await _probe(client, upstream.base_url + "/health")
             state = {"status": "ready" if reachable else "unreachable", "detail": ""}

@@ -23,6 +23,7 @@ from . import __version__
 from .config import Settings, describe_validation_error, env_example
 from .logs import configure_logging
 from .upstream.simulator import Simulator, SimulatorSettings
+from .upstream.vllm import NO_VLLM_HINT, vllm_unavailable
 
 
 def _flag(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], name: str, **kw: Any) -> None:
@@ -46,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, Settings, "host")
     _flag(serve, Settings, "port", type=int)
     _flag(serve, Settings, "upstream_url", metavar="URL")
+    _flag(serve, Settings, "upstream_command", metavar="CMD")
+    _flag(serve, Settings, "model")
+    _flag(serve, Settings, "served_model_name", metavar="NAME")
+    _flag(serve, Settings, "max_model_len", type=int, metavar="N")
+    _flag(serve, Settings, "gpu_memory_utilization", type=float, metavar="FRACTION")
+    _flag(serve, Settings, "tensor_parallel_size", type=int, metavar="N")
+    _flag(serve, Settings, "vllm_extra_args", metavar="ARGS")
+    _flag(serve, Settings, "startup_timeout", type=float, metavar="SECONDS")
     _flag(serve, Settings, "log_level")
     _flag(serve, Settings, "log_format", choices=["text", "json"])
 
@@ -104,12 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     from .app import create_app
 
-    configure_logging(settings)
-    try:
-        app = create_app(settings)
-    except ValueError as exc:
-        print(f"bastion: {exc}", file=sys.stderr)
+    reason = vllm_unavailable(settings)
+    if reason:
+        print(NO_VLLM_HINT.format(reason=reason), file=sys.stderr)
         return 2
+    configure_logging(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -118,7 +127,7 @@ def _serve(settings: Settings) -> int:
         access_log=False,
         log_level=settings.log_level,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
     uvicorn.Server(config).run()
     return 0

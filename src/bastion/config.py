@@ -67,6 +67,49 @@ class Settings(BaseSettings):
         30.0, description="Seconds an idle upstream connection is kept for reuse."
     )
 
+    # --- supervised upstream (used when upstream_url is not set) --------------------
+    upstream_command: str | None = Field(
+        None,
+        description="Run this command as the supervised upstream instead of vLLM; {host}, {port} and {python} "
+        "are filled in. E.g. '{python} -m bastion simulate --host {host} --port {port}' for the no-GPU demo.",
+    )
+    upstream_host: str = Field("127.0.0.1", description="Address the supervised child binds (keep it loopback).")
+    upstream_port: Port = Field(0, description="Port the supervised child binds; 0 picks a free one.")
+    upstream_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for the supervised child, as a JSON object (e.g. CUDA_VISIBLE_DEVICES).",
+    )
+    model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="Model vLLM serves: a Hugging Face id or a local path.")
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the model (vLLM's --served-model-name); default: the model."
+    )
+    dtype: str = Field("auto", description="vLLM --dtype: auto, bfloat16, float16, float32.")
+    max_model_len: int | None = Field(None, ge=1, description="vLLM --max-model-len (context length cap).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size (GPUs per model).")
+    vllm_extra_args: str = Field(
+        "", description="More vLLM arguments, shell-quoted, e.g. '--load-format dummy --enable-prefix-caching'."
+    )
+    vllm_python: str = Field(
+        "", description="Python interpreter that has vLLM installed; default: the one running bastion."
+    )
+    startup_timeout: Seconds = Field(
+        1800.0, description="Seconds the child may take to answer /health (loading a model takes minutes)."
+    )
+    health_interval: Seconds = Field(5.0, description="Seconds between health probes of a running child.")
+    health_timeout: Seconds = Field(5.0, description="Seconds one health probe may take.")
+    health_failures: int = Field(3, ge=1, description="Failed probes in a row after which a hung child is restarted.")
+    restart_backoff: Seconds = Field(1.0, description="First restart delay in seconds; doubles per crash, with jitter.")
+    restart_backoff_max: Seconds = Field(60.0, description="Longest restart delay in seconds.")
+    max_restarts: int = Field(
+        5, ge=1, description="Crashes within restart_window after which bastion stops restarting."
+    )
+    restart_window: Seconds = Field(600.0, description="Window (seconds) in which crashes are counted.")
+    stop_timeout: Seconds = Field(30.0, description="Seconds the child gets to exit after SIGTERM before SIGKILL.")
+    shutdown_grace: Seconds = Field(
+        30.0, description="On SIGTERM, seconds in-flight requests get to finish before the child is stopped."
+    )
+
     # --- request handling ----------------------------------------------------------
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)."

@@ -82,3 +82,11 @@ def configure_logging(settings: Settings) -> RedactingFilter:
     # httpx logs every request at INFO: noise, and formatting work on the hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return redactor
+
+
+def redact_value(secret: str) -> None:
+    """Teach the installed redacting filters one more secret value (e.g. a generated key)."""
+    for handler in logging.getLogger().handlers:
+        for log_filter in handler.filters:
+            if isinstance(log_filter, RedactingFilter):
+                log_filter.add_secret(secret)

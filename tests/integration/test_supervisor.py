@@ -1,0 +1,140 @@
+"""`bastion serve` supervising the simulator: the real supervisor code path, real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support import Proc, gateway
+
+SIM = "{python} -m bastion simulate --host {host} --port {port}"
+CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}]}
+FAST_RESTARTS = {
+    "BASTION_RESTART_BACKOFF": "0.2",
+    "BASTION_HEALTH_INTERVAL": "0.3",
+    "BASTION_HEALTH_TIMEOUT": "0.5",
+    "BASTION_HEALTH_FAILURES": "2",
+    "BASTION_STOP_TIMEOUT": "2",
+}
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def child_pids(gw: Proc) -> list[int]:
+    return [int(pid) for pid in re.findall(r"upstream pid=(\d+) started", gw.output())]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def ready_state(base: str) -> dict[str, object]:
+    return httpx.get(base + "/ready", timeout=2).json()  # type: ignore[no-any-return]
+
+
+def test_readiness_gates_requests_while_loading() -> None:
+    with gateway("--upstream-command", SIM + " --startup-delay 2", ready=False) as (gw, base):
+        early = httpx.post(base + "/v1/chat/completions", json=CHAT)
+        assert early.status_code == 503
+        assert early.headers["retry-after"].isdigit()
+        assert early.json()["error"]["code"] == "model_loading"
+        assert httpx.get(base + "/health").status_code == 200
+        assert httpx.get(base + "/ready").status_code == 503
+        wait_for(lambda: httpx.get(base + "/ready").status_code == 200, 15, "readiness")
+        assert httpx.post(base + "/v1/chat/completions", json=CHAT).status_code == 200
+        assert "loading model weights" in gw.output(), "the child's own loading lines are relayed"
+
+
+def test_crash_restart_and_recovery() -> None:
+    with gateway("--upstream-command", SIM + " --crash-after 2", env=FAST_RESTARTS) as (gw, base):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        for _ in range(2):
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        with pytest.raises(openai.InternalServerError) as crashed:  # the child dies on this one
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert crashed.value.status_code in (502, 503)
+        wait_for(lambda: ready_state(base)["restarts"] == 1 and ready_state(base)["status"] == "ready", 15, "restart")
+        assert client.chat.completions.create(**CHAT).choices  # type: ignore[call-overload]
+        first, second = child_pids(gw)
+        assert first != second and not pid_alive(first)
+        assert f"upstream pid={first} exited (exit code 3)" in gw.output()
+
+
+def test_crash_loop_gives_up_but_gateway_answers() -> None:
+    env = {**FAST_RESTARTS, "BASTION_MAX_RESTARTS": "3"}
+    with gateway("--upstream-command", "{python} -c 'raise SystemExit(7)'", env=env, ready=False) as (gw, base):
+        wait_for(lambda: ready_state(base)["status"] == "failed", 20, "giving up")
+        response = httpx.post(base + "/v1/chat/completions", json=CHAT)
+        assert response.status_code == 503
+        assert "keeps crashing" in response.json()["error"]["message"]
+        assert httpx.get(base + "/health").status_code == 200
+        assert "giving up" in gw.output()
+        assert len(child_pids(gw)) == 3
+
+
+def test_hung_child_is_restarted() -> None:
+    with gateway("--upstream-command", SIM, env=FAST_RESTARTS) as (gw, base):
+        (first,) = child_pids(gw)
+        os.kill(first, signal.SIGSTOP)  # alive but answering nothing
+        wait_for(lambda: len(child_pids(gw)) == 2 and ready_state(base)["status"] == "ready", 20, "restart")
+        assert "stopped answering" in gw.output()
+        wait_for(lambda: not pid_alive(first), 5, "the hung child to be gone")
+
+
+def test_sigterm_drains_inflight_stream_then_stops_child() -> None:
+    with gateway("--upstream-command", SIM + " --itl 0.1 --tokens 20") as (gw, base):
+        (child,) = child_pids(gw)
+        with httpx.stream("POST", base + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=10) as r:
+            chunks = r.iter_raw()
+            next(chunks)
+            gw.signal(signal.SIGTERM)
+            rest = b"".join(chunks)
+        assert rest.endswith(b"data: [DONE]\n\n"), "the in-flight stream must finish"
+        gw.popen.wait(15)
+        assert not pid_alive(child)
+        assert f"upstream pid={child} stopped" in gw.output()
+
+
+def test_sigkill_of_gateway_leaves_no_orphan() -> None:
+    with gateway("--upstream-command", SIM) as (gw, _):
+        (child,) = child_pids(gw)
+        gw.signal(signal.SIGKILL)
+        gw.popen.wait(5)
+        wait_for(lambda: not pid_alive(child), 10, f"child {child} to die with the gateway")
+
+
+def test_internal_key_is_in_no_argv_and_no_log() -> None:
+    with gateway("--upstream-command", SIM) as (gw, base):
+        (child,) = child_pids(gw)
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        key = next(v.split(b"=", 1)[1] for v in environ if v.startswith(b"VLLM_API_KEY="))
+        assert len(key) >= 32
+        assert httpx.post(base + "/v1/chat/completions", json=CHAT).status_code == 200  # the gateway uses it
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                assert key not in cmdline.read_bytes(), f"key visible in argv of {cmdline.parent.name}"
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        assert key.decode() not in gw.output()
+        assert not any(v.startswith(b"BASTION_") for v in environ), "bastion's settings stay out of the child"
