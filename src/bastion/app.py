@@ -26,7 +26,7 @@ from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
 from .proxy import Proxy
-from .upstream.client import build_client
+from .upstream.client import UpstreamClient
 from .upstream.state import Phase, Upstream
 from .upstream.supervisor import supervised_upstream
 
@@ -69,7 +69,7 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
-    client = build_client(settings, transport)
+    client = UpstreamClient(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
     services: list[AbstractAsyncContextManager[object]] = [client]
@@ -78,7 +78,7 @@ def create_app(
             key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
             upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
         else:
-            upstream, supervisor = supervised_upstream(settings, client)
+            upstream, supervisor = supervised_upstream(settings, client.http)
             services.append(supervisor)
 
     @asynccontextmanager
@@ -105,7 +105,7 @@ def create_app(
             "restarts": upstream.restarts,
         }
         if upstream.phase is Phase.EXTERNAL:
-            reachable = await _probe(client, upstream.base_url + "/health")
+            reachable = await _probe(client.http, upstream.base_url + "/health")
             state = {"status": "ready" if reachable else "unreachable", "detail": ""}
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)

@@ -127,6 +127,8 @@ def _serve(settings: Settings) -> int:
         access_log=False,
         log_level=settings.log_level,
         lifespan="on",
+        proxy_headers=False,  # client IPs are resolved by bastion's own trusted-proxy rules
+        server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
     uvicorn.Server(config).run()

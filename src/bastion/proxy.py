@@ -14,13 +14,13 @@ import json
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 
 from .asgi import BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
 from .config import Settings
 from .errors import GatewayError, send_error
 from .exchange import Exchange
-from .upstream.client import upstream_failure
+from .upstream.client import UpstreamClient, upstream_failure
 from .upstream.state import Upstream
 from .usage import StreamTap, find_usage
 
@@ -49,7 +49,7 @@ class UpstreamBroke(Exception):
 
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream: Upstream, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream, client: UpstreamClient) -> None:
         self._upstream = upstream
         self._client = client
         self._methods = frozenset(m.upper() for m in settings.passthrough_methods)
@@ -86,17 +86,17 @@ class Proxy:
         url = self._upstream.base_url + raw_path.decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        request = self._client.build_request(
-            scope["method"], url, headers=self._upstream_headers(scope, exchange), content=content
-        )
         watch = DisconnectWatch(receive)
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
+        completed = False
         try:
             try:
-                response = await self._client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+                response = await self._client.open(
+                    scope["method"], url, self._upstream_headers(scope, exchange), content
+                )
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise upstream_failure(exc) from exc
-            await self._relay(response, send, exchange, strip_usage, watch)
+            completed = await self._relay(response, send, exchange, strip_usage, watch)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -104,26 +104,32 @@ class Proxy:
         finally:
             watch.finish()
             if response is not None:
-                await response.aclose()
+                # A finished response returns its connection to the pool; anything else closes it,
+                # which is what makes vLLM abort a generation nobody will read.
+                if completed:
+                    response.release()
+                else:
+                    response.close()
 
-    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
-        headers.append((b"x-request-id", exchange.request_id.encode()))
+    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[str, str]]:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        headers.append(("x-request-id", exchange.request_id))
         if self._upstream.api_key:
-            headers.append((b"authorization", b"Bearer " + self._upstream.api_key.encode()))
+            headers.append(("authorization", "Bearer " + self._upstream.api_key))
         return headers
 
     async def _relay(
         self,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         send: Send,
         exchange: Exchange,
         strip_usage: bool,
         watch: DisconnectWatch,
-    ) -> None:
+    ) -> bool:
+        """Stream the response back; True if it was read to the end."""
         headers: list[tuple[bytes, bytes]] = []
         is_sse = False
-        for name, value in response.headers.raw:
+        for name, value in response.raw_headers:
             lname = name.lower()
             if lname in _DROP_RESPONSE:
                 continue
@@ -136,12 +142,12 @@ class Proxy:
             tap = StreamTap(strip_usage=strip_usage)
             headers = [h for h in headers if h[0] != b"content-length"]
             headers.append((b"x-accel-buffering", b"no"))
-        exchange.status = response.status_code
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        exchange.status = response.status
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
         previous = last = b""
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 if exchange.first_byte is None:
                     exchange.first_byte = time.perf_counter()
                 if tap is not None:
@@ -151,16 +157,17 @@ class Proxy:
                 else:
                     previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             exchange.outcome, exchange.reason = "upstream_error", "midstream"
             if tap is None:
                 raise UpstreamBroke("upstream failed mid-response") from exc
             await self._end_stream_with_error(send, tap, watch, upstream_failure(exc))
-            return
+            return False
         tail = tap.flush() if tap is not None else b""
         watch.finish()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         exchange.usage = tap.usage if tap is not None else find_usage(previous + last)
+        return True
 
     async def _end_stream_with_error(
         self, send: Send, tap: StreamTap, watch: DisconnectWatch, error: GatewayError

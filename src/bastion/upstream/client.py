@@ -1,14 +1,17 @@
-"""The one shared upstream client and the mapping of its failures to statuses.
+"""The one connection pool to the upstream, and the mapping of its failures to statuses.
 
-httpx is the API; the transport under it is aiohttp's (via httpx-aiohttp),
-chosen by measurement: httpx's native pool costs milliseconds of CPU per proxied
-request under load, the aiohttp transport a fraction of that (docs/architecture.md).
-Tests pass their own transport (e.g. respx's) to `create_app`.
+One aiohttp session holds the pool. The hot path (`Proxy`) calls it directly;
+everything else (health probes, /ready, metrics passthrough) uses httpx's API on
+top of the same session through httpx-aiohttp. Measured on the 2-core reference
+machine, CPU per proxied request on the client side: httpx.AsyncClient over its
+native pool ~2-3 ms, httpx.AsyncClient over aiohttp 440 µs, an httpx.Request sent
+straight to the aiohttp transport 290 µs, aiohttp itself 168 µs
+(docs/architecture.md). The hot path cannot afford the difference.
 """
 
 from __future__ import annotations
 
-import asyncio
+from types import TracebackType
 
 import aiohttp
 import httpx
@@ -18,54 +21,80 @@ from ..config import Settings
 from ..errors import GatewayError
 
 
-def build_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """One client for the gateway's whole life: explicit timeouts and pool limits.
+class UpstreamClient:
+    """Owns the session; an async context manager closed at shutdown.
 
-    The read timeout bounds the silence between two reads, not the whole
-    response, so a long generation is never cut while tokens keep coming.
+    Timeouts are explicit: the read timeout bounds the silence between two reads,
+    not the whole response, so a long generation is never cut while tokens flow.
     """
-    timeout = httpx.Timeout(
-        connect=settings.upstream_connect_timeout,
-        read=settings.upstream_read_timeout,
-        write=settings.upstream_write_timeout,
-        pool=settings.upstream_pool_timeout,
-    )
-    limits = httpx.Limits(
-        max_connections=settings.upstream_max_connections,
-        max_keepalive_connections=settings.upstream_max_connections,
-        keepalive_expiry=settings.upstream_keepalive_expiry,
-    )
-    if transport is None:
-        transport = AiohttpTransport(limits=limits, trust_env=False)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits, trust_env=False)
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.upstream_pool_timeout,  # waiting for a pooled connection, connecting included
+            sock_connect=settings.upstream_connect_timeout,
+            sock_read=settings.upstream_read_timeout,
+        )
+        self.http = httpx.AsyncClient(
+            transport=transport or AiohttpTransport(client=self._get_session),
+            timeout=httpx.Timeout(
+                connect=settings.upstream_connect_timeout,
+                read=settings.upstream_read_timeout,
+                write=settings.upstream_write_timeout,
+                pool=settings.upstream_pool_timeout,
+            ),
+            trust_env=False,
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session or self._get_session()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the running event loop."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._settings.upstream_max_connections,
+                keepalive_timeout=self._settings.upstream_keepalive_expiry,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,  # bytes pass through as the upstream sent them
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),  # the client's own, or none
+                trust_env=False,
+            )
+        return self._session
+
+    async def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> aiohttp.ClientResponse:
+        """Send a request and return once the response headers are in; the body is read by the caller."""
+        return await self.session.request(
+            method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
+        )
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def upstream_failure(exc: BaseException) -> GatewayError:
-    """Map a transport failure to the status the client sees (502 or 504).
+    """Map a failure talking to the upstream to the status the client sees (502 or 504).
 
-    httpx-aiohttp maps aiohttp's connection errors loosely (a refused connection
-    arrives as ConnectTimeout), so the aiohttp cause decides where there is one.
+    Accepts aiohttp's exceptions and httpx's (whose aiohttp cause, where there is
+    one, decides: httpx-aiohttp reports a refused connection as a ConnectTimeout).
     """
-    cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
-        return _unreachable()
-    if isinstance(cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
-        return _timed_out()
-    if isinstance(exc, httpx.PoolTimeout):
-        return GatewayError(
-            503,
-            "The gateway has no free upstream connection; retry shortly.",
-            code="upstream_busy",
-            headers=[(b"retry-after", b"1")],
-        )
-    if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
-        return _timed_out()
-    return _unreachable()
-
-
-def _unreachable() -> GatewayError:
-    return GatewayError(502, "The model server could not be reached or failed mid-request.")
-
-
-def _timed_out() -> GatewayError:
-    return GatewayError(504, "The model server did not answer in time.")
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None else exc
+    if isinstance(cause, aiohttp.ConnectionTimeoutError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return GatewayError(502, "The model server could not be reached in time.", code="upstream_unavailable")
+    if isinstance(cause, TimeoutError | httpx.TimeoutException):
+        return GatewayError(504, "The model server did not answer in time.", code="upstream_timeout")
+    return GatewayError(
+        502, "The model server could not be reached or failed mid-request.", code="upstream_unavailable"
+    )
