@@ -9,7 +9,8 @@ process group the child leads; when the pipe closes (the gateway is gone, howeve
 it died) the watchdog kills that whole group, grandchildren included (vLLM's
 engine processes), which PDEATHSIG alone would not reach.
 
-Usage: python -m bastion.upstream.guard exec -- CMD... | python -m bastion.upstream.guard watch GRACE
+Usage: python -I guard.py exec PARENT_PID -- CMD... | python -I guard.py watch GRACE
+(standard library only, run by path, so the child's PYTHONPATH does not matter)
 """
 
 from __future__ import annotations

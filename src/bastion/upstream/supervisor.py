@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -34,6 +35,9 @@ from .vllm import child_command
 
 log = logging.getLogger("bastion.upstream")
 _PROGRESS_EVERY = 10.0  # seconds between "still loading" lines
+# The guard runs by file path in isolated mode (-I): it needs only the standard library, so it works
+# whatever PYTHONPATH the child is given (e.g. one where vLLM, not bastion, is importable).
+_GUARD = (sys.executable, "-I", str(Path(__file__).with_name("guard.py")))
 _STARTUP_POLL = 0.25
 
 
@@ -78,7 +82,9 @@ class Supervisor:
 
     async def __aenter__(self) -> Supervisor:
         self._watchdog = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "bastion.upstream.guard", "watch", str(self._settings.stop_timeout)),
+            *_GUARD,
+            "watch",
+            str(self._settings.stop_timeout),
             stdin=subprocess.PIPE,
             start_new_session=True,
         )
@@ -173,7 +179,7 @@ class Supervisor:
     # --- the child --------------------------------------------------------------------
 
     async def _spawn(self) -> None:
-        guard = [sys.executable, "-m", "bastion.upstream.guard", "exec", str(os.getpid()), "--"]
+        guard = [*_GUARD, "exec", str(os.getpid()), "--"]
         self._started_at = time.monotonic()
         self._upstream.set(Phase.STARTING if self._upstream.restarts == 0 else Phase.RESTARTING)
         try:
