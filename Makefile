@@ -23,9 +23,11 @@ sysdeps:
 
 demo: $(VENV)/.installed
 	@$(BIN)/bastion simulate --port 8001 --itl 0.02 & sim=$$!; trap 'kill $$sim' EXIT INT TERM; \
-	  echo "try: curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+	  key=bst-demo_$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))'); \
+	  echo "demo API key (valid while this runs): $$key"; \
+	  echo "try: curl -N localhost:8000/v1/chat/completions -H 'authorization: Bearer $$key' -H 'content-type: application/json' \
 	    -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"; \
-	  BASTION_UPSTREAM_URL=http://127.0.0.1:8001 $(BIN)/bastion serve
+	  BASTION_API_KEYS=$$key BASTION_UPSTREAM_URL=http://127.0.0.1:8001 $(BIN)/bastion serve
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests

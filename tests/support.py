@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 
 PYTHON = sys.executable
+# The bootstrap key every test gateway accepts (BASTION_API_KEYS), unless a test passes its own.
+TEST_KEY = "bst-test_" + "k" * 43
+AUTH = {"authorization": f"Bearer {TEST_KEY}"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,6 +101,7 @@ def simulator(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[P
 @contextlib.contextmanager
 def gateway(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Iterator[tuple[Proc, str]]:
     port = free_port()
+    env = {"BASTION_API_KEYS": TEST_KEY, **(env or {})}
     proc = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), *args], env=env)
     base = f"http://127.0.0.1:{port}"
     try:

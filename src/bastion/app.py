@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .auth.middleware import Auth
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
@@ -32,18 +33,30 @@ from .upstream.state import Phase, Upstream
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
+# Deny by default: every path needs an API key or JWT except these two probes...
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# ...and paths that check a credential of their own (the observability stage adds
+# "/metrics" and "/metrics/upstream" here, with their own token): the key/JWT check skips them.
+SEPARATELY_PROTECTED: frozenset[str] = frozenset()
+
 
 class Gateway:
     """The outermost ASGI callable: opens an `Exchange` per `/v1` request and dispatches."""
 
-    def __init__(self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener]) -> None:
+    def __init__(
+        self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener], guarded_api: ASGIApp | None = None
+    ) -> None:
         self.api = api
         self._v1 = v1
         self._listeners = tuple(listeners)
+        self._other = guarded_api or api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] == "lifespan":
             await self.api(scope, receive, send)
+            return
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self._other(scope, receive, send)
             return
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
@@ -73,10 +86,11 @@ def create_app(
             raise ValueError("no upstream: set BASTION_UPSTREAM_URL (or --upstream-url)")
         key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
+    auth = Auth(settings)
     client = build_client(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    services: list[AbstractAsyncContextManager[object]] = [client]
+    services: list[AbstractAsyncContextManager[object]] = [client, *auth.services()]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -103,7 +117,8 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    return Gateway(api, Proxy(settings, upstream, client), listeners)
+    v1 = auth.guard(Proxy(settings, upstream, client))
+    return Gateway(api, v1, listeners, auth.guard(api, exempt=PUBLIC_PATHS | SEPARATELY_PROTECTED))
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from . import __version__
+from .auth import cli as auth_cli
 from .config import Settings, describe_validation_error, env_example
 from .logs import configure_logging
 from .upstream.simulator import Simulator, SimulatorSettings
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, Settings, "host")
     _flag(serve, Settings, "port", type=int)
     _flag(serve, Settings, "upstream_url", metavar="URL")
+    _flag(serve, Settings, "keys_file", metavar="PATH")
     _flag(serve, Settings, "log_level")
     _flag(serve, Settings, "log_format", choices=["text", "json"])
 
@@ -70,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         _flag(simulate, SimulatorSettings, name, type=kind)
 
+    auth_cli.register(commands)  # keys create|list|revoke|rotate, token mint
+
     check = commands.add_parser(
         "check-config",
         help="validate the settings and print them (secrets hidden)",
@@ -84,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if (handler := args.pop("handler", None)) is not None:
+        return int(handler(args))
     if args.pop("env_example", False):
         print(env_example(Settings), end="")
         return 0
@@ -104,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     from .app import create_app
 
-    configure_logging(settings)
+    redactor = configure_logging(settings)
+    for key in settings.bootstrap_keys():
+        redactor.add_secret(key)
     try:
         app = create_app(settings)
     except ValueError as exc:

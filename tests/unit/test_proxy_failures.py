@@ -12,6 +12,7 @@ from bastion.app import create_app
 from bastion.config import Settings
 from bastion.exchange import Exchange
 from bastion.upstream.state import Phase, Upstream
+from tests.support import AUTH, TEST_KEY
 
 UPSTREAM = "http://upstream.test"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -29,14 +30,14 @@ def _response(status: int, body: bytes, content_type: str = "application/json") 
 def _client(
     router: respx.Router, seen: list[Exchange] | None = None, upstream: Upstream | None = None
 ) -> httpx.AsyncClient:
-    settings = Settings(upstream_url=UPSTREAM, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(upstream_url=UPSTREAM, api_keys=TEST_KEY, _env_file=None)  # type: ignore[call-arg]
     app = create_app(
         settings,
         upstream=upstream,
         transport=httpx.MockTransport(router.async_handler),
         listeners=[seen.append] if seen is not None else (),
     )
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=AUTH)
 
 
 async def test_connect_error_is_502() -> None:
@@ -73,10 +74,10 @@ async def test_client_credentials_never_reach_upstream() -> None:
     route = router.post(UPSTREAM + "/v1/chat/completions").mock(return_value=_response(200, b"{}"))
     upstream = Upstream(UPSTREAM, "internal-secret-key")
     async with _client(router, upstream=upstream) as client:
-        await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer client-key"})
+        await client.post("/v1/chat/completions", json=CHAT)  # the client's own key: AUTH
     sent = route.calls.last.request
     assert sent.headers["authorization"] == "Bearer internal-secret-key"
-    assert "client-key" not in str(sent.headers)
+    assert TEST_KEY not in str(sent.headers)
 
 
 async def test_not_ready_is_503_with_retry_after() -> None:
