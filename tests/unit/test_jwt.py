@@ -132,3 +132,15 @@ async def test_jwks_file_selects_key_by_kid(tmp_path: Path) -> None:
 def test_none_is_never_a_setting() -> None:
     with pytest.raises(ValueError, match="none"):
         _settings(jwt_algorithms="none")
+
+
+async def test_cached_token_still_expires() -> None:
+    verifier = JWTVerifier(_settings(jwt_secret=SECRET, jwt_leeway=5))
+    exp = int(time.time()) + 300
+    token = jose_jwt.encode(_claims(exp=exp), SECRET, algorithm="HS256")
+    principal = await verifier.verify(token)
+    assert await verifier.verify(token) is principal, "served from the cache"
+    assert verifier._cache[token][1] <= exp + 5, "a cache entry never outlives the token"
+    old = jose_jwt.encode(_claims(exp=int(time.time()) - 60), SECRET, algorithm="HS256")
+    verifier._cache[old] = (principal, time.time() - 1)  # a stale entry is checked again, not trusted
+    assert await _reason(verifier, old) == "expired"

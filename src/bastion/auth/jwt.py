@@ -27,6 +27,10 @@ from .identity import Principal
 
 log = logging.getLogger("bastion.auth")
 JWKS_MIN_REFRESH = 30.0  # seconds: unknown `kid`s cannot make us hammer the JWKS endpoint
+# Verified tokens are remembered (same bytes, same verdict) so a client reusing its token
+# costs a dict lookup, not a signature check; entries end with the token or after CACHE_TTL.
+CACHE_TTL = 60.0
+CACHE_SIZE = 4096
 _LIMITS = ("rpm", "tpm", "max_concurrent")
 
 
@@ -93,6 +97,8 @@ class JWTVerifier:
         self._models_claim = settings.jwt_models_claim
         self._limits_claim = settings.jwt_limits_claim
         self._ceiling_models = frozenset(settings.jwt_allowed_models) if settings.jwt_allowed_models else None
+        self._leeway = settings.jwt_leeway
+        self._cache: dict[str, tuple[Principal, float]] = {}
         self._ceiling_limits = {
             "rpm": settings.jwt_max_rpm,
             "tpm": settings.jwt_max_tpm,
@@ -105,6 +111,19 @@ class JWTVerifier:
 
     async def verify(self, token: str) -> Principal:
         """The principal a valid token stands for; AuthFailure("invalid_token" | "expired") otherwise."""
+        cached = self._cache.get(token)
+        if cached is not None:
+            if time.time() < cached[1]:
+                return cached[0]
+            del self._cache[token]
+        principal = await self._verify(token)
+        if len(self._cache) >= CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest entry
+        until = min(time.time() + CACHE_TTL, (principal.expires or 0.0) + self._leeway)
+        self._cache[token] = (principal, until)
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jose_jwt.get_unverified_header(token)
         except JOSEError:
