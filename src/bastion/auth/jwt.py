@@ -105,6 +105,19 @@ class JWTVerifier:
             "max_concurrent": settings.jwt_max_concurrent,
         }
 
+        self._warn_unusable()
+
+    def _warn_unusable(self) -> None:
+        """Say at start-up when a pinned algorithm has no key to check it with."""
+        if not self.configured:
+            return
+        hmac = {a for a in self._algorithms if a.startswith("HS")}
+        public = self._algorithms - hmac
+        if hmac and self._secret is None:
+            log.warning("JWT algorithms %s need BASTION_JWT_SECRET, which is not set", sorted(hmac))
+        if public and self._public_key is None and self._jwks is None:
+            log.warning("JWT algorithms %s need BASTION_JWT_PUBLIC_KEY_FILE or BASTION_JWT_JWKS", sorted(public))
+
     @property
     def configured(self) -> bool:
         return bool(self._secret or self._public_key or self._jwks)
