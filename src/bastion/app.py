@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .auth.middleware import Auth
+from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
@@ -117,7 +118,10 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    v1 = auth.guard(Proxy(settings, upstream, client))
+    v1: ASGIApp = Proxy(settings, upstream, client)
+    if settings.token_endpoint:
+        v1 = TokenEndpoint(v1, settings)
+    v1 = auth.guard(v1)
     return Gateway(api, v1, listeners, auth.guard(api, exempt=PUBLIC_PATHS | SEPARATELY_PROTECTED))
 
 

@@ -157,6 +157,14 @@ class Settings(BaseSettings):
     jwt_max_concurrent: int | None = Field(
         None, ge=1, description="Ceiling on a JWT's concurrent requests (default: none)."
     )
+    token_endpoint: bool = Field(
+        False,
+        description="Enable POST /v1/auth/token: a valid API key is exchanged for a short-lived HS256 JWT with "
+        "the same (or a narrower) policy. Needs BASTION_JWT_SECRET.",
+    )
+    token_endpoint_ttl: Seconds = Field(
+        900.0, description="Longest lifetime, in seconds, of a token from POST /v1/auth/token (also its default)."
+    )
 
     @field_validator("allow_ips", "deny_ips", "trusted_proxies")
     @classmethod

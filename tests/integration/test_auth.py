@@ -114,6 +114,7 @@ def keyed(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]
     ):
         keys[name] = bastion("keys", "create", "--name", name, *policy, "--keys-file", str(path))
     env = {"BASTION_API_KEYS": "", "BASTION_JWT_SECRET": JWT_SECRET, "BASTION_JWT_AUDIENCE": AUDIENCE}
+    env["BASTION_TOKEN_ENDPOINT"] = "true"
     # "" = every interface, IPv4 and IPv6 (asyncio makes a "::" socket IPv6-only)
     args = ("--upstream-url", sim, "--keys-file", str(path), "--host", "" if HAS_IPV6 else "0.0.0.0")
     with gateway(*args, "--log-level", "debug", env=env) as (proc, base):
@@ -239,6 +240,18 @@ def test_jwts(keyed: Keyed) -> None:
         with pytest.raises(openai.AuthenticationError) as info:
             sdk(keyed.base, forged).chat.completions.create(**CHAT)
         assert info.value.code == "invalid_api_key", what
+
+
+def test_token_endpoint_with_curl(keyed: Keyed) -> None:
+    curl = ["curl", "-sS", "-X", "POST", keyed.base + "/v1/auth/token", "-d", '{"ttl": 60}']
+    curl += ["-H", f"authorization: Bearer {keyed.keys['only-qwen']}", "-H", "content-type: application/json"]
+    reply = json.loads(subprocess.run(curl, capture_output=True, text=True, timeout=15, check=True).stdout)
+    token = reply["access_token"]
+    keyed.secrets.append(token)
+    assert reply["expires_in"] == 60
+    client = sdk(keyed.base, token)
+    assert client.chat.completions.create(**CHAT).choices
+    assert [m.id for m in client.models.list()] == [MODEL]
 
 
 def test_no_secret_in_gateway_output(keyed: Keyed) -> None:

@@ -151,3 +151,37 @@ async def test_model_list_is_filtered_only_for_restricted_keys(keys: Keys) -> No
     assert int(filtered.headers["content-length"]) == len(filtered.content)
     assert one.status_code == upload.status_code == no_model.status_code == 403
     assert one.json()["error"]["code"] == "model_not_allowed"
+
+
+async def test_token_endpoint_exchanges_a_key_for_a_narrower_jwt(keys: Keys) -> None:
+    secret = {"token_endpoint": True, "jwt_secret": "token-endpoint-secret-0123456789"}
+    seen: list[Exchange] = []
+    async with _client(keys, seen, **secret) as client:
+        issued = await client.post("/v1/auth/token", headers=_bearer(keys.m1))
+        assert issued.status_code == 200 and issued.headers["cache-control"] == "no-store"
+        reply = issued.json()
+        assert reply["token_type"] == "bearer" and reply["expires_in"] == 900
+        token = reply["access_token"]
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=_bearer(token))).status_code == 200
+        m2 = await client.post("/v1/chat/completions", json={**CHAT, "model": "m2"}, headers=_bearer(token))
+        assert m2.status_code == 403, "the token keeps the key's model allowlist"
+        models = await client.get("/v1/models", headers=_bearer(token))
+        assert [m["id"] for m in models.json()["data"]] == ["m1"]
+        wider = await client.post("/v1/auth/token", json={"models": ["m2"], "ttl": 30}, headers=_bearer(keys.m1))
+        assert wider.json()["expires_in"] == 30
+        narrowed = wider.json()["access_token"]
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=_bearer(narrowed))).status_code == 403
+        again = await client.post("/v1/auth/token", headers=_bearer(token))
+        assert again.status_code == 403, "a token cannot renew itself"
+        assert (await client.get("/v1/auth/token", headers=_bearer(keys.any))).status_code == 405
+        assert (await client.post("/v1/auth/token")).status_code == 401
+        local = (await client.post("/v1/auth/token", headers=_bearer(keys.local))).json()["access_token"]
+    async with _client(keys, seen, peer="198.51.100.1", **secret) as elsewhere:
+        moved = await elsewhere.post("/v1/chat/completions", json=CHAT, headers=_bearer(local))
+    assert moved.status_code == 403, "the token keeps the key's IP allowlist"
+    assert seen[0].principal == "only-m1" and seen[0].status == 200
+
+
+def test_token_endpoint_needs_a_secret(keys: Keys) -> None:
+    with pytest.raises(ValueError, match="BASTION_JWT_SECRET"):
+        _client(keys, [], token_endpoint=True)

@@ -24,6 +24,7 @@ from jose.exceptions import ExpiredSignatureError, JOSEError
 from ..config import Settings
 from .errors import AuthFailure
 from .identity import Principal
+from .ipfilter import IPNetwork, parse_networks
 
 log = logging.getLogger("bastion.auth")
 JWKS_MIN_REFRESH = 30.0  # seconds: unknown `kid`s cannot make us hammer the JWKS endpoint
@@ -32,6 +33,7 @@ JWKS_MIN_REFRESH = 30.0  # seconds: unknown `kid`s cannot make us hammer the JWK
 CACHE_TTL = 60.0
 CACHE_SIZE = 4096
 _LIMITS = ("rpm", "tpm", "max_concurrent")
+ALLOW_IPS_CLAIM = "allow_ips"  # networks the token may be used from (keeps a key's allowlist in its tokens)
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -181,17 +183,30 @@ class JWTVerifier:
         claimed = claims.get(self._limits_claim) or {}
         if not isinstance(claimed, dict):
             raise AuthFailure("invalid_token")
+        networks = _networks(claims.get(ALLOW_IPS_CLAIM))
         rpm, tpm, concurrent = (_cap(claimed.get(name), self._ceiling_limits[name]) for name in _LIMITS)
         return Principal(
             id=f"jwt:{subject}",
             name=subject,
             kind="jwt",
             models=models,
+            networks=networks,
             expires=float(exp),
             rpm=rpm,
             tpm=tpm,
             max_concurrent=concurrent,
         )
+
+
+def _networks(claim: Any) -> tuple[IPNetwork, ...]:
+    if claim is None:
+        return ()
+    if not isinstance(claim, list) or not all(isinstance(n, str) for n in claim):
+        raise AuthFailure("invalid_token")
+    try:
+        return parse_networks(claim)
+    except ValueError:
+        raise AuthFailure("invalid_token") from None
 
 
 def _cap(claimed: Any, ceiling: int | None) -> int | None:
@@ -213,8 +228,9 @@ def mint(
     issuer: str | None = None,
     models_claim: str = "models",
     limits_claim: str = "limits",
+    allow_ips: list[str] | None = None,
 ) -> str:
-    """A short-lived HS256 token, for `bastion token mint`."""
+    """A short-lived HS256 token, for `bastion token mint` and the token endpoint."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + int(ttl)}
     if audience:
@@ -225,5 +241,7 @@ def mint(
         claims[models_claim] = models
     if limits:
         claims[limits_claim] = limits
+    if allow_ips:
+        claims[ALLOW_IPS_CLAIM] = allow_ips
     token: str = jose_jwt.encode(claims, secret, algorithm="HS256")
     return token
