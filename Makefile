@@ -22,10 +22,13 @@ sysdeps:
 	  else echo "missing system packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 demo: $(VENV)/.installed
-	@echo "bastion demo: gateway on http://127.0.0.1:8000 supervising the vLLM simulator (no GPU needed). Try:"
-	@echo "  curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\"
-	@echo "    -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"
-	@$(BIN)/bastion serve --upstream-command '{python} -m bastion simulate --host {host} --port {port} --itl 0.02'
+	@key=bst-demo_$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))'); \
+	  echo "bastion demo: gateway on http://127.0.0.1:8000 supervising the vLLM simulator (no GPU needed)"; \
+	  echo "demo API key (valid while this runs): $$key"; \
+	  echo "try: curl -N localhost:8000/v1/chat/completions -H 'authorization: Bearer $$key' -H 'content-type: application/json' \\"; \
+	  echo "       -d '{\"model\":\"qwen2.5-7b-instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}'"; \
+	  BASTION_API_KEYS=$$key exec $(BIN)/bastion serve \
+	    --upstream-command '{python} -m bastion simulate --host {host} --port {port} --itl 0.02'
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests

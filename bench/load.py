@@ -77,7 +77,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     headers = {"content-type": "application/json"}
     if args.key:
         headers["authorization"] = f"Bearer {args.key}"
-    stats: dict[str, list[float]] = {k: [] for k in ("ttft", "latency", "tokens", "chunks", "coalesced", "gaps", "errors")}
+    stats: dict[str, list[float]] = {
+        k: [] for k in ("ttft", "latency", "tokens", "chunks", "coalesced", "gaps", "errors")
+    }
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:

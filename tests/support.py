@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,12 +11,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
 
 PYTHON = sys.executable
+# The bootstrap key every test gateway accepts (BASTION_API_KEYS), unless a test passes its own.
+TEST_KEY = "bst-test_" + "k" * 43
+AUTH = {"authorization": f"Bearer {TEST_KEY}"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,6 +102,7 @@ def simulator(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[P
 @contextlib.contextmanager
 def gateway(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Iterator[tuple[Proc, str]]:
     port = free_port()
+    env = {"BASTION_API_KEYS": TEST_KEY, **(env or {})}
     proc = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), *args], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -105,3 +110,86 @@ def gateway(*args: str, env: dict[str, str] | None = None, ready: bool = True) -
         yield proc, base
     finally:
         proc.stop()
+
+
+Script = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ScriptedUpstream:
+    """A real upstream socket that misbehaves on cue: `script(request, writer)` writes the answer.
+
+    For in-process tests of failure paths (refused, hung, broken mid-stream, odd statuses);
+    it records every request it received.
+    """
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ScriptedUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            request = head + await reader.readexactly(length)
+            self.requests.append(request)
+            await self.script(request, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def respond(status: int, body: bytes, content_type: bytes = b"application/json") -> Script:
+    async def script(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, content_type, len(body), body)
+        )
+        await writer.drain()
+
+    return script
+
+
+def sse(*events: bytes, then_break: bool = False) -> Script:
+    async def script(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+        if not then_break:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    return script
+
+
+def by_path(routes: dict[bytes, Script]) -> Script:
+    """Dispatch on the request line's path."""
+
+    async def script(request: bytes, writer: asyncio.StreamWriter) -> None:
+        path = request.split(b" ", 2)[1].split(b"?")[0]
+        await routes.get(path, respond(404, b'{"error":"not found"}'))(request, writer)
+
+    return script
+
+
+async def hang(request: bytes, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)

@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .auth.middleware import Auth
+from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
@@ -33,18 +35,30 @@ from .upstream.supervisor import supervised_upstream
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
+# Deny by default: every path needs an API key or JWT except these two probes...
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# ...and paths that check a credential of their own (the observability stage adds
+# "/metrics" and "/metrics/upstream" here, with their own token): the key/JWT check skips them.
+SEPARATELY_PROTECTED: frozenset[str] = frozenset()
+
 
 class Gateway:
     """The outermost ASGI callable: opens an `Exchange` per `/v1` request and dispatches."""
 
-    def __init__(self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener]) -> None:
+    def __init__(
+        self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener], guarded_api: ASGIApp | None = None
+    ) -> None:
         self.api = api
         self._v1 = v1
         self._listeners = tuple(listeners)
+        self._other = guarded_api or api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] == "lifespan":
             await self.api(scope, receive, send)
+            return
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self._other(scope, receive, send)
             return
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
@@ -69,10 +83,11 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
+    auth = Auth(settings)
     client = UpstreamClient(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    services: list[AbstractAsyncContextManager[object]] = [client]
+    services: list[AbstractAsyncContextManager[object]] = [client, *auth.services()]
     if upstream is None:
         if settings.upstream_url is not None:
             key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
@@ -110,7 +125,11 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    return Gateway(api, Proxy(settings, upstream, client), listeners)
+    v1: ASGIApp = Proxy(settings, upstream, client)
+    if settings.token_endpoint:
+        v1 = TokenEndpoint(v1, settings)
+    v1 = auth.guard(v1)
+    return Gateway(api, v1, listeners, auth.guard(api, exempt=PUBLIC_PATHS | SEPARATELY_PROTECTED))
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:

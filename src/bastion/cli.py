@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from . import __version__
+from .auth import cli as auth_cli
 from .config import Settings, describe_validation_error, env_example
 from .logs import configure_logging
 from .upstream.simulator import Simulator, SimulatorSettings
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, Settings, "tensor_parallel_size", type=int, metavar="N")
     _flag(serve, Settings, "vllm_extra_args", metavar="ARGS")
     _flag(serve, Settings, "startup_timeout", type=float, metavar="SECONDS")
+    _flag(serve, Settings, "keys_file", metavar="PATH")
     _flag(serve, Settings, "log_level")
     _flag(serve, Settings, "log_format", choices=["text", "json"])
 
@@ -79,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         _flag(simulate, SimulatorSettings, name, type=kind)
 
+    auth_cli.register(commands)  # keys create|list|revoke|rotate, token mint
+
     check = commands.add_parser(
         "check-config",
         help="validate the settings and print them (secrets hidden)",
@@ -93,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if (handler := args.pop("handler", None)) is not None:
+        return int(handler(args))
     if args.pop("env_example", False):
         print(env_example(Settings), end="")
         return 0
@@ -117,7 +123,9 @@ def _serve(settings: Settings) -> int:
     if reason:
         print(NO_VLLM_HINT.format(reason=reason), file=sys.stderr)
         return 2
-    configure_logging(settings)
+    redactor = configure_logging(settings)
+    for key in settings.bootstrap_keys():
+        redactor.add_secret(key)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

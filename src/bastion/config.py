@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import textwrap
 from enum import StrEnum
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -21,6 +22,32 @@ LogLevel = Annotated[
     Literal["debug", "info", "warning", "error", "critical"],
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
 ]
+
+
+def _list(value: Any) -> Any:
+    """A list setting from the environment: a JSON list or comma-separated values."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _networks(values: list[str]) -> list[str]:
+    from .auth.ipfilter import parse_network
+
+    for value in values:
+        parse_network(value)
+    return values
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
+NetworkList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
+_JWT_ALGORITHMS = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
+)
+MIN_BOOTSTRAP_KEY = 16
 
 
 class LogFormat(StrEnum):
@@ -37,6 +64,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        # Errors never repeat the value given: it may be a secret.
+        hide_input_in_errors=True,
     )
 
     # --- listening -----------------------------------------------------------------
@@ -118,6 +147,98 @@ class Settings(BaseSettings):
         default_factory=lambda: ["GET", "POST"],
         description="HTTP methods forwarded on /v1/*; anything else gets 405. JSON list.",
     )
+
+    # --- authentication -------------------------------------------------------------
+    keys_file: Path | None = Field(
+        None,
+        description="API key store (JSON, managed with `bastion keys`). Reloaded when it changes and on "
+        "SIGHUP. Unset = no key file.",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Quick-start bootstrap keys: comma-separated or JSON list of plain keys (16+ characters "
+        "each), accepted with no policy. Prefer a keys file for anything long-lived.",
+    )
+    keys_reload_interval: Seconds = Field(1.0, description="Seconds between checks of the key file's mtime.")
+    allow_ips: NetworkList = Field(
+        default_factory=list,
+        description="Global IP allowlist: CIDRs or addresses, IPv4/IPv6, comma-separated. Empty = all.",
+    )
+    deny_ips: NetworkList = Field(
+        default_factory=list, description="Global IP denylist (wins over the allowlist), comma-separated CIDRs."
+    )
+    trusted_proxies: NetworkList = Field(
+        default_factory=list,
+        description="Proxies whose X-Forwarded-For is believed (comma-separated CIDRs). A request from "
+        "anywhere else is judged by its TCP peer address.",
+    )
+    jwt_secret: SecretStr | None = Field(
+        None, description="HMAC secret for HS256/384/512 JWTs (also used by `bastion token mint`)."
+    )
+    jwt_public_key_file: Path | None = Field(None, description="PEM public key file for RS/ES/PS-signed JWTs.")
+    jwt_jwks: str | None = Field(
+        None,
+        description="JWKS for RS/ES/PS-signed JWTs: a file path or an http(s) URL (cached, refetched on unknown kid).",
+    )
+    jwt_algorithms: StrList = Field(
+        default_factory=lambda: ["HS256"],
+        description="JWT algorithms accepted (the token header never chooses; `none` is always refused).",
+    )
+    jwt_audience: str | None = Field(None, description="Required JWT `aud`, when set.")
+    jwt_issuer: str | None = Field(None, description="Required JWT `iss`, when set.")
+    jwt_leeway: float = Field(30.0, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat, seconds.")
+    jwt_models_claim: str = Field("models", description="JWT claim holding the list of models the token may use.")
+    jwt_limits_claim: str = Field(
+        "limits", description="JWT claim holding an object with rpm, tpm and max_concurrent for the token."
+    )
+    jwt_allowed_models: StrList = Field(
+        default_factory=list,
+        description="Ceiling for every JWT: models a token can ever be granted (comma-separated). Empty = all.",
+    )
+    jwt_max_rpm: int | None = Field(None, ge=1, description="Ceiling on a JWT's requests/minute (default: none).")
+    jwt_max_tpm: int | None = Field(None, ge=1, description="Ceiling on a JWT's tokens/minute (default: none).")
+    jwt_max_concurrent: int | None = Field(
+        None, ge=1, description="Ceiling on a JWT's concurrent requests (default: none)."
+    )
+    token_endpoint: bool = Field(
+        False,
+        description="Enable POST /v1/auth/token: a valid API key is exchanged for a short-lived HS256 JWT with "
+        "the same (or a narrower) policy. Needs BASTION_JWT_SECRET.",
+    )
+    token_endpoint_ttl: Seconds = Field(
+        900.0, description="Longest lifetime, in seconds, of a token from POST /v1/auth/token (also its default)."
+    )
+
+    @field_validator("allow_ips", "deny_ips", "trusted_proxies")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        return _networks(values)
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _check_algorithms(cls, values: list[str]) -> list[str]:
+        upper = [v.upper() for v in values]
+        unknown = [v for v in upper if v not in _JWT_ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unsupported JWT algorithm(s) {unknown} (`none` is never allowed)")
+        return upper
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            keys = _list(value.get_secret_value())
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise ValueError("must be a comma-separated or JSON list of strings")
+            if any(len(k) < MIN_BOOTSTRAP_KEY for k in keys):
+                raise ValueError(f"every key must have at least {MIN_BOOTSTRAP_KEY} characters")
+        return value
+
+    def bootstrap_keys(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        keys: list[str] = _list(self.api_keys.get_secret_value())
+        return keys
 
     # --- logging -------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error.")

@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 
 from .asgi import BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+from .auth.errors import refusal
+from .auth.identity import Principal, filter_model_list
 from .config import Settings
 from .errors import GatewayError, send_error
 from .exchange import Exchange
@@ -82,6 +84,12 @@ class Proxy:
             exchange.outcome = "client_disconnect"
             return
         content, strip_usage = _inspect_body(scope, body, exchange)
+        principal: Principal | None = scope.get("bastion.principal")
+        restricted = principal is not None and principal.models is not None and scope["method"] == "GET"
+        if restricted and scope["path"].startswith("/v1/models/"):
+            assert principal is not None
+            if not principal.allows(scope["path"][len("/v1/models/") :]):
+                raise refusal("model_not_allowed")
 
         url = self._upstream.base_url + raw_path.decode("latin-1")
         if scope.get("query_string"):
@@ -96,7 +104,10 @@ class Proxy:
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise upstream_failure(exc) from exc
-            completed = await self._relay(response, send, exchange, strip_usage, watch)
+            if restricted and scope["path"] == "/v1/models":
+                completed = await self._relay_model_list(response, send, exchange, principal)
+            else:
+                completed = await self._relay(response, send, exchange, strip_usage, watch)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -169,6 +180,27 @@ class Proxy:
         exchange.usage = tap.usage if tap is not None else find_usage(previous + last)
         return True
 
+    async def _relay_model_list(
+        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, principal: Principal | None
+    ) -> bool:
+        """`GET /v1/models` for a principal with a model allowlist: only the models it may use.
+
+        The only response the gateway parses; unrestricted principals get the upstream's bytes.
+        """
+        try:
+            body = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise upstream_failure(exc) from exc
+        if response.status == 200 and principal is not None:
+            body = filter_model_list(body, principal)
+        drop = _DROP_RESPONSE | {b"content-length", b"content-encoding"}
+        headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in drop]
+        headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", exchange.request_id.encode())]
+        exchange.status = response.status
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return True
+
     async def _end_stream_with_error(
         self, send: Send, tap: StreamTap, watch: DisconnectWatch, error: GatewayError
     ) -> None:
@@ -195,8 +227,11 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     """
     if scope["method"] != "POST" or not body:
         return body, False
+    principal: Principal | None = scope.get("bastion.principal")
     content_type = header(scope, b"content-type")
     if content_type is not None and content_type.startswith(b"multipart/"):
+        if principal is not None and principal.models is not None:
+            raise refusal("model_not_allowed")  # the model is inside the form: a restricted key may not upload
         return body, False  # file uploads (audio); everything else on /v1 is JSON
     try:
         payload: Any = json.loads(body)
@@ -207,6 +242,8 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     model = payload.get("model")
     if isinstance(model, str):
         exchange.model = model
+    if principal is not None and not principal.allows(model if isinstance(model, str) else None):
+        raise refusal("model_not_allowed")
     if payload.get("stream") is not True:
         return body, False
     exchange.stream = True

@@ -13,7 +13,7 @@ import uvicorn
 
 from bastion.asgi import Receive, Scope, Send
 from bastion.errors import GatewayError, send_error
-from tests.support import free_port, gateway, simulator
+from tests.support import AUTH, TEST_KEY, free_port, gateway, simulator
 
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -73,7 +73,7 @@ def test_gateway_errors_through_real_processes() -> None:
             gw_url,
         ),
     ):
-        client = openai.OpenAI(base_url=gw_url + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=gw_url + "/v1", api_key=TEST_KEY, max_retries=0)
         with pytest.raises(openai.APIStatusError) as too_big:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 4096}])
         assert too_big.value.status_code == 413
@@ -85,31 +85,42 @@ def test_gateway_errors_through_real_processes() -> None:
             client.models.retrieve("nope")
 
         bad_json = httpx.post(
-            gw_url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+            gw_url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json", **AUTH}
         )
         assert bad_json.status_code == 400
         assert bad_json.json()["error"]["type"] == "invalid_request_error"
         assert bad_json.headers["x-request-id"]
-        assert httpx.delete(gw_url + "/v1/models").status_code == 405
+        assert httpx.delete(gw_url + "/v1/models", headers=AUTH).status_code == 405
         for sneaky in ("/v1/../metrics", "/v1/%2e%2e/metrics", "/v1/models%2f..%2fhealth"):
             result = subprocess.run(
-                ["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", gw_url + sneaky],
+                [
+                    "curl",
+                    "-s",
+                    "--path-as-is",
+                    "-H",
+                    f"authorization: {AUTH['authorization']}",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    gw_url + sneaky,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=10,
                 check=True,
             )
             assert result.stdout == "404", sneaky
-        assert httpx.get(gw_url + "/nowhere").json()["error"]["code"] == "not_found"
+        assert httpx.get(gw_url + "/nowhere", headers=AUTH).json()["error"]["code"] == "not_found"
         # the caller's request id is echoed and reaches the upstream
-        reply = httpx.post(gw_url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "abc-123"})
+        reply = httpx.post(gw_url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "abc-123", **AUTH})
         assert reply.headers["x-request-id"] == "abc-123"
         assert reply.json()["id"] == "chatcmpl-abc-123"
 
 
 def test_upstream_down_is_502_and_ready_says_so() -> None:
     with gateway("--upstream-url", f"http://127.0.0.1:{free_port()}", ready=False) as (_, gw_url):
-        client = openai.OpenAI(base_url=gw_url + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=gw_url + "/v1", api_key=TEST_KEY, max_retries=0)
         with pytest.raises(openai.InternalServerError) as info:
             client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
         assert info.value.status_code == 502

@@ -13,13 +13,15 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import gateway, simulator
+from tests.support import AUTH, TEST_KEY, gateway, simulator
 
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "tell me a story"}]}
 
 
 def _raw_stream(url: str, body: dict[str, object], request_id: str) -> bytes:
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id}) as r:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers={"x-request-id": request_id, **AUTH}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         return b"".join(r.iter_raw())
@@ -38,7 +40,7 @@ def test_stream_is_byte_identical_to_direct(sim: str, gw: str, include_usage: bo
 
 
 def test_openai_sdk_sync(sim: str, gw: str) -> None:
-    client = openai.OpenAI(base_url=gw + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=gw + "/v1", api_key=TEST_KEY, max_retries=0)
     direct = openai.OpenAI(base_url=sim + "/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     expected = direct.chat.completions.create(**CHAT)  # type: ignore[call-overload]
@@ -62,7 +64,7 @@ def test_openai_sdk_sync(sim: str, gw: str) -> None:
 
 
 async def test_openai_sdk_async(gw: str) -> None:
-    client = openai.AsyncOpenAI(base_url=gw + "/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=gw + "/v1", api_key=TEST_KEY, max_retries=0)
 
     async def one_stream() -> str:
         stream = await client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
@@ -86,6 +88,8 @@ def test_curl_streams(gw: str) -> None:
             gw + "/v1/chat/completions",
             "-H",
             "content-type: application/json",
+            "-H",
+            f"authorization: {AUTH['authorization']}",
             "-d",
             body,
         ],
@@ -109,7 +113,7 @@ def test_chunks_arrive_as_generated() -> None:
         ),
     ):
         arrivals: list[tuple[float, bytes]] = []
-        with httpx.stream("POST", gw_url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        with httpx.stream("POST", gw_url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
             for chunk in r.iter_raw():
                 arrivals.append((time.monotonic(), chunk))
     content = [(t, c) for t, c in arrivals if b'"content":" ' in c]
@@ -139,13 +143,15 @@ def test_client_disconnect_cancels_upstream(stream: bool) -> None:
     ):
         with httpx.Client(timeout=5) as client:
             if stream:
-                with client.stream("POST", gw_url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                with client.stream(
+                    "POST", gw_url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH
+                ) as r:
                     iterator = r.iter_raw()
                     next(iterator)
                     next(iterator)
             else:
                 with pytest.raises(httpx.ReadTimeout):
-                    client.post(gw_url + "/v1/chat/completions", json=CHAT, timeout=0.5)
+                    client.post(gw_url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=0.5)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             if _sim_metric(sim_url, "vllm:request_success_total", finished_reason="abort") == 1:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Proc, gateway
+from tests.support import AUTH, TEST_KEY, Proc, gateway
 
 SIM = "{python} -m bastion simulate --host {host} --port {port}"
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}]}
@@ -55,20 +55,20 @@ def ready_state(base: str) -> dict[str, object]:
 
 def test_readiness_gates_requests_while_loading() -> None:
     with gateway("--upstream-command", SIM + " --startup-delay 2", ready=False) as (gw, base):
-        early = httpx.post(base + "/v1/chat/completions", json=CHAT)
+        early = httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH)
         assert early.status_code == 503
         assert early.headers["retry-after"].isdigit()
         assert early.json()["error"]["code"] == "model_loading"
         assert httpx.get(base + "/health").status_code == 200
         assert httpx.get(base + "/ready").status_code == 503
         wait_for(lambda: httpx.get(base + "/ready").status_code == 200, 15, "readiness")
-        assert httpx.post(base + "/v1/chat/completions", json=CHAT).status_code == 200
+        assert httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
         assert "loading model weights" in gw.output(), "the child's own loading lines are relayed"
 
 
 def test_crash_restart_and_recovery() -> None:
     with gateway("--upstream-command", SIM + " --crash-after 2", env=FAST_RESTARTS) as (gw, base):
-        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=base + "/v1", api_key=TEST_KEY, max_retries=0)
         for _ in range(2):
             client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
         with pytest.raises(openai.InternalServerError) as crashed:  # the child dies on this one
@@ -85,7 +85,7 @@ def test_crash_loop_gives_up_but_gateway_answers() -> None:
     env = {**FAST_RESTARTS, "BASTION_MAX_RESTARTS": "3"}
     with gateway("--upstream-command", "{python} -c 'raise SystemExit(7)'", env=env, ready=False) as (gw, base):
         wait_for(lambda: ready_state(base)["status"] == "failed", 20, "giving up")
-        response = httpx.post(base + "/v1/chat/completions", json=CHAT)
+        response = httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH)
         assert response.status_code == 503
         assert "keeps crashing" in response.json()["error"]["message"]
         assert httpx.get(base + "/health").status_code == 200
@@ -105,7 +105,9 @@ def test_hung_child_is_restarted() -> None:
 def test_sigterm_drains_inflight_stream_then_stops_child() -> None:
     with gateway("--upstream-command", SIM + " --itl 0.1 --tokens 20") as (gw, base):
         (child,) = child_pids(gw)
-        with httpx.stream("POST", base + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=10) as r:
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH, timeout=10
+        ) as r:
             chunks = r.iter_raw()
             next(chunks)
             gw.signal(signal.SIGTERM)
@@ -130,7 +132,9 @@ def test_internal_key_is_in_no_argv_and_no_log() -> None:
         environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
         key = next(v.split(b"=", 1)[1] for v in environ if v.startswith(b"VLLM_API_KEY="))
         assert len(key) >= 32
-        assert httpx.post(base + "/v1/chat/completions", json=CHAT).status_code == 200  # the gateway uses it
+        assert (
+            httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+        )  # the gateway uses it
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 assert key not in cmdline.read_bytes(), f"key visible in argv of {cmdline.parent.name}"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 import httpx
 import pytest
 
@@ -12,83 +9,22 @@ from bastion.app import create_app
 from bastion.config import Settings
 from bastion.exchange import Exchange
 from bastion.upstream.state import Phase, Upstream
-from tests.support import free_port
+from tests.support import AUTH, TEST_KEY, ScriptedUpstream, free_port, hang, respond, sse
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
-
-
-class ScriptedUpstream:
-    """Answers every request with `script`; records what it received."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.requests: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ScriptedUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            self.requests.append(head + await reader.readexactly(length))
-            await self.script(writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-def respond(status: int, body: bytes, content_type: bytes = b"application/json") -> Script:
-    async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, content_type, len(body), body)
-        )
-        await writer.drain()
-
-    return script
-
-
-def sse(*events: bytes, then_break: bool = False) -> Script:
-    async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        for event in events:
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-        if not then_break:
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    return script
-
-
-async def hang(writer: asyncio.StreamWriter) -> None:
-    await asyncio.sleep(30)
 
 
 def gateway_client(
     port: int, seen: list[Exchange] | None = None, upstream: Upstream | None = None, **settings: object
 ) -> httpx.AsyncClient:
-    config = Settings(_env_file=None, upstream_url=f"http://127.0.0.1:{port}", **settings)  # type: ignore[arg-type]
+    config = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        upstream_url=f"http://127.0.0.1:{port}",
+        api_keys=TEST_KEY,
+        **settings,  # type: ignore[arg-type]
+    )
     app = create_app(config, upstream=upstream, listeners=[seen.append] if seen is not None else ())
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=AUTH)
 
 
 async def test_connection_refused_is_502() -> None:
@@ -123,10 +59,10 @@ async def test_client_credentials_never_reach_upstream() -> None:
     async with ScriptedUpstream(respond(200, b"{}")) as upstream:
         state = Upstream(f"http://127.0.0.1:{upstream.port}", "internal-secret-key")
         async with gateway_client(upstream.port, upstream=state) as client:
-            await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer client-key"})
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
     sent = upstream.requests[0].lower()
     assert b"authorization: bearer internal-secret-key" in sent
-    assert b"client-key" not in sent
+    assert TEST_KEY.lower().encode() not in sent
 
 
 async def test_not_ready_is_503_with_retry_after() -> None:

@@ -1,0 +1,320 @@
+"""End to end: bastion supervising real vLLM, proven and measured in one run.
+
+On the GPU machine (after `source .gpu/pN/device_setup.sh`, see ../shared/gpu/README.md):
+
+    python3 bench/gpu_e2e.py --out "$OUT"
+
+Here, without a GPU, the same steps run against the simulator (to check the script):
+
+    python bench/gpu_e2e.py --simulate --out /tmp/e2e
+
+Steps: start `bastion serve` with its default vLLM command; wait for ready (progress
+shown); check the openai SDK and curl, streaming and not, a wrong key, /metrics and
+vLLM's own series through /metrics/upstream, the audit log, and that the internal key
+is in no argv; measure direct vs through bastion (c=1 and c=64, 64 tokens); check that a
+client disconnect aborts generation in vLLM; kill vLLM's engine and time the recovery;
+SIGTERM bastion during a stream and check it drains and leaves no vLLM process or GPU
+memory behind. Writes results.json and results.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+HERE = Path(__file__).resolve().parent
+PORT = 8000
+MODEL = "qwen2.5-7b-instruct"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+
+
+def say(message: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Run:
+    def __init__(self, out: Path, simulate: bool) -> None:
+        self.out = out
+        self.simulate = simulate
+        self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "simulated": simulate}
+        self.work = Path(tempfile.mkdtemp(prefix="bastion-e2e-"))
+        self.base = f"http://127.0.0.1:{PORT}"
+        self.env = self._env()
+        self.key = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # --- set-up ----------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        env["BASTION_KEYS_FILE"] = str(self.work / "keys.json")
+        env["BASTION_METRICS_TOKEN"] = "e2e-metrics-token-0123456789"
+        env["BASTION_AUDIT_LOG"] = str(self.work / "audit.jsonl")
+        env["BASTION_STARTUP_TIMEOUT"] = "900"
+        env["BASTION_RPM"] = "100000"
+        env["BASTION_TPM"] = "100000000"
+        if self.simulate:
+            env["BASTION_UPSTREAM_COMMAND"] = (
+                "{python} -m bastion simulate --host {host} --port {port} --tokens 64 --itl 0.005"
+            )
+        else:
+            env["BASTION_MODEL"] = os.environ["QWEN_DIR"]
+            env["BASTION_SERVED_MODEL_NAME"] = MODEL
+            env["BASTION_MAX_MODEL_LEN"] = "4096"
+            env["BASTION_VLLM_EXTRA_ARGS"] = "--load-format dummy"
+            env["BASTION_VLLM_PYTHON"] = "python3"
+            env["BASTION_UPSTREAM_ENV"] = json.dumps({"PYTHONPATH": os.environ["VLLM_PYTHONPATH"]})
+        return env
+
+    def bastion(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion", *args], env=self.env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    def start(self) -> None:
+        self.key = self.bastion("keys", "create", "--name", "gpu-e2e")
+        log = (self.out / "bastion.log").open("wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion", "serve", "--port", str(PORT)], env=self.env, stdout=log, stderr=log
+        )
+        say(f"bastion serve started (pid {self.proc.pid}); waiting for the model")
+        self.results["cold_start_s"] = round(self.wait_ready(started, 900), 1)
+        say(f"ready after {self.results['cold_start_s']} s")
+
+    def wait_ready(self, started: float, timeout: float) -> float:
+        next_note = started + 15
+        while time.monotonic() - started < timeout:
+            assert self.proc is not None and self.proc.poll() is None, "bastion exited"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base + "/ready", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            if time.monotonic() > next_note:
+                say(f"still loading: {time.monotonic() - started:.0f} s")
+                next_note += 15
+            time.sleep(0.5)
+        raise TimeoutError("bastion not ready")
+
+    def log_text(self) -> str:
+        return (self.out / "bastion.log").read_text(errors="replace")
+
+    def child_pid(self) -> int:
+        return int(re.findall(r"upstream pid=(\d+) started", self.log_text())[-1])
+
+    def internal(self) -> tuple[str, str]:
+        """The child's URL and key, read as root from /proc: for the direct baseline only."""
+        pid = self.child_pid()
+        environ = dict(
+            item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+        )
+        cmd = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        port = cmd[cmd.index("--port") + 1]
+        return f"http://127.0.0.1:{port}", environ["VLLM_API_KEY"]
+
+    # --- checks ------------------------------------------------------------------------
+
+    def functional(self) -> None:
+        checks: dict[str, Any] = {}
+        client = openai.OpenAI(base_url=self.base + "/v1", api_key=self.key, max_retries=0)
+        reply = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        checks["sdk_non_stream_tokens"] = reply.usage.completion_tokens if reply.usage else None
+        chunks = list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
+        checks["sdk_stream_chunks"] = len(chunks)
+        checks["sdk_stream_usage_hidden"] = all(c.usage is None for c in chunks)
+        curl = subprocess.run(
+            ["curl", "-sN", self.base + "/v1/chat/completions", "-H", f"authorization: Bearer {self.key}",
+             "-H", "content-type: application/json", "-d", json.dumps({**CHAT, "stream": True})],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        checks["curl_stream_done"] = curl.stdout.rstrip().endswith("data: [DONE]")
+        try:
+            openai.OpenAI(base_url=self.base + "/v1", api_key="bst-wrong", max_retries=0).models.list()
+            checks["wrong_key"] = "accepted?!"
+        except openai.AuthenticationError:
+            checks["wrong_key"] = "401"
+        auth = {"authorization": "Bearer " + self.env["BASTION_METRICS_TOKEN"]}
+        checks["metrics_unauthenticated"] = httpx.get(self.base + "/metrics").status_code
+        metrics = httpx.get(self.base + "/metrics", headers=auth).text
+        checks["metrics_has_requests"] = "bastion_requests_total" in metrics
+        upstream_metrics = httpx.get(self.base + "/metrics/upstream", headers=auth).text
+        checks["vllm_series_through_gateway"] = sorted(
+            {m for m in re.findall(r"^(vllm:[a-z_]+)", upstream_metrics, re.M)}
+        )[:8]
+        audit = Path(self.env["BASTION_AUDIT_LOG"])
+        lines = audit.read_text().splitlines() if audit.exists() else []
+        checks["audit_lines"] = len(lines)
+        checks["audit_example"] = json.loads(lines[-1]) if lines else None
+        url, internal_key = self.internal()
+        leaks = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                if internal_key.encode() in cmdline.read_bytes() or self.key.encode() in cmdline.read_bytes():
+                    leaks.append(cmdline.parent.name)
+        checks["key_in_any_argv"] = leaks
+        checks["key_in_log"] = internal_key in self.log_text() or self.key in self.log_text()
+        self.results["functional"] = checks
+        say(f"functional: {json.dumps(checks)[:400]}")
+
+    def load(self, url: str, key: str, concurrency: int, requests: int) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency), "-n", str(requests),
+             "--max-tokens", "64", "--warmup", "3"],
+            env={**os.environ, "BENCH_KEY": key}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def overhead(self) -> None:
+        direct_url, internal_key = self.internal()
+        table = {}
+        for concurrency, requests in ((1, 60), (64, 1280)):
+            for name, url, key in (("direct", direct_url, internal_key), ("bastion", self.base, self.key)):
+                result = self.load(url, key, concurrency, requests)
+                table[f"{name}_c{concurrency}"] = result
+                say(f"{name} c={concurrency}: {result}")
+        self.results["overhead"] = table
+        ratio = table["bastion_c64"]["tokens_per_s"] / table["direct_c64"]["tokens_per_s"]
+        self.results["tokens_per_s_ratio_c64"] = round(ratio, 4)
+        self.results["ttft_p50_added_ms_c1"] = round(
+            table["bastion_c1"]["ttft_p50_ms"] - table["direct_c1"]["ttft_p50_ms"], 2
+        )
+
+    def running_in_vllm(self) -> float:
+        text = httpx.get(
+            self.base + "/metrics/upstream",
+            headers={"authorization": "Bearer " + self.env["BASTION_METRICS_TOKEN"]},
+        ).text
+        values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)", text, re.M)
+        return sum(float(v) for v in values)
+
+    def disconnect(self) -> None:
+        body = {**CHAT, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        headers = {"authorization": f"Bearer {self.key}"}
+        with httpx.stream("POST", self.base + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            chunks = r.iter_raw()
+            for _ in range(5):
+                next(chunks)
+            during = self.running_in_vllm()
+        closed = time.monotonic()
+        while self.running_in_vllm() > 0 and time.monotonic() - closed < 10:
+            time.sleep(0.05)
+        self.results["disconnect"] = {
+            "running_while_streaming": during,
+            "running_after": self.running_in_vllm(),
+            "seconds_to_abort": round(time.monotonic() - closed, 2),
+            "abort_logged": "abort" in self.log_text().lower(),
+        }
+        say(f"disconnect: {self.results['disconnect']}")
+
+    def kill_engine(self) -> None:
+        child = self.child_pid()
+        engine = _descendants(child)
+        victim = engine[0] if engine and not self.simulate else child
+        say(f"killing {'engine process' if victim != child else 'vLLM'} pid {victim} (child {child})")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        statuses = set()
+        while time.monotonic() - killed < 900:
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.post(
+                    self.base + "/v1/chat/completions", json=CHAT,
+                    headers={"authorization": f"Bearer {self.key}"}, timeout=30,
+                ).status_code  # fmt: skip
+                statuses.add(status)
+                if status == 200 and self.child_pid() != child:
+                    break
+            time.sleep(0.5)
+        ready = httpx.get(self.base + "/ready").json()
+        self.results["engine_kill"] = {
+            "statuses_seen": sorted(statuses),
+            "seconds_to_serving_again": round(time.monotonic() - killed, 1),
+            "restarts": ready.get("restarts"),
+        }
+        say(f"engine kill: {self.results['engine_kill']}")
+
+    def sigterm_drain(self) -> None:
+        assert self.proc is not None
+        body = {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        headers = {"authorization": f"Bearer {self.key}"}
+        result: dict[str, Any] = {}
+
+        def stream() -> None:
+            with httpx.stream("POST", self.base + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+                data = b"".join(r.iter_raw())
+            result["stream_completed"] = data.rstrip().endswith(b"data: [DONE]")
+
+        child = self.child_pid()
+        thread = threading.Thread(target=stream)
+        thread.start()
+        time.sleep(0.5)
+        self.proc.send_signal(signal.SIGTERM)
+        thread.join(120)
+        code = self.proc.wait(120)
+        time.sleep(1)
+        result["bastion_exit_code"] = code
+        result["vllm_processes_left"] = _pgrep("vllm.entrypoints") + _pgrep("EngineCore")
+        result["child_alive"] = Path(f"/proc/{child}").exists()
+        if shutil.which("nvidia-smi"):
+            result["gpu_memory_used_mib"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+        self.results["sigterm"] = result
+        say(f"sigterm: {result}")
+
+    def write(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+        say(f"results in {self.out}/results.json")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _pgrep(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="bastion + vLLM end to end (see module docstring)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bastion-e2e")))
+    parser.add_argument("--simulate", action="store_true", help="use the simulator instead of vLLM (no GPU)")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: overhead,kill,drain")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = Run(args.out, args.simulate)
+    skip = set(filter(None, args.skip.split(",")))
+    try:
+        run.start()
+        run.functional()
+        if "overhead" not in skip:
+            run.overhead()
+        run.disconnect()
+        if "kill" not in skip:
+            run.kill_engine()
+        if "drain" not in skip:
+            run.sigterm_drain()
+    finally:
+        run.write()
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The admission gate: a pure ASGI middleware in front of the proxy and the admin app.
+
+Order matters and is fixed: client address first (a denied network is refused
+before its credential is even read, so it learns nothing about keys), then the
+credential (API key by hash lookup, or JWT), then the principal's own IP
+allowlist. An admitted request carries its Principal in `scope["bastion.principal"]`;
+the proxy checks the model against it when it parses the body anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+
+from ..asgi import ASGIApp, Receive, Scope, Send, header
+from ..config import Settings
+from ..errors import send_error
+from ..exchange import Exchange
+from .errors import AuthFailure
+from .identity import Principal
+from .ipfilter import IPAddress, IPPolicy, parse_networks
+from .jwt import JWTVerifier, looks_like_jwt
+from .keys import KeyStore
+
+log = logging.getLogger("bastion.auth")
+PRINCIPAL = "bastion.principal"
+MAX_CREDENTIAL = 8192
+
+
+class Authenticator:
+    """Credential -> Principal. Keys are a dict lookup by hash; JWTs go to the verifier."""
+
+    def __init__(self, keys: KeyStore, jwt: JWTVerifier | None) -> None:
+        self.keys = keys
+        self.jwt = jwt
+
+    async def authenticate(self, token: str) -> Principal:
+        if self.jwt is not None and looks_like_jwt(token):
+            return await self.jwt.verify(token)
+        entry = self.keys.lookup(token)
+        if entry is None:
+            raise AuthFailure("invalid_api_key")
+        if entry.revoked:
+            raise AuthFailure("revoked")
+        if entry.not_after is not None and time.time() >= entry.not_after:
+            raise AuthFailure("expired")
+        return entry.principal
+
+
+class Auth:
+    """Authentication for one gateway, built once by create_app from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.keys = KeyStore(settings.keys_file, settings.bootstrap_keys())
+        verifier = JWTVerifier(settings)
+        self.authenticator = Authenticator(self.keys, verifier if verifier.configured else None)
+        self.policy = IPPolicy(
+            allow=parse_networks(settings.allow_ips),
+            deny=parse_networks(settings.deny_ips),
+            trusted_proxies=parse_networks(settings.trusted_proxies),
+        )
+        self._interval = settings.keys_reload_interval
+        if settings.keys_file is None and not len(self.keys) and not verifier.configured:
+            log.warning(
+                "no credentials configured (BASTION_KEYS_FILE, BASTION_API_KEYS, BASTION_JWT_*): "
+                "every /v1 request will be refused with 401"
+            )
+
+    def guard(self, app: ASGIApp, exempt: Iterable[str] = ()) -> AuthMiddleware:
+        return AuthMiddleware(app, self.authenticator, self.policy, exempt)
+
+    def services(self) -> list[AbstractAsyncContextManager[object]]:
+        return [self.keys.watching(self._interval)] if self.keys.path is not None else []
+
+
+class AuthMiddleware:
+    def __init__(
+        self, app: ASGIApp, authenticator: Authenticator, policy: IPPolicy, exempt: Iterable[str] = ()
+    ) -> None:
+        self.app = app
+        self._auth = authenticator
+        self._policy = policy
+        self._exempt = frozenset(exempt)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan" or (kind == "http" and scope["path"] in self._exempt):
+            await self.app(scope, receive, send)
+            return
+        if kind != "http":  # websockets: nothing is served that way; refuse rather than guess
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        exchange: Exchange | None = scope.get("bastion.exchange")
+        try:
+            principal = await self._admit(scope, exchange)
+        except AuthFailure as failure:
+            await self._refuse(send, failure, exchange, scope)
+            return
+        scope[PRINCIPAL] = principal
+        if exchange is not None:
+            exchange.principal = principal.name
+        await self.app(scope, receive, send)
+
+    async def _admit(self, scope: Scope, exchange: Exchange | None) -> Principal:
+        ip: IPAddress | None = None
+        resolved = False
+        if self._policy.needs_address:
+            ip, resolved = self._client_ip(scope, exchange), True
+            if not self._policy.admits(ip):
+                raise AuthFailure("ip_denied")
+        principal = await self._auth.authenticate(_bearer(scope))
+        if principal.networks:
+            if not resolved:
+                ip = self._client_ip(scope, exchange)
+            if not principal.allows_ip(ip):
+                raise AuthFailure("ip_denied")
+        return principal
+
+    def _client_ip(self, scope: Scope, exchange: Exchange | None) -> IPAddress | None:
+        client = scope.get("client")
+        forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-for"] if self._policy.trusted_proxies else []
+        ip = self._policy.client_ip(client[0] if client else None, forwarded)
+        if exchange is not None:
+            exchange.client_ip = str(ip) if ip is not None else ""
+        return ip
+
+    async def _refuse(self, send: Send, failure: AuthFailure, exchange: Exchange | None, scope: Scope) -> None:
+        error = failure.error()
+        extra: list[tuple[bytes, bytes]] = []
+        if exchange is not None:
+            exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", failure.reason
+            extra.append((b"x-request-id", exchange.request_id.encode()))
+        peer = scope.get("client")
+        log.debug("refused %s %s from %s: %s", scope["method"], scope["path"], peer and peer[0], failure.reason)
+        await send_error(send, error, extra)
+
+
+def _bearer(scope: Scope) -> str:
+    raw = header(scope, b"authorization")
+    if raw is None:
+        raise AuthFailure("missing_credentials")
+    scheme, _, token = raw.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token or len(token) > MAX_CREDENTIAL:
+        raise AuthFailure("invalid_api_key")
+    try:
+        return token.decode("ascii")
+    except UnicodeDecodeError:
+        raise AuthFailure("invalid_api_key") from None
