@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -22,9 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .audit import audit_log
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
+from .metrics import Metrics
+from .metrics_http import metrics_routes
 from .proxy import Proxy
 from .upstream.client import UpstreamClient
 from .upstream.state import Phase, Upstream
@@ -37,14 +40,25 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 class Gateway:
     """The outermost ASGI callable: opens an `Exchange` per `/v1` request and dispatches."""
 
-    def __init__(self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener]) -> None:
+    def __init__(
+        self,
+        api: FastAPI,
+        v1: ASGIApp,
+        listeners: Sequence[Listener],
+        *,
+        openers: Sequence[Listener] = (),
+        mounts: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self.api = api
         self._v1 = v1
         self._listeners = tuple(listeners)
+        self._openers = tuple(openers)  # called when an exchange starts (e.g. in-flight gauge +1)
+        self._mounts = dict(mounts or {})  # exact paths answered before FastAPI, with their own protection
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await self.api(scope, receive, send)
+            mounted = self._mounts.get(scope["path"]) if scope["type"] == "http" else None
+            await (mounted or self.api)(scope, receive, send)
             return
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
@@ -52,6 +66,8 @@ class Gateway:
             exchange.client_ip = client[0]
         scope["bastion.exchange"] = exchange
         try:
+            for opener in self._openers:
+                opener(exchange)
             await self._v1(scope, receive, send)
         finally:
             exchange.finished = time.perf_counter()
@@ -110,7 +126,28 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    return Gateway(api, Proxy(settings, upstream, client), listeners)
+    # Observability: metrics and audit are listeners on every finished exchange.
+    metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
+    secrets = [s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token) if s]
+    audit = audit_log(settings.audit_log, secrets)
+    observers = [listener for listener in (metrics, audit) if listener is not None]
+    # Routes outside /v1 with their own credential (not API keys), answered before FastAPI.
+    mounts: dict[str, ASGIApp] = {}
+    if metrics is not None:
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        health_url = upstream.base_url + "/health"
+        mounts.update(
+            metrics_routes(
+                token, settings.metrics_allow, metrics, upstream, client.http, lambda: _probe(client.http, health_url)
+            )
+        )
+    return Gateway(
+        api,
+        Proxy(settings, upstream, client),
+        [*observers, *listeners],
+        openers=[metrics.open] if metrics is not None else [],
+        mounts=mounts,
+    )
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:
