@@ -28,12 +28,17 @@ _MAX_FIELD = 256
 class AuditLog:
     """The listener: formats and emits the line for one finished exchange."""
 
-    __slots__ = ("_emit",)
+    __slots__ = ("_enabled", "_handle")
 
     def __init__(self, logger: logging.Logger) -> None:
-        self._emit = logger.info
+        self._enabled = logger.isEnabledFor
+        # `logger.handle` with a ready record: `logger.info` would walk the stack for the caller's
+        # file and line (findCaller), which an audit line does not need.
+        self._handle = logger.handle
 
     def __call__(self, exchange: Exchange) -> None:
+        if not self._enabled(logging.INFO):
+            return
         now = time.time()
         usage = exchange.usage
         latency, ttft = exchange.latency, exchange.ttft
@@ -54,7 +59,8 @@ class AuditLog:
             "prompt_tokens": None if usage is None else usage.prompt_tokens,
             "completion_tokens": None if usage is None else usage.completion_tokens,
         }
-        self._emit(json.dumps(entry, separators=(",", ":")))
+        line = json.dumps(entry, separators=(",", ":"))
+        self._handle(logging.LogRecord(LOGGER_NAME, logging.INFO, "", 0, line, None, None))
 
 
 def audit_log(destination: str, secrets: Iterable[str] = ()) -> AuditLog | None:
