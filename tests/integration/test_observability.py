@@ -180,3 +180,13 @@ def test_audit_to_a_file_and_metrics_off(tmp_path: Path) -> None:
         [line] = audit.read_text().splitlines()
         assert json.loads(line)["path"] == "/v1/models"
         assert '"request_id"' not in proc.output()
+
+
+def test_inflight_gauge_follows_a_slow_stream() -> None:
+    with simulator("--ttft", "1.5", "--tokens", "2") as (_, sim), gateway("--upstream-url", sim) as (_, gw):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.stream("POST", gw + "/v1/chat/completions", json=body, timeout=10) as reply:
+            assert reply.status_code == 200  # headers arrive before the first token
+            assert total(scrape(gw, token=""), "bastion_inflight_requests") == 1
+            reply.read()
+        assert total(scrape(gw, token=""), "bastion_inflight_requests") == 0
