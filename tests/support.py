@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,3 +194,33 @@ def by_path(routes: dict[bytes, Script]) -> Script:
 
 async def hang(request: bytes, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(30)
+
+
+@contextlib.contextmanager
+def prometheus(config: str, files: dict[str, str] | None = None) -> Iterator[tuple[Proc, str]]:
+    """A real Prometheus server on a free loopback port, with its own config and storage.
+
+    `config` is the prometheus.yml text; `files` are written beside it (rule files
+    named in it are resolved relative to it). Everything is removed afterwards.
+    """
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="bastion-prometheus-"))
+    (workdir / "prometheus.yml").write_text(config)
+    for name, text in (files or {}).items():
+        (workdir / name).write_text(text)
+    proc = Proc(
+        [
+            "prometheus",
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/-/ready", proc=proc, timeout=30)
+        yield proc, base
+    finally:
+        proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -22,11 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .audit import audit_log
 from .auth.middleware import Auth
 from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
+from .metrics import Metrics
+from .metrics_http import metrics_routes
 from .proxy import Proxy
 from .upstream.client import UpstreamClient
 from .upstream.state import Phase, Upstream
@@ -35,30 +38,38 @@ from .upstream.supervisor import supervised_upstream
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
-# Deny by default: every path needs an API key or JWT except these two probes...
+# Deny by default: every path needs an API key or JWT except these two probes and the
+# `mounts` given to Gateway (/metrics, /metrics/upstream), which check a credential of their own.
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
-# ...and paths that check a credential of their own (the observability stage adds
-# "/metrics" and "/metrics/upstream" here, with their own token): the key/JWT check skips them.
-SEPARATELY_PROTECTED: frozenset[str] = frozenset()
 
 
 class Gateway:
     """The outermost ASGI callable: opens an `Exchange` per `/v1` request and dispatches."""
 
     def __init__(
-        self, api: FastAPI, v1: ASGIApp, listeners: Sequence[Listener], guarded_api: ASGIApp | None = None
+        self,
+        api: FastAPI,
+        v1: ASGIApp,
+        listeners: Sequence[Listener],
+        *,
+        guarded_api: ASGIApp | None = None,
+        openers: Sequence[Listener] = (),
+        mounts: Mapping[str, ASGIApp] | None = None,
     ) -> None:
         self.api = api
         self._v1 = v1
         self._listeners = tuple(listeners)
-        self._other = guarded_api or api
+        self._other = guarded_api or api  # the admin app behind the deny-by-default guard
+        self._openers = tuple(openers)  # called when an exchange starts (e.g. in-flight gauge +1)
+        self._mounts = dict(mounts or {})  # exact paths answered first, with a credential of their own
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.api(scope, receive, send)
             return
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await self._other(scope, receive, send)
+            mounted = self._mounts.get(scope["path"]) if scope["type"] == "http" else None
+            await (mounted or self._other)(scope, receive, send)
             return
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
@@ -66,6 +77,8 @@ class Gateway:
             exchange.client_ip = client[0]
         scope["bastion.exchange"] = exchange
         try:
+            for opener in self._openers:
+                opener(exchange)
             await self._v1(scope, receive, send)
         finally:
             exchange.finished = time.perf_counter()
@@ -129,7 +142,32 @@ def create_app(
     if settings.token_endpoint:
         v1 = TokenEndpoint(v1, settings)
     v1 = auth.guard(v1)
-    return Gateway(api, v1, listeners, auth.guard(api, exempt=PUBLIC_PATHS | SEPARATELY_PROTECTED))
+
+    # Observability: metrics and audit are listeners on every finished exchange.
+    metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
+    secrets = [s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token) if s]
+    if upstream.api_key:
+        secrets.append(upstream.api_key)
+    audit = audit_log(settings.audit_log, secrets)
+    observers = [listener for listener in (metrics, audit) if listener is not None]
+    # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
+    mounts: dict[str, ASGIApp] = {}
+    if metrics is not None:
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        health_url = upstream.base_url + "/health"
+        mounts.update(
+            metrics_routes(
+                token, settings.metrics_allow, metrics, upstream, client.http, lambda: _probe(client.http, health_url)
+            )
+        )
+    return Gateway(
+        api,
+        v1,
+        [*observers, *listeners],
+        guarded_api=auth.guard(api, exempt=PUBLIC_PATHS),
+        openers=[metrics.open] if metrics is not None else [],
+        mounts=mounts,
+    )
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import prometheus_client
 import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -126,7 +127,16 @@ def _serve(settings: Settings) -> int:
     redactor = configure_logging(settings)
     for key in settings.bootstrap_keys():
         redactor.add_secret(key)
-    app = create_app(settings)
+    for secret in (settings.upstream_api_key, settings.metrics_token):
+        if secret is not None:
+            redactor.add_secret(secret.get_secret_value())
+    # One process, one setting: `*_created` series would double every counter's series count in Prometheus.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. an audit log path that cannot be opened
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import AnyHttpUrl, BeforeValidator, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -243,6 +243,31 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error.")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Log format: text (human) or json.")
+
+    # --- observability -------------------------------------------------------------
+    metrics_enabled: bool = Field(True, description="Serve /metrics and /metrics/upstream (protected, see below).")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token a scraper must send to /metrics and /metrics/upstream. With neither a token nor "
+        "BASTION_METRICS_ALLOW set, only loopback peers may scrape.",
+    )
+    metrics_allow: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description='CIDRs of peers allowed to scrape, JSON list (e.g. ["10.0.0.0/8"]). Matched against the TCP '
+        "peer, never X-Forwarded-For. With a token too, a scrape needs both.",
+    )
+    metrics_principal_label: bool = Field(
+        True, description="Label request and token metrics by principal (key name); turn off for large fleets."
+    )
+    metrics_models: list[str] = Field(
+        default_factory=list,
+        description="Model names always used as the `model` label, JSON list. Others become labels once the "
+        "upstream has answered them with a 2xx (at most 32), else `other`.",
+    )
+    audit_log: str = Field(
+        "stdout",
+        description="Audit log destination: stdout, off, or a file path (one JSON line per /v1 request).",
+    )
 
 
 def describe_validation_error(error: ValidationError) -> str:

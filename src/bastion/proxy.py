@@ -65,7 +65,7 @@ class Proxy:
             exchange.status = error.status
             if exchange.outcome == "ok":
                 exchange.outcome = "upstream_error" if error.status in (502, 504) else "rejected"
-                exchange.reason = exchange.reason or error.code or ""
+                exchange.reason = exchange.reason or str(error.payload()["error"]["code"])
             await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:

@@ -80,12 +80,14 @@ async def test_deny_by_default_except_probes(keys: Keys) -> None:
     async with _client(keys, seen) as client:
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/ready")).status_code == 200
-        for path in ("/nowhere", "/docs", "/metrics", "/v1/models", "/health/"):
+        for path in ("/nowhere", "/docs", "/metrics/", "/v1/models", "/health/"):
             response = await client.get(path)
             assert response.status_code == 401, path
             assert response.headers["www-authenticate"] == "Bearer"
             assert response.json()["error"]["code"] == "invalid_api_key"
         assert (await client.get("/nowhere", headers=_bearer(keys.any))).status_code == 404
+        # /metrics has its own protection (token or, without one, loopback only): see test_metrics_http.
+        assert (await client.get("/metrics")).status_code == 200
     assert [e.reason for e in seen] == ["missing_credentials"]
 
 

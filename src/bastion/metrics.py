@@ -1,0 +1,258 @@
+"""`bastion_*` Prometheus metrics: one registry per app, updated once per request.
+
+Nothing is registered globally: `create_app` builds a `Metrics`, which owns its
+`CollectorRegistry` (process and platform collectors included), so several apps
+in one process (tests) never collide. The request path touches metrics twice: the
+Gateway calls `open` (in-flight +1) when an exchange starts and the listener
+(`__call__`) when it ends. Label children are cached in dicts keyed by the label
+tuple, so a finished request costs a few dict look-ups and increments, never a
+`labels()` call after warm-up, and nothing runs per chunk.
+
+Label values are bounded: `route` is one of a fixed set of /v1 routes (ids
+stripped) or `other`; `model` is a configured model, or one the upstream has
+answered with a 2xx (at most `MAX_LEARNED_MODELS`), else `other`, so clients
+cannot mint series by sending made-up model names; `principal` is the key's
+name (bounded by the number of keys) or "" when the label is turned off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Settings
+from .exchange import Exchange
+from .upstream.state import Phase, Upstream
+
+# LLM latencies: 5 ms (a rejected or cached answer) to 10 minutes (a long generation).
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+MAX_LEARNED_MODELS = 32
+OTHER = "other"
+
+_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/moderations",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/classify",
+        "/v1/pooling",
+        "/v1/tokenize",
+        "/v1/detokenize",
+        "/v1/files",
+        "/v1/batches",
+    }
+)
+# Routes whose next segment is an id: the id is replaced, so ids never become label values.
+_ID_ROUTES = ("/v1/models/", "/v1/responses/", "/v1/files/", "/v1/batches/")
+# Exchange reasons that are upstream trouble, as `bastion_upstream_errors_total{kind}`.
+_UPSTREAM_REASONS = frozenset(
+    {"upstream_unavailable", "upstream_timeout", "midstream", "model_loading", "upstream_not_ready", "upstream_busy"}
+)
+
+
+def route_of(path: str) -> str:
+    """The normalised route label of a /v1 path."""
+    if path in _ROUTES:
+        return path
+    for prefix in _ID_ROUTES:
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return OTHER
+
+
+class UpstreamCollector(Collector):
+    """Reads the shared `Upstream` at scrape time, so the supervisor needs no metrics hooks.
+
+    In external mode there is no supervisor to know the phase: the /metrics
+    endpoint probes the upstream's /health just before collecting and stores the
+    answer in `external_up`.
+    """
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+        self.external_up = False
+
+    def collect(self) -> Iterator[Metric]:
+        upstream = self._upstream
+        phase = upstream.phase
+        up = self.external_up if phase is Phase.EXTERNAL else phase is Phase.READY
+        yield GaugeMetricFamily(
+            "bastion_upstream_up", "1 when the model server is ready to answer (external: its /health).", int(up)
+        )
+        yield CounterMetricFamily(
+            "bastion_upstream_restarts",
+            "Times the supervisor restarted a dead or hung model server.",
+            upstream.restarts,
+        )
+        phases = GaugeMetricFamily(
+            "bastion_upstream_phase", "The upstream's current phase (1 for it).", labels=["phase"]
+        )
+        for each in Phase:
+            phases.add_metric([each.value], int(each is phase))
+        yield phases
+
+
+class _Children:
+    """A one-label counter's children, cached by value."""
+
+    __slots__ = ("_children", "_family")
+
+    def __init__(self, family: Counter) -> None:
+        self._family = family
+        self._children: dict[str, Counter] = {}
+
+    def __call__(self, value: str) -> Counter:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._family.labels(value)
+        return child
+
+
+class Metrics:
+    """The registry and the per-request listener; `open`/`__call__` are the Gateway hooks."""
+
+    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        Info("bastion_build", "bastion version.", registry=registry).info({"version": __version__})
+        self.upstream = UpstreamCollector(upstream)
+        registry.register(self.upstream)
+
+        self.requests = Counter(
+            "bastion_requests",
+            "Finished /v1 requests.",
+            ("model", "route", "status", "principal"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "bastion_request_duration_seconds",
+            "Time from request start to the last byte sent, every /v1 request.",
+            ("model", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "bastion_time_to_first_token_seconds",
+            "Time from request start to the first upstream byte of a successful streaming response.",
+            ("model", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "bastion_tokens", "Tokens reported by the upstream.", ("model", "principal", "kind"), registry=registry
+        )
+        self.auth_failures = Counter(
+            "bastion_auth_failures", "Requests refused with 401/403, by reason.", ("reason",), registry=registry
+        )
+        self.rate_limited = Counter(
+            "bastion_rate_limited", "Requests refused with 429, by limit.", ("limit",), registry=registry
+        )
+        self.upstream_errors = Counter(
+            "bastion_upstream_errors",
+            "Requests the upstream failed: unreachable, timeout, broken mid-stream, not ready, or a 5xx it sent.",
+            ("kind",),
+            registry=registry,
+        )
+        self.inflight = Gauge("bastion_inflight_requests", "/v1 requests in progress.", registry=registry)
+        self._inflight_inc = self.inflight.inc
+        self._inflight_dec = self.inflight.dec
+
+        self._principal_label = settings.metrics_principal_label
+        self._models = set(settings.metrics_models)
+        self._learned = 0
+        # Label children, keyed by their label values: filled on first use, then plain dict hits.
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._duration_children: dict[tuple[str, str], Histogram] = {}
+        self._ttft_children: dict[tuple[str, str], Histogram] = {}
+        self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._auth_failures = _Children(self.auth_failures)
+        self._rate_limited = _Children(self.rate_limited)
+        self._upstream_errors = _Children(self.upstream_errors)
+
+    def open(self, exchange: Exchange) -> None:
+        self._inflight_inc()
+
+    def __call__(self, exchange: Exchange) -> None:
+        self._inflight_dec()
+        status = exchange.status
+        model = self._model_label(exchange.model, status)
+        route = route_of(exchange.path)
+        principal = exchange.principal if self._principal_label else ""
+
+        key = (model, route, status, principal)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(model, route, str(status), principal)
+        counter.inc()
+
+        latency = exchange.latency
+        if latency is not None:
+            duration = self._duration_children.get((model, route))
+            if duration is None:
+                duration = self._duration_children[(model, route)] = self.duration.labels(model, route)
+            duration.observe(latency)
+        ttft = exchange.ttft
+        if ttft is not None and exchange.stream and 200 <= status < 300:
+            first = self._ttft_children.get((model, route))
+            if first is None:
+                first = self._ttft_children[(model, route)] = self.ttft.labels(model, route)
+            first.observe(ttft)
+
+        usage = exchange.usage
+        if usage is not None:
+            tokens = self._token_children.get((model, principal))
+            if tokens is None:
+                tokens = self._token_children[(model, principal)] = (
+                    self.tokens.labels(model, principal, "prompt"),
+                    self.tokens.labels(model, principal, "completion"),
+                )
+            tokens[0].inc(usage.prompt_tokens)
+            tokens[1].inc(usage.completion_tokens)
+
+        if status >= 400 or exchange.outcome != "ok":
+            self._count_failure(exchange, status)
+
+    def _count_failure(self, exchange: Exchange, status: int) -> None:
+        outcome, reason = exchange.outcome, exchange.reason
+        if outcome == "rejected" and status in (401, 403):
+            self._auth_failures(reason or "unknown").inc()
+        elif outcome == "rejected" and status == 429:
+            self._rate_limited(reason.removeprefix("rate_limit_") or "unknown").inc()
+        elif reason in _UPSTREAM_REASONS:
+            self._upstream_errors(reason).inc()
+        elif outcome == "ok" and status >= 500:
+            self._upstream_errors("upstream_5xx").inc()
+
+    def _model_label(self, model: str, status: int) -> str:
+        if not model or model in self._models:
+            return model
+        # A model the upstream answered with a 2xx is one it serves: a real, bounded label value.
+        if 200 <= status < 300 and self._learned < MAX_LEARNED_MODELS:
+            self._models.add(model)
+            self._learned += 1
+            return model
+        return OTHER

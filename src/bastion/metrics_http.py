@@ -1,0 +1,154 @@
+"""`/metrics` and `/metrics/upstream`: plain-ASGI endpoints with their own credential.
+
+These routes are not behind API-key authentication (Prometheus has no API key);
+they are protected separately by `ScrapeGuard`:
+
+- `BASTION_METRICS_TOKEN` set: the scraper must send `Authorization: Bearer <token>`
+  (compared in constant time), else 401.
+- `BASTION_METRICS_ALLOW` set: the TCP peer must be inside one of the CIDRs, else 403.
+  X-Forwarded-For is never read here: a scraper talks to the gateway directly.
+- both set: both must pass. Neither set: only loopback peers (127.0.0.0/8, ::1),
+  so a default install never shows its metrics to the network.
+
+`/metrics/upstream` relays the upstream's own `/metrics` (vLLM's `vllm:*` series:
+queue length, KV-cache usage, token throughput) through the shared client, so one
+scraper with one credential sees both and the raw vLLM port stays private.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
+
+import httpx
+from prometheus_client.exposition import choose_encoder
+
+from .asgi import ASGIApp, Receive, Scope, Send, header
+from .errors import GatewayError, send_error
+from .metrics import Metrics
+from .upstream.state import Phase, Upstream
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_UPSTREAM_METRICS_TIMEOUT = 5.0
+
+
+class ScrapeGuard:
+    """Decides whether a scrape may read metrics: token and/or peer allowlist, loopback by default."""
+
+    def __init__(self, token: str | None, allow: Sequence[Network]) -> None:
+        self._token = token.encode() if token else None
+        self._networks = tuple(allow) if allow else (LOOPBACK if self._token is None else ())
+
+    def refusal(self, scope: Scope) -> GatewayError | None:
+        """None if the scrape is allowed, else the error to answer with."""
+        if self._networks and not self._peer_allowed(scope):
+            return GatewayError(403, "This address may not read metrics.", code="forbidden")
+        if self._token is not None and not self._token_ok(scope):
+            return GatewayError(401, "A valid metrics token is required.", code="invalid_api_key")
+        return None
+
+    def _peer_allowed(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        if not client:
+            return False
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def _token_ok(self, scope: Scope) -> bool:
+        assert self._token is not None
+        given = header(scope, b"authorization") or b""
+        scheme, _, value = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
+
+
+async def _answer(send: Send, status: int, body: bytes, content_type: str, head: bool) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
+
+
+class _Protected:
+    """Common front of both endpoints: guard, then GET/HEAD only."""
+
+    def __init__(self, guard: ScrapeGuard) -> None:
+        self._guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self._guard.refusal(scope)
+        if error is None and scope["method"] not in ("GET", "HEAD"):
+            error = GatewayError(405, f"Method {scope['method']} is not allowed here.")
+        if error is not None:
+            await send_error(send, error)
+            return
+        await self.serve(scope, send, head=scope["method"] == "HEAD")
+
+    async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
+        raise NotImplementedError
+
+
+class MetricsEndpoint(_Protected):
+    """The gateway's own registry, in the format the scraper asks for (text or OpenMetrics)."""
+
+    def __init__(
+        self, guard: ScrapeGuard, metrics: Metrics, upstream: Upstream, probe: Callable[[], Awaitable[bool]]
+    ) -> None:
+        super().__init__(guard)
+        self._metrics = metrics
+        self._upstream = upstream
+        self._probe = probe
+
+    async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
+        if self._upstream.phase is Phase.EXTERNAL:
+            self._metrics.upstream.external_up = await self._probe()
+        accept = (header(scope, b"accept") or b"").decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        await _answer(send, 200, encoder(self._metrics.registry), content_type, head)
+
+
+class UpstreamMetricsEndpoint(_Protected):
+    """The upstream's `/metrics`, relayed as it is."""
+
+    def __init__(self, guard: ScrapeGuard, upstream: Upstream, client: httpx.AsyncClient) -> None:
+        super().__init__(guard)
+        self._upstream = upstream
+        self._client = client
+
+    async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
+        headers = {"accept": (header(scope, b"accept") or b"text/plain").decode("latin-1")}
+        if self._upstream.api_key:
+            headers["authorization"] = "Bearer " + self._upstream.api_key
+        try:
+            response = await self._client.get(
+                self._upstream.base_url + "/metrics", headers=headers, timeout=_UPSTREAM_METRICS_TIMEOUT
+            )
+        except httpx.HTTPError:
+            await send_error(send, GatewayError(502, "The model server's metrics could not be read."))
+            return
+        if response.status_code != 200:
+            await send_error(send, GatewayError(502, f"The model server's metrics answered {response.status_code}."))
+            return
+        content_type = response.headers.get("content-type", "text/plain; version=0.0.4")
+        await _answer(send, 200, response.content, content_type, head)
+
+
+def metrics_routes(
+    token: str | None,
+    allow: Sequence[Network],
+    metrics: Metrics,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    probe: Callable[[], Awaitable[bool]],
+) -> dict[str, ASGIApp]:
+    """The exact paths to mount in front of FastAPI, all behind one `ScrapeGuard`."""
+    guard = ScrapeGuard(token, allow)
+    return {
+        "/metrics": MetricsEndpoint(guard, metrics, upstream, probe),
+        "/metrics/upstream": UpstreamMetricsEndpoint(guard, upstream, client),
+    }
