@@ -25,6 +25,7 @@ from .asgi import ASGIApp, Receive, Scope, Send, header
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
+from .limits import RateLimiter, RateLimitMiddleware
 from .proxy import Proxy
 from .upstream.client import build_client
 from .upstream.state import Phase, Upstream
@@ -41,6 +42,7 @@ class Gateway:
         self.api = api
         self._v1 = v1
         self._listeners = tuple(listeners)
+        self.limiter: RateLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -72,7 +74,8 @@ def create_app(
     client = build_client(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    services: list[AbstractAsyncContextManager[object]] = [client]
+    limiter = RateLimiter(settings)
+    services: list[AbstractAsyncContextManager[object]] = [client, limiter.service()]
     if upstream is None:
         if settings.upstream_url is not None:
             key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
@@ -110,7 +113,9 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    return Gateway(api, Proxy(settings, upstream, client), listeners)
+    gateway = Gateway(api, RateLimitMiddleware(Proxy(settings, upstream, client), limiter), listeners)
+    gateway.limiter = limiter  # the auth stage's failed-login hook; storage_errors for metrics
+    return gateway
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:

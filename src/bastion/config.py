@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import textwrap
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -119,9 +119,54 @@ class Settings(BaseSettings):
         description="HTTP methods forwarded on /v1/*; anything else gets 405. JSON list.",
     )
 
+    # --- rate limits (per principal; anonymous traffic per client IP) ---------------
+    rate_limit_rpm: int = Field(
+        600, ge=0, description="Default requests per minute per principal (rolling window); 0 = unlimited."
+    )
+    rate_limit_tpm: int = Field(
+        200_000,
+        ge=0,
+        description="Default tokens (prompt + completion) per minute per principal, charged from real usage; "
+        "0 = unlimited.",
+    )
+    rate_limit_max_concurrent: int = Field(
+        32, ge=0, description="Default in-flight requests per principal; 0 = unlimited."
+    )
+    auth_failure_limit: int = Field(
+        20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Share rate-limit counts through Redis (redis://[:password@]host:port/db, rediss://...). "
+        "Unset: in-process memory, correct only for one gateway process. Replicas must share one Redis.",
+    )
+    redis_fail_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="When Redis is unreachable: open = serve without limits (logged, counted), closed = answer "
+        "503 with Retry-After.",
+    )
+    redis_timeout: Seconds = Field(0.5, description="Seconds to connect to Redis or wait for one reply.")
+    concurrency_slot_ttl: Seconds = Field(
+        60.0,
+        description="Redis only: seconds after which a concurrency slot of a crashed gateway expires "
+        "(live slots are refreshed every ttl/3).",
+    )
+
     # --- logging -------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error.")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Log format: text (human) or json.")
+
+    @model_validator(mode="after")
+    def _shared_counts_for_several_processes(self) -> Self:
+        # Memory storage counts per process: N workers would silently allow N times every limit.
+        # There is no workers setting today (one process per `bastion serve`); this guards a future one.
+        workers = getattr(self, "workers", 1)
+        if isinstance(workers, int) and workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"{workers} workers with in-memory rate limits would multiply every limit by {workers}: "
+                "set BASTION_REDIS_URL so the workers share counts, or run one worker"
+            )
+        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:

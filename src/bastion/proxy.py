@@ -148,6 +148,7 @@ class Proxy:
                     chunk = tap.feed(chunk)
                     if not chunk:
                         continue
+                    exchange.events += chunk.count(b"\n\n")
                 else:
                     previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -200,6 +201,9 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     model = payload.get("model")
     if isinstance(model, str):
         exchange.model = model
+    cap = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if isinstance(cap, int):
+        exchange.max_tokens = cap
     if payload.get("stream") is not True:
         return body, False
     exchange.stream = True
