@@ -64,7 +64,7 @@ def reset_duration(seconds: float) -> str:
         return "0s"
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
-    whole = math.ceil(seconds)
+    whole = math.ceil(round(seconds, 3))
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -84,7 +84,8 @@ def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Hea
     return [
         (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
         (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, remaining)).encode()),
-        (b"x-ratelimit-reset-" + kind.encode(), reset_duration(reset_in).encode()),
+        # A window with nothing counted in it has nothing to reset.
+        (b"x-ratelimit-reset-" + kind.encode(), reset_duration(reset_in if remaining < limit else 0).encode()),
     ]
 
 
