@@ -42,11 +42,11 @@ class RateLimitMiddleware:
             await self._finish(admission, exchange, scope)
 
     async def _finish(self, admission: Admission, exchange: Exchange, scope: Scope) -> None:
+        tokens = tokens_used(exchange, scope) if admission.tpm > 0 else 0
         try:
             await self.limiter.release(admission)
         finally:
-            if admission.tpm > 0:
-                await self.limiter.charge(admission, tokens_used(exchange, scope))
+            await self.limiter.charge(admission, tokens)
 
 
 def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
