@@ -224,3 +224,25 @@ def prometheus(config: str, files: dict[str, str] | None = None) -> Iterator[tup
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[Proc, str]]:
+    """A throwaway redis-server on a free port (no persistence); yields (proc, redis:// URL)."""
+    port = free_port()
+    proc = Proc(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if not proc.alive():
+                raise RuntimeError(f"redis-server exited:\n{proc.output()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server not answering on {port}:\n{proc.output()}")
+            time.sleep(0.05)
+        yield proc, f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.stop()

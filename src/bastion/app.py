@@ -28,6 +28,7 @@ from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
 from .errors import error_body
 from .exchange import Exchange, Listener
+from .limits import RateLimiter, RateLimitMiddleware
 from .metrics import Metrics
 from .metrics_http import metrics_routes
 from .proxy import Proxy
@@ -100,7 +101,8 @@ def create_app(
     client = UpstreamClient(settings, transport)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    services: list[AbstractAsyncContextManager[object]] = [client, *auth.services()]
+    limiter = RateLimiter(settings)
+    services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services()]
     if upstream is None:
         if settings.upstream_url is not None:
             key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
@@ -138,10 +140,10 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    v1: ASGIApp = Proxy(settings, upstream, client)
+    v1: ASGIApp = RateLimitMiddleware(Proxy(settings, upstream, client), limiter)
     if settings.token_endpoint:
         v1 = TokenEndpoint(v1, settings)
-    v1 = auth.guard(v1)
+    v1 = auth.guard(v1, failures=limiter)
 
     # Observability: metrics and audit are listeners on every finished exchange.
     metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
@@ -164,7 +166,7 @@ def create_app(
         api,
         v1,
         [*observers, *listeners],
-        guarded_api=auth.guard(api, exempt=PUBLIC_PATHS),
+        guarded_api=auth.guard(api, exempt=PUBLIC_PATHS, failures=limiter),
         openers=[metrics.open] if metrics is not None else [],
         mounts=mounts,
     )

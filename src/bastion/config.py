@@ -11,9 +11,18 @@ import json
 import textwrap
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BeforeValidator,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -240,6 +249,39 @@ class Settings(BaseSettings):
         keys: list[str] = _list(self.api_keys.get_secret_value())
         return keys
 
+    # --- rate limits (per principal; anonymous traffic per client IP) ---------------
+    rate_limit_rpm: int = Field(
+        600, ge=0, description="Default requests per minute per principal (rolling window); 0 = unlimited."
+    )
+    rate_limit_tpm: int = Field(
+        200_000,
+        ge=0,
+        description="Default tokens (prompt + completion) per minute per principal, charged from real usage; "
+        "0 = unlimited.",
+    )
+    rate_limit_max_concurrent: int = Field(
+        32, ge=0, description="Default in-flight requests per principal; 0 = unlimited."
+    )
+    auth_failure_limit: int = Field(
+        20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Share rate-limit counts through Redis (redis://[:password@]host:port/db, rediss://...). "
+        "Unset: in-process memory, correct only for one gateway process. Replicas must share one Redis.",
+    )
+    redis_fail_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="When Redis is unreachable: open = serve without limits (logged, counted), closed = answer "
+        "503 with Retry-After.",
+    )
+    redis_timeout: Seconds = Field(0.5, description="Seconds to connect to Redis or wait for one reply.")
+    concurrency_slot_ttl: Seconds = Field(
+        60.0,
+        description="Redis only: seconds after which a concurrency slot of a crashed gateway expires "
+        "(live slots are refreshed every ttl/3).",
+    )
+
     # --- logging -------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error.")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Log format: text (human) or json.")
@@ -268,6 +310,18 @@ class Settings(BaseSettings):
         "stdout",
         description="Audit log destination: stdout, off, or a file path (one JSON line per /v1 request).",
     )
+
+    @model_validator(mode="after")
+    def _shared_counts_for_several_processes(self) -> Self:
+        # Memory storage counts per process: N workers would silently allow N times every limit.
+        # There is no workers setting today (one process per `bastion serve`); this guards a future one.
+        workers = getattr(self, "workers", 1)
+        if isinstance(workers, int) and workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"{workers} workers with in-memory rate limits would multiply every limit by {workers}: "
+                "set BASTION_REDIS_URL so the workers share counts, or run one worker"
+            )
+        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -30,6 +30,10 @@ class Exchange:
     # not_ready, connect, timeout, midstream; later stages add invalid_api_key, ip_denied, rate_limit_requests...
     reason: str = ""
     usage: Usage | None = None
+    # For the token estimate when a response ends without usage (see limits.middleware.tokens_used):
+    # the request's max_tokens / max_completion_tokens, and the stream events forwarded so far.
+    max_tokens: int | None = None
+    events: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
     finished: float | None = None

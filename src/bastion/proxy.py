@@ -165,6 +165,7 @@ class Proxy:
                     chunk = tap.feed(chunk)
                     if not chunk:
                         continue
+                    exchange.events += chunk.count(b"\n\n")
                 else:
                     previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -242,6 +243,9 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     model = payload.get("model")
     if isinstance(model, str):
         exchange.model = model
+    cap = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if isinstance(cap, int):
+        exchange.max_tokens = cap
     if principal is not None and not principal.allows(model if isinstance(model, str) else None):
         raise refusal("model_not_allowed")
     if payload.get("stream") is not True:

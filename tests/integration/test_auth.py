@@ -115,6 +115,9 @@ def keyed(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]
         keys[name] = bastion("keys", "create", "--name", name, *policy, "--keys-file", str(path))
     env = {"BASTION_API_KEYS": "", "BASTION_JWT_SECRET": JWT_SECRET, "BASTION_JWT_AUDIENCE": AUDIENCE}
     env["BASTION_TOKEN_ENDPOINT"] = "true"
+    env["BASTION_AUTH_FAILURE_LIMIT"] = (
+        "0"  # these tests poll with keys not loaded yet; see test_key_guessing_is_slowed
+    )
     # "" = every interface, IPv4 and IPv6 (asyncio makes a "::" socket IPv6-only)
     args = ("--upstream-url", sim, "--keys-file", str(path), "--host", "" if HAS_IPV6 else "0.0.0.0")
     with gateway(*args, "--log-level", "debug", env=env) as (proc, base):
@@ -279,6 +282,18 @@ def test_sighup_reload_and_broken_file(sim: str, tmp_path: Path) -> None:
         assert status(base, key) == 200, "a broken file keeps the last good set"
         assert "colour: unknown field" in proc.output()
         assert key not in proc.output()
+
+
+def test_key_guessing_is_slowed_per_address(sim: str) -> None:
+    from tests.support import TEST_KEY
+
+    with gateway("--upstream-url", sim, env={"BASTION_AUTH_FAILURE_LIMIT": "3"}) as (_, base):
+        assert [status(base, f"bst-guess{i}_{'x' * 40}") for i in range(3)] == [401, 401, 401]
+        with httpx.Client() as client:
+            blocked = client.get(base + "/v1/models", headers={"authorization": "Bearer bst-guess_" + "y" * 40})
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
+        assert status(base, TEST_KEY) == 429, "a blocked address learns nothing, even with a right guess"
+        assert status(base, TEST_KEY, source="127.0.0.2") == 200, "other addresses are not affected"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ class Principal:
     networks: tuple[IPNetwork, ...] = ()
     # Unix time after which the credential stops working (None = never).
     expires: float | None = None
-    # Limits the rate-limit stage enforces; None = no limit of that kind.
+    # Limits the rate-limit stage enforces; None = the gateway default (BASTION_RATE_LIMIT_*).
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None

@@ -210,7 +210,7 @@ def _networks(claim: Any) -> tuple[IPNetwork, ...]:
 
 
 def _cap(claimed: Any, ceiling: int | None) -> int | None:
-    """The tighter of the token's limit and the configured ceiling (None = unlimited)."""
+    """The tighter of the token's limit and the configured ceiling (None = the gateway default)."""
     value = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > 0 else None
     if value is None:
         return ceiling

@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 from ..asgi import ASGIApp, Receive, Scope, Send, header
 from ..config import Settings
-from ..errors import send_error
+from ..errors import GatewayError, send_error
 from ..exchange import Exchange
 from .errors import AuthFailure
 from .identity import Principal
@@ -68,21 +69,34 @@ class Auth:
                 "every /v1 request will be refused with 401"
             )
 
-    def guard(self, app: ASGIApp, exempt: Iterable[str] = ()) -> AuthMiddleware:
-        return AuthMiddleware(app, self.authenticator, self.policy, exempt)
+    def guard(self, app: ASGIApp, exempt: Iterable[str] = (), failures: FailureLimiter | None = None) -> AuthMiddleware:
+        return AuthMiddleware(app, self.authenticator, self.policy, exempt, failures)
 
     def services(self) -> list[AbstractAsyncContextManager[object]]:
         return [self.keys.watching(self._interval)] if self.keys.path is not None else []
 
 
+class FailureLimiter(Protocol):
+    """Slows key guessing: a budget of failed authentications per client IP (the rate limiter)."""
+
+    async def auth_blocked(self, client_ip: str) -> GatewayError | None: ...
+    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None: ...
+
+
 class AuthMiddleware:
     def __init__(
-        self, app: ASGIApp, authenticator: Authenticator, policy: IPPolicy, exempt: Iterable[str] = ()
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        policy: IPPolicy,
+        exempt: Iterable[str] = (),
+        failures: FailureLimiter | None = None,
     ) -> None:
         self.app = app
         self._auth = authenticator
         self._policy = policy
         self._exempt = frozenset(exempt)
+        self._failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -93,23 +107,31 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         exchange: Exchange | None = scope.get("bastion.exchange")
+        resolved = self._failures is not None or self._policy.needs_address
+        ip = self._client_ip(scope, exchange) if resolved else None
+        guesser = str(ip) if ip is not None else ""
+        if self._failures is not None and (blocked := await self._failures.auth_blocked(guesser)):
+            # An address over its failed-login budget is refused before its credential is even read:
+            # a guesser must not learn that a guess was right.
+            await self._refuse_error(send, blocked, "rate_limit_auth", exchange)
+            return
         try:
-            principal = await self._admit(scope, exchange)
+            principal = await self._admit(scope, exchange, ip, resolved)
         except AuthFailure as failure:
-            await self._refuse(send, failure, exchange, scope)
+            error = failure.error()
+            if self._failures is not None and error.status == 401:
+                error = await self._failures.hit_auth_failure(guesser) or error
+            log.debug("refused %s %s: %s", scope["method"], scope["path"], failure.reason)
+            await self._refuse_error(send, error, failure.reason, exchange)
             return
         scope[PRINCIPAL] = principal
         if exchange is not None:
             exchange.principal = principal.name
         await self.app(scope, receive, send)
 
-    async def _admit(self, scope: Scope, exchange: Exchange | None) -> Principal:
-        ip: IPAddress | None = None
-        resolved = False
-        if self._policy.needs_address:
-            ip, resolved = self._client_ip(scope, exchange), True
-            if not self._policy.admits(ip):
-                raise AuthFailure("ip_denied")
+    async def _admit(self, scope: Scope, exchange: Exchange | None, ip: IPAddress | None, resolved: bool) -> Principal:
+        if self._policy.needs_address and not self._policy.admits(ip):
+            raise AuthFailure("ip_denied")
         principal = await self._auth.authenticate(_bearer(scope))
         if principal.networks:
             if not resolved:
@@ -126,14 +148,13 @@ class AuthMiddleware:
             exchange.client_ip = str(ip) if ip is not None else ""
         return ip
 
-    async def _refuse(self, send: Send, failure: AuthFailure, exchange: Exchange | None, scope: Scope) -> None:
-        error = failure.error()
+    async def _refuse_error(self, send: Send, error: GatewayError, reason: str, exchange: Exchange | None) -> None:
         extra: list[tuple[bytes, bytes]] = []
         if exchange is not None:
-            exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", failure.reason
+            if error.status == 429:
+                reason = "rate_limit_auth"
+            exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", reason
             extra.append((b"x-request-id", exchange.request_id.encode()))
-        peer = scope.get("client")
-        log.debug("refused %s %s from %s: %s", scope["method"], scope["path"], peer and peer[0], failure.reason)
         await send_error(send, error, extra)
 
 

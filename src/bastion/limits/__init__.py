@@ -1,0 +1,6 @@
+"""Rate limits: requests/min, tokens/min and concurrent requests (see docs/rate-limits.md)."""
+
+from .limiter import Admission, LimitedPrincipal, RateLimited, RateLimiter, reset_duration
+from .middleware import RateLimitMiddleware
+
+__all__ = ["Admission", "LimitedPrincipal", "RateLimitMiddleware", "RateLimited", "RateLimiter", "reset_duration"]

@@ -1,0 +1,295 @@
+"""The rate limiter: requests/min, tokens/min and concurrent requests per principal.
+
+Windows and counters come from the `limits` library (the engine under slowapi)
+and its async storages: memory in one process, Redis when gateways share counts.
+
+- requests/min: `MovingWindowRateLimiter`, one hit per admitted request (exact:
+  two gateways on one Redis admit exactly `rpm` requests per rolling minute).
+- tokens/min: `SlidingWindowCounterRateLimiter` (two counters per key, so a
+  charge of 5 000 tokens is one increment, not 5 000 window entries). A request
+  is refused up front when the window is already exhausted; its real usage is
+  charged when it ends. A charge larger than what is left exhausts the window
+  (the library never counts past a limit, so the excess is not carried over).
+- concurrency: `slots.py`, a slot per in-flight request, always given back.
+
+A storage failure (Redis unreachable) fails open (serve, log once per incident,
+count it in `storage_errors`) or closed (503 with Retry-After), per settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol, cast
+
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+from ..config import Settings
+from ..errors import GatewayError
+from .slots import MemorySlots, RedisSlots, Slots
+
+log = logging.getLogger("bastion.limits")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class LimitedPrincipal(Protocol):
+    """What the limiter reads from the auth stage's Principal (None = the settings' default)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_concurrent(self) -> int | None: ...
+
+
+@lru_cache(maxsize=1024)
+def per_minute(amount: int) -> RateLimitItem:
+    return RateLimitItemPerMinute(amount)
+
+
+def reset_duration(seconds: float) -> str:
+    """OpenAI's reset format: "0s", "250ms", "17s", "6m0s", "1h2m3s"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(round(seconds, 3))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def retry_after(reset_time: float, now: float) -> int:
+    """Whole seconds until `reset_time`, at least 1 (what `Retry-After` carries)."""
+    return max(1, math.ceil(reset_time - now))
+
+
+def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Headers:
+    """`x-ratelimit-{limit,remaining,reset}-{kind}` as OpenAI sends them."""
+    return [
+        (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
+        (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, remaining)).encode()),
+        # A window with nothing counted in it has nothing to reset.
+        (b"x-ratelimit-reset-" + kind.encode(), reset_duration(reset_in if remaining < limit else 0).encode()),
+    ]
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request: what to release and charge when it ends, and its response headers."""
+
+    key: str
+    tpm: int
+    slot: str | None
+    headers: Headers
+
+
+class RateLimited(GatewayError):
+    """A 429 (or, failing closed, a 503) with the reason word for the exchange."""
+
+    def __init__(self, status: int, message: str, reason: str, headers: Headers, code: str | None = None) -> None:
+        super().__init__(status, message, code=code, headers=headers)
+        self.reason = reason
+
+
+def redis_storage_uri(url: str) -> str:
+    return url if url.startswith("async+") else "async+" + url
+
+
+class RateLimiter:
+    def __init__(self, settings: Settings) -> None:
+        self.default_rpm = settings.rate_limit_rpm
+        self.default_tpm = settings.rate_limit_tpm
+        self.default_concurrent = settings.rate_limit_max_concurrent
+        self.auth_failure_limit = settings.auth_failure_limit
+        self.fail_open = settings.redis_fail_mode == "open"
+        # Storage incidents seen (each failed storage call); the metrics stage can export it.
+        self.storage_errors = 0
+        self._degraded = False
+        self.shared = settings.redis_url is not None
+        self.slots: Slots
+        if settings.redis_url is not None:
+            timeout = settings.redis_timeout
+            redis = RedisStorage(
+                redis_storage_uri(settings.redis_url.get_secret_value()),
+                connect_timeout=timeout,
+                stream_timeout=timeout,
+                key_prefix="bastion:limits",
+            )
+            self.slots = RedisSlots(cast(Any, redis.bridge).get_connection(), settings.concurrency_slot_ttl)
+            self.storage: Storage = redis
+        else:
+            self.storage = MemoryStorage()
+            self.slots = MemorySlots()
+        self.requests = MovingWindowRateLimiter(self.storage)
+        self.tokens = SlidingWindowCounterRateLimiter(self.storage)
+        # Failed logins are counted per process, even with Redis: slowing a key guesser needs no exact
+        # cross-replica count, and the check runs before every credential, so it must cost no round trip.
+        self.failures = MovingWindowRateLimiter(MemoryStorage())
+
+    # --- lifetime ---------------------------------------------------------------------
+    def service(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered at start-up: keeps this process's concurrency slots alive in Redis."""
+        return self._service()
+
+    @contextlib.asynccontextmanager
+    async def _service(self) -> AsyncIterator[None]:
+        async with self.slots.running():
+            yield
+
+    # --- per request ------------------------------------------------------------------
+    def limits_for(self, principal: LimitedPrincipal | None, client_ip: str) -> tuple[str, int, int, int]:
+        """(storage key, rpm, tpm, max_concurrent); 0 means unlimited."""
+        if principal is None:
+            return "ip:" + client_ip, self.default_rpm, self.default_tpm, self.default_concurrent
+        rpm = self.default_rpm if principal.rpm is None else principal.rpm
+        tpm = self.default_tpm if principal.tpm is None else principal.tpm
+        conc = self.default_concurrent if principal.max_concurrent is None else principal.max_concurrent
+        return "p:" + principal.id, rpm, tpm, conc
+
+    async def admit(self, principal: LimitedPrincipal | None, client_ip: str) -> Admission:
+        """Take a request slot, a request-window hit and check the token window, or raise `RateLimited`."""
+        key, rpm, tpm, conc = self.limits_for(principal, client_ip)
+        slot: str | None = None
+        try:
+            headers: Headers = []
+            now = time.time()
+            token_headers: Headers = []
+            if tpm > 0:
+                stats = await self.tokens.get_window_stats(per_minute(tpm), key)
+                token_headers = limit_headers("tokens", tpm, stats.remaining, stats.reset_time - now)
+                if stats.remaining <= 0:
+                    raise self._refused(
+                        "tokens", f"{tpm} tokens per minute", stats.reset_time, now, headers, token_headers
+                    )
+            if conc > 0:
+                slot = await self.slots.acquire(key, conc)
+                if slot is None:
+                    raise RateLimited(
+                        429,
+                        f"Rate limit reached: at most {conc} concurrent requests; retry when one finishes.",
+                        "rate_limit_concurrency",
+                        [(b"retry-after", b"1"), *token_headers],
+                    )
+            if rpm > 0:
+                item = per_minute(rpm)
+                admitted = await self.requests.hit(item, key)
+                stats = await self.requests.get_window_stats(item, key)
+                headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
+                if not admitted:
+                    raise self._refused(
+                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, token_headers
+                    )
+            self._recovered()
+            return Admission(key, tpm, slot, headers + token_headers)
+        except RateLimited:
+            if slot is not None:
+                await self._release(key, slot)
+            raise
+        except Exception as exc:
+            if slot is not None:
+                await self._release(key, slot)
+            self._storage_failed(exc)
+            if self.fail_open:
+                return Admission(key, 0, None, [])
+            raise RateLimited(
+                503,
+                "Rate limiting is temporarily unavailable; retry shortly.",
+                "rate_limit_storage",
+                [(b"retry-after", b"1")],
+                code="rate_limit_unavailable",
+            ) from None
+
+    @staticmethod
+    def _refused(
+        kind: str, what: str, reset_time: float, now: float, headers: Headers, token_headers: Headers
+    ) -> RateLimited:
+        wait = retry_after(reset_time, now)
+        return RateLimited(
+            429,
+            f"Rate limit reached: {what}. Retry in {reset_duration(reset_time - now)}.",
+            "rate_limit_" + kind,
+            [(b"retry-after", str(wait).encode()), *headers, *token_headers],
+        )
+
+    async def release(self, admission: Admission) -> None:
+        if admission.slot is not None:
+            await self._release(admission.key, admission.slot)
+
+    async def _release(self, key: str, slot: str) -> None:
+        try:
+            await self.slots.release(key, slot)
+        except Exception as exc:  # with Redis the slot expires by itself
+            self._storage_failed(exc)
+
+    async def charge(self, admission: Admission, tokens: int) -> None:
+        """Charge the tokens a finished request used against its tokens/min window."""
+        if admission.tpm <= 0 or tokens <= 0:
+            return
+        item = per_minute(admission.tpm)
+        try:
+            if not await self.tokens.hit(item, admission.key, cost=tokens):
+                # More than what is left: exhaust the window (the library never counts past its limit).
+                left = (await self.tokens.get_window_stats(item, admission.key)).remaining
+                if left > 0:
+                    await self.tokens.hit(item, admission.key, cost=left)
+        except Exception as exc:
+            self._storage_failed(exc)
+
+    # --- failed authentication (the auth stage calls these) -----------------------------
+    async def auth_blocked(self, client_ip: str) -> GatewayError | None:
+        """Before reading a credential: a 429 if `client_ip` used up its failed-auth budget."""
+        if self.auth_failure_limit <= 0:
+            return None
+        item = per_minute(self.auth_failure_limit)
+        if await self.failures.test(item, "authfail", client_ip):
+            return None
+        stats = await self.failures.get_window_stats(item, "authfail", client_ip)
+        return self._auth_refusal(stats.reset_time)
+
+    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None:
+        """After a 401: count it; a 429 to answer instead once the IP is over its budget."""
+        if self.auth_failure_limit <= 0:
+            return None
+        item = per_minute(self.auth_failure_limit)
+        if await self.failures.hit(item, "authfail", client_ip):
+            return None
+        stats = await self.failures.get_window_stats(item, "authfail", client_ip)
+        return self._auth_refusal(stats.reset_time)
+
+    def _auth_refusal(self, reset_time: float) -> GatewayError:
+        now = time.time()
+        return RateLimited(
+            429,
+            f"Too many failed authentication attempts from this address. Retry in {reset_duration(reset_time - now)}.",
+            "rate_limit_auth_failures",
+            [(b"retry-after", str(retry_after(reset_time, now)).encode())],
+        )
+
+    # --- storage incidents --------------------------------------------------------------
+    def _storage_failed(self, exc: Exception) -> None:
+        self.storage_errors += 1
+        if not self._degraded:
+            self._degraded = True
+            mode = "serving without limits (fail open)" if self.fail_open else "refusing with 503 (fail closed)"
+            log.error("rate-limit storage unreachable, %s: %s", mode, type(exc).__name__)
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            log.warning("rate-limit storage reachable again; limits enforced")

@@ -1,0 +1,76 @@
+"""`RateLimitMiddleware`: plain ASGI around the proxy.
+
+Before: admit or refuse (429/503 answered here, nothing forwarded). During: the
+`x-ratelimit-*` headers, computed once at admission, are appended to
+`http.response.start`; body messages pass through untouched. After (always, in
+`finally`): the concurrency slot is released and the tokens are charged.
+"""
+
+from __future__ import annotations
+
+from ..asgi import ASGIApp, Message, Receive, Scope, Send, header
+from ..errors import send_error
+from ..exchange import Exchange
+from .limiter import Admission, RateLimited, RateLimiter
+
+# A prompt's tokens are estimated from the request body at this many bytes per token
+# when the response gave no usage (client disconnect, upstream crash mid-response).
+BYTES_PER_TOKEN = 4
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange: Exchange = scope["bastion.exchange"]
+        try:
+            admission = await self.limiter.admit(scope.get("bastion.principal"), exchange.client_ip)
+        except RateLimited as refusal:
+            exchange.status = refusal.status
+            exchange.outcome = "rejected"
+            exchange.reason = refusal.reason
+            await send_error(send, refusal, [(b"x-request-id", exchange.request_id.encode())])
+            return
+        try:
+            if admission.headers:
+                await self.app(scope, receive, _with_headers(send, admission.headers))
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            await self._finish(admission, exchange, scope)
+
+    async def _finish(self, admission: Admission, exchange: Exchange, scope: Scope) -> None:
+        tokens = tokens_used(exchange, scope) if admission.tpm > 0 else 0
+        try:
+            await self.limiter.release(admission)
+        finally:
+            await self.limiter.charge(admission, tokens)
+
+
+def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+
+    return send_with_headers
+
+
+def tokens_used(exchange: Exchange, scope: Scope) -> int:
+    """Tokens to charge: the response's usage, or an estimate when it ended without one.
+
+    The estimate applies when the client disconnected or the upstream broke mid-response:
+    prompt ~ request body bytes / 4; completion = the stream events forwarded so far
+    (vLLM sends one token per event) or, for a non-streamed request, its `max_tokens`
+    (the most it could have generated; nothing if it set none).
+    """
+    if exchange.usage is not None:
+        return exchange.usage.total_tokens
+    if exchange.outcome != "client_disconnect" and exchange.reason != "midstream":
+        return 0  # refused, or failed before the upstream produced anything
+    length = header(scope, b"content-length")
+    prompt = int(length) // BYTES_PER_TOKEN if length is not None and length.isdigit() else 0
+    completion = exchange.events if exchange.stream else (exchange.max_tokens or 0)
+    return prompt + completion

@@ -1,0 +1,159 @@
+"""Concurrency slots: how many requests of one principal are in flight right now.
+
+Not a window: a slot is taken when a request is admitted and given back when it
+ends. In memory that is a plain counter. In Redis each key is a sorted set whose
+members are slot ids scored by their expiry time (Redis server clock); a running
+gateway pushes the expiry of its own live slots forward every `ttl / 3` seconds,
+so the slots of a replica that crashed (and never released them) expire after
+at most `ttl` seconds instead of leaking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+log = logging.getLogger("bastion.limits")
+
+# KEYS[1]: the slot set; ARGV: limit, ttl seconds, slot id. 1 = taken, 0 = full.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 1)
+return 1
+"""
+
+# KEYS[1]: the slot set; ARGV: ttl seconds, slot ids still running here.
+_REFRESH = """
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 1)
+return 1
+"""
+
+
+class Slots(Protocol):
+    async def acquire(self, key: str, limit: int) -> str | None:
+        """A slot id, or None when `limit` requests of `key` are already in flight."""
+
+    async def release(self, key: str, slot: str) -> None: ...
+
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered for the gateway's lifetime (Redis: keeps this process's slots alive)."""
+
+
+class MemorySlots:
+    """One process: a counter per key."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    async def acquire(self, key: str, limit: int) -> str | None:
+        count = self._counts.get(key, 0)
+        if count >= limit:
+            return None
+        self._counts[key] = count + 1
+        return key
+
+    async def release(self, key: str, slot: str) -> None:
+        count = self._counts.get(key, 0) - 1
+        if count > 0:
+            self._counts[key] = count
+        else:
+            self._counts.pop(key, None)
+
+    def in_flight(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _nothing()
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
+
+
+class RedisSlots:
+    """Shared between gateways: one sorted set per key, slots expiring unless refreshed."""
+
+    def __init__(self, client: Any, ttl: float, prefix: str = "bastion:slots:") -> None:
+        self._client = client
+        self._ttl = ttl
+        self._prefix = prefix
+        self._acquire = client.register_script(_ACQUIRE)
+        self._refresh = client.register_script(_REFRESH)
+        self._mine: defaultdict[str, set[str]] = defaultdict(set)
+        self._next = 0
+        self._tag = os.urandom(6).hex()
+
+    async def acquire(self, key: str, limit: int) -> str | None:
+        self._next += 1
+        slot = f"{self._tag}:{self._next}"
+        full_key = self._prefix + key
+        # Registered before the await so a refresh running meanwhile cannot miss it.
+        self._mine[full_key].add(slot)
+        try:
+            taken = await self._acquire.execute(keys=[full_key], args=[limit, self._ttl, slot])
+        except BaseException:
+            self._forget(full_key, slot)
+            raise
+        if not taken:
+            self._forget(full_key, slot)
+            return None
+        return slot
+
+    async def release(self, key: str, slot: str) -> None:
+        full_key = self._prefix + key
+        self._forget(full_key, slot)
+        await self._client.zrem(full_key, [slot])
+
+    def _forget(self, full_key: str, slot: str) -> None:
+        live = self._mine.get(full_key)
+        if live is not None:
+            live.discard(slot)
+            if not live:
+                del self._mine[full_key]
+
+    async def refresh(self) -> None:
+        """Push the expiry of every slot this process still holds `ttl` seconds ahead."""
+        for full_key, live in list(self._mine.items()):
+            if live:
+                await self._refresh.execute(keys=[full_key], args=[self._ttl, *live])
+
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._running()
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(self._refresher())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis away: the slots will expire, nothing to do here
+                log.debug("refreshing concurrency slots failed: %s", exc)

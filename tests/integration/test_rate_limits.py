@@ -1,0 +1,200 @@
+"""Rate limits through the real gateway: requests/min, tokens/min, concurrency, Redis sharing, fail modes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.support import AUTH, TEST_KEY, gateway, redis_server, simulator
+
+MODEL = "qwen2.5-7b-instruct"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]}
+UNLIMITED = {"BASTION_RATE_LIMIT_RPM": "0", "BASTION_RATE_LIMIT_TPM": "0", "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0"}
+HEADERS = [f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")]
+
+
+def limits(**values: int | str) -> dict[str, str]:
+    return {**UNLIMITED, **{f"BASTION_{k.upper()}": str(v) for k, v in values.items()}}
+
+
+def sdk(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[str]:
+    with simulator("--tokens", "12") as (_, base):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def slow_sim() -> Iterator[str]:
+    """Streams take ~4 s: long enough to hold concurrency slots."""
+    with simulator("--tokens", "40", "--itl", "0.1") as (_, base):
+        yield base
+
+
+def test_requests_per_minute_429_with_headers_and_sdk_error(sim: str) -> None:
+    with gateway("--upstream-url", sim, env=limits(rate_limit_rpm=3, rate_limit_tpm=100_000)) as (_, base):
+        client = sdk(base)
+        for expected_remaining in (2, 1, 0):
+            raw = client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
+            assert raw.status_code == 200
+            for name in HEADERS:
+                assert name in raw.headers
+            assert raw.headers["x-ratelimit-limit-requests"] == "3"
+            assert raw.headers["x-ratelimit-remaining-requests"] == str(expected_remaining)
+            assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+            assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(**CHAT)
+        error = refused.value
+        assert error.status_code == 429
+        assert error.code == "rate_limit_exceeded"
+        assert "3 requests per minute" in error.message
+        retry_after = int(error.response.headers["retry-after"])
+        assert 1 <= retry_after <= 60
+        assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert error.response.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert error.response.headers["x-request-id"]
+
+
+def _usage_direct(sim: str, stream: bool) -> int:
+    """What the simulator reports for CHAT (deterministic), asked directly."""
+    body = {**CHAT, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", sim + "/v1/chat/completions", json=body, timeout=10) as response:
+            text = "".join(response.iter_text())
+        usage_line = next(line for line in text.splitlines() if '"usage"' in line)
+        return int(usage_line.split('"total_tokens":')[1].split(",")[0].rstrip("}"))
+    return int(httpx.post(sim + "/v1/chat/completions", json=body, timeout=10).json()["usage"]["total_tokens"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_tokens_per_minute_charged_from_real_usage(sim: str, stream: bool) -> None:
+    used = _usage_direct(sim, stream)
+    tpm = 2 * used + used // 2  # two requests fit, the third overshoots and exhausts the window
+    with (
+        gateway("--upstream-url", sim, env=limits(rate_limit_tpm=tpm)) as (_, base),
+        httpx.Client(base_url=base, timeout=10, headers=AUTH) as http,
+    ):
+        remaining = []
+        for _ in range(3):
+            with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": stream}) as response:
+                assert response.status_code == 200
+                body = response.read()
+                remaining.append(int(response.headers["x-ratelimit-remaining-tokens"]))
+            if stream:  # the client did not ask for usage: the gateway's own usage event is hidden
+                assert b'"usage"' not in body
+        # Remaining is read before each request's own charge (as OpenAI reports it).
+        assert remaining == [tpm, tpm - used, tpm - 2 * used]
+        refused = http.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "tokens per minute" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert int(refused.headers["retry-after"]) >= 1
+
+
+def _open_stream(http: httpx.Client) -> tuple[httpx.Response, Iterator[bytes]]:
+    """A stream that has started; keep the iterator referenced (dropping it closes the response)."""
+    request = http.build_request("POST", "/v1/chat/completions", json={**CHAT, "stream": True})
+    response = http.send(request, stream=True)
+    assert response.status_code == 200
+    chunks = response.iter_raw()
+    next(chunks)  # generation has started
+    return response, chunks
+
+
+def _admitted_within(http: httpx.Client, seconds: float, **request: object) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    while True:
+        response = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, **request})
+        if response.status_code != 429 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_concurrency_limit_and_slot_released_on_client_disconnect(slow_sim: str) -> None:
+    env = limits(rate_limit_max_concurrent=2)
+    with (
+        gateway("--upstream-url", slow_sim, env=env) as (_, base),
+        httpx.Client(base_url=base, timeout=10, headers=AUTH) as http,
+        httpx.Client(base_url=base, timeout=10, headers=AUTH) as other,
+    ):
+        first, _chunks1 = _open_stream(http)
+        second, _chunks2 = _open_stream(other)
+        refused = httpx.post(base + "/v1/chat/completions", json=CHAT, timeout=10, headers=AUTH)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "2 concurrent requests" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "1"
+        first.close()  # the client goes away mid-stream
+        http.close()
+        started = time.monotonic()
+        admitted = _admitted_within(other, 3.0)
+        assert admitted.status_code == 200, admitted.text
+        assert time.monotonic() - started < 3.0  # well before the first stream would have ended
+        second.close()
+
+
+def test_slot_released_after_upstream_crash_and_timeout() -> None:
+    with simulator("--crash-after", "1") as (_, crashing):
+        env = limits(rate_limit_max_concurrent=1)
+        with (
+            gateway("--upstream-url", crashing, env=env, ready=False) as (_, base),
+            httpx.Client(base_url=base, headers=AUTH) as http,
+        ):
+            assert http.post("/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+            crashed = http.post("/v1/chat/completions", json=CHAT, timeout=10)  # the upstream dies on this one
+            assert crashed.status_code == 502
+            after = http.post("/v1/chat/completions", json=CHAT, timeout=10)
+            assert after.status_code == 502  # upstream gone, but the slot is free: not 429
+    with simulator("--ttft", "3") as (_, slow):
+        env = limits(rate_limit_max_concurrent=1, upstream_read_timeout="0.3")
+        with gateway("--upstream-url", slow, env=env) as (_, base), httpx.Client(base_url=base, headers=AUTH) as http:
+            for _ in range(2):
+                assert http.post("/v1/chat/completions", json=CHAT, timeout=10).status_code == 504
+
+
+def test_two_gateways_sharing_redis_enforce_one_limit_exactly(sim: str) -> None:
+    with redis_server() as (_, url):
+        env = {**limits(rate_limit_rpm=10, rate_limit_max_concurrent=5), "BASTION_REDIS_URL": url}
+        with gateway("--upstream-url", sim, env=env) as (_, one), gateway("--upstream-url", sim, env=env) as (_, two):
+            statuses = [
+                httpx.post(base + "/v1/chat/completions", json=CHAT, timeout=10, headers=AUTH).status_code
+                for _ in range(10)
+                for base in (one, two)
+            ]
+            assert statuses.count(200) == 10
+            assert statuses.count(429) == 10
+            assert statuses[:10] == [200] * 10  # the combined budget, used in order
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_redis_killed_mid_test_follows_fail_mode(sim: str, mode: str) -> None:
+    with redis_server() as (redis, url):
+        env = {**limits(rate_limit_rpm=2), "BASTION_REDIS_URL": url, "BASTION_REDIS_FAIL_MODE": mode}
+        with (
+            gateway("--upstream-url", sim, env=env) as (gw, base),
+            httpx.Client(base_url=base, timeout=10, headers=AUTH) as http,
+        ):
+            assert [http.post("/v1/chat/completions", json=CHAT).status_code for _ in range(3)] == [200, 200, 429]
+            redis.stop()
+            response = http.post("/v1/chat/completions", json=CHAT)
+            if mode == "open":
+                assert response.status_code == 200
+                assert "x-ratelimit-limit-requests" not in response.headers
+                assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            else:
+                assert response.status_code == 503
+                assert response.headers["retry-after"] == "1"
+                assert response.json()["error"]["code"] == "rate_limit_unavailable"
+            output = gw.output()
+            assert "rate-limit storage unreachable" in output
+            assert output.count("rate-limit storage unreachable") == 1  # once per incident

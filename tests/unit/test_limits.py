@@ -1,0 +1,184 @@
+"""The limiter without a network: header values, window edges (with a controlled clock), slots, hooks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+from pydantic import Field, ValidationError
+
+from bastion.config import Settings
+from bastion.exchange import Exchange
+from bastion.limits import RateLimited, RateLimiter, reset_duration
+from bastion.limits.limiter import limit_headers
+from bastion.limits.middleware import tokens_used
+from bastion.usage import Usage
+
+
+class Clock:
+    """Controls `time.time`, which the `limits` memory storage reads for its windows."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1_700_000_000.0  # a whole minute: window keys start here
+        monkeypatch.setattr(time, "time", lambda: self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    return Clock(monkeypatch)
+
+
+def limiter(**values: object) -> RateLimiter:
+    base: dict[str, object] = {"rate_limit_rpm": 0, "rate_limit_tpm": 0, "rate_limit_max_concurrent": 0}
+    return RateLimiter(Settings(_env_file=None, **{**base, **values}))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    name: str = "someone"
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-1, "0s"), (0, "0s"), (0.25, "250ms"), (1, "1s"), (17.2, "18s"), (60.0001, "1m0s"), (360, "6m0s"),
+     (3723, "1h2m3s")],
+)  # fmt: skip
+def test_reset_duration_like_openai(seconds: float, text: str) -> None:
+    assert reset_duration(seconds) == text
+
+
+def test_limit_headers() -> None:
+    assert limit_headers("requests", 60, 59, 1.0) == [
+        (b"x-ratelimit-limit-requests", b"60"),
+        (b"x-ratelimit-remaining-requests", b"59"),
+        (b"x-ratelimit-reset-requests", b"1s"),
+    ]
+    assert dict(limit_headers("tokens", 100, -5, 3))[b"x-ratelimit-remaining-tokens"] == b"0"
+    assert dict(limit_headers("tokens", 100, 100, 30))[b"x-ratelimit-reset-tokens"] == b"0s"
+
+
+async def test_requests_window_edges(clock: Clock) -> None:
+    limits = limiter(rate_limit_rpm=2)
+    first = await limits.admit(None, "10.0.0.1")
+    assert dict(first.headers)[b"x-ratelimit-remaining-requests"] == b"1"
+    assert dict(first.headers)[b"x-ratelimit-reset-requests"] == b"1m0s"
+    clock.advance(30)
+    await limits.admit(None, "10.0.0.1")
+    clock.advance(29.5)
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "10.0.0.1")
+    assert refused.value.status == 429 and refused.value.reason == "rate_limit_requests"
+    headers = dict(refused.value.headers)
+    assert headers[b"retry-after"] == b"1"  # the first hit leaves the window in 0.5 s
+    assert headers[b"x-ratelimit-reset-requests"] == b"500ms"
+    assert "2 requests per minute" in refused.value.message
+    await limits.admit(None, "10.0.0.2")  # another client has its own window
+    clock.advance(0.51)  # the first hit is over a minute old: one request fits again (moving window)
+    await limits.admit(None, "10.0.0.1")
+    with pytest.raises(RateLimited):
+        await limits.admit(None, "10.0.0.1")
+
+
+async def test_tokens_refused_up_front_and_charged_afterwards(clock: Clock) -> None:
+    limits = limiter(rate_limit_tpm=100)
+    admission = await limits.admit(None, "ip")
+    await limits.charge(admission, 60)
+    second = await limits.admit(None, "ip")  # 40 left: admitted although it will overshoot
+    assert dict(second.headers)[b"x-ratelimit-remaining-tokens"] == b"40"
+    await limits.charge(second, 500)  # more than the limit: exhausts the window
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip")
+    assert refused.value.reason == "rate_limit_tokens"
+    assert dict(refused.value.headers)[b"x-ratelimit-remaining-tokens"] == b"0"
+    clock.advance(120)  # both sliding-window counters have aged out
+    again = await limits.admit(None, "ip")
+    assert dict(again.headers)[b"x-ratelimit-remaining-tokens"] == b"100"
+
+
+async def test_concurrency_slots_are_given_back() -> None:
+    limits = limiter(rate_limit_max_concurrent=2)
+    held = [await limits.admit(None, "ip"), await limits.admit(None, "ip")]
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip")
+    assert refused.value.reason == "rate_limit_concurrency"
+    assert dict(refused.value.headers)[b"retry-after"] == b"1"
+    await limits.release(held.pop())
+    held.append(await limits.admit(None, "ip"))
+
+
+async def test_refused_request_does_not_keep_its_slot(clock: Clock) -> None:
+    limits = limiter(rate_limit_rpm=1, rate_limit_max_concurrent=1)
+    await limits.release(await limits.admit(None, "ip"))
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip")
+    assert refused.value.reason == "rate_limit_requests"
+    clock.advance(61)
+    await limits.admit(None, "ip")  # would be a concurrency refusal if the refused one had leaked its slot
+
+
+async def test_principal_overrides_and_keys() -> None:
+    limits = limiter(rate_limit_rpm=5, rate_limit_tpm=50, rate_limit_max_concurrent=3)
+    assert limits.limits_for(None, "1.2.3.4") == ("ip:1.2.3.4", 5, 50, 3)
+    assert limits.limits_for(Principal("k1"), "1.2.3.4") == ("p:k1", 5, 50, 3)
+    assert limits.limits_for(Principal("k1", rpm=1, tpm=0, max_concurrent=9), "ip") == ("p:k1", 1, 0, 9)
+    admitted = await limits.admit(Principal("k2", rpm=1), "ip")
+    assert dict(admitted.headers)[b"x-ratelimit-limit-requests"] == b"1"
+    with pytest.raises(RateLimited):
+        await limits.admit(Principal("k2", rpm=1), "ip")
+    await limits.admit(Principal("k3", rpm=1), "ip")  # a different principal from the same IP
+
+
+async def test_unlimited_sends_no_headers() -> None:
+    admission = await limiter().admit(None, "ip")
+    assert admission.headers == [] and admission.slot is None
+
+
+async def test_auth_failure_limit_per_ip(clock: Clock) -> None:
+    limits = limiter(auth_failure_limit=3)
+    for _ in range(3):
+        assert await limits.auth_blocked("6.6.6.6") is None
+        assert await limits.hit_auth_failure("6.6.6.6") is None
+    blocked = await limits.auth_blocked("6.6.6.6")
+    assert blocked is not None and blocked.status == 429
+    assert dict(blocked.headers)[b"retry-after"] == b"60"
+    assert await limits.hit_auth_failure("6.6.6.6") is not None
+    assert await limits.auth_blocked("7.7.7.7") is None
+    clock.advance(60)
+    assert await limits.auth_blocked("6.6.6.6") is None
+
+
+def test_token_estimate_without_usage() -> None:
+    scope = {"headers": [(b"content-length", b"400")]}
+    done = Exchange("r", "POST", "/v1/chat/completions", usage=Usage(10, 20))
+    assert tokens_used(done, scope) == 30
+    refused = Exchange("r", "POST", "/v1/chat/completions", outcome="rejected")
+    assert tokens_used(refused, scope) == 0
+    cut = Exchange("r", "POST", "/v1/chat/completions", outcome="client_disconnect", stream=True, events=7)
+    assert tokens_used(cut, scope) == 100 + 7
+    plain = Exchange("r", "POST", "/v1/chat/completions", outcome="client_disconnect", max_tokens=50)
+    assert tokens_used(plain, scope) == 100 + 50
+    broken = Exchange("r", "POST", "/v1/chat/completions", outcome="upstream_error", reason="midstream", stream=True)
+    assert tokens_used(broken, {"headers": []}) == 0
+
+
+def test_memory_storage_refuses_several_workers() -> None:
+    class WithWorkers(Settings):
+        workers: int = Field(1, description="test only")
+
+    with pytest.raises(ValidationError, match="BASTION_REDIS_URL"):
+        WithWorkers(_env_file=None, workers=4)  # type: ignore[call-arg]
+    assert WithWorkers(_env_file=None, workers=4, redis_url="redis://x:6379").workers == 4  # type: ignore[call-arg]
+    assert WithWorkers(_env_file=None, workers=1).workers == 1  # type: ignore[call-arg]
+
+
+def test_redis_password_stays_secret() -> None:
+    settings = Settings(_env_file=None, redis_url="redis://:hunter2@127.0.0.1:6379/0")  # type: ignore[arg-type]
+    assert "hunter2" not in repr(settings)
