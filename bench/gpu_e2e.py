@@ -66,8 +66,10 @@ class Run:
         env["BASTION_METRICS_TOKEN"] = "e2e-metrics-token-0123456789"
         env["BASTION_AUDIT_LOG"] = str(self.work / "audit.jsonl")
         env["BASTION_STARTUP_TIMEOUT"] = "900"
-        env["BASTION_RPM"] = "100000"
-        env["BASTION_TPM"] = "100000000"
+        env["BASTION_ALLOW_IPS"] = "127.0.0.0/8"
+        env["BASTION_RATE_LIMIT_RPM"] = "1000000"
+        env["BASTION_RATE_LIMIT_TPM"] = "1000000000"
+        env["BASTION_RATE_LIMIT_MAX_CONCURRENT"] = "1000"
         if self.simulate:
             env["BASTION_UPSTREAM_COMMAND"] = (
                 "{python} -m bastion simulate --host {host} --port {port} --tokens 64 --itl 0.005"
