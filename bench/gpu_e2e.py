@@ -62,6 +62,8 @@ class Run:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        if "APP_PYTHONPATH" in os.environ:  # the GPU recipe: bastion's own packages only, not vLLM's
+            env["PYTHONPATH"] = os.environ["APP_PYTHONPATH"]
         env["BASTION_KEYS_FILE"] = str(self.work / "keys.json")
         env["BASTION_METRICS_TOKEN"] = "e2e-metrics-token-0123456789"
         env["BASTION_AUDIT_LOG"] = str(self.work / "audit.jsonl")
@@ -176,7 +178,7 @@ class Run:
         out = subprocess.run(
             [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency), "-n", str(requests),
              "--max-tokens", "64", "--warmup", "3"],
-            env={**os.environ, "BENCH_KEY": key}, capture_output=True, text=True, check=True,
+            env={**self.env, "BENCH_KEY": key}, capture_output=True, text=True, check=True,
         )  # fmt: skip
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -224,13 +226,16 @@ class Run:
 
     def kill_engine(self) -> None:
         child = self.child_pid()
-        engine = _descendants(child)
-        victim = engine[0] if engine and not self.simulate else child
-        say(f"killing {'engine process' if victim != child else 'vLLM'} pid {victim} (child {child})")
+        below = _descendants(child)
+        engines = [pid for pid in below if b"EngineCore" in _cmdline(pid)] or [
+            pid for pid in _gpu_pids() if pid in below
+        ]
+        victim = engines[0] if engines else child
+        say(f"killing {'vLLM engine core' if engines else 'the child'} pid {victim} (child {child})")
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         statuses = set()
-        while time.monotonic() - killed < 900:
+        while time.monotonic() - killed < 420:
             with contextlib.suppress(httpx.HTTPError):
                 status = httpx.post(
                     self.base + "/v1/chat/completions", json=CHAT,
@@ -284,8 +289,27 @@ class Run:
 
 
 def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children first."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    children = [int(p) for p in out.split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _gpu_pids() -> list[int]:
+    """Processes holding the GPU (vLLM's engine core, not its API server)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _pgrep(pattern: str) -> list[int]:

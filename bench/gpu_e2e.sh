@@ -4,7 +4,9 @@
 #   source .gpu/pN/device_setup.sh && bash bench/gpu_e2e.sh [--skip kill|overhead|drain]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=${APP_PYTHONPATH:?source device_setup.sh first}
+# The driver also needs the openai SDK, which the GPU recipe ships with vLLM; bastion itself runs on
+# APP_PYTHONPATH alone (gpu_e2e.py sets it for the processes it starts).
+export PYTHONPATH=${APP_PYTHONPATH:?source device_setup.sh first}:$VLLM_PYTHONPATH
 OUT=${OUT:-/tmp/bastion-e2e}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv > "$OUT/gpu-before.csv" || true
