@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bastion.config import Settings
 
@@ -179,3 +180,75 @@ def test_slim_image_builds_and_runs() -> None:
         assert whoami.stdout.strip() == "10001"
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
+
+
+# --- docker compose ----------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose"
+
+
+def test_compose_file_matches_the_compose_spec_schema() -> None:
+    """The compose-spec JSON schema vendored in check-jsonschema: offline, what `docker compose` itself uses."""
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]  # Debian's docker-compose (v1): the same `config` validation, no engine needed
+    return None
+
+
+def test_docker_compose_config(tmp_path: Path) -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed (Debian: docker-compose)")
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    work = tmp_path / "deploy" / "compose"
+    shutil.copy(work / "bastion.env.example", work / "bastion.env")  # the first step of the instructions
+    result = subprocess.run([*command, "config"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert set(config["services"]) == {"bastion", "redis", "prometheus", "grafana"}
+
+
+def test_compose_wiring() -> None:
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    bastion = compose["services"]["bastion"]
+    [gpu] = bastion["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["capabilities"] == ["gpu"]
+    assert bastion["environment"] == {"BASTION_REDIS_URL": "redis://redis:6379/0"}, "secrets go in bastion.env"
+    assert bastion["env_file"] == "bastion.env" and bastion["init"] is True
+    settings = settings_from_env_file(COMPOSE / "bastion.env.example")
+    assert int(bastion["stop_grace_period"].rstrip("s")) > settings.shutdown_grace + settings.stop_timeout + 10
+    assert "/var/lib/bastion" in " ".join(bastion["volumes"]) and "/models" in " ".join(bastion["volumes"])
+    # Every file the stack mounts is shipped (except the secrets the operator creates).
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith(".") and not source.endswith("metrics-token"):
+                assert (COMPOSE / source).exists(), source
+    # Prometheus here is deploy/prometheus/prometheus.yml with the compose service as its target.
+    shipped = (DEPLOY / "prometheus" / "prometheus.yml").read_text().split("global:", 1)[1]
+    here = (COMPOSE / "prometheus.yml").read_text().split("global:", 1)[1]
+    assert here == shipped.replace('"127.0.0.1:8000"', '"bastion:8000"')
+    provisioning = COMPOSE / "grafana" / "provisioning"
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "bastion.yml").read_text())["providers"]
+    assert any(
+        volume.endswith(provider["options"]["path"] + "/bastion-dashboard.json")
+        for volume in (v.removesuffix(":ro") for v in compose["services"]["grafana"]["volumes"])
+    )
