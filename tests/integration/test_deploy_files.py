@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -252,3 +253,60 @@ def test_compose_wiring() -> None:
         volume.endswith(provider["options"]["path"] + "/bastion-dashboard.json")
         for volume in (v.removesuffix(":ro") for v in compose["services"]["grafana"]["volumes"])
     )
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+K8S = DEPLOY / "k8s"
+K8S_VERSIONS = ("1.29.0", "1.33.0")  # kubernetes-validate bundles these schemas: no network
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate(version: str) -> None:
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "kubernetes-validate"),
+            "--strict",  # unknown fields (typos) fail too
+            "--quiet",
+            "-k",
+            version,
+            *map(str, sorted(K8S.glob("*.yaml"))),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def manifests() -> dict[str, dict[str, object]]:
+    docs = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in docs}
+
+
+def test_kubernetes_deployment_probes_gpu_secrets_and_drain() -> None:
+    from bastion.auth.keys import KeyFile
+
+    found: dict[str, Any] = manifests()
+    pod = found["Deployment/bastion"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    config = found["ConfigMap/bastion-config"]["data"]
+    assert not any(SECRET_NAME.search(name) for name in config), "secrets belong in the Secret, not the ConfigMap"
+    env = {**config, **{item["name"]: item["value"] for item in container["env"]}}
+    settings = Settings(_env_file=None, **{k.removeprefix("BASTION_").lower(): v for k, v in env.items()})  # type: ignore[call-arg]
+    sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] >= sleep + settings.shutdown_grace + settings.stop_timeout + 10
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert str(settings.keys_file).startswith(mounts["keys"] + "/")
+    assert "subPath" not in str(container["volumeMounts"]), "a subPath mount never sees Secret updates"
+    secret = volumes["keys"]["secret"]["secretName"]
+    keys_json = found[f"Secret/{secret}"]["stringData"][Path(str(settings.keys_file)).name]
+    KeyFile.model_validate_json(keys_json)  # the example key store is one bastion loads
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert found["Service/bastion"]["spec"]["ports"][0]["targetPort"] == "http"
