@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings
 
 from . import __version__
 from .auth import cli as auth_cli
-from .config import Settings, describe_validation_error, env_example
+from .config import Settings, config_reference, describe_validation_error, env_example
 from .logs import configure_logging
 from .upstream.simulator import Simulator, SimulatorSettings
 from .upstream.vllm import NO_VLLM_HINT, vllm_unavailable
@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--env-example", action="store_true", help="print a commented .env template of every setting instead"
     )
+    check.add_argument(
+        "--markdown", action="store_true", help="print the configuration reference (docs/configuration.md) instead"
+    )
     return parser
 
 
@@ -102,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args))
     if args.pop("env_example", False):
         print(env_example(Settings), end="")
+        return 0
+    if args.pop("markdown", False):
+        print(config_reference(Settings), end="")
         return 0
     try:
         if command == "simulate":

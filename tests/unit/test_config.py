@@ -36,3 +36,16 @@ def test_env_example_is_current() -> None:
 
     example = (Path(__file__).parents[2] / ".env.example").read_text()
     assert example == env_example(Settings), "regenerate: bastion check-config --env-example > .env.example"
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from Settings: a new or changed setting fails here until regenerated."""
+    from pathlib import Path
+
+    from bastion.config import config_reference
+
+    docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert docs == config_reference(Settings), "regenerate: bastion check-config --markdown > docs/configuration.md"
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"setting {name} has no description"
+        assert f"| `BASTION_{name.upper()}` |" in docs
