@@ -38,7 +38,6 @@ import httpx
 import openai
 
 HERE = Path(__file__).resolve().parent
-PORT = 8000
 MODEL = "qwen2.5-7b-instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
 
@@ -48,12 +47,13 @@ def say(message: str) -> None:
 
 
 class Run:
-    def __init__(self, out: Path, simulate: bool) -> None:
+    def __init__(self, out: Path, simulate: bool, port: int) -> None:
         self.out = out
         self.simulate = simulate
         self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "simulated": simulate}
         self.work = Path(tempfile.mkdtemp(prefix="bastion-e2e-"))
-        self.base = f"http://127.0.0.1:{PORT}"
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
         self.env = self._env()
         self.key = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +95,7 @@ class Run:
         log = (self.out / "bastion.log").open("wb")
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bastion", "serve", "--port", str(PORT)], env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", "bastion", "serve", "--port", str(self.port)], env=self.env, stdout=log, stderr=log
         )
         say(f"bastion serve started (pid {self.proc.pid}); waiting for the model")
         self.results["cold_start_s"] = round(self.wait_ready(started, 900), 1)
@@ -321,10 +321,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="bastion + vLLM end to end (see module docstring)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bastion-e2e")))
     parser.add_argument("--simulate", action="store_true", help="use the simulator instead of vLLM (no GPU)")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's port")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: overhead,kill,drain")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Run(args.out, args.simulate)
+    run = Run(args.out, args.simulate, args.port)
     skip = set(filter(None, args.skip.split(",")))
     try:
         run.start()

@@ -1,0 +1,48 @@
+"""The GPU end-to-end driver (bench/gpu_e2e.py): on real vLLM where a GPU is, on the simulator here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import free_port
+
+DRIVER = Path(__file__).parents[2] / "bench" / "gpu_e2e.py"
+
+
+def _run(out: Path, *args: str, timeout: float) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    subprocess.run([sys.executable, str(DRIVER), "--out", str(out), *args], env=env, check=True, timeout=timeout)
+    return json.loads((out / "results.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_driver_against_the_simulator(tmp_path: Path) -> None:
+    """Keeps the GPU script working between GPU sessions: every step, the simulator as vLLM."""
+    results = _run(tmp_path, "--simulate", "--skip", "overhead", "--port", str(free_port()), timeout=120)
+    functional = results["functional"]
+    assert isinstance(functional, dict)
+    assert functional["curl_stream_done"] and functional["wrong_key"] == "401"
+    assert functional["key_in_any_argv"] == [] and functional["key_in_log"] is False
+    assert results["disconnect"]["running_after"] == 0  # type: ignore[index]
+    assert results["engine_kill"]["restarts"] == 1  # type: ignore[index]
+    assert results["sigterm"]["stream_completed"] is True  # type: ignore[index]
+
+
+gpu_present = shutil.which("nvidia-smi") is not None and bool(
+    os.environ.get("VLLM_PYTHONPATH") or importlib.util.find_spec("vllm")
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_present, reason="needs an NVIDIA GPU and vLLM (see bench/gpu_e2e.sh)")
+def test_real_vllm_end_to_end(tmp_path: Path) -> None:
+    results = _run(tmp_path, timeout=1500)
+    assert results["tokens_per_s_ratio_c64"] >= 0.98  # type: ignore[operator]
+    assert results["sigterm"]["gpu_memory_used_mib"] in ("0", "")  # type: ignore[index]
