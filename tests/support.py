@@ -21,6 +21,24 @@ PYTHON = sys.executable
 # The bootstrap key every test gateway accepts (BASTION_API_KEYS), unless a test passes its own.
 TEST_KEY = "bst-test_" + "k" * 43
 AUTH = {"authorization": f"Bearer {TEST_KEY}"}
+# What one audit log line holds: the contract with log pipelines, checked by unit and integration tests.
+AUDIT_FIELDS = {
+    "time",
+    "request_id",
+    "principal",
+    "client_ip",
+    "method",
+    "path",
+    "model",
+    "stream",
+    "status",
+    "outcome",
+    "reason",
+    "latency_ms",
+    "ttft_ms",
+    "prompt_tokens",
+    "completion_tokens",
+}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

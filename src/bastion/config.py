@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -345,15 +346,18 @@ def env_example(settings_cls: type[BaseSettings]) -> str:
     ]
     for name, field in settings_cls.model_fields.items():
         lines.extend(f"# {line}" for line in textwrap.wrap(field.description or "", 100))
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            shown = json.dumps(default)
-        elif isinstance(default, SecretStr) or default is None:
-            shown = ""
-        else:
-            shown = str(getattr(default, "value", default))
-        lines.extend((f"# {prefix}{name.upper()}={shown}", ""))
+        lines.extend((f"# {prefix}{name.upper()}={_default_text(field) or ''}", ""))
     return "\n".join(lines)
+
+
+def _default_text(field: FieldInfo) -> str | None:
+    """A field's default as it is written in the environment (JSON for lists), or None if unset."""
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list | dict):
+        return json.dumps(default)
+    if default is None or default == "" or isinstance(default, SecretStr):
+        return None
+    return str(getattr(default, "value", default))
 
 
 def _is_secret(annotation: Any) -> bool:
@@ -381,13 +385,8 @@ def config_reference(settings_cls: type[BaseSettings]) -> str:
         "|---|---|---|",
     ]
     for name, field in settings_cls.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, list | dict):
-            shown = f"`{json.dumps(default)}`"
-        elif default is None or default == "":
-            shown = "(unset)"
-        else:
-            shown = f"`{getattr(default, 'value', default)}`"
+        default = _default_text(field)
+        shown = "(unset)" if default is None else f"`{default}`"
         description = (field.description or "").replace("|", "\\|")
         if _is_secret(field.annotation):
             description = f"**secret.** {description}"

@@ -11,30 +11,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import AUTH, TEST_KEY, Proc, free_port, gateway, simulator
+from tests.support import AUDIT_FIELDS, AUTH, TEST_KEY, Proc, free_port, gateway, simulator
 
 UPSTREAM_KEY = "internal-upstream-key-7f3a9c"
 SCRAPE_TOKEN = "scrape-token-5be21d8e"
 CLIENT_TOKEN = TEST_KEY  # the key tests.support.gateway() admits
 PROMPT = "zebra quokka marmalade"
 MODEL = "qwen2.5-7b-instruct"
-AUDIT_FIELDS = {
-    "time",
-    "request_id",
-    "principal",
-    "client_ip",
-    "method",
-    "path",
-    "model",
-    "stream",
-    "status",
-    "outcome",
-    "reason",
-    "latency_ms",
-    "ttft_ms",
-    "prompt_tokens",
-    "completion_tokens",
-}
 
 
 @pytest.fixture

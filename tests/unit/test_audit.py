@@ -9,24 +9,7 @@ import pytest
 from bastion.audit import LOGGER_NAME, audit_log
 from bastion.exchange import Exchange
 from bastion.usage import Usage
-
-FIELDS = {
-    "time",
-    "request_id",
-    "principal",
-    "client_ip",
-    "method",
-    "path",
-    "model",
-    "stream",
-    "status",
-    "outcome",
-    "reason",
-    "latency_ms",
-    "ttft_ms",
-    "prompt_tokens",
-    "completion_tokens",
-}
+from tests.support import AUDIT_FIELDS
 
 
 def _exchange(**fields: object) -> Exchange:
@@ -56,7 +39,7 @@ def test_one_json_line_with_every_field(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)
-    assert set(first) == FIELDS
+    assert set(first) == AUDIT_FIELDS
     assert first["principal"] == "team-a" and first["client_ip"] == "10.0.0.7" and first["stream"] is True
     assert first["latency_ms"] == 500.0 and first["ttft_ms"] == 12.3
     assert (first["prompt_tokens"], first["completion_tokens"]) == (3, 9)
