@@ -32,7 +32,7 @@ from .limits import RateLimiter, RateLimitMiddleware
 from .metrics import Metrics
 from .metrics_http import metrics_routes
 from .proxy import Proxy
-from .upstream.client import UpstreamClient
+from .upstream.client import HTTP_FAILURES, UpstreamClient
 from .upstream.state import Phase, Upstream
 from .upstream.supervisor import supervised_upstream
 
@@ -175,7 +175,7 @@ def create_app(
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:
     try:
         response = await client.get(url, timeout=2.0)
-    except httpx.HTTPError:
+    except HTTP_FAILURES:
         return False
     return response.status_code == 200
 

@@ -21,6 +21,10 @@ class ClientGone(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """The client did not send its whole body within the allowed time."""
+
+
 def header(scope: Scope, name: bytes) -> bytes | None:
     """First value of a request header (name in lower case)."""
     for key, value in scope["headers"]:
@@ -29,13 +33,25 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(receive: Receive, limit: int, declared: bytes | None = None) -> bytes:
-    """Read the whole request body, refusing more than `limit` bytes.
+async def read_body(receive: Receive, limit: int, declared: bytes | None = None, seconds: float | None = None) -> bytes:
+    """Read the whole request body, refusing more than `limit` bytes or taking over `seconds`.
 
-    A Content-Length above the limit is refused before a byte is read.
+    A Content-Length above the limit is refused before a byte is read. A client that
+    trickles its body (a slow-upload attack) gets `BodyTimeout` instead of pinning the
+    request, and whatever it holds (a concurrency slot), forever.
     """
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    if seconds is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(settings: Settings) -> int:
     from .app import create_app
+    from .server import server_config
 
     reason = vllm_unavailable(settings)
     if reason:
@@ -143,18 +144,7 @@ def _serve(settings: Settings) -> int:
     except ValueError as exc:  # e.g. an audit log path that cannot be opened
         print(f"bastion: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        log_level=settings.log_level,
-        lifespan="on",
-        proxy_headers=False,  # client IPs are resolved by bastion's own trusted-proxy rules
-        server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-    )
+    config = server_config(app, settings)
     uvicorn.Server(config).run()
     return 0
 

@@ -153,6 +153,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)."
     )
+    client_header_timeout: Seconds = Field(
+        10.0,
+        description="Seconds a client may take to send a request's headers (from connecting, or from the end of "
+        "its previous response); slower connections are closed (slowloris).",
+    )
+    client_body_timeout: Seconds = Field(
+        60.0,
+        description="Seconds a client may take to send a whole request body; slower uploads get 408 and "
+        "give their concurrency slot back.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request head (request line and headers) in bytes (431/400 above)."
+    )
     passthrough_methods: list[str] = Field(
         default_factory=lambda: ["GET", "POST"],
         description="HTTP methods forwarded on /v1/*; anything else gets 405. JSON list.",

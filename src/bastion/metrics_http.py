@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .errors import GatewayError, send_error
 from .metrics import Metrics
+from .upstream.client import HTTP_FAILURES
 from .upstream.state import Phase, Upstream
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -128,7 +129,7 @@ class UpstreamMetricsEndpoint(_Protected):
             response = await self._client.get(
                 self._upstream.base_url + "/metrics", headers=headers, timeout=_UPSTREAM_METRICS_TIMEOUT
             )
-        except httpx.HTTPError:
+        except HTTP_FAILURES:
             await send_error(send, GatewayError(502, "The model server's metrics could not be read."))
             return
         if response.status_code != 200:

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from .asgi import BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+from .asgi import BodyTimeout, BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .config import Settings
@@ -56,6 +56,7 @@ class Proxy:
         self._client = client
         self._methods = frozenset(m.upper() for m in settings.passthrough_methods)
         self._max_body = settings.max_body_bytes
+        self._body_timeout = settings.client_body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange: Exchange = scope["bastion.exchange"]
@@ -77,9 +78,11 @@ class Proxy:
         if not self._upstream.accepting:
             raise self._upstream.not_ready_error()
         try:
-            body = await read_body(receive, self._max_body, header(scope, b"content-length"))
+            body = await read_body(receive, self._max_body, header(scope, b"content-length"), self._body_timeout)
         except BodyTooLarge:
             raise GatewayError(413, f"The request body exceeds {self._max_body} bytes.") from None
+        except BodyTimeout:
+            raise GatewayError(408, "The request body was not received in time.") from None
         except ClientGone:
             exchange.outcome = "client_disconnect"
             return

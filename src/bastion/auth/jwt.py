@@ -155,7 +155,9 @@ class JWTVerifier:
             )
         except ExpiredSignatureError:
             raise AuthFailure("expired") from None
-        except JOSEError:
+        except (JOSEError, TypeError, ValueError, OverflowError):
+            # python-jose checks claim types loosely: `"exp": null` in a correctly signed token raises
+            # TypeError from int(None), which would otherwise escape as a 500.
             raise AuthFailure("invalid_token") from None
         return self._principal(claims)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from ..asgi import ASGIApp, Receive, Scope, Send, header
+from ..asgi import ASGIApp, Receive, Scope, Send
 from ..config import Settings
 from ..errors import GatewayError, send_error
 from ..exchange import Exchange
@@ -159,7 +159,14 @@ class AuthMiddleware:
 
 
 def _bearer(scope: Scope) -> str:
-    raw = header(scope, b"authorization")
+    raw: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if raw is not None:
+                # Two credentials are ambiguous (which one would a proxy in front, or the upstream, read?):
+                # refuse rather than pick one.
+                raise AuthFailure("invalid_api_key")
+            raw = value
     if raw is None:
         raise AuthFailure("missing_credentials")
     scheme, _, token = raw.strip().partition(b" ")

@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from ..asgi import ASGIApp, BodyTooLarge, ClientGone, Receive, Scope, Send, read_body
+from ..asgi import ASGIApp, BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, read_body
 from ..config import Settings
 from ..errors import GatewayError, send_error
 from ..exchange import Exchange
@@ -39,6 +39,7 @@ class TokenEndpoint:
         self._issuer = settings.jwt_issuer
         self._models_claim = settings.jwt_models_claim
         self._limits_claim = settings.jwt_limits_claim
+        self._body_timeout = settings.client_body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] != PATH:
@@ -46,12 +47,18 @@ class TokenEndpoint:
             return
         exchange: Exchange = scope["bastion.exchange"]
         try:
-            body = self._issue(scope[PRINCIPAL], scope["method"], await read_body(receive, _MAX_BODY))
+            try:
+                raw = await read_body(receive, _MAX_BODY, seconds=self._body_timeout)
+            except BodyTooLarge:
+                raise GatewayError(413, f"The request body exceeds {_MAX_BODY} bytes.") from None
+            except BodyTimeout:
+                raise GatewayError(408, "The request body was not received in time.") from None
+            body = self._issue(scope[PRINCIPAL], scope["method"], raw)
         except GatewayError as error:
             exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", error.code or ""
             await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
             return
-        except (BodyTooLarge, ClientGone):
+        except ClientGone:
             exchange.outcome = "client_disconnect"
             return
         exchange.status = 200

@@ -20,6 +20,11 @@ from httpx_aiohttp import AiohttpTransport
 from ..config import Settings
 from ..errors import GatewayError
 
+# What a probe or side request through `UpstreamClient.http` can raise when the upstream misbehaves:
+# httpx-aiohttp maps most aiohttp errors to httpx's, but not all (a response that is not HTTP comes
+# through as aiohttp's ClientResponseError), so catch both families.
+HTTP_FAILURES: tuple[type[BaseException], ...] = (httpx.HTTPError, aiohttp.ClientError, TimeoutError, OSError)
+
 
 class UpstreamClient:
     """Owns the session; an async context manager closed at shutdown.
@@ -68,10 +73,23 @@ class UpstreamClient:
         return self._session
 
     async def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> aiohttp.ClientResponse:
-        """Send a request and return once the response headers are in; the body is read by the caller."""
-        return await self.session.request(
-            method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
-        )
+        """Send a request and return once the response headers are in; the body is read by the caller.
+
+        A pooled keep-alive connection that the upstream has closed in the meantime fails before
+        anything was answered (aiohttp: "Can not write request body" / "Server disconnected");
+        aiohttp retries that only for idempotent methods, so a POST is sent once more here, on
+        another connection. A refused connection is not retried.
+        """
+        try:
+            return await self.session.request(
+                method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await self.session.request(
+                method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
+            )
 
     async def __aenter__(self) -> UpstreamClient:
         return self

@@ -30,6 +30,7 @@ import httpx
 
 from ..config import Settings
 from ..logs import redact_value
+from .client import HTTP_FAILURES
 from .state import Phase, Upstream
 from .vllm import child_command
 
@@ -278,7 +279,7 @@ class Supervisor:
     async def _healthy(self, url: str) -> bool:
         try:
             response = await self._client.get(url, timeout=self._settings.health_timeout)
-        except httpx.HTTPError:
+        except HTTP_FAILURES:
             return False
         return response.status_code == 200
 

@@ -1,0 +1,149 @@
+"""uvicorn, with the bounds on slow and oversized request heads that it lacks.
+
+uvicorn arms its keep-alive timer only after a response: a fresh connection that
+sends nothing, or sends its headers one byte at a time (slowloris), is kept
+forever, and httptools buffers a request head of any size. `guarded_protocol`
+returns uvicorn's httptools protocol with two bounds added:
+
+- a head timeout, armed when a connection opens and again when a response ends
+  (waiting for the next request), disarmed when the headers are complete: a
+  connection whose head is not in within it is closed (408 if it sent anything);
+- a head size limit: a head past `max_header_bytes` gets 431 and is closed, whether
+  it is still incomplete (counted as received) or parsed (counted per header).
+
+The body is bounded separately, by `client_body_timeout` in `asgi.read_body`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .asgi import ASGIApp
+from .config import Settings
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing and uvicorn calls `send_400_response`."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    header_timeout = 10.0
+    max_header_bytes = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._awaiting_head = False
+        self._received = 0  # bytes received while the head was incomplete
+        self._head_size = 0  # bytes of the current head, as parsed
+
+    # --- the head timer -------------------------------------------------------------
+    def _await_head(self) -> None:
+        self._cancel_head_timer()
+        self._awaiting_head = True
+        self._received = self._head_size = 0
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head and not self.transport.is_closing():
+            if self._received:
+                self._reject(b"408 Request Timeout", b"Request headers not received in time.")
+            else:
+                self.transport.close()
+
+    def _reject(self, status: bytes, message: bytes) -> None:
+        self.transport.write(
+            b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, len(message), message)
+        )
+        self.transport.close()
+
+    # --- uvicorn's hooks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        awaiting = self._awaiting_head
+        if awaiting:
+            self._received += len(data)
+        super().data_received(data)
+        if (
+            awaiting
+            and self._awaiting_head
+            and self._received > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._reject(b"431 Request Header Fields Too Large", b"Request headers too large.")
+
+    def on_message_begin(self) -> None:
+        self._head_size = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._grow_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_size > self.max_header_bytes:
+            self._reject(b"431 Request Header Fields Too Large", b"Request headers too large.")
+        else:
+            super().send_400_response(msg)
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.max_header_bytes:
+            raise HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
+            self._await_head()
+
+
+def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with these bounds (uvicorn instantiates it per connection)."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes},
+    )
+
+
+def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.client_header_timeout, settings.max_header_bytes),
+        log_config=None,
+        access_log=False,
+        log_level=settings.log_level,
+        lifespan="on",
+        proxy_headers=False,  # client IPs are resolved by bastion's own trusted-proxy rules
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )

@@ -1,0 +1,139 @@
+"""Slow and oversized clients do not pin the gateway: raw sockets against a real process.
+
+uvicorn alone keeps a connection that sends its headers one byte at a time forever
+and buffers a request head of any size; bastion bounds both (server.py) and the
+time a body upload may take (asgi.read_body), and keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support import AUTH, TEST_KEY, gateway
+
+UNLIMITED = {"BASTION_RATE_LIMIT_RPM": "0", "BASTION_RATE_LIMIT_TPM": "0"}
+CHAT = b'{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
+
+
+@pytest.fixture(scope="module")
+def strict(sim: str) -> Iterator[str]:
+    env = {
+        **UNLIMITED,
+        "BASTION_RATE_LIMIT_MAX_CONCURRENT": "1",  # a pinned request would hold the key's only slot
+        "BASTION_CLIENT_HEADER_TIMEOUT": "1",
+        "BASTION_CLIENT_BODY_TIMEOUT": "1",
+        "BASTION_MAX_HEADER_BYTES": "8192",
+    }
+    with gateway("--upstream-url", sim, env=env) as (_, base):
+        yield base
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return sock
+
+
+def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything until the server closes the connection (bounded)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    started = time.monotonic()
+    try:
+        data = read_all(sock, seconds)
+    except TimeoutError:
+        return False, b""
+    return time.monotonic() - started <= seconds, data
+
+
+def served(base: str) -> int:
+    return httpx.post(base + "/v1/chat/completions", content=CHAT, headers=AUTH, timeout=5).status_code
+
+
+def test_idle_and_slowloris_connections_are_closed_while_others_are_served(strict: str) -> None:
+    idle = [connect(strict) for _ in range(5)]
+    slow = [connect(strict) for _ in range(20)]
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: "
+    started = time.monotonic()
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        closed: set[int] = set()
+        while time.monotonic() - started < 4 and len(closed) < len(slow):
+            for i, sock in enumerate(slow):  # one more byte each 0.2 s: never a complete head
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    closed.add(i)
+            assert served(strict) == 200, "others are served meanwhile"
+            time.sleep(0.2)
+        assert len(closed) == len(slow), "every slowloris connection was closed"
+        assert time.monotonic() - started < 3.5
+        for sock in idle:
+            ok, data = closed_within(sock, 2.0)
+            assert ok and data == b"", "an idle connection is closed silently"
+    finally:
+        for sock in idle + slow:
+            sock.close()
+
+
+def test_slowloris_gets_408_after_a_keep_alive_response_too(strict: str) -> None:
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b'{"status":"ok"}'):
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # the next head, never finished
+        ok, data = closed_within(sock, 3.0)
+        assert ok and data.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_oversized_head_is_refused(strict: str, complete: bool) -> None:
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        with contextlib.suppress(OSError):
+            if complete:  # many headers, the whole head in one write
+                sock.sendall(b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 500) for i in range(40)) + b"\r\n")
+            else:  # one endless header value, a KiB at a time
+                sock.sendall(b"x-big: ")
+                for _ in range(64):
+                    sock.sendall(b"b" * 1024)
+        ok, data = closed_within(sock, 3.0)
+    assert ok
+    assert data.startswith(b"HTTP/1.1 431"), data[:80]
+    assert served(strict) == 200
+
+
+def test_slow_body_gets_408_and_gives_its_slot_back(strict: str) -> None:
+    with connect(strict) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (TEST_KEY.encode(), len(CHAT), CHAT[:10])
+        )
+        time.sleep(0.3)
+        assert served(strict) == 429, "the upload holds the key's only concurrency slot"
+        started = time.monotonic()
+        data = read_all(sock, 5.0)
+        assert time.monotonic() - started < 2.0
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in body and b'"type":"invalid_request_error"' in body
+    assert served(strict) == 200, "the slot was given back"
