@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # binary:debian-package pairs the tests need; installed with apt-get when missing and running as root
 SYSDEPS := curl:curl prometheus:prometheus promtool:prometheus redis-server:redis-server nginx:nginx systemd-analyze:systemd docker-compose:docker-compose
 
-.PHONY: demo test lint sysdeps clean
+.PHONY: demo test lint sysdeps clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(VENV)/.installed
 
 test: sysdeps $(VENV)/.installed lint
 	$(BIN)/pytest
+
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || $(MAKE) sysdeps SYSDEPS=wrk:wrk
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
