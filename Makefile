@@ -31,8 +31,8 @@ demo: $(VENV)/.installed
 	    --upstream-command '{python} -m bastion simulate --host {host} --port {port} --itl 0.02'
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 test: sysdeps $(VENV)/.installed lint

@@ -19,7 +19,7 @@ from bastion.auth.middleware import Auth
 from bastion.config import Settings
 
 N = 50_000
-SECRET = "bench-jwt-secret-0123456789abcdef"  # noqa: S105
+SECRET = "bench-jwt-secret-0123456789abcdef"
 
 
 async def _noop(scope: Any, receive: Any, send: Any) -> None:

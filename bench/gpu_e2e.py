@@ -163,7 +163,7 @@ class Run:
         lines = audit.read_text().splitlines() if audit.exists() else []
         checks["audit_lines"] = len(lines)
         checks["audit_example"] = json.loads(lines[-1]) if lines else None
-        url, internal_key = self.internal()
+        _, internal_key = self.internal()
         leaks = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             with contextlib.suppress(OSError):

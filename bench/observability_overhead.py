@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from bastion.audit import audit_log  # noqa: E402
-from bastion.config import Settings  # noqa: E402
-from bastion.exchange import Exchange  # noqa: E402
-from bastion.metrics import Metrics  # noqa: E402
-from bastion.upstream.state import Phase, Upstream  # noqa: E402
-from bastion.usage import Usage  # noqa: E402
+from bastion.audit import audit_log
+from bastion.config import Settings
+from bastion.exchange import Exchange
+from bastion.metrics import Metrics
+from bastion.upstream.state import Phase, Upstream
+from bastion.usage import Usage
 
 
 def filled() -> Exchange:
@@ -74,7 +74,8 @@ async def load(url: str, n: int, concurrency: int = 8) -> None:
 
 
 def gateway(n: int) -> None:
-    from tests.support import gateway as gw, simulator
+    from tests.support import gateway as gw
+    from tests.support import simulator
 
     on = {"BASTION_AUDIT_LOG": "/dev/null"}
     off = {"BASTION_METRICS_ENABLED": "false", "BASTION_AUDIT_LOG": "off"}
