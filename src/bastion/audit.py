@@ -3,7 +3,8 @@
 Who (principal, client IP), what (method, path, model, stream), how it ended
 (status, outcome, reason), how long (latency, TTFT) and how much (tokens). It is
 built only from the `Exchange`, which never holds a credential or prompt text;
-the redacting filter from `logs` sits on the handler as well, as a second guard.
+the fields a client chooses (request id, path, model) still pass through the
+redacting filter from `logs`, in case a client put a key there.
 The logger `bastion.audit` does not propagate, so audit lines never mix with the
 human-readable log, and with `BASTION_AUDIT_LOG=off` no listener exists at all.
 """
@@ -28,10 +29,11 @@ _MAX_FIELD = 256
 class AuditLog:
     """The listener: formats and emits the line for one finished exchange."""
 
-    __slots__ = ("_enabled", "_handle")
+    __slots__ = ("_enabled", "_handle", "_redact")
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, redactor: RedactingFilter) -> None:
         self._enabled = logger.isEnabledFor
+        self._redact = redactor.redact
         # `logger.handle` with a ready record: `logger.info` would walk the stack for the caller's
         # file and line (findCaller), which an audit line does not need.
         self._handle = logger.handle
@@ -44,12 +46,12 @@ class AuditLog:
         latency, ttft = exchange.latency, exchange.ttft
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-            "request_id": exchange.request_id,
+            "request_id": self._redact(exchange.request_id),
             "principal": exchange.principal,
             "client_ip": exchange.client_ip,
             "method": exchange.method,
-            "path": exchange.path[:_MAX_FIELD],
-            "model": exchange.model[:_MAX_FIELD],
+            "path": self._redact(exchange.path[:_MAX_FIELD]),
+            "model": self._redact(exchange.model[:_MAX_FIELD]),
             "stream": exchange.stream,
             "status": exchange.status,
             "outcome": exchange.outcome,
@@ -85,7 +87,6 @@ def audit_log(destination: str, secrets: Iterable[str] = ()) -> AuditLog | None:
     redactor = RedactingFilter()
     for secret in secrets:
         redactor.add_secret(secret)
-    handler.addFilter(redactor)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger(LOGGER_NAME)
     for old in logger.handlers:
@@ -93,4 +94,4 @@ def audit_log(destination: str, secrets: Iterable[str] = ()) -> AuditLog | None:
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.INFO)
-    return AuditLog(logger)
+    return AuditLog(logger, redactor)

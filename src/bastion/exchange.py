@@ -48,3 +48,6 @@ class Exchange:
 
 
 Listener = Callable[[Exchange], None]
+
+# Scope key: headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
+RESPONSE_HEADERS = "bastion.response_headers"

@@ -21,7 +21,7 @@ from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .config import Settings
 from .errors import GatewayError, send_error
-from .exchange import Exchange
+from .exchange import RESPONSE_HEADERS, Exchange
 from .upstream.client import UpstreamClient, upstream_failure
 from .upstream.state import Upstream
 from .usage import StreamTap, find_usage
@@ -67,7 +67,7 @@ class Proxy:
             if exchange.outcome == "ok":
                 exchange.outcome = "upstream_error" if error.status in (502, 504) else "rejected"
                 exchange.reason = exchange.reason or str(error.payload()["error"]["code"])
-            await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
+            await send_error(send, error, _our_headers(scope, exchange))
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         if scope["method"] not in self._methods:
@@ -97,6 +97,7 @@ class Proxy:
         url = self._upstream.base_url + raw_path.decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        ours = _our_headers(scope, exchange)
         watch = DisconnectWatch(receive)
         response: aiohttp.ClientResponse | None = None
         completed = False
@@ -108,9 +109,9 @@ class Proxy:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise upstream_failure(exc) from exc
             if restricted and scope["path"] == "/v1/models":
-                completed = await self._relay_model_list(response, send, exchange, principal)
+                completed = await self._relay_model_list(response, send, exchange, principal, ours)
             else:
-                completed = await self._relay(response, send, exchange, strip_usage, watch)
+                completed = await self._relay(response, send, exchange, strip_usage, watch, ours)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -139,6 +140,7 @@ class Proxy:
         exchange: Exchange,
         strip_usage: bool,
         watch: DisconnectWatch,
+        ours: list[tuple[bytes, bytes]],
     ) -> bool:
         """Stream the response back; True if it was read to the end."""
         headers: list[tuple[bytes, bytes]] = []
@@ -150,7 +152,7 @@ class Proxy:
             if lname == b"content-type" and value.startswith(_SSE):
                 is_sse = True
             headers.append((lname, value))
-        headers.append((b"x-request-id", exchange.request_id.encode()))
+        headers += ours
         tap: StreamTap | None = None
         if is_sse:
             tap = StreamTap(strip_usage=strip_usage)
@@ -185,7 +187,12 @@ class Proxy:
         return True
 
     async def _relay_model_list(
-        self, response: aiohttp.ClientResponse, send: Send, exchange: Exchange, principal: Principal | None
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        exchange: Exchange,
+        principal: Principal | None,
+        ours: list[tuple[bytes, bytes]],
     ) -> bool:
         """`GET /v1/models` for a principal with a model allowlist: only the models it may use.
 
@@ -199,7 +206,7 @@ class Proxy:
             body = filter_model_list(body, principal)
         drop = _DROP_RESPONSE | {b"content-length", b"content-encoding"}
         headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in drop]
-        headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", exchange.request_id.encode())]
+        headers += [(b"content-length", str(len(body)).encode()), *ours]
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -213,6 +220,12 @@ class Proxy:
         body = tap.flush() + b"data: " + event + b"\n\n"
         watch.finish()
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _our_headers(scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+    """What the gateway adds to every response: the request id, and the x-ratelimit-* headers the
+    limiter left in the scope (so no stage has to wrap `send` for every chunk)."""
+    return [(b"x-request-id", exchange.request_id.encode()), *scope.get(RESPONSE_HEADERS, ())]
 
 
 def _safe_path(path: str, raw_path: bytes) -> bool:

@@ -8,9 +8,9 @@ Before: admit or refuse (429/503 answered here, nothing forwarded). During: the
 
 from __future__ import annotations
 
-from ..asgi import ASGIApp, Message, Receive, Scope, Send, header
+from ..asgi import ASGIApp, Receive, Scope, Send, header
 from ..errors import send_error
-from ..exchange import Exchange
+from ..exchange import RESPONSE_HEADERS, Exchange
 from .limiter import Admission, RateLimited, RateLimiter
 
 # A prompt's tokens are estimated from the request body at this many bytes per token
@@ -33,11 +33,10 @@ class RateLimitMiddleware:
             exchange.reason = refusal.reason
             await send_error(send, refusal, [(b"x-request-id", exchange.request_id.encode())])
             return
+        if admission.headers:
+            scope[RESPONSE_HEADERS] = admission.headers  # the proxy adds them to its response
         try:
-            if admission.headers:
-                await self.app(scope, receive, _with_headers(send, admission.headers))
-            else:
-                await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
         finally:
             await self._finish(admission, exchange, scope)
 
@@ -47,15 +46,6 @@ class RateLimitMiddleware:
             await self.limiter.release(admission)
         finally:
             await self.limiter.charge(admission, tokens)
-
-
-def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), *headers]
-        await send(message)
-
-    return send_with_headers
 
 
 def tokens_used(exchange: Exchange, scope: Scope) -> int:
