@@ -32,7 +32,7 @@ from .limits import RateLimiter, RateLimitMiddleware
 from .metrics import Metrics
 from .metrics_http import metrics_routes
 from .proxy import Proxy
-from .upstream.client import HTTP_FAILURES, UpstreamClient
+from .upstream.client import UpstreamClient, answers_health
 from .upstream.state import Phase, Upstream
 from .upstream.supervisor import supervised_upstream
 
@@ -173,11 +173,7 @@ def create_app(
 
 
 async def _probe(client: httpx.AsyncClient, url: str) -> bool:
-    try:
-        response = await client.get(url, timeout=2.0)
-    except HTTP_FAILURES:
-        return False
-    return response.status_code == 200
+    return await answers_health(client, url, seconds=2.0)
 
 
 def _request_id(scope: Scope) -> str:

@@ -102,6 +102,15 @@ class UpstreamClient:
             await self._session.close()
 
 
+async def answers_health(client: httpx.AsyncClient, url: str, seconds: float) -> bool:
+    """Does the upstream's health endpoint answer 200 within `seconds`? Any failure is a no."""
+    try:
+        response = await client.get(url, timeout=seconds)
+    except HTTP_FAILURES:
+        return False
+    return response.status_code == 200
+
+
 def upstream_failure(exc: BaseException) -> GatewayError:
     """Map a failure talking to the upstream to the status the client sees (502 or 504).
 

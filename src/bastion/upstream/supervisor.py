@@ -30,7 +30,7 @@ import httpx
 
 from ..config import Settings
 from ..logs import redact_value
-from .client import HTTP_FAILURES
+from .client import answers_health
 from .state import Phase, Upstream
 from .vllm import child_command
 
@@ -277,11 +277,7 @@ class Supervisor:
         self._events.put_nowait(Event("unhealthy", pid, f"{failures} health probes failed"))
 
     async def _healthy(self, url: str) -> bool:
-        try:
-            response = await self._client.get(url, timeout=self._settings.health_timeout)
-        except HTTP_FAILURES:
-            return False
-        return response.status_code == 200
+        return await answers_health(self._client, url, self._settings.health_timeout)
 
 
 def _describe_exit(code: int | None) -> str:
