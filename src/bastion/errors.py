@@ -51,14 +51,24 @@ class GatewayError(Exception):
         self.param = param
         self.headers = list(headers)
 
+    @property
+    def resolved_code(self) -> str:
+        """The code clients see: the one given, or the status's default."""
+        return self.code or _kind(self.status)[1]
+
     def payload(self) -> dict[str, dict[str, str | None]]:
         return error_payload(self.status, self.message, code=self.code, param=self.param)
+
+
+def _kind(status: int) -> tuple[str, str]:
+    """(type, default code) for a status the gateway answers itself."""
+    return _KINDS.get(status, ("server_error", "error"))
 
 
 def error_payload(
     status: int, message: str, *, code: str | None = None, param: str | None = None
 ) -> dict[str, dict[str, str | None]]:
-    kind, default_code = _KINDS.get(status, ("server_error", "error"))
+    kind, default_code = _kind(status)
     return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
 
 

@@ -66,7 +66,7 @@ class Proxy:
             exchange.status = error.status
             if exchange.outcome == "ok":
                 exchange.outcome = "upstream_error" if error.status in (502, 504) else "rejected"
-                exchange.reason = exchange.reason or str(error.payload()["error"]["code"])
+                exchange.reason = exchange.reason or error.resolved_code
             await send_error(send, error, _our_headers(scope, exchange))
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
