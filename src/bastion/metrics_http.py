@@ -25,20 +25,20 @@ import httpx
 from prometheus_client.exposition import choose_encoder
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .auth.ipfilter import IPNetwork, in_networks, parse_ip
 from .errors import GatewayError, send_error
 from .metrics import Metrics
 from .upstream.client import HTTP_FAILURES
 from .upstream.state import Phase, Upstream
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UPSTREAM_METRICS_TIMEOUT = 5.0
 
 
 class ScrapeGuard:
     """Decides whether a scrape may read metrics: token and/or peer allowlist, loopback by default."""
 
-    def __init__(self, token: str | None, allow: Sequence[Network]) -> None:
+    def __init__(self, token: str | None, allow: Sequence[IPNetwork]) -> None:
         self._token = token.encode() if token else None
         self._networks = tuple(allow) if allow else (LOOPBACK if self._token is None else ())
 
@@ -51,16 +51,10 @@ class ScrapeGuard:
         return None
 
     def _peer_allowed(self, scope: Scope) -> bool:
+        """The TCP peer only: X-Forwarded-For is never read for metrics."""
         client = scope.get("client")
-        if not client:
-            return False
-        try:
-            address = ipaddress.ip_address(client[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        address = parse_ip(client[0]) if client else None
+        return address is not None and in_networks(address, self._networks)
 
     def _token_ok(self, scope: Scope) -> bool:
         assert self._token is not None
@@ -141,7 +135,7 @@ class UpstreamMetricsEndpoint(_Protected):
 
 def metrics_routes(
     token: str | None,
-    allow: Sequence[Network],
+    allow: Sequence[IPNetwork],
     metrics: Metrics,
     upstream: Upstream,
     client: httpx.AsyncClient,
