@@ -257,7 +257,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("bastion", "uvicorn", "aiohttp", "httpx", "fastapi")},
+        "versions": {p: version(p) for p in ("bastion", "uvicorn", "httptools", "uvloop", "httpx", "fastapi")},
         "quick": args.quick,
     }
     text = table(results)

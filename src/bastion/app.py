@@ -94,11 +94,10 @@ def create_app(
     settings: Settings,
     *,
     upstream: Upstream | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
     auth = Auth(settings)
-    client = UpstreamClient(settings, transport)
+    client = UpstreamClient(settings)
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
     limiter = RateLimiter(settings)

@@ -14,8 +14,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
-
 from .asgi import BodyTimeout, BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
@@ -23,6 +21,7 @@ from .config import Settings
 from .errors import GatewayError, send_error
 from .exchange import RESPONSE_HEADERS, Exchange
 from .upstream.client import UpstreamClient, upstream_failure
+from .upstream.http1 import Response, UpstreamError
 from .upstream.state import Upstream
 from .usage import StreamTap, find_usage
 
@@ -94,19 +93,17 @@ class Proxy:
             if not principal.allows(scope["path"][len("/v1/models/") :]):
                 raise refusal("model_not_allowed")
 
-        url = self._upstream.base_url + raw_path.decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        target = raw_path + b"?" + scope["query_string"] if scope.get("query_string") else raw_path
         ours = _our_headers(scope, exchange)
         watch = DisconnectWatch(receive)
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         completed = False
         try:
             try:
                 response = await self._client.open(
-                    scope["method"], url, self._upstream_headers(scope, exchange), content
+                    scope["method"], self._upstream.base_url, target, self._upstream_headers(scope, exchange), content
                 )
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except UpstreamError as exc:
                 raise upstream_failure(exc) from exc
             if restricted and scope["path"] == "/v1/models":
                 completed = await self._relay_model_list(response, send, exchange, principal, ours)
@@ -126,16 +123,16 @@ class Proxy:
                 else:
                     response.close()
 
-    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[str, str]]:
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _DROP_REQUEST]
-        headers.append(("x-request-id", exchange.request_id))
+    def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        headers.append((b"x-request-id", exchange.request_id.encode()))
         if self._upstream.api_key:
-            headers.append(("authorization", "Bearer " + self._upstream.api_key))
+            headers.append((b"authorization", b"Bearer " + self._upstream.api_key.encode()))
         return headers
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         send: Send,
         exchange: Exchange,
         strip_usage: bool,
@@ -145,13 +142,12 @@ class Proxy:
         """Stream the response back; True if it was read to the end."""
         headers: list[tuple[bytes, bytes]] = []
         is_sse = False
-        for name, value in response.raw_headers:
-            lname = name.lower()
-            if lname in _DROP_RESPONSE:
+        for name, value in response.headers:
+            if name in _DROP_RESPONSE:
                 continue
-            if lname == b"content-type" and value.startswith(_SSE):
+            if name == b"content-type" and value.startswith(_SSE):
                 is_sse = True
-            headers.append((lname, value))
+            headers.append((name, value))
         headers += ours
         tap: StreamTap | None = None
         if is_sse:
@@ -163,7 +159,7 @@ class Proxy:
 
         previous = last = b""
         try:
-            async for chunk in response.content.iter_any():
+            while chunk := await response.read_some():
                 if exchange.first_byte is None:
                     exchange.first_byte = time.perf_counter()
                 if tap is not None:
@@ -174,7 +170,7 @@ class Proxy:
                 else:
                     previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             exchange.outcome, exchange.reason = "upstream_error", "midstream"
             if tap is None:
                 raise UpstreamBroke("upstream failed mid-response") from exc
@@ -188,7 +184,7 @@ class Proxy:
 
     async def _relay_model_list(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         send: Send,
         exchange: Exchange,
         principal: Principal | None,
@@ -200,12 +196,12 @@ class Proxy:
         """
         try:
             body = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             raise upstream_failure(exc) from exc
         if response.status == 200 and principal is not None:
             body = filter_model_list(body, principal)
         drop = _DROP_RESPONSE | {b"content-length", b"content-encoding"}
-        headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in drop]
+        headers = [(k, v) for k, v in response.headers if k not in drop]
         headers += [(b"content-length", str(len(body)).encode()), *ours]
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})

@@ -1,49 +1,47 @@
 """The one connection pool to the upstream, and the mapping of its failures to statuses.
 
-One aiohttp session holds the pool. The hot path (`Proxy`) calls it directly;
-everything else (health probes, /ready, metrics passthrough) uses httpx's API on
-top of the same session through httpx-aiohttp. Measured on the 2-core reference
-machine, CPU per proxied request on the client side: httpx.AsyncClient over its
-native pool ~2-3 ms, httpx.AsyncClient over aiohttp 440 µs, an httpx.Request sent
-straight to the aiohttp transport 290 µs, aiohttp itself 168 µs
-(docs/architecture.md). The hot path cannot afford the difference.
+The hot path (`Proxy`) calls `UpstreamClient.open`, which sends on the lean
+HTTP/1.1 pool in `http1`; everything else (health probes, /ready, the metrics
+passthrough) uses httpx's API on top of the same pool (`transport.PoolTransport`).
+Measured on the 2-core reference machine, CPU per proxied request on the client
+side: httpx.AsyncClient over its native pool ~2-3 ms, over httpx-aiohttp 440 µs,
+aiohttp itself 168 µs in isolation and ~110 µs inside the running gateway, this
+pool ~25 µs (docs/architecture.md). The hot path cannot afford the difference.
 """
 
 from __future__ import annotations
 
 from types import TracebackType
+from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from ..config import Settings
 from ..errors import GatewayError
+from . import http1
+from .http1 import Headers, Pool, Response, Timeouts
+from .transport import PoolTransport
 
-# What a probe or side request through `UpstreamClient.http` can raise when the upstream misbehaves:
-# httpx-aiohttp maps most aiohttp errors to httpx's, but not all (a response that is not HTTP comes
-# through as aiohttp's ClientResponseError), so catch both families.
-HTTP_FAILURES: tuple[type[BaseException], ...] = (httpx.HTTPError, aiohttp.ClientError, TimeoutError, OSError)
+# What a probe or side request through `UpstreamClient.http` can raise when the upstream misbehaves.
+HTTP_FAILURES: tuple[type[BaseException], ...] = (httpx.HTTPError, http1.UpstreamError, TimeoutError, OSError)
 
 
 class UpstreamClient:
-    """Owns the session; an async context manager closed at shutdown.
+    """Owns the pools (one per upstream origin); an async context manager closed at shutdown."""
 
-    Timeouts are explicit: the read timeout bounds the silence between two reads,
-    not the whole response, so a long generation is never cut while tokens flow.
-    """
-
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.upstream_pool_timeout,  # waiting for a pooled connection, connecting included
-            sock_connect=settings.upstream_connect_timeout,
-            sock_read=settings.upstream_read_timeout,
+    def __init__(self, settings: Settings) -> None:
+        self.timeouts = Timeouts(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=settings.upstream_write_timeout,
+            pool=settings.upstream_pool_timeout,
         )
+        self._max_connections = settings.upstream_max_connections
+        self._keepalive_expiry = settings.upstream_keepalive_expiry
+        self._pools: dict[tuple[str, str, int], Pool] = {}
+        self._bases: dict[str, tuple[Pool, bytes]] = {}  # base URL -> its pool and path prefix
         self.http = httpx.AsyncClient(
-            transport=transport or AiohttpTransport(client=self._get_session),
+            transport=PoolTransport(self),
             timeout=httpx.Timeout(
                 connect=settings.upstream_connect_timeout,
                 read=settings.upstream_read_timeout,
@@ -53,43 +51,35 @@ class UpstreamClient:
             trust_env=False,
         )
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        return self._session or self._get_session()
+    def pool(self, scheme: str, host: str, port: int) -> Pool:
+        """The pool for an origin, created on first use (inside the running event loop)."""
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            if scheme not in ("http", "https"):
+                raise ValueError(f"unsupported upstream scheme {scheme!r}")
+            pool = self._pools[key] = Pool(
+                host,
+                port,
+                tls=scheme == "https",
+                timeouts=self.timeouts,
+                max_connections=self._max_connections,
+                keepalive_expiry=self._keepalive_expiry,
+            )
+        return pool
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        """Created on first use, inside the running event loop."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._settings.upstream_max_connections,
-                keepalive_timeout=self._settings.upstream_keepalive_expiry,
+    async def open(self, method: str, base_url: str, target: bytes, headers: Headers, body: bytes) -> Response:
+        """Send `method base_url+target` and return once the response head is in (see `Pool.open`)."""
+        found = self._bases.get(base_url)
+        if found is None:
+            parts = urlsplit(base_url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            found = self._bases[base_url] = (
+                self.pool(parts.scheme, parts.hostname or "", port),
+                parts.path.rstrip("/").encode("latin-1"),
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,  # bytes pass through as the upstream sent them
-                skip_auto_headers=("Accept-Encoding", "User-Agent"),  # the client's own, or none
-                trust_env=False,
-            )
-        return self._session
-
-    async def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> aiohttp.ClientResponse:
-        """Send a request and return once the response headers are in; the body is read by the caller.
-
-        A pooled keep-alive connection that the upstream has closed in the meantime fails before
-        anything was answered (aiohttp: "Can not write request body" / "Server disconnected");
-        aiohttp retries that only for idempotent methods, so a POST is sent once more here, on
-        another connection. A refused connection is not retried.
-        """
-        try:
-            return await self.session.request(
-                method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
-            )
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await self.session.request(
-                method, url, headers=headers, data=body or None, timeout=self.timeout, allow_redirects=False
-            )
+        pool, prefix = found
+        return await pool.open(method.encode("ascii"), prefix + target if prefix else target, headers, body)
 
     async def __aenter__(self) -> UpstreamClient:
         return self
@@ -98,8 +88,8 @@ class UpstreamClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.http.aclose()
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            pool.close()
 
 
 async def answers_health(client: httpx.AsyncClient, url: str, seconds: float) -> bool:
@@ -114,13 +104,12 @@ async def answers_health(client: httpx.AsyncClient, url: str, seconds: float) ->
 def upstream_failure(exc: BaseException) -> GatewayError:
     """Map a failure talking to the upstream to the status the client sees (502 or 504).
 
-    Accepts aiohttp's exceptions and httpx's (whose aiohttp cause, where there is
-    one, decides: httpx-aiohttp reports a refused connection as a ConnectTimeout).
+    Accepts the pool's exceptions and httpx's (whose cause, where it is one of the pool's, decides).
     """
     cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None else exc
-    if isinstance(cause, aiohttp.ConnectionTimeoutError | httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(cause, http1.ConnectTimeout | httpx.ConnectTimeout | httpx.PoolTimeout):
         return GatewayError(502, "The model server could not be reached in time.", code="upstream_unavailable")
-    if isinstance(cause, TimeoutError | httpx.TimeoutException):
+    if isinstance(cause, http1.ReadTimeout | http1.WriteTimeout | TimeoutError | httpx.TimeoutException):
         return GatewayError(504, "The model server did not answer in time.", code="upstream_timeout")
     return GatewayError(
         502, "The model server could not be reached or failed mid-request.", code="upstream_unavailable"

@@ -1,0 +1,84 @@
+"""httpx's API over the upstream pool: probes, /ready and /metrics/upstream share its connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from . import http1
+
+if TYPE_CHECKING:
+    from .client import UpstreamClient
+
+# Set by the transport itself, never taken from the request.
+_DROP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+_ERRORS: tuple[tuple[type[http1.UpstreamError], type[httpx.TransportError]], ...] = (
+    (http1.PoolTimeout, httpx.PoolTimeout),
+    (http1.ConnectTimeout, httpx.ConnectTimeout),
+    (http1.ConnectError, httpx.ConnectError),
+    (http1.ReadTimeout, httpx.ReadTimeout),
+    (http1.WriteTimeout, httpx.WriteTimeout),
+    (http1.RemoteProtocolError, httpx.RemoteProtocolError),
+)
+
+
+def _as_httpx(error: http1.UpstreamError, request: httpx.Request) -> httpx.TransportError:
+    for ours, theirs in _ERRORS:
+        if isinstance(error, ours):
+            return theirs(str(error), request=request)
+    return httpx.TransportError(str(error), request=request)
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    def __init__(self, client: UpstreamClient) -> None:
+        self._client = client
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        pool = self._client.pool(url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        body = await request.aread()
+        headers = [(k.lower(), v) for k, v in request.headers.raw if k.lower() not in _DROP]
+        timeouts = self._timeouts(request)
+        try:
+            response = await pool.open(request.method.encode("ascii"), url.raw_path, headers, body, timeouts)
+        except http1.UpstreamError as exc:
+            raise _as_httpx(exc, request) from exc
+        return httpx.Response(
+            response.status,
+            headers=response.headers,
+            stream=_Body(response, request),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    def _timeouts(self, request: httpx.Request) -> http1.Timeouts:
+        default = self._client.timeouts
+        given = request.extensions.get("timeout", {})
+
+        def pick(name: str, fallback: float) -> float:
+            value = given.get(name)
+            return fallback if value is None else float(value)
+
+        return http1.Timeouts(
+            connect=pick("connect", default.connect),
+            read=pick("read", default.read),
+            write=pick("write", default.write),
+            pool=pick("pool", default.pool),
+        )
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, response: http1.Response, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            while chunk := await self._response.read_some():
+                yield chunk
+        except http1.UpstreamError as exc:
+            raise _as_httpx(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        self._response.release()
