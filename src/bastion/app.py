@@ -8,9 +8,9 @@ health, readiness and admin routes.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
@@ -179,7 +179,7 @@ def _request_id(scope: Scope) -> str:
     given = header(scope, b"x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given.decode()
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # uuid4().hex's format at a fraction of its cost
 
 
 def _install_error_handlers(api: FastAPI) -> None:

@@ -78,21 +78,31 @@ class DisconnectWatch:
     would otherwise keep the upstream generating until its next chunk. Once the
     request body has been read, the only message `receive()` can still deliver is
     `http.disconnect`; waiting for it in a side task lets us cancel the forwarding
-    task at once. Use as an async context manager around the response phase and
-    check `.disconnected` after catching `CancelledError`.
+    task at once. Check `.disconnected` (`absorb()`) after catching `CancelledError`.
+
+    The side task starts only after `delay` seconds: most responses are over by then,
+    and a task per request was a measurable share of the gateway's CPU. A client that
+    leaves earlier is noticed when the delay ends (a disconnect waits in `receive()`).
     """
 
-    __slots__ = ("_done", "_task", "_watcher", "disconnected")
+    __slots__ = ("_done", "_receive", "_task", "_timer", "_watcher", "disconnected")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, delay: float = 0.05) -> None:
         self._task = asyncio.current_task()
+        self._receive = receive
         self._done = False
         self.disconnected = False
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._start)
 
-    async def _watch(self, receive: Receive) -> None:
+    def _start(self) -> None:
+        self._timer = None
+        if not self._done:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
         while True:
-            message = await receive()
+            message = await self._receive()
             if message["type"] == "http.disconnect":
                 break
         if not self._done and self._task is not None:
@@ -102,7 +112,11 @@ class DisconnectWatch:
     def finish(self) -> None:
         """Mark the response complete: a later disconnect is just the end of the exchange."""
         self._done = True
-        self._watcher.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def absorb(self) -> bool:
         """After a CancelledError: True (and the cancellation undone) if it was ours."""
