@@ -226,7 +226,7 @@ def _our_headers(scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
 
 def _safe_path(path: str, raw_path: bytes) -> bool:
     """Refuse dot segments and encoded separators that an upstream might normalise away."""
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return False
     lowered = raw_path.lower()
     return not any(bad in lowered for bad in _FORBIDDEN_IN_PATH)
