@@ -150,6 +150,8 @@ def create_app(
     if upstream.api_key:
         secrets.append(upstream.api_key)
     audit = audit_log(settings.audit_log, secrets)
+    if audit is not None:
+        services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
     observers = [listener for listener in (metrics, audit) if listener is not None]
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
     mounts: dict[str, ASGIApp] = {}

@@ -1,97 +1,245 @@
-"""The audit log: one JSON line per /v1 request, on its own logger and handler.
+"""The audit log: one JSON line per /v1 request, written in batches, apart from the normal log.
 
 Who (principal, client IP), what (method, path, model, stream), how it ended
 (status, outcome, reason), how long (latency, TTFT) and how much (tokens). It is
 built only from the `Exchange`, which never holds a credential or prompt text;
 the fields a client chooses (request id, path, model) still pass through the
 redacting filter from `logs`, in case a client put a key there.
-The logger `bastion.audit` does not propagate, so audit lines never mix with the
-human-readable log, and with `BASTION_AUDIT_LOG=off` no listener exists at all.
+
+The lines do not go through the `logging` package (a record, filters, a formatter and a
+flush per line): `AuditWriter` collects them and writes all the lines finished in one
+event-loop iteration with one system call. With `BASTION_AUDIT_LOG=off` no listener
+exists at all.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import errno
 import logging
-import logging.handlers
+import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for a str
+from typing import BinaryIO
 
 from .exchange import Exchange
 from .logs import RedactingFilter
 
-LOGGER_NAME = "bastion.audit"
+log = logging.getLogger(__name__)
 # Client-supplied strings are cut to this length: a log line stays a line, not a payload.
 _MAX_FIELD = 256
+# Redacted paths and models, remembered: they repeat (request ids do not). Emptied when it reaches this size.
+_MEMO_SIZE = 1024
+_FLUSH_BYTES = 64 * 1024  # buffered lines past this size are written at once
+_CHECK_SECONDS = 1.0  # how often a file's path is checked for rotation (logrotate moving it)
+
+
+class AuditWriter:
+    """Buffers lines and writes them with one write per event-loop iteration.
+
+    Inside a running loop, the first line of an iteration schedules a flush with
+    `call_soon`: the lines finished in the same iteration go out together, without
+    waiting for anything. Outside a loop (or after `close`), a line is written at once.
+    A file (`path` given) is reopened when its path no longer names the open file,
+    checked at most once a second. A failed write never raises: the lines are dropped,
+    counted in `dropped`, and the failure is logged once until writing works again.
+    """
+
+    __slots__ = (
+        "_checked",
+        "_closed",
+        "_failing",
+        "_identity",
+        "_lines",
+        "_path",
+        "_scheduled",
+        "_size",
+        "_stream",
+        "dropped",
+    )
+
+    def __init__(self, stream: BinaryIO | None, path: str | None = None) -> None:
+        self._stream = stream
+        self._path = path
+        self._identity = _identity(stream) if path is not None and stream is not None else None
+        self._checked = time.monotonic()
+        self._lines: list[str] = []
+        self._size = 0
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop that has a flush to run
+        self._closed = False
+        self._failing = False
+        self.dropped = 0
+
+    @classmethod
+    def to_file(cls, path: str) -> AuditWriter:
+        """Append to `path` (created as `open` would create it); raises OSError if it cannot be opened."""
+        return cls(open(path, "ab", buffering=0), path)
+
+    def write(self, line: str) -> None:
+        """Queue one line (ASCII, ending in a newline)."""
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= _FLUSH_BYTES or self._closed:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: write now
+            self.flush()
+            return
+        if loop is not self._scheduled:  # (a loop that ended before its flush ran is not waited for)
+            loop.call_soon(self._scheduled_flush)
+            self._scheduled = loop
+
+    def _scheduled_flush(self) -> None:
+        self._scheduled = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every buffered line with one write; never raises."""
+        if not self._lines:
+            return
+        data = "".join(self._lines).encode("ascii")
+        count = len(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            stream = self._current()
+            while data:
+                written = stream.write(data)
+                if not written:
+                    raise BlockingIOError(errno.EAGAIN, "the audit log accepted nothing")
+                data = data[written:]
+            stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            self.dropped += count
+            if not self._failing:
+                self._failing = True
+                log.error("cannot write the audit log (%s): dropping lines until it works again", exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("the audit log is written again; %d lines dropped so far", self.dropped)
+
+    def _current(self) -> BinaryIO:
+        """The stream to write to; a file whose path has moved (or that was closed) is reopened."""
+        if self._path is not None:
+            now = time.monotonic()
+            if self._stream is None or now - self._checked >= _CHECK_SECONDS:
+                self._checked = now
+                self._reopen_if_moved(self._path)
+        if self._stream is None:
+            raise OSError(errno.EBADF, "the audit log is not open")
+        return self._stream
+
+    def _reopen_if_moved(self, path: str) -> None:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            pass  # moved or deleted: open a new file
+        else:
+            if self._stream is not None and (info.st_dev, info.st_ino) == self._identity:
+                return
+        self._close_file()
+        stream = open(path, "ab", buffering=0)  # noqa: SIM115
+        self._stream, self._identity = stream, _identity(stream)
+
+    def close(self) -> None:
+        """Write what is buffered and close the file. A line after this is written at once (reopening the file)."""
+        self._closed = True
+        self.flush()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._path is not None and self._stream is not None:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self._stream = None
+
+
+def _identity(stream: BinaryIO) -> tuple[int, int]:
+    info = os.fstat(stream.fileno())
+    return info.st_dev, info.st_ino
 
 
 class AuditLog:
-    """The listener: formats and emits the line for one finished exchange."""
+    """The listener: formats the line for one finished exchange and hands it to the writer."""
 
-    __slots__ = ("_enabled", "_handle", "_redact")
+    __slots__ = ("_memo", "_redact", "_second", "_stamp", "writer")
 
-    def __init__(self, logger: logging.Logger, redactor: RedactingFilter) -> None:
-        self._enabled = logger.isEnabledFor
+    def __init__(self, writer: AuditWriter, redactor: RedactingFilter) -> None:
+        self.writer = writer
         self._redact = redactor.redact
-        # `logger.handle` with a ready record: `logger.info` would walk the stack for the caller's
-        # file and line (findCaller), which an audit line does not need.
-        self._handle = logger.handle
+        self._memo: dict[str, str] = {}
+        self._second = -1
+        self._stamp = ""
+
+    @contextlib.asynccontextmanager
+    async def service(self) -> AsyncIterator[AuditLog]:
+        """Lifespan service: at shutdown, the buffered lines are written and the file closed."""
+        try:
+            yield self
+        finally:
+            self.writer.close()
 
     def __call__(self, exchange: Exchange) -> None:
-        if not self._enabled(logging.INFO):
-            return
         now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time to the second, formatted once a second
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         usage = exchange.usage
         latency, ttft = exchange.latency, exchange.ttft
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-            "request_id": self._redact(exchange.request_id),
-            "principal": exchange.principal,
-            "client_ip": exchange.client_ip,
-            "method": exchange.method,
-            "path": self._redact(exchange.path[:_MAX_FIELD]),
-            "model": self._redact(exchange.model[:_MAX_FIELD]),
-            "stream": exchange.stream,
-            "status": exchange.status,
-            "outcome": exchange.outcome,
-            "reason": exchange.reason,
-            "latency_ms": None if latency is None else round(latency * 1000, 3),
-            "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
-            "prompt_tokens": None if usage is None else usage.prompt_tokens,
-            "completion_tokens": None if usage is None else usage.completion_tokens,
-        }
-        line = json.dumps(entry, separators=(",", ":"))
-        self._handle(logging.LogRecord(LOGGER_NAME, logging.INFO, "", 0, line, None, None))
+        # What json.dumps(..., separators=(",", ":")) makes of the same dict, field by field, in this order.
+        self.writer.write(
+            f'{{"time":"{self._stamp}.{int(now % 1 * 1000):03d}Z"'
+            f',"request_id":{_json_str(self._redact(exchange.request_id))}'
+            f',"principal":{_json_str(exchange.principal)}'
+            f',"client_ip":{_json_str(exchange.client_ip)}'
+            f',"method":{_json_str(exchange.method)}'
+            f',"path":{_json_str(self._client_field(exchange.path))}'
+            f',"model":{_json_str(self._client_field(exchange.model))}'
+            f',"stream":{"true" if exchange.stream else "false"}'
+            f',"status":{exchange.status:d}'
+            f',"outcome":{_json_str(exchange.outcome)}'
+            f',"reason":{_json_str(exchange.reason)}'
+            f',"latency_ms":{"null" if latency is None else repr(round(latency * 1000, 3))}'
+            f',"ttft_ms":{"null" if ttft is None else repr(round(ttft * 1000, 3))}'
+            f',"prompt_tokens":{"null" if usage is None else f"{usage.prompt_tokens:d}"}'
+            f',"completion_tokens":{"null" if usage is None else f"{usage.completion_tokens:d}"}}}\n'
+        )
+
+    def _client_field(self, text: str) -> str:
+        """`text` cut to _MAX_FIELD characters and redacted."""
+        text = text[:_MAX_FIELD]
+        done = self._memo.get(text)
+        if done is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            done = self._memo[text] = self._redact(text)
+        return done
 
 
 def audit_log(destination: str, secrets: Iterable[str] = ()) -> AuditLog | None:
-    """Set up the `bastion.audit` logger for `destination` (stdout, off, or a file path).
+    """The listener for `destination` (stdout, off, or a file path); None when off.
 
-    Returns None when off. A file is opened with `WatchedFileHandler`, so
-    logrotate can move it; a path that cannot be opened is a start-up error.
-    `secrets` (the upstream key, the metrics token) are redacted should they
-    ever appear.
+    A file is opened for appending (a path that cannot be opened is a start-up error)
+    and reopened when logrotate moves it. `secrets` (the upstream key, the metrics
+    token) are redacted should they ever appear.
     """
     where = destination.strip()
     if where.lower() == "off" or not where:
         return None
-    handler: logging.Handler
     if where.lower() == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
+        writer = AuditWriter(sys.stdout.buffer)
     else:
         try:
-            handler = logging.handlers.WatchedFileHandler(where, encoding="utf-8")
+            writer = AuditWriter.to_file(where)
         except OSError as exc:
             raise ValueError(f"cannot open the audit log {where!r}: {exc.strerror}") from None
     redactor = RedactingFilter()
     for secret in secrets:
         redactor.add_secret(secret)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger(LOGGER_NAME)
-    for old in logger.handlers:
-        old.close()
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    return AuditLog(logger, redactor)
+    return AuditLog(writer, redactor)
