@@ -1,7 +1,8 @@
 """The rate limiter: requests/min, tokens/min and concurrent requests per principal.
 
-Windows and counters come from the `limits` library (the engine under slowapi)
-and its async storages: memory in one process, Redis when gateways share counts.
+Windows and counters come from the `limits` library (the engine under slowapi):
+its strategies, on its Redis storage when gateways share counts, or in one process
+on bastion's own memory storage (`memory.py`, which says why).
 
 - requests/min: `MovingWindowRateLimiter`, one hit per admitted request (exact:
   two gateways on one Redis admit exactly `rpm` requests per rolling minute).
@@ -28,11 +29,12 @@ from functools import lru_cache
 from typing import Any, Protocol, cast
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from ..config import Settings
 from ..errors import GatewayError
+from .memory import MemoryStorage
 from .slots import MemorySlots, RedisSlots, Slots
 
 log = logging.getLogger("bastion.limits")
