@@ -196,7 +196,7 @@ async def test_idle_keys_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.now += 60 + SWEEP_EVERY  # windows idle for over a minute, counters past their expiry (2 minutes)
     await storage.get("anything")
     assert storage.size() == 0
-    assert not storage.holds("ip:1")
+    assert not storage.has_window("ip:1")
 
 
 async def test_registered_scheme_and_no_error_wrapper() -> None:

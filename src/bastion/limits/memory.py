@@ -66,9 +66,9 @@ class MemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, T
         self._windows = {key: w for key, w in self._windows.items() if w[1] and w[1][-1] >= now - w[0]}
         self._counters = {key: c for key, c in self._counters.items() if c[1] > now}
 
-    def holds(self, key: str) -> bool:
-        """Whether `key` has a moving window or a live counter (a window may be empty until the next sweep)."""
-        return key in self._windows or self._counters.get(key, _ABSENT)[1] > time.time()
+    def has_window(self, key: str) -> bool:
+        """Whether `key` has a moving window (possibly one with only expired hits, until the next sweep)."""
+        return key in self._windows
 
     def size(self) -> int:
         """Windows and counters held (idle ones included until the next sweep)."""
