@@ -6,12 +6,14 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from limits import RateLimitItemPerMinute
 from pydantic import Field, ValidationError
 
 from bastion.config import Settings
 from bastion.exchange import Exchange
 from bastion.limits import RateLimited, RateLimiter, reset_duration
-from bastion.limits.limiter import limit_headers
+from bastion.limits.limiter import PerMinute, limit_headers, per_minute
+from bastion.limits.memory import MemoryStorage
 from bastion.limits.middleware import tokens_used
 from bastion.usage import Usage
 
@@ -153,6 +155,28 @@ async def test_auth_failure_limit_per_ip(clock: Clock) -> None:
     assert await limits.auth_blocked("7.7.7.7") is None
     clock.advance(60)
     assert await limits.auth_blocked("6.6.6.6") is None
+
+
+async def test_auth_check_of_an_address_that_never_failed_stores_nothing() -> None:
+    limits = limiter(auth_failure_limit=3)
+    storage = limits.failures.storage
+    assert isinstance(storage, MemoryStorage)
+    assert await limits.auth_blocked("6.6.6.6") is None
+    assert storage.size() == 0
+    assert await limits.hit_auth_failure("6.6.6.6") is None
+    assert storage.size() == 1
+    assert await limiter(auth_failure_limit=0).hit_auth_failure("6.6.6.6") is None
+
+
+def test_storage_keys_are_the_librarys() -> None:
+    """`PerMinute.key_for` is a shortcut: the keys (in Redis too) stay what `limits` builds."""
+    for amount in (1, 600, 10**9):
+        ours, theirs = per_minute(amount), RateLimitItemPerMinute(amount)
+        assert isinstance(ours, PerMinute) and ours == theirs and hash(ours) == hash(theirs)
+        assert ours.key_for("ip:10.0.0.1") == theirs.key_for("ip:10.0.0.1") == f"LIMITER/ip:10.0.0.1/{amount}/1/minute"
+        assert ours.key_for("p:key-1") == theirs.key_for("p:key-1")
+        assert ours.key_for("authfail/::1") == theirs.key_for("authfail", "::1")
+        assert ours.key_for("a", b"b", 3) == theirs.key_for("a", b"b", 3)
 
 
 def test_token_estimate_without_usage() -> None:

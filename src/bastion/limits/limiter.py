@@ -1,7 +1,8 @@
 """The rate limiter: requests/min, tokens/min and concurrent requests per principal.
 
-Windows and counters come from the `limits` library (the engine under slowapi)
-and its async storages: memory in one process, Redis when gateways share counts.
+Windows and counters come from the `limits` library (the engine under slowapi):
+its strategies, on its Redis storage when gateways share counts, or in one process
+on bastion's own memory storage (`memory.py`, which says why).
 
 - requests/min: `MovingWindowRateLimiter`, one hit per admitted request (exact:
   two gateways on one Redis admit exactly `rpm` requests per rolling minute).
@@ -27,12 +28,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, cast
 
-from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from ..config import Settings
 from ..errors import GatewayError
+from .memory import MemoryStorage
 from .slots import MemorySlots, RedisSlots, Slots
 
 log = logging.getLogger("bastion.limits")
@@ -53,9 +55,29 @@ class LimitedPrincipal(Protocol):
     def max_concurrent(self) -> int | None: ...
 
 
+class PerMinute(RateLimitItemPerMinute):
+    """`amount` per minute, whose `key_for(key)` is one concatenation.
+
+    The strategies build a storage key on every call (four times per request); the
+    library's `key_for` joins a list of normalised parts each time. The keys are the
+    same strings, so Redis keys do not change.
+    """
+
+    __slots__ = ("_suffix",)
+
+    def __init__(self, amount: int) -> None:
+        super().__init__(amount)
+        self._suffix = super().key_for()[len(self.namespace) :]  # "/600/1/minute"
+
+    def key_for(self, *identifiers: bytes | str | int | float) -> str:
+        if len(identifiers) == 1 and isinstance(identifiers[0], str):
+            return self.namespace + "/" + identifiers[0] + self._suffix
+        return super().key_for(*identifiers)
+
+
 @lru_cache(maxsize=1024)
-def per_minute(amount: int) -> RateLimitItem:
-    return RateLimitItemPerMinute(amount)
+def per_minute(amount: int) -> PerMinute:
+    return PerMinute(amount)
 
 
 def reset_duration(seconds: float) -> str:
@@ -79,13 +101,20 @@ def retry_after(reset_time: float, now: float) -> int:
     return max(1, math.ceil(reset_time - now))
 
 
+_HEADER_NAMES = {
+    kind: tuple(b"x-ratelimit-" + part + b"-" + kind.encode() for part in (b"limit", b"remaining", b"reset"))
+    for kind in ("requests", "tokens")
+}
+
+
 def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Headers:
-    """`x-ratelimit-{limit,remaining,reset}-{kind}` as OpenAI sends them."""
+    """`x-ratelimit-{limit,remaining,reset}-{kind}` (kind: requests or tokens) as OpenAI sends them."""
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
     return [
-        (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
-        (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, remaining)).encode()),
+        (limit_name, b"%d" % limit),
+        (remaining_name, b"%d" % max(0, remaining)),
         # A window with nothing counted in it has nothing to reset.
-        (b"x-ratelimit-reset-" + kind.encode(), reset_duration(reset_in if remaining < limit else 0).encode()),
+        (reset_name, reset_duration(reset_in if remaining < limit else 0).encode()),
     ]
 
 
@@ -117,6 +146,7 @@ class RateLimiter:
         self.default_tpm = settings.rate_limit_tpm
         self.default_concurrent = settings.rate_limit_max_concurrent
         self.auth_failure_limit = settings.auth_failure_limit
+        self._auth_item = per_minute(self.auth_failure_limit) if self.auth_failure_limit > 0 else None
         self.fail_open = settings.redis_fail_mode == "open"
         # Storage incidents seen (each failed storage call); the metrics stage can export it.
         self.storage_errors = 0
@@ -140,7 +170,8 @@ class RateLimiter:
         self.tokens = SlidingWindowCounterRateLimiter(self.storage)
         # Failed logins are counted per process, even with Redis: slowing a key guesser needs no exact
         # cross-replica count, and the check runs before every credential, so it must cost no round trip.
-        self.failures = MovingWindowRateLimiter(MemoryStorage())
+        self._failure_log = MemoryStorage()
+        self.failures = MovingWindowRateLimiter(self._failure_log)
 
     # --- lifetime ---------------------------------------------------------------------
     def service(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -254,22 +285,25 @@ class RateLimiter:
     # --- failed authentication (the auth stage calls these) -----------------------------
     async def auth_blocked(self, client_ip: str) -> GatewayError | None:
         """Before reading a credential: a 429 if `client_ip` used up its failed-auth budget."""
-        if self.auth_failure_limit <= 0:
+        item = self._auth_item
+        if item is None:
             return None
-        item = per_minute(self.auth_failure_limit)
-        if await self.failures.test(item, "authfail", client_ip):
+        key = "authfail/" + client_ip
+        # Runs before every credential check: an address without a failure on record costs one dict lookup.
+        if not self._failure_log.has_window(item.key_for(key)) or await self.failures.test(item, key):
             return None
-        stats = await self.failures.get_window_stats(item, "authfail", client_ip)
+        stats = await self.failures.get_window_stats(item, key)
         return self._auth_refusal(stats.reset_time)
 
     async def hit_auth_failure(self, client_ip: str) -> GatewayError | None:
         """After a 401: count it; a 429 to answer instead once the IP is over its budget."""
-        if self.auth_failure_limit <= 0:
+        item = self._auth_item
+        if item is None:
             return None
-        item = per_minute(self.auth_failure_limit)
-        if await self.failures.hit(item, "authfail", client_ip):
+        key = "authfail/" + client_ip
+        if await self.failures.hit(item, key):
             return None
-        stats = await self.failures.get_window_stats(item, "authfail", client_ip)
+        stats = await self.failures.get_window_stats(item, key)
         return self._auth_refusal(stats.reset_time)
 
     def _auth_refusal(self, reset_time: float) -> GatewayError:
