@@ -91,6 +91,18 @@ class StreamTap:
         return rest
 
     def _take_usage(self, events: bytes) -> bytes:
+        # The usual case: one usage event, the last in the block; found and cut out without
+        # splitting every event of the block (at high token rates a block holds dozens).
+        at = events.rfind(_USAGE_KEY)
+        before = events.rfind(_EVENT_END, 0, at)
+        start = 0 if before < 0 else before + len(_EVENT_END)
+        end = events.find(_EVENT_END, at) + len(_EVENT_END)
+        event = events[start:end]
+        if events.find(_USAGE_KEY, 0, start) < 0 and (usage := find_usage(event)) is not None:
+            self.usage = usage
+            if self.strip_usage and b'"choices":[]' in event:
+                return events[:start] + events[end:]
+            return events
         kept: list[bytes] = []
         for event in events.split(_EVENT_END)[:-1]:
             usage = find_usage(event) if _USAGE_KEY in event else None

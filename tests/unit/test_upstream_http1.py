@@ -196,6 +196,28 @@ async def test_silence_is_a_read_timeout_and_closes_the_connection() -> None:
         pool.close()
 
 
+async def test_the_read_timeout_bounds_silence_not_the_whole_response() -> None:
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s in all, never silent for 0.25 s
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+        await asyncio.sleep(0.5)  # then silent for longer than the read timeout
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool(timeouts=http1.Timeouts(connect=1, read=0.25, write=1, pool=1))
+        response = await pool.open(b"GET", b"/", [], b"")
+        received = b""
+        with pytest.raises(http1.ReadTimeout):
+            while chunk := await response.read_some():
+                received += chunk
+        assert received == b"x" * 6
+        response.close()
+        pool.close()
+
+
 async def test_a_refused_connection_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

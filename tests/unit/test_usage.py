@@ -42,3 +42,19 @@ def test_tap_does_not_buffer_a_stream_that_is_not_sse() -> None:
     assert tap.feed(b"x" * 10) == b""
     big = b"y" * MAX_PENDING_EVENT
     assert tap.feed(big) == b"x" * 10 + big
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_tap_cuts_usage_out_of_a_block_of_many_events(strip: bool) -> None:
+    """The fast path (usage last in a block) and the general one (usage mid-block, or on every event)."""
+    first = StreamTap(strip_usage=strip)
+    block = TOKEN_EVENT * 40 + USAGE_EVENT + DONE
+    assert first.feed(block) == (TOKEN_EVENT * 40 + DONE if strip else block)
+    assert first.usage == Usage(2, 3)
+
+    continuous = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+    second = StreamTap(strip_usage=strip)
+    mixed = continuous + USAGE_EVENT + TOKEN_EVENT + b'data: {"choices":[],"usage":null}\n\n'
+    kept = continuous + TOKEN_EVENT + b'data: {"choices":[],"usage":null}\n\n'
+    assert second.feed(mixed) == (kept if strip else mixed)
+    assert second.usage == Usage(2, 3)

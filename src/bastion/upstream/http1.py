@@ -80,7 +80,9 @@ class Response:
         "_complete",
         "_connection",
         "_error",
+        "_quiet_since",
         "_read_timeout",
+        "_timer",
         "_waiter",
         "headers",
         "keep_alive",
@@ -100,6 +102,9 @@ class Response:
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # One lazily re-armed timer per response, not one per wait: a stream waits once per chunk.
+        self._timer: asyncio.TimerHandle | None = None
+        self._quiet_since = 0.0  # loop time the current wait began (each wait ends with data)
 
     @property
     def complete(self) -> bool:
@@ -128,9 +133,11 @@ class Response:
         return b"".join(parts)
 
     def release(self) -> None:
+        self._stop_timer()
         self._connection.finish(self, reuse=self.complete and self.keep_alive)
 
     def close(self) -> None:
+        self._stop_timer()
         self._connection.finish(self, reuse=False)
 
     # --- waiting (consumer side) -----------------------------------------------------
@@ -143,17 +150,30 @@ class Response:
     async def _wait(self) -> None:
         loop = self._connection.loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, self._timed_out, waiter)
+        self._quiet_since = now = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(now + self._read_timeout, self._check_silence)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    @staticmethod
-    def _timed_out(waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _check_silence(self) -> None:
+        """The timer: fail the wait if nothing arrived for the whole read timeout, else re-arm."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits; the next wait arms the timer again
+        deadline = self._quiet_since + self._read_timeout
+        if self._connection.loop.time() >= deadline:
             waiter.set_exception(ReadTimeout("the upstream sent nothing within the read timeout"))
+        else:
+            self._timer = self._connection.loop.call_at(deadline, self._check_silence)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
