@@ -7,8 +7,8 @@ asyncio protocols, because the simulator itself capped streaming at ~1,300-2,100
 streams/s; the "direct" column shows what the upstream does alone) and a gateway in front
 of it configured as in production (a real key, an IP allowlist, rate limits set high
 enough never to trigger, metrics and the audit log on), then measures, in one run:
-non-streaming at c=1 and c=64 with wrk (RPS, p50/p99), streaming 64 chunks at c=1 and
-c=16 (streams/s, TTFT p50/p99), chunk timing at a 10 ms inter-token gap (coalesced
+non-streaming at c=1 and c=64 with wrk (RPS, p50/p99), streaming 64 chunks at c=1 (three rounds, the
+median kept) and c=16 (streams/s, TTFT p50/p99), chunk timing at a 10 ms inter-token gap (coalesced
 chunks), the gateway's CPU time per request and per chunk (from /proc), and its RSS at
 idle and under load. Prints a table and writes results.md + results.json under
 bench/results/. It is a benchmark, not a test: nothing here asserts a time.
@@ -194,9 +194,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 say(f"streaming 64 chunks c={concurrency} {name}")
                 cpu = cpu_seconds(pid)
                 with Sampler(pid) as sampler:
-                    row = stream_load(url, credential, concurrency, count)
+                    # c=1 latency depends on how 3 processes share 2 cores: three rounds, the median one kept.
+                    rounds = [
+                        stream_load(url, credential, concurrency, count) for _ in range(3 if concurrency == 1 else 1)
+                    ]
+                row = sorted(rounds, key=lambda r: r["ttft_p50_ms"])[len(rounds) // 2]
+                row["ttft_p50_rounds_ms"] = [r["ttft_p50_ms"] for r in rounds]
                 if name == "bastion":
-                    chunks = row["requests"] * 64
+                    chunks = sum(r["requests"] for r in rounds) * 64
                     row["cpu_us_per_chunk"] = round((cpu_seconds(pid) - cpu) / max(1, chunks) * 1e6, 2)
                     results["rss_load_mib"] = max(results.get("rss_load_mib", 0), round(sampler.peak, 1))
                 results[f"stream_c{concurrency}_{name}"] = row

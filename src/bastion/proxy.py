@@ -158,27 +158,34 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
         previous = last = b""
+        body = b""  # what goes out with the end of the response
         try:
             while chunk := await response.read_some():
                 if exchange.first_byte is None:
                     exchange.first_byte = time.perf_counter()
+                # Usually the upstream's last bytes arrive with its end marker: they then go out with
+                # ours in one write, not as a chunk followed by an empty one (one syscall per response).
+                ended = response.complete
                 if tap is not None:
-                    chunk = tap.feed(chunk)
-                    if not chunk:
-                        continue
+                    chunk = tap.feed(chunk) + (tap.flush() if ended else b"")
                     exchange.events += chunk.count(b"\n\n")
                 else:
                     previous, last = last, chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if ended:
+                    body = chunk
+                    break
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                body = tap.flush() if tap is not None else b""
         except UpstreamError as exc:
             exchange.outcome, exchange.reason = "upstream_error", "midstream"
             if tap is None:
                 raise UpstreamBroke("upstream failed mid-response") from exc
             await self._end_stream_with_error(send, tap, watch, upstream_failure(exc))
             return False
-        tail = tap.flush() if tap is not None else b""
         watch.finish()
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
         exchange.usage = tap.usage if tap is not None else find_usage(previous + last)
         return True
 
