@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # binary:debian-package pairs the tests need; installed with apt-get when missing and running as root
-SYSDEPS := curl:curl prometheus:prometheus promtool:prometheus redis-server:redis-server nginx:nginx systemd-analyze:systemd docker-compose:docker-compose
+SYSDEPS := curl:curl prometheus:prometheus promtool:prometheus redis-server:redis-server nginx:nginx systemd-analyze:systemd docker-compose:docker-compose wrk:wrk
 
 .PHONY: demo test lint sysdeps clean bench
 
