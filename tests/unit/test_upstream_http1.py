@@ -140,6 +140,23 @@ async def test_informational_responses_are_skipped_and_head_has_no_body() -> Non
         pool.close()
 
 
+async def test_bytes_beyond_the_response_end_the_connection() -> None:
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" * 2)  # one request, two answers
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        assert await response.read() == b"ok"
+        response.release()
+        again = await pool.open(b"GET", b"/", [], b"")
+        assert await again.read() == b"ok"
+        again.release()
+        assert server.connections == 2  # the confused connection was not reused
+        pool.close()
+
+
 async def test_a_stale_kept_alive_connection_is_retried_once_on_a_new_one() -> None:
     async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
         if number == 1:  # the second request on a connection: closed unanswered, as an idle timeout would

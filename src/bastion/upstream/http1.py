@@ -259,8 +259,12 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.response is not None:
-            self.response.headers.clear()
+        response = self.response
+        if response is not None and response._complete:  # a second answer to one request: never reuse this
+            self._abort()
+            self.response = None
+        elif response is not None:
+            response.headers.clear()  # after a 1xx, the real response's headers start afresh
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
@@ -423,11 +427,14 @@ class Pool:
             try:
                 async with asyncio.timeout_at(self.loop.time() + max(0.0, deadline - now)):
                     await waiter
-            except TimeoutError:
-                raise PoolTimeout(f"all {self._max} upstream connections stayed busy") from None
-            finally:
-                if waiter in self._waiters:
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving (timed out or cancelled): the free slot goes on
+                elif waiter in self._waiters:
                     self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeout(f"all {self._max} upstream connections stayed busy") from None
+                raise
 
     async def _connect(self, timeouts: Timeouts) -> Connection:
         self._open += 1
