@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -44,6 +46,22 @@ async def test_no_answer_within_read_timeout_is_504() -> None:
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "timeout_error"
     assert (seen[0].outcome, seen[0].reason) == ("upstream_error", "upstream_timeout")
+
+
+async def test_all_upstream_connections_busy_is_503_with_retry_after() -> None:
+    seen: list[Exchange] = []
+    async with (
+        ScriptedUpstream(hang) as upstream,
+        gateway_client(upstream.port, seen, upstream_max_connections=1, upstream_pool_timeout=0.2) as client,
+    ):
+        stuck = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await asyncio.sleep(0.1)  # the one connection is taken by a request the upstream never answers
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        stuck.cancel()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "upstream_busy"
+    assert (seen[0].outcome, seen[0].reason) == ("rejected", "upstream_busy")
 
 
 @pytest.mark.parametrize("status", [400, 404, 422, 500, 503])

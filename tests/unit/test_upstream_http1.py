@@ -328,6 +328,8 @@ async def test_httpx_runs_over_the_pool_with_its_errors_and_timeouts() -> None:
 
 async def test_failures_map_to_gateway_statuses() -> None:
     assert upstream_failure(http1.ConnectError("x")).status == 502
-    assert upstream_failure(http1.PoolTimeout("x")).status == 502
+    busy = upstream_failure(http1.PoolTimeout("x"))
+    assert (busy.status, busy.code, busy.headers) == (503, "upstream_busy", [(b"retry-after", b"1")])
+    assert upstream_failure(http1.ConnectTimeout("x")).status == 502
     assert upstream_failure(http1.ReadTimeout("x")).code == "upstream_timeout"
     assert upstream_failure(http1.RemoteProtocolError("x")).status == 502

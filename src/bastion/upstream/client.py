@@ -102,12 +102,19 @@ async def answers_health(client: httpx.AsyncClient, url: str, seconds: float) ->
 
 
 def upstream_failure(exc: BaseException) -> GatewayError:
-    """Map a failure talking to the upstream to the status the client sees (502 or 504).
+    """Map a failure talking to the upstream to the status the client sees (502, 503 or 504).
 
     Accepts the pool's exceptions and httpx's (whose cause, where it is one of the pool's, decides).
     """
     cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None else exc
-    if isinstance(cause, http1.ConnectTimeout | httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(cause, http1.PoolTimeout | httpx.PoolTimeout):
+        return GatewayError(
+            503,
+            "Every connection to the model server is busy; retry shortly.",
+            code="upstream_busy",
+            headers=[(b"retry-after", b"1")],
+        )
+    if isinstance(cause, http1.ConnectTimeout | httpx.ConnectTimeout):
         return GatewayError(502, "The model server could not be reached in time.", code="upstream_unavailable")
     if isinstance(cause, http1.ReadTimeout | http1.WriteTimeout | TimeoutError | httpx.TimeoutException):
         return GatewayError(504, "The model server did not answer in time.", code="upstream_timeout")
