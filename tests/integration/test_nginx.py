@@ -8,8 +8,6 @@ audit log's client_ip proves bastion read nginx's X-Forwarded-For (and only the 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import itertools
 import json
 import os
@@ -24,12 +22,8 @@ import httpx
 import httpx2
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests.support import AUTH, TEST_KEY, Proc, free_port, gateway, simulator
+from tests.support import AUTH, TEST_KEY, Proc, free_port, gateway, make_cert, simulator
 
 CONF = Path(__file__).parents[2] / "deploy" / "nginx" / "bastion.conf"
 CLIENT_IP = "127.0.0.2"  # a loopback address other than nginx's own
@@ -38,34 +32,6 @@ TOKENS = 16
 ITL = 0.05
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (Debian package nginx)")
-
-
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def render(gateway_port: int, http_port: int, https_port: int, cert: Path, key: Path) -> str:

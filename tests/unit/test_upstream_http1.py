@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from bastion.config import Settings
 from bastion.upstream import http1
 from bastion.upstream.client import UpstreamClient, upstream_failure
+from tests.support import make_cert
 
 # (request number on this connection, request head+body, writer) -> keep the connection open?
 Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
@@ -21,8 +24,9 @@ FAST = http1.Timeouts(connect=1.0, read=1.0, write=1.0, pool=1.0)
 class KeepAliveServer:
     """Serves many requests per connection; counts connections and requests."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.closed = asyncio.Event()  # a client closed a connection
@@ -30,7 +34,7 @@ class KeepAliveServer:
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> KeepAliveServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -38,10 +42,13 @@ class KeepAliveServer:
         assert self._server is not None
         self._server.close()
 
-    def pool(self, max_connections: int = 8, timeouts: http1.Timeouts = FAST) -> http1.Pool:
+    def pool(
+        self, max_connections: int = 8, timeouts: http1.Timeouts = FAST, tls: ssl.SSLContext | None = None
+    ) -> http1.Pool:
         return http1.Pool(
-            "127.0.0.1", self.port, tls=False, timeouts=timeouts, max_connections=max_connections, keepalive_expiry=30
-        )
+            "127.0.0.1", self.port, ssl_context=tls, timeouts=timeouts, max_connections=max_connections,
+            keepalive_expiry=30,
+        )  # fmt: skip
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -239,7 +246,7 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
-        pool = http1.Pool("127.0.0.1", port, tls=False, timeouts=FAST, max_connections=1, keepalive_expiry=30)
+        pool = http1.Pool("127.0.0.1", port, ssl_context=None, timeouts=FAST, max_connections=1, keepalive_expiry=30)
         with pytest.raises(http1.ConnectError):
             await pool.open(b"GET", b"/", [], b"")
         with pytest.raises(http1.ConnectError):  # the failed attempt gave its slot back
@@ -324,6 +331,22 @@ async def test_httpx_runs_over_the_pool_with_its_errors_and_timeouts() -> None:
         assert await response.read() == b"ok"
         response.release()
         assert server.connections <= 2
+
+
+async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    async with KeepAliveServer(ok(b"secret"), tls=server_side) as server:
+        trusting = server.pool(tls=ssl.create_default_context(cafile=str(cert)))
+        response = await trusting.open(b"GET", b"/", [], b"")
+        assert await response.read() == b"secret"
+        response.release()
+        trusting.close()
+        async with UpstreamClient(Settings()) as client:  # the system's CAs: a self-signed upstream is refused
+            with pytest.raises(http1.ConnectError):
+                await client.open("GET", f"https://127.0.0.1:{server.port}", b"/", [], b"")
+        assert b"host: 127.0.0.1:%d" % server.port in server.requests[0]
 
 
 async def test_failures_map_to_gateway_statuses() -> None:

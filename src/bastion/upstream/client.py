@@ -11,6 +11,7 @@ pool ~25 µs (docs/architecture.md). The hot path cannot afford the difference.
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -61,7 +62,7 @@ class UpstreamClient:
             pool = self._pools[key] = Pool(
                 host,
                 port,
-                tls=scheme == "https",
+                ssl_context=ssl.create_default_context() if scheme == "https" else None,  # verified, system CAs
                 timeouts=self.timeouts,
                 max_connections=self._max_connections,
                 keepalive_expiry=self._keepalive_expiry,

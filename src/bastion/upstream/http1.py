@@ -347,7 +347,7 @@ class Pool:
         host: str,
         port: int,
         *,
-        tls: bool,
+        ssl_context: ssl.SSLContext | None,
         timeouts: Timeouts,
         max_connections: int,
         keepalive_expiry: float,
@@ -355,8 +355,8 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
         self.timeouts = timeouts
-        self._ssl = ssl.create_default_context() if tls else None
-        default_port = 443 if tls else 80
+        self._ssl = ssl_context  # None: plain HTTP
+        default_port = 80 if ssl_context is None else 443
         authority = f"[{host}]" if ":" in host else host
         self._host_header = (authority if port == default_port else f"{authority}:{port}").encode("ascii")
         self._max = max_connections
