@@ -71,29 +71,46 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Scope key: a `DisconnectHook` that bastion's own server (server.py) puts on every request.
+DISCONNECT_HOOK = "bastion.disconnect_hook"
+
+
+class DisconnectHook:
+    """The server calls `callback` the moment a client's connection is lost before its response ended."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+
+
 class DisconnectWatch:
     """Cancel the current task as soon as the client goes away.
 
     ASGI servers drop writes to a closed connection silently, so a slow stream
-    would otherwise keep the upstream generating until its next chunk. Once the
-    request body has been read, the only message `receive()` can still deliver is
-    `http.disconnect`; waiting for it in a side task lets us cancel the forwarding
-    task at once. Check `.disconnected` (`absorb()`) after catching `CancelledError`.
-
-    The side task starts only after `delay` seconds: most responses are over by then,
-    and a task per request was a measurable share of the gateway's CPU. A client that
-    leaves earlier is noticed when the delay ends (a disconnect waits in `receive()`).
+    would otherwise keep the upstream generating until its next chunk. Under
+    bastion's own server the scope carries a `DisconnectHook`, which it calls from
+    `connection_lost`: the task is cancelled at once, at no cost per request.
+    Under any other server the only sign is `receive()` returning
+    `http.disconnect`, awaited in a side task that starts after `delay` seconds
+    (most responses are over by then, and a task per request was a measurable
+    share of the gateway's CPU). Check `absorb()` after catching `CancelledError`.
     """
 
-    __slots__ = ("_done", "_receive", "_task", "_timer", "_watcher", "disconnected")
+    __slots__ = ("_done", "_hook", "_receive", "_task", "_timer", "_watcher", "disconnected")
 
-    def __init__(self, receive: Receive, delay: float = 0.05) -> None:
+    def __init__(self, scope: Scope, receive: Receive, delay: float = 0.05) -> None:
         self._task = asyncio.current_task()
         self._receive = receive
         self._done = False
         self.disconnected = False
         self._watcher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._start)
+        self._timer: asyncio.TimerHandle | None = None
+        self._hook: DisconnectHook | None = scope.get(DISCONNECT_HOOK)
+        if self._hook is not None:
+            self._hook.callback = self._gone
+        else:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._start)
 
     def _start(self) -> None:
         self._timer = None
@@ -105,6 +122,9 @@ class DisconnectWatch:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 break
+        self._gone()
+
+    def _gone(self) -> None:
         if not self._done and self._task is not None:
             self.disconnected = True
             self._task.cancel()
@@ -112,6 +132,8 @@ class DisconnectWatch:
     def finish(self) -> None:
         """Mark the response complete: a later disconnect is just the end of the exchange."""
         self._done = True
+        if self._hook is not None:
+            self._hook.callback = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

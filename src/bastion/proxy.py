@@ -95,7 +95,7 @@ class Proxy:
 
         target = raw_path + b"?" + scope["query_string"] if scope.get("query_string") else raw_path
         ours = _our_headers(scope, exchange)
-        watch = DisconnectWatch(receive)
+        watch = DisconnectWatch(scope, receive)
         response: Response | None = None
         completed = False
         try:

@@ -9,7 +9,10 @@ returns uvicorn's httptools protocol with two bounds added:
   (waiting for the next request), disarmed when the headers are complete: a
   connection whose head is not in within it is closed (408 if it sent anything);
 - a head size limit: a head past `max_header_bytes` gets 431 and is closed, whether
-  it is still incomplete (counted as received) or parsed (counted per header).
+  it is still incomplete (counted as received) or parsed (counted per header);
+- a `DisconnectHook` on every request's scope, called from `connection_lost` while
+  the response is unfinished, so the proxy stops a generation the moment its client
+  goes (asgi.DisconnectWatch), without a watcher task per request.
 
 The body is bounded separately, by `client_body_timeout` in `asgi.read_body`.
 """
@@ -22,7 +25,7 @@ from typing import Any, cast
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .asgi import ASGIApp
+from .asgi import DISCONNECT_HOOK, ASGIApp, DisconnectHook
 from .config import Settings
 
 
@@ -116,7 +119,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            hook: DisconnectHook | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
+            if hook is not None and hook.callback is not None:
+                hook.callback()  # the proxy stops waiting on the upstream at once
 
     def data_received(self, data: bytes) -> None:
         awaiting = self._awaiting_head
@@ -157,6 +165,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._cancel_head_timer()
+        self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:

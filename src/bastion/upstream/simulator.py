@@ -144,7 +144,7 @@ class Simulator:
             await _send(send, 400, _vllm_error(400, job.invalid))
             return
         self.metrics.running_m.inc()
-        watch = DisconnectWatch(receive)
+        watch = DisconnectWatch(scope, receive, delay=0.0)  # like vLLM: stop generating the moment the client goes
         try:
             if job.stream:
                 await job.stream_to(send, watch)
