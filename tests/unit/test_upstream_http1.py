@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 pool against real sockets on 127.0.0.1 that answer on cue."""
+"""The upstream HTTP/1.1 client (upstream.http1, upstream.pool) against real sockets on 127.0.0.1 that answer on cue."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from bastion.config import Settings
 from bastion.upstream import http1
 from bastion.upstream.client import UpstreamClient, upstream_failure
+from bastion.upstream.pool import Pool
 from tests.support import make_cert
 
 # (request number on this connection, request head+body, writer) -> keep the connection open?
@@ -44,8 +45,8 @@ class KeepAliveServer:
 
     def pool(
         self, max_connections: int = 8, timeouts: http1.Timeouts = FAST, tls: ssl.SSLContext | None = None
-    ) -> http1.Pool:
-        return http1.Pool(
+    ) -> Pool:
+        return Pool(
             "127.0.0.1", self.port, ssl_context=tls, timeouts=timeouts, max_connections=max_connections,
             keepalive_expiry=30,
         )  # fmt: skip
@@ -246,7 +247,7 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
-        pool = http1.Pool("127.0.0.1", port, ssl_context=None, timeouts=FAST, max_connections=1, keepalive_expiry=30)
+        pool = Pool("127.0.0.1", port, ssl_context=None, timeouts=FAST, max_connections=1, keepalive_expiry=30)
         with pytest.raises(http1.ConnectError):
             await pool.open(b"GET", b"/", [], b"")
         with pytest.raises(http1.ConnectError):  # the failed attempt gave its slot back

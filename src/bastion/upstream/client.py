@@ -20,7 +20,8 @@ import httpx
 from ..config import Settings
 from ..errors import GatewayError
 from . import http1
-from .http1 import Headers, Pool, Response, Timeouts
+from .http1 import Headers, Response, Timeouts
+from .pool import Pool
 from .transport import PoolTransport
 
 # What a probe or side request through `UpstreamClient.http` can raise when the upstream misbehaves.
