@@ -71,17 +71,23 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-# Scope key: a `DisconnectHook` that bastion's own server (server.py) puts on every request.
-DISCONNECT_HOOK = "bastion.disconnect_hook"
+# Scope key: a `ConnectionHook` that bastion's own server (server.py) puts on every request.
+CONNECTION_HOOK = "bastion.connection_hook"
 
 
-class DisconnectHook:
-    """The server calls `callback` the moment a client's connection is lost before its response ended."""
+class ConnectionHook:
+    """What ASGI lacks, from bastion's server: news of a lost client, and a way to end a broken response.
 
-    __slots__ = ("callback",)
+    The server calls `on_lost` the moment the client's connection is lost before its
+    response ended, and gives `abort`, which closes the connection quietly (the app
+    logged why) when a response that has started cannot be finished.
+    """
+
+    __slots__ = ("abort", "on_lost")
 
     def __init__(self) -> None:
-        self.callback: Callable[[], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.abort: Callable[[], None] | None = None
 
 
 class DisconnectWatch:
@@ -89,7 +95,7 @@ class DisconnectWatch:
 
     ASGI servers drop writes to a closed connection silently, so a slow stream
     would otherwise keep the upstream generating until its next chunk. Under
-    bastion's own server the scope carries a `DisconnectHook`, which it calls from
+    bastion's own server the scope carries a `ConnectionHook`, whose `on_lost` it calls from
     `connection_lost`: the task is cancelled at once, at no cost per request.
     Under any other server the only sign is `receive()` returning
     `http.disconnect`, awaited in a side task that starts after `delay` seconds
@@ -106,9 +112,9 @@ class DisconnectWatch:
         self.disconnected = False
         self._watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._hook: DisconnectHook | None = scope.get(DISCONNECT_HOOK)
+        self._hook: ConnectionHook | None = scope.get(CONNECTION_HOOK)
         if self._hook is not None:
-            self._hook.callback = self._gone
+            self._hook.on_lost = self._gone
         else:
             self._timer = asyncio.get_running_loop().call_later(delay, self._start)
 
@@ -133,12 +139,20 @@ class DisconnectWatch:
         """Mark the response complete: a later disconnect is just the end of the exchange."""
         self._done = True
         if self._hook is not None:
-            self._hook.callback = None
+            self._hook.on_lost = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._watcher is not None:
             self._watcher.cancel()
+
+    def abort_connection(self) -> bool:
+        """End the watch and close the client's connection; False where the server offers no way to."""
+        self.finish()
+        if self._hook is None or self._hook.abort is None:
+            return False
+        self._hook.abort()
+        return True
 
     def absorb(self) -> bool:
         """After a CancelledError: True (and the cancellation undone) if it was ours."""

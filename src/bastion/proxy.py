@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ from .upstream.client import UpstreamClient, upstream_failure
 from .upstream.http1 import Response, UpstreamError
 from .upstream.state import Upstream
 from .usage import StreamTap, find_usage
+
+log = logging.getLogger("bastion.proxy")
 
 HOP_BY_HOP = frozenset(
     {
@@ -181,6 +184,12 @@ class Proxy:
         except UpstreamError as exc:
             exchange.outcome, exchange.reason = "upstream_error", "midstream"
             if tap is None:
+                # Status and headers are out: the only honest signal left is a closed connection.
+                if watch.abort_connection():
+                    log.warning(
+                        "request %s: the upstream failed mid-response (%s); connection closed", exchange.request_id, exc
+                    )
+                    return False
                 raise UpstreamBroke("upstream failed mid-response") from exc
             await self._end_stream_with_error(send, tap, watch, upstream_failure(exc))
             return False

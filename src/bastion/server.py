@@ -10,9 +10,11 @@ returns uvicorn's httptools protocol with two bounds added:
   connection whose head is not in within it is closed (408 if it sent anything);
 - a head size limit: a head past `max_header_bytes` gets 431 and is closed, whether
   it is still incomplete (counted as received) or parsed (counted per header);
-- a `DisconnectHook` on every request's scope, called from `connection_lost` while
-  the response is unfinished, so the proxy stops a generation the moment its client
-  goes (asgi.DisconnectWatch), without a watcher task per request.
+- a `ConnectionHook` on every request's scope: its `on_lost` is called from
+  `connection_lost` while the response is unfinished, so the proxy stops a generation
+  the moment its client goes (asgi.DisconnectWatch) without a watcher task per request;
+  its `abort` ends a response that broke after it started with one closed connection
+  and the proxy's own log line, not uvicorn's "Exception in ASGI application" traceback.
 
 The body is bounded separately, by `client_body_timeout` in `asgi.read_body`.
 """
@@ -20,12 +22,13 @@ The body is bounded separately, by `client_body_timeout` in `asgi.read_body`.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, cast
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .asgi import DISCONNECT_HOOK, ASGIApp, DisconnectHook
+from .asgi import CONNECTION_HOOK, ASGIApp, ConnectionHook
 from .config import Settings
 
 
@@ -122,9 +125,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
-            hook: DisconnectHook | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
-            if hook is not None and hook.callback is not None:
-                hook.callback()  # the proxy stops waiting on the upstream at once
+            hook: ConnectionHook | None = cycle.scope.get(CONNECTION_HOOK)  # type: ignore[assignment]
+            if hook is not None and hook.on_lost is not None:
+                hook.on_lost()  # the proxy stops waiting on the upstream at once
 
     def data_received(self, data: bytes) -> None:
         awaiting = self._awaiting_head
@@ -165,13 +168,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._cancel_head_timer()
-        self.scope[DISCONNECT_HOOK] = DisconnectHook()  # type: ignore[literal-required]
+        hook = ConnectionHook()
+        self.scope[CONNECTION_HOOK] = hook  # type: ignore[literal-required]
         super().on_headers_complete()
+        hook.abort = functools.partial(_abort, self.cycle)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
             self._await_head()
+
+
+def _abort(cycle: RequestResponseCycle) -> None:
+    """Close the connection of a response that cannot be finished, marked so uvicorn does not log it again."""
+    cycle.disconnected = True  # else: "ASGI callable returned without completing response."
+    cycle.transport.close()
 
 
 def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[GuardedHttpToolsProtocol]:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bastion.asgi import DISCONNECT_HOOK, DisconnectHook, DisconnectWatch, Message
+from bastion.asgi import CONNECTION_HOOK, ConnectionHook, DisconnectWatch, Message
 
 
 async def _never() -> Message:
@@ -29,16 +29,16 @@ async def _forward(scope: dict[str, object], receive: object, started: asyncio.E
 
 
 async def test_the_servers_hook_cancels_at_once_without_a_task() -> None:
-    hook = DisconnectHook()
+    hook = ConnectionHook()
     started = asyncio.Event()
-    task = asyncio.create_task(_forward({DISCONNECT_HOOK: hook}, _never, started))
+    task = asyncio.create_task(_forward({CONNECTION_HOOK: hook}, _never, started))
     await started.wait()
     await asyncio.sleep(0.1)  # past the fallback's delay
     assert len(asyncio.all_tasks()) == 2  # this test and the forwarding task: no watcher task
-    assert hook.callback is not None
-    hook.callback()  # what server.py does from connection_lost
+    assert hook.on_lost is not None
+    hook.on_lost()  # what server.py does from connection_lost
     assert await asyncio.wait_for(task, 1) == "client gone"
-    assert hook.callback is None  # finished: a later connection loss is just the end of the exchange
+    assert hook.on_lost is None  # finished: a later connection loss is just the end of the exchange
 
 
 async def test_without_the_hook_receive_is_watched_after_the_delay() -> None:
@@ -57,7 +57,7 @@ async def test_without_the_hook_receive_is_watched_after_the_delay() -> None:
 
 async def test_a_cancellation_that_is_not_a_disconnect_propagates() -> None:
     started = asyncio.Event()
-    task = asyncio.create_task(_forward({DISCONNECT_HOOK: DisconnectHook()}, _never, started))
+    task = asyncio.create_task(_forward({CONNECTION_HOOK: ConnectionHook()}, _never, started))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -79,8 +82,38 @@ async def test_body_bytes_are_never_held() -> None:
     assert recorder.writes == [b"data: {}\n\n"]
 
 
+@contextlib.asynccontextmanager
+async def real_server(upstream_port: int) -> AsyncIterator[int]:
+    """The gateway under bastion's own server (server_config), in this event loop; yields its port."""
+    port = free_port()
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        upstream_url=f"http://127.0.0.1:{upstream_port}", api_keys=TEST_KEY, port=port, audit_log="off",
+        shutdown_grace=2,
+    )  # fmt: skip
+    server = uvicorn.Server(server_config(create_app(settings), settings))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 (uvicorn's Server has no event for it)
+            await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def post_chat(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer %s\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (TEST_KEY.encode(), len(body), body)
+    )
+    return reader, writer
+
+
 async def test_a_client_that_leaves_mid_response_closes_the_upstream_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the real server: the disconnect hook, not the receive() watcher (pushed out to 60 s here)."""
+    """Through the real server: the connection hook, not the receive() watcher (pushed out to 60 s here)."""
     monkeypatch.setattr(proxy, "DisconnectWatch", functools.partial(DisconnectWatch, delay=60.0))
     asked, upstream_closed = asyncio.Event(), asyncio.Event()
 
@@ -92,27 +125,31 @@ async def test_a_client_that_leaves_mid_response_closes_the_upstream_at_once(mon
         writer.close()
 
     upstream = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = free_port()
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        upstream_url=f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}",
-        api_keys=TEST_KEY, port=port, audit_log="off",
-    )  # fmt: skip
-    server = uvicorn.Server(server_config(create_app(settings), settings))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:  # noqa: ASYNC110 (uvicorn's Server has no event for it)
-            await asyncio.sleep(0.01)
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer %s\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (TEST_KEY.encode(), len(body), body)
-        )
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        _, writer = await post_chat(port)
         await asyncio.wait_for(asked.wait(), 5)
         writer.close()
         await asyncio.wait_for(upstream_closed.wait(), 2)
-    finally:
-        server.should_exit = True
-        await serving
-        upstream.close()
+    upstream.close()
+
+
+async def test_a_body_that_breaks_after_the_head_closes_the_connection_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def half_a_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":')
+        await writer.drain()
+        writer.transport.abort()
+
+    upstream = await asyncio.start_server(half_a_body, "127.0.0.1", 0)
+    caplog.set_level(logging.INFO)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        reader, writer = await post_chat(port)
+        received = await asyncio.wait_for(reader.read(), 5)  # to EOF: the gateway closed the connection
+        writer.close()
+    upstream.close()
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b'{"id":')
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("the upstream failed mid-response" in message for message in messages), messages
+    assert not any("ASGI" in message for message in messages), messages  # uvicorn stayed quiet
