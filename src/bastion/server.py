@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from typing import Any, cast
 
 import uvicorn
@@ -171,7 +172,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         hook = ConnectionHook()
         self.scope[CONNECTION_HOOK] = hook  # type: ignore[literal-required]
         super().on_headers_complete()
-        hook.abort = functools.partial(_abort, self.cycle)
+        # A weak reference: cycle -> scope -> hook -> cycle would make every request a reference
+        # cycle, left for the garbage collector (measured: ~35 µs more CPU per request).
+        hook.abort = functools.partial(_abort, weakref.ref(self.cycle))
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -179,10 +182,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._await_head()
 
 
-def _abort(cycle: RequestResponseCycle) -> None:
+def _abort(ref: weakref.ref[RequestResponseCycle]) -> None:
     """Close the connection of a response that cannot be finished, marked so uvicorn does not log it again."""
-    cycle.disconnected = True  # else: "ASGI callable returned without completing response."
-    cycle.transport.close()
+    cycle = ref()
+    if cycle is not None:
+        cycle.disconnected = True  # else: "ASGI callable returned without completing response."
+        cycle.transport.close()
 
 
 def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[GuardedHttpToolsProtocol]:
