@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -153,3 +154,46 @@ async def test_a_body_that_breaks_after_the_head_closes_the_connection_with_one_
     messages = [record.getMessage() for record in caplog.records]
     assert any("the upstream failed mid-response" in message for message in messages), messages
     assert not any("ASGI" in message for message in messages), messages  # uvicorn stayed quiet
+
+
+async def test_requests_leave_no_reference_cycles_behind() -> None:
+    """A per-request reference cycle on the hot path is garbage only the collector frees: it cost ~35 µs a request."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                body = b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+
+        async def one() -> None:
+            reader, writer = await post_chat(port)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            writer.close()
+            await writer.wait_closed()
+
+        for _ in range(10):  # warm-up: pools, caches
+            await one()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(50):
+                await one()
+            await asyncio.sleep(0.1)
+            gc.collect()
+            kinds = {type(thing).__name__ for thing in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    upstream.close()
+    ours = {"RequestResponseCycle", "Exchange", "ConnectionHook", "DisconnectWatch", "Response", "Connection"}
+    assert not kinds & ours, sorted(kinds)
