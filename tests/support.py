@@ -165,21 +165,19 @@ class ScriptedUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            request = head + await reader.readexactly(length)
+            request = head + await reader.readexactly(content_length(head))
             self.requests.append(request)
             await self.script(request, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of an HTTP message head (request or response), 0 if it has none."""
+    lines = head.split(b"\r\n")
+    return next((int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length")), 0)
 
 
 def respond(status: int, body: bytes, content_type: bytes = b"application/json") -> Script:

@@ -18,7 +18,7 @@ from bastion.app import create_app
 from bastion.asgi import DisconnectWatch
 from bastion.config import Settings
 from bastion.server import HeadHoldingTransport, server_config
-from tests.support import TEST_KEY, free_port
+from tests.support import TEST_KEY, content_length, free_port
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -163,8 +163,7 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                await reader.readexactly(content_length(head))
                 body = b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}'
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
@@ -175,7 +174,7 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
             reader, writer = await post_chat(port)
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200")
-            await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            await reader.readexactly(content_length(head))
             writer.close()
             await writer.wait_closed()
 

@@ -15,7 +15,7 @@ from bastion.config import Settings
 from bastion.upstream import http1
 from bastion.upstream.client import UpstreamClient, upstream_failure
 from bastion.upstream.pool import Pool
-from tests.support import make_cert
+from tests.support import content_length, make_cert
 
 # (request number on this connection, request head+body, writer) -> keep the connection open?
 Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
@@ -57,10 +57,7 @@ class KeepAliveServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length")), 0
-                )
-                self.requests.append(head + await reader.readexactly(length))
+                self.requests.append(head + await reader.readexactly(content_length(head)))
                 if not await self.answer(number, self.requests[-1], writer):
                     break
                 number += 1
