@@ -105,9 +105,14 @@ def register(commands: Any) -> None:
     token.set_defaults(handler=_token)
 
 
-def _settings(args: dict[str, Any]) -> Settings:
+def _settings(args: dict[str, Any]) -> Settings | None:
+    """The settings (with `--keys-file` applied), or None after saying what is invalid."""
     overrides = {"keys_file": args.pop("keys_file")} if "keys_file" in args else {}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        _say(describe_validation_error(exc))
+        return None
 
 
 def _say(message: str) -> None:
@@ -115,10 +120,8 @@ def _say(message: str) -> None:
 
 
 def _keys(args: dict[str, Any]) -> int:
-    try:
-        settings = _settings(args)
-    except ValidationError as exc:
-        _say(describe_validation_error(exc))
+    settings = _settings(args)
+    if settings is None:
         return 2
     if settings.keys_file is None:
         _say("no key store: pass --keys-file PATH or set BASTION_KEYS_FILE")
@@ -212,10 +215,8 @@ def _locked(path: Path) -> Iterator[None]:
 def _token(args: dict[str, Any]) -> int:
     from .jwt import mint
 
-    try:
-        settings = _settings({})
-    except ValidationError as exc:
-        _say(describe_validation_error(exc))
+    settings = _settings({})
+    if settings is None:
         return 2
     if settings.jwt_secret is None:
         _say("set BASTION_JWT_SECRET (environment or .env) to mint tokens; it is never a flag")
