@@ -15,25 +15,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
+from audit_cost import finished  # the same finished streaming exchange
+
 from bastion.config import Settings
-from bastion.exchange import Exchange
 from bastion.metrics import Metrics
 from bastion.upstream.state import Phase, Upstream
-from bastion.usage import Usage
-
-
-def filled() -> Exchange:
-    e = Exchange(request_id="0123456789abcdef0123456789abcdef", method="POST", path="/v1/chat/completions")
-    e.client_ip, e.principal, e.model, e.stream, e.status = "127.0.0.1", "team-a", "qwen2.5-7b-instruct", True, 200
-    e.usage = Usage(57, 312)
-    e.first_byte, e.finished = e.started + 0.08, e.started + 2.4
-    return e
 
 
 def main(n: int) -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     metrics = Metrics(settings, Upstream("http://127.0.0.1:9", None, Phase.READY))
-    exchange = filled()
+    exchange = finished()
 
     def both() -> None:
         metrics.open(exchange)
