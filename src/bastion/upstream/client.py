@@ -42,19 +42,16 @@ class UpstreamClient:
         self._keepalive_expiry = settings.upstream_keepalive_expiry
         self._pools: dict[tuple[str, str, int], Pool] = {}
         self._bases: dict[str, tuple[Pool, bytes]] = {}  # base URL -> its pool and path prefix
+        t = self.timeouts
         self.http = httpx.AsyncClient(
             transport=PoolTransport(self),
-            timeout=httpx.Timeout(
-                connect=settings.upstream_connect_timeout,
-                read=settings.upstream_read_timeout,
-                write=settings.upstream_write_timeout,
-                pool=settings.upstream_pool_timeout,
-            ),
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             trust_env=False,
         )
 
-    def pool(self, scheme: str, host: str, port: int) -> Pool:
-        """The pool for an origin, created on first use (inside the running event loop)."""
+    def pool(self, scheme: str, host: str, port: int | None) -> Pool:
+        """The pool for an origin (no port: the scheme's), created on first use (inside the running event loop)."""
+        port = port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
         pool = self._pools.get(key)
         if pool is None:
@@ -75,9 +72,8 @@ class UpstreamClient:
         found = self._bases.get(base_url)
         if found is None:
             parts = urlsplit(base_url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
             found = self._bases[base_url] = (
-                self.pool(parts.scheme, parts.hostname or "", port),
+                self.pool(parts.scheme, parts.hostname or "", parts.port),
                 parts.path.rstrip("/").encode("latin-1"),
             )
         pool, prefix = found

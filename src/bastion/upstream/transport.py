@@ -37,7 +37,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        pool = self._client.pool(url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        pool = self._client.pool(url.scheme, url.host, url.port)
         body = await request.aread()
         headers = [(k.lower(), v) for k, v in request.headers.raw if k.lower() not in _DROP]
         timeouts = self._timeouts(request)
