@@ -1,9 +1,9 @@
-"""uvicorn, with the bounds on slow and oversized request heads that it lacks.
+"""uvicorn, with the bounds on slow and oversized request heads that it lacks, and two hooks.
 
 uvicorn arms its keep-alive timer only after a response: a fresh connection that
 sends nothing, or sends its headers one byte at a time (slowloris), is kept
 forever, and httptools buffers a request head of any size. `guarded_protocol`
-returns uvicorn's httptools protocol with two bounds added:
+returns uvicorn's httptools protocol with these additions:
 
 - a head timeout, armed when a connection opens and again when a response ends
   (waiting for the next request), disarmed when the headers are complete: a
@@ -14,7 +14,8 @@ returns uvicorn's httptools protocol with two bounds added:
   `connection_lost` while the response is unfinished, so the proxy stops a generation
   the moment its client goes (asgi.DisconnectWatch) without a watcher task per request;
   its `abort` ends a response that broke after it started with one closed connection
-  and the proxy's own log line, not uvicorn's "Exception in ASGI application" traceback.
+  and the proxy's own log line, not uvicorn's "Exception in ASGI application" traceback;
+- `HeadHoldingTransport`, so a response's head and body leave in one write.
 
 The body is bounded separately, by `client_body_timeout` in `asgi.read_body`.
 """
