@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bastion.audit import AuditLog, audit_log
-from bastion.exchange import Exchange
+from bastion.context import Exchange
 from bastion.usage import Usage
 
 

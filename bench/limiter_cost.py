@@ -29,8 +29,8 @@ from pydantic import SecretStr
 
 from bastion.asgi import Message, Receive, Scope, Send
 from bastion.config import Settings
-from bastion.exchange import Exchange
-from bastion.limits import RateLimiter, RateLimitMiddleware
+from bastion.context import Exchange, exchange_of
+from bastion.ratelimit import RateLimiter, RateLimitMiddleware
 from bastion.usage import Usage
 
 FULL = 100_000  # prior hits in the one-key window
@@ -38,7 +38,7 @@ FULL = 100_000  # prior hits in the one-key window
 
 async def _upstream(scope: Scope, receive: Receive, send: Send) -> None:
     """Stands in for the proxy: answers at once with 30 tokens of usage."""
-    scope["bastion.exchange"].usage = Usage(10, 20)
+    exchange_of(scope).usage = Usage(10, 20)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"{}", "more_body": False})
 
@@ -58,7 +58,7 @@ def _ip(i: int, spread: bool) -> str:
 async def _loop(app: RateLimitMiddleware, n: int, spread: bool, pause: bool = True) -> None:
     for i in range(n):
         exchange = Exchange("r", "POST", "/v1/chat/completions", client_ip=_ip(i, spread))
-        await app({"type": "http", "headers": [], "bastion.exchange": exchange}, _receive, _send)
+        await app(_scope(exchange), _receive, _send)
         if pause:
             await asyncio.sleep(0)
 
@@ -67,7 +67,7 @@ async def _baseline(n: int, spread: bool) -> float:
     start = time.perf_counter()
     for i in range(n):
         exchange = Exchange("r", "POST", "/v1/chat/completions", client_ip=_ip(i, spread))
-        await _upstream({"type": "http", "headers": [], "bastion.exchange": exchange}, _receive, _send)
+        await _upstream(_scope(exchange), _receive, _send)
         await asyncio.sleep(0)
     return (time.perf_counter() - start) / n * 1e6
 
@@ -124,3 +124,9 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+
+
+def _scope(exchange: Exchange) -> dict[str, object]:
+    scope: dict[str, object] = {"type": "http", "headers": []}
+    exchange.attach(scope)
+    return scope

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 from audit_cost import finished  # the same finished streaming exchange
 
 from bastion.config import Settings
+from bastion.engine.state import Phase, Upstream
 from bastion.metrics import Metrics
-from bastion.upstream.state import Phase, Upstream
 
 
 def main(n: int) -> None:

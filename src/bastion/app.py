@@ -26,15 +26,16 @@ from .audit import audit_log
 from .auth.middleware import Auth
 from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
+from .context import Exchange, Listener
+from .engine.probe import answers_health
+from .engine.state import Phase, Upstream
+from .engine.supervisor import supervised_upstream
 from .errors import error_body
-from .exchange import Exchange, Listener
-from .limits import RateLimiter, RateLimitMiddleware
+from .http import Client, Timeouts
 from .metrics import Metrics
 from .metrics_http import metrics_routes
 from .proxy import Proxy
-from .upstream.client import UpstreamClient, answers_health
-from .upstream.state import Phase, Upstream
-from .upstream.supervisor import supervised_upstream
+from .ratelimit import RateLimiter, RateLimitMiddleware
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -76,7 +77,7 @@ class Gateway:
         client = scope.get("client")
         if client:
             exchange.client_ip = client[0]
-        scope["bastion.exchange"] = exchange
+        exchange.attach(scope)
         try:
             for opener in self._openers:
                 opener(exchange)
@@ -97,7 +98,16 @@ def create_app(
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
     auth = Auth(settings)
-    client = UpstreamClient(settings)
+    client = Client(
+        timeouts=Timeouts(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=settings.upstream_write_timeout,
+            pool=settings.upstream_pool_timeout,
+        ),
+        max_connections=settings.upstream_max_connections,
+        keepalive_expiry=settings.upstream_keepalive_expiry,
+    )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
     limiter = RateLimiter(settings)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterable
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for a str
 from typing import BinaryIO
 
-from .exchange import Exchange
+from .context import Exchange
 from .logs import RedactingFilter
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class AuditLog:
         self.writer.write(
             f'{{"time":"{self._stamp}.{int(now % 1 * 1000):03d}Z"'
             f',"request_id":{_json_str(self._redact(exchange.request_id))}'
-            f',"principal":{_json_str(exchange.principal)}'
+            f',"principal":{_json_str(exchange.principal_name)}'
             f',"client_ip":{_json_str(exchange.client_ip)}'
             f',"method":{_json_str(exchange.method)}'
             f',"path":{_json_str(self._client_field(exchange.path))}'

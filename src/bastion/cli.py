@@ -23,9 +23,9 @@ from pydantic_settings import BaseSettings
 from . import __version__
 from .auth import cli as auth_cli
 from .config import Settings, config_reference, describe_validation_error, env_example
+from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .logs import configure_logging
-from .upstream.simulator import Simulator, SimulatorSettings
-from .upstream.vllm import NO_VLLM_HINT, vllm_unavailable
+from .simulator.settings import SimulatorSettings
 
 
 def _flag(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], name: str, **kw: Any) -> None:
@@ -150,6 +150,8 @@ def _serve(settings: Settings) -> int:
 
 
 def _simulate(settings: SimulatorSettings) -> int:
+    from .simulator.app import Simulator
+
     if settings.startup_delay:
         _pretend_to_load(settings.startup_delay)
     print(

@@ -11,7 +11,7 @@ import json
 import textwrap
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -21,7 +21,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -324,18 +323,6 @@ class Settings(BaseSettings):
         "stdout",
         description="Audit log destination: stdout, off, or a file path (one JSON line per /v1 request).",
     )
-
-    @model_validator(mode="after")
-    def _shared_counts_for_several_processes(self) -> Self:
-        # Memory storage counts per process: N workers would silently allow N times every limit.
-        # There is no workers setting today (one process per `bastion serve`); this guards a future one.
-        workers = getattr(self, "workers", 1)
-        if isinstance(workers, int) and workers > 1 and self.redis_url is None:
-            raise ValueError(
-                f"{workers} workers with in-memory rate limits would multiply every limit by {workers}: "
-                "set BASTION_REDIS_URL so the workers share counts, or run one worker"
-            )
-        return self
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import httpx
+
+from . import http
 from .asgi import Send
 
 # status -> (type, default code)
@@ -88,3 +91,25 @@ async def send_error(send: Send, error: GatewayError, extra_headers: Iterable[tu
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def upstream_failure(exc: BaseException) -> GatewayError:
+    """Map a failure talking to the upstream to the status the client sees (502, 503 or 504).
+
+    Accepts the HTTP client's exceptions and httpx's (whose cause, where it is one of ours, decides).
+    """
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None else exc
+    if isinstance(cause, http.PoolTimeout | httpx.PoolTimeout):
+        return GatewayError(
+            503,
+            "Every connection to the model server is busy; retry shortly.",
+            code="upstream_busy",
+            headers=[(b"retry-after", b"1")],
+        )
+    if isinstance(cause, http.ConnectTimeout | httpx.ConnectTimeout):
+        return GatewayError(502, "The model server could not be reached in time.", code="upstream_unavailable")
+    if isinstance(cause, http.ReadTimeout | http.WriteTimeout | TimeoutError | httpx.TimeoutException):
+        return GatewayError(504, "The model server did not answer in time.", code="upstream_timeout")
+    return GatewayError(
+        502, "The model server could not be reached or failed mid-request.", code="upstream_unavailable"
+    )

@@ -34,8 +34,8 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import Settings
-from .exchange import Exchange
-from .upstream.state import Phase, Upstream
+from .context import Exchange, Outcome
+from .engine.state import Phase, Upstream
 
 # LLM latencies: 5 ms (a rejected or cached answer) to 10 minutes (a long generation).
 LATENCY_BUCKETS = (
@@ -201,7 +201,7 @@ class Metrics:
         status = exchange.status
         model = self._model_label(exchange.model, status)
         route = route_of(exchange.path)
-        principal = exchange.principal if self._principal_label else ""
+        principal = exchange.principal_name if self._principal_label else ""
 
         key = (model, route, status, principal)
         counter = self._request_children.get(key)
@@ -233,18 +233,18 @@ class Metrics:
             tokens[0].inc(usage.prompt_tokens)
             tokens[1].inc(usage.completion_tokens)
 
-        if status >= 400 or exchange.outcome != "ok":
+        if status >= 400 or exchange.outcome is not Outcome.OK:
             self._count_failure(exchange, status)
 
     def _count_failure(self, exchange: Exchange, status: int) -> None:
         outcome, reason = exchange.outcome, exchange.reason
-        if outcome == "rejected" and status in (401, 403):
+        if outcome is Outcome.REJECTED and status in (401, 403):
             self._auth_failures(reason or "unknown").inc()
-        elif outcome == "rejected" and status == 429:
+        elif outcome is Outcome.REJECTED and status == 429:
             self._rate_limited(reason.removeprefix("rate_limit_") or "unknown").inc()
         elif reason in _UPSTREAM_REASONS:
             self._upstream_errors(reason).inc()
-        elif outcome == "ok" and status >= 500:
+        elif outcome is Outcome.OK and status >= 500:
             self._upstream_errors("upstream_5xx").inc()
 
     def _model_label(self, model: str, status: int) -> str:

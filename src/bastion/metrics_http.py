@@ -26,10 +26,10 @@ from prometheus_client.exposition import choose_encoder
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .auth.ipfilter import IPNetwork, in_networks, parse_ip
+from .engine.probe import HTTP_FAILURES
+from .engine.state import Phase, Upstream
 from .errors import GatewayError, send_error
 from .metrics import Metrics
-from .upstream.client import HTTP_FAILURES
-from .upstream.state import Phase, Upstream
 
 LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UPSTREAM_METRICS_TIMEOUT = 5.0

@@ -19,11 +19,11 @@ from .asgi import BodyTimeout, BodyTooLarge, ClientGone, DisconnectWatch, Receiv
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .config import Settings
-from .errors import GatewayError, send_error
-from .exchange import RESPONSE_HEADERS, Exchange
-from .upstream.client import UpstreamClient, upstream_failure
-from .upstream.http1 import Response, UpstreamError
-from .upstream.state import Upstream
+from .context import Exchange, Outcome, exchange_of
+from .engine.state import Upstream
+from .errors import GatewayError, send_error, upstream_failure
+from .http.client import Client
+from .http.http1 import HTTPError, Response
 from .usage import StreamTap, find_usage
 
 log = logging.getLogger("bastion.proxy")
@@ -53,7 +53,7 @@ class UpstreamBroke(Exception):
 
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream: Upstream, client: UpstreamClient) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream, client: Client) -> None:
         self._upstream = upstream
         self._client = client
         self._methods = frozenset(m.upper() for m in settings.passthrough_methods)
@@ -61,13 +61,13 @@ class Proxy:
         self._body_timeout = settings.client_body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange: Exchange = scope["bastion.exchange"]
+        exchange = exchange_of(scope)
         try:
             await self._handle(scope, receive, send, exchange)
         except GatewayError as error:
             exchange.status = error.status
-            if exchange.outcome == "ok":
-                exchange.outcome = "upstream_error" if error.status in (502, 504) else "rejected"
+            if exchange.outcome is Outcome.OK:
+                exchange.outcome = Outcome.UPSTREAM_ERROR if error.status in (502, 504) else Outcome.REJECTED
                 exchange.reason = exchange.reason or error.resolved_code
             await send_error(send, error, _our_headers(scope, exchange))
 
@@ -86,10 +86,10 @@ class Proxy:
         except BodyTimeout:
             raise GatewayError(408, "The request body was not received in time.") from None
         except ClientGone:
-            exchange.outcome = "client_disconnect"
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
             return
         content, strip_usage = _inspect_body(scope, body, exchange)
-        principal: Principal | None = scope.get("bastion.principal")
+        principal = exchange.principal
         restricted = principal is not None and principal.models is not None and scope["method"] == "GET"
         if restricted and scope["path"].startswith("/v1/models/"):
             assert principal is not None
@@ -106,7 +106,7 @@ class Proxy:
                 response = await self._client.open(
                     scope["method"], self._upstream.base_url, target, self._upstream_headers(scope, exchange), content
                 )
-            except UpstreamError as exc:
+            except HTTPError as exc:
                 raise upstream_failure(exc) from exc
             if restricted and scope["path"] == "/v1/models":
                 completed = await self._relay_model_list(response, send, exchange, principal, ours)
@@ -115,7 +115,7 @@ class Proxy:
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
-            exchange.outcome = "client_disconnect"
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
         finally:
             watch.finish()
             if response is not None:
@@ -181,8 +181,8 @@ class Proxy:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
                 body = tap.flush() if tap is not None else b""
-        except UpstreamError as exc:
-            exchange.outcome, exchange.reason = "upstream_error", "midstream"
+        except HTTPError as exc:
+            exchange.outcome, exchange.reason = Outcome.UPSTREAM_ERROR, "midstream"
             if tap is None:
                 # Status and headers are out: the only honest signal left is a closed connection.
                 if watch.abort_connection():
@@ -212,7 +212,7 @@ class Proxy:
         """
         try:
             body = await response.read()
-        except UpstreamError as exc:
+        except HTTPError as exc:
             raise upstream_failure(exc) from exc
         if response.status == 200 and principal is not None:
             body = filter_model_list(body, principal)
@@ -237,7 +237,7 @@ class Proxy:
 def _our_headers(scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
     """What the gateway adds to every response: the request id, and the x-ratelimit-* headers the
     limiter left in the scope (so no stage has to wrap `send` for every chunk)."""
-    return [(b"x-request-id", exchange.request_id.encode()), *scope.get(RESPONSE_HEADERS, ())]
+    return [(b"x-request-id", exchange.request_id.encode()), *exchange.response_headers]
 
 
 def _safe_path(path: str, raw_path: bytes) -> bool:
@@ -256,7 +256,7 @@ def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes,
     """
     if scope["method"] != "POST" or not body:
         return body, False
-    principal: Principal | None = scope.get("bastion.principal")
+    principal = exchange.principal
     content_type = header(scope, b"content-type")
     if content_type is not None and content_type.startswith(b"multipart/"):
         if principal is not None and principal.models is not None:

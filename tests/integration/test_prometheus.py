@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from bastion.config import Settings
+from bastion.engine.state import Upstream
 from bastion.metrics import Metrics
-from bastion.upstream.simulator import Simulator, SimulatorSettings
-from bastion.upstream.state import Upstream
+from bastion.simulator.app import Simulator
+from bastion.simulator.settings import SimulatorSettings
 from tests.support import AUTH, gateway, prometheus, simulator
 
 DEPLOY = Path(__file__).parents[2] / "deploy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bastion.limits.slots import RedisSlots
+from bastion.ratelimit.slots import RedisSlots
 from tests.support import redis_server
 
 

@@ -14,8 +14,9 @@ import pytest
 from bastion import audit as audit_module
 from bastion.app import create_app
 from bastion.audit import AuditLog, AuditWriter, audit_log
+from bastion.auth.identity import Principal
 from bastion.config import Settings
-from bastion.exchange import Exchange
+from bastion.context import Exchange, Outcome
 from bastion.logs import RedactingFilter
 from bastion.usage import Usage
 from tests.support import AUDIT_FIELDS
@@ -24,6 +25,10 @@ from tests.support import AUDIT_FIELDS
 def _exchange(**fields: object) -> Exchange:
     exchange = Exchange(request_id="req-1", method="POST", path="/v1/chat/completions", started=5.0)
     for name, value in fields.items():
+        if name == "outcome":
+            value = Outcome(value)
+        elif name == "principal" and isinstance(value, str):
+            value = Principal("id", value, "key")
         setattr(exchange, name, value)
     return exchange
 
@@ -48,7 +53,7 @@ def test_one_json_line_with_every_field(tmp_path: Path) -> None:
     assert listener is not None
     listener(
         _exchange(
-            principal="team-a",
+            principal=Principal("id-team-a", "team-a", "key"),
             client_ip="10.0.0.7",
             model="m",
             stream=True,
@@ -74,7 +79,7 @@ def _as_json_dumps_would(exchange: Exchange, time_field: str) -> str:
     entry = {
         "time": time_field,
         "request_id": exchange.request_id,
-        "principal": exchange.principal,
+        "principal": exchange.principal_name,
         "client_ip": exchange.client_ip,
         "method": exchange.method,
         "path": exchange.path[:256],

@@ -15,7 +15,7 @@ import pytest
 from bastion.app import create_app
 from bastion.auth.keys import KeyFile, create_key, revoke_key, write_key_file
 from bastion.config import Settings
-from bastion.exchange import Exchange
+from bastion.context import Exchange
 from tests.support import ScriptedUpstream, by_path, respond
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
@@ -127,7 +127,7 @@ async def test_admitted_request_records_principal_and_ip(keys: Keys) -> None:
     seen: list[Exchange] = []
     async with _client(keys, seen, peer="::ffff:127.0.0.1") as client:
         assert (await client.post("/v1/chat/completions", json=CHAT, headers=_bearer(keys.local))).status_code == 200
-    assert seen[0].principal == "local" and seen[0].client_ip == "127.0.0.1" and seen[0].outcome == "ok"
+    assert seen[0].principal_name == "local" and seen[0].client_ip == "127.0.0.1" and seen[0].outcome == "ok"
 
 
 async def test_ip_is_checked_before_the_credential(keys: Keys) -> None:
@@ -183,7 +183,7 @@ async def test_token_endpoint_exchanges_a_key_for_a_narrower_jwt(keys: Keys) -> 
     async with _client(keys, seen, peer="198.51.100.1", **secret) as elsewhere:
         moved = await elsewhere.post("/v1/chat/completions", json=CHAT, headers=_bearer(local))
     assert moved.status_code == 403, "the token keeps the key's IP allowlist"
-    assert seen[0].principal == "only-m1" and seen[0].status == 200
+    assert seen[0].principal_name == "only-m1" and seen[0].status == 200
 
 
 def test_token_endpoint_needs_a_secret(keys: Keys) -> None:

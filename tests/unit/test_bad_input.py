@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from bastion.app import Gateway, create_app
 from bastion.config import Settings
-from bastion.exchange import Exchange
+from bastion.context import Exchange
 from tests.support import AUTH, TEST_KEY, ScriptedUpstream
 
 UPSTREAM_BODY = b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'

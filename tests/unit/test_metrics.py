@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
+from bastion.auth.identity import Principal
 from bastion.config import Settings
-from bastion.exchange import Exchange
+from bastion.context import Exchange, Outcome
+from bastion.engine.state import Phase, Upstream
 from bastion.metrics import MAX_LEARNED_MODELS, Metrics, route_of
 from bastion.metrics_http import ScrapeGuard
-from bastion.upstream.state import Phase, Upstream
 from bastion.usage import Usage
 
 MODEL = "qwen2.5-7b-instruct"
@@ -36,6 +37,8 @@ def _exchange(status: int, **fields: Any) -> Exchange:
         "finished": 11.5,
     }
     values.update(fields)
+    if isinstance(values.get("outcome"), str):
+        values["outcome"] = Outcome(values["outcome"])
     return Exchange(**values)
 
 
@@ -51,7 +54,9 @@ def _requests(metrics: Metrics, status: str, model: str = MODEL, principal: str 
 
 def test_success_counts_request_latency_ttft_and_tokens() -> None:
     metrics = _metrics()
-    exchange = _exchange(200, stream=True, first_byte=10.25, usage=Usage(7, 12), principal="team-a")
+    exchange = _exchange(
+        200, stream=True, first_byte=10.25, usage=Usage(7, 12), principal=Principal("id-team-a", "team-a", "key")
+    )
     metrics.open(exchange)
     assert _value(metrics, "bastion_inflight_requests") == 1
     metrics(exchange)
@@ -135,7 +140,7 @@ def test_model_label_is_bounded() -> None:
 
 def test_principal_label_can_be_turned_off() -> None:
     metrics = _metrics(metrics_principal_label=False)
-    metrics(_exchange(200, principal="team-a", usage=Usage(1, 2)))
+    metrics(_exchange(200, principal=Principal("id-team-a", "team-a", "key"), usage=Usage(1, 2)))
     assert _requests(metrics, "200", principal="") == 1
     assert _value(metrics, "bastion_tokens_total", model=MODEL, principal="", kind="completion") == 2
 

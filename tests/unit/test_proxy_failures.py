@@ -9,8 +9,8 @@ import pytest
 
 from bastion.app import create_app
 from bastion.config import Settings
-from bastion.exchange import Exchange
-from bastion.upstream.state import Phase, Upstream
+from bastion.context import Exchange
+from bastion.engine.state import Phase, Upstream
 from tests.support import AUTH, TEST_KEY, ScriptedUpstream, free_port, hang, respond, sse
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from bastion.config import Settings
-from bastion.upstream.supervisor import backoff_delay
-from bastion.upstream.vllm import child_command
+from bastion.engine.supervisor import backoff_delay
+from bastion.engine.vllm import child_command
 
 
 def _settings(**values: object) -> Settings:

@@ -18,11 +18,10 @@ _REFUSALS: dict[str, tuple[int, str, str]] = {
     "ip_denied": (403, "ip_not_allowed", "Requests from your network address are not allowed."),
     "model_not_allowed": (403, "model_not_allowed", "This credential may not use the requested model."),
 }
-REASONS = frozenset(_REFUSALS)
 
 
 class AuthFailure(Exception):
-    """A refused request; `reason` is one of REASONS."""
+    """A refused request; `reason` is a key of `_REFUSALS`."""
 
     def __init__(self, reason: str) -> None:
         assert reason in _REFUSALS, reason

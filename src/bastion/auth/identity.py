@@ -7,7 +7,6 @@ works on a Principal, never on the raw credential.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,9 +39,6 @@ class Principal:
         if not self.networks:
             return True
         return ip is not None and in_networks(ip, self.networks)
-
-    def visible_models(self, models: Iterable[str]) -> list[str]:
-        return [m for m in models if self.allows(m)]
 
 
 def filter_model_list(body: bytes, principal: Principal) -> bytes:

@@ -26,7 +26,6 @@ import secrets
 import signal
 import stat
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -353,9 +352,3 @@ def rotate_key(data: KeyFile, key_id: str, overlap: timedelta = timedelta(0)) ->
     key = new_key(key_id)
     record.secrets = [*kept, SecretHash(sha256=hash_key(key), created=now)]
     return record, key
-
-
-def key_is_usable(entry: KeyEntry, now: float | None = None) -> bool:
-    if entry.revoked:
-        return False
-    return entry.not_after is None or (now if now is not None else time.time()) < entry.not_after

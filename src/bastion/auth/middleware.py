@@ -3,7 +3,7 @@
 Order matters and is fixed: client address first (a denied network is refused
 before its credential is even read, so it learns nothing about keys), then the
 credential (API key by hash lookup, or JWT), then the principal's own IP
-allowlist. An admitted request carries its Principal in `scope["bastion.principal"]`;
+allowlist. An admitted request carries its Principal in its context (`context.Exchange`);
 the proxy checks the model against it when it parses the body anyway.
 """
 
@@ -17,8 +17,8 @@ from typing import Protocol
 
 from ..asgi import ASGIApp, Receive, Scope, Send
 from ..config import Settings
+from ..context import Exchange, Outcome, find_exchange
 from ..errors import GatewayError, send_error
-from ..exchange import Exchange
 from .errors import AuthFailure
 from .identity import Principal
 from .ipfilter import IPAddress, IPPolicy, parse_networks
@@ -26,7 +26,6 @@ from .jwt import JWTVerifier, looks_like_jwt
 from .keys import KeyStore
 
 log = logging.getLogger("bastion.auth")
-PRINCIPAL = "bastion.principal"
 MAX_CREDENTIAL = 8192
 
 
@@ -106,7 +105,7 @@ class AuthMiddleware:
         if kind != "http":  # websockets: nothing is served that way; refuse rather than guess
             await send({"type": "websocket.close", "code": 1008})
             return
-        exchange: Exchange | None = scope.get("bastion.exchange")
+        exchange = find_exchange(scope)
         resolved = self._failures is not None or self._policy.needs_address
         ip = self._client_ip(scope, exchange) if resolved else None
         guesser = str(ip) if ip is not None else ""
@@ -124,9 +123,8 @@ class AuthMiddleware:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], failure.reason)
             await self._refuse_error(send, error, failure.reason, exchange)
             return
-        scope[PRINCIPAL] = principal
         if exchange is not None:
-            exchange.principal = principal.name
+            exchange.principal = principal
         await self.app(scope, receive, send)
 
     async def _admit(self, scope: Scope, exchange: Exchange | None, ip: IPAddress | None, resolved: bool) -> Principal:
@@ -153,7 +151,7 @@ class AuthMiddleware:
         if exchange is not None:
             if error.status == 429:
                 reason = "rate_limit_auth"
-            exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", reason
+            exchange.status, exchange.outcome, exchange.reason = error.status, Outcome.REJECTED, reason
             extra.append((b"x-request-id", exchange.request_id.encode()))
         await send_error(send, error, extra)
 

@@ -16,11 +16,10 @@ from typing import Any
 
 from ..asgi import ASGIApp, BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, read_body
 from ..config import Settings
+from ..context import Outcome, exchange_of
 from ..errors import GatewayError, send_error
-from ..exchange import Exchange
 from .identity import Principal
 from .jwt import mint
-from .middleware import PRINCIPAL
 
 PATH = "/v1/auth/token"
 _MAX_BODY = 16 * 1024
@@ -45,7 +44,7 @@ class TokenEndpoint:
         if scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
-        exchange: Exchange = scope["bastion.exchange"]
+        exchange = exchange_of(scope)
         try:
             try:
                 raw = await read_body(receive, _MAX_BODY, seconds=self._body_timeout)
@@ -53,13 +52,13 @@ class TokenEndpoint:
                 raise GatewayError(413, f"The request body exceeds {_MAX_BODY} bytes.") from None
             except BodyTimeout:
                 raise GatewayError(408, "The request body was not received in time.") from None
-            body = self._issue(scope[PRINCIPAL], scope["method"], raw)
+            body = self._issue(exchange.principal, scope["method"], raw)
         except GatewayError as error:
-            exchange.status, exchange.outcome, exchange.reason = error.status, "rejected", error.code or ""
+            exchange.status, exchange.outcome, exchange.reason = error.status, Outcome.REJECTED, error.code or ""
             await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
             return
         except ClientGone:
-            exchange.outcome = "client_disconnect"
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
             return
         exchange.status = 200
         headers = [
@@ -71,10 +70,10 @@ class TokenEndpoint:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _issue(self, principal: Principal, method: str, raw: bytes) -> bytes:
+    def _issue(self, principal: Principal | None, method: str, raw: bytes) -> bytes:
         if method != "POST":
             raise GatewayError(405, f"Method {method} is not allowed here.")
-        if principal.kind != "key":
+        if principal is None or principal.kind != "key":
             raise GatewayError(403, "Only an API key can be exchanged for a token.", code="forbidden")
         request = _request(raw)
         ttl = request.get("ttl", self._max_ttl)

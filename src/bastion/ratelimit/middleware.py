@@ -9,8 +9,8 @@ Before: admit or refuse (429/503 answered here, nothing forwarded). During: the
 from __future__ import annotations
 
 from ..asgi import ASGIApp, Receive, Scope, Send, header
+from ..context import Exchange, Outcome, exchange_of
 from ..errors import send_error
-from ..exchange import RESPONSE_HEADERS, Exchange
 from .limiter import Admission, RateLimited, RateLimiter
 
 # A prompt's tokens are estimated from the request body at this many bytes per token
@@ -24,17 +24,17 @@ class RateLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange: Exchange = scope["bastion.exchange"]
+        exchange = exchange_of(scope)
         try:
-            admission = await self.limiter.admit(scope.get("bastion.principal"), exchange.client_ip)
+            admission = await self.limiter.admit(exchange.principal, exchange.client_ip)
         except RateLimited as refusal:
             exchange.status = refusal.status
-            exchange.outcome = "rejected"
+            exchange.outcome = Outcome.REJECTED
             exchange.reason = refusal.reason
             await send_error(send, refusal, [(b"x-request-id", exchange.request_id.encode())])
             return
         if admission.headers:
-            scope[RESPONSE_HEADERS] = admission.headers  # the proxy adds them to its response
+            exchange.response_headers = admission.headers  # the proxy adds them to its response
         try:
             await self.app(scope, receive, send)
         finally:
@@ -58,7 +58,7 @@ def tokens_used(exchange: Exchange, scope: Scope) -> int:
     """
     if exchange.usage is not None:
         return exchange.usage.total_tokens
-    if exchange.outcome != "client_disconnect" and exchange.reason != "midstream":
+    if exchange.outcome is not Outcome.CLIENT_DISCONNECT and exchange.reason != "midstream":
         return 0  # refused, or failed before the upstream produced anything
     length = header(scope, b"content-length")
     prompt = int(length) // BYTES_PER_TOKEN if length is not None and length.isdigit() else 0

@@ -30,7 +30,7 @@ import httpx
 
 from ..config import Settings
 from ..logs import redact_value
-from .client import answers_health
+from .probe import answers_health
 from .state import Phase, Upstream
 from .vllm import child_command
 

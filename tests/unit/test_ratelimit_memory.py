@@ -18,8 +18,8 @@ from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterR
 from limits.storage import storage_from_string
 
 from bastion.config import Settings
-from bastion.limits import RateLimiter
-from bastion.limits.memory import SWEEP_EVERY, MemoryStorage
+from bastion.ratelimit import RateLimiter
+from bastion.ratelimit.memory import SWEEP_EVERY, MemoryStorage
 
 START = 1_700_000_000.0  # a whole minute
 # Steps of a quarter second (exact in binary), so hits land exactly on window edges too.

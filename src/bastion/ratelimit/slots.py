@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-log = logging.getLogger("bastion.limits")
+log = logging.getLogger("bastion.ratelimit")
 
 # KEYS[1]: the slot set; ARGV: limit, ttl seconds, slot id. 1 = taken, 0 = full.
 _ACQUIRE = """
@@ -77,9 +77,6 @@ class MemorySlots:
             self._counts[key] = count
         else:
             self._counts.pop(key, None)
-
-    def in_flight(self, key: str) -> int:
-        return self._counts.get(key, 0)
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         return _nothing()

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import pytest
 from limits import RateLimitItemPerMinute
-from pydantic import Field, ValidationError
 
 from bastion.config import Settings
-from bastion.exchange import Exchange
-from bastion.limits import RateLimited, RateLimiter, reset_duration
-from bastion.limits.limiter import PerMinute, limit_headers, per_minute
-from bastion.limits.memory import MemoryStorage
-from bastion.limits.middleware import tokens_used
+from bastion.context import Exchange, Outcome
+from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
+from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
+from bastion.ratelimit.memory import MemoryStorage
+from bastion.ratelimit.middleware import tokens_used
 from bastion.usage import Usage
 
 
@@ -183,24 +182,16 @@ def test_token_estimate_without_usage() -> None:
     scope = {"headers": [(b"content-length", b"400")]}
     done = Exchange("r", "POST", "/v1/chat/completions", usage=Usage(10, 20))
     assert tokens_used(done, scope) == 30
-    refused = Exchange("r", "POST", "/v1/chat/completions", outcome="rejected")
+    refused = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.REJECTED)
     assert tokens_used(refused, scope) == 0
-    cut = Exchange("r", "POST", "/v1/chat/completions", outcome="client_disconnect", stream=True, events=7)
+    cut = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.CLIENT_DISCONNECT, stream=True, events=7)
     assert tokens_used(cut, scope) == 100 + 7
-    plain = Exchange("r", "POST", "/v1/chat/completions", outcome="client_disconnect", max_tokens=50)
+    plain = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.CLIENT_DISCONNECT, max_tokens=50)
     assert tokens_used(plain, scope) == 100 + 50
-    broken = Exchange("r", "POST", "/v1/chat/completions", outcome="upstream_error", reason="midstream", stream=True)
+    broken = Exchange(
+        "r", "POST", "/v1/chat/completions", outcome=Outcome.UPSTREAM_ERROR, reason="midstream", stream=True
+    )
     assert tokens_used(broken, {"headers": []}) == 0
-
-
-def test_memory_storage_refuses_several_workers() -> None:
-    class WithWorkers(Settings):
-        workers: int = Field(1, description="test only")
-
-    with pytest.raises(ValidationError, match="BASTION_REDIS_URL"):
-        WithWorkers(_env_file=None, workers=4)  # type: ignore[call-arg]
-    assert WithWorkers(_env_file=None, workers=4, redis_url="redis://x:6379").workers == 4  # type: ignore[call-arg]
-    assert WithWorkers(_env_file=None, workers=1).workers == 1  # type: ignore[call-arg]
 
 
 def test_redis_password_stays_secret() -> None:

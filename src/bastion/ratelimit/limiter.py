@@ -37,7 +37,7 @@ from ..errors import GatewayError
 from .memory import MemoryStorage
 from .slots import MemorySlots, RedisSlots, Slots
 
-log = logging.getLogger("bastion.limits")
+log = logging.getLogger("bastion.ratelimit")
 
 Headers = list[tuple[bytes, bytes]]
 

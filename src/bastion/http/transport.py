@@ -1,20 +1,19 @@
-"""httpx's API over the upstream pool: probes, /ready and /metrics/upstream share its connections."""
+"""httpx's API over the keep-alive pools (`pool.Pool`), for callers that want httpx's conveniences."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
 from . import http1
+from .pool import Pool
 
-if TYPE_CHECKING:
-    from .client import UpstreamClient
+PoolFor = Callable[[str, str, int | None], Pool]  # (scheme, host, port) -> the pool for that origin
 
 # Set by the transport itself, never taken from the request.
 _DROP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
-_ERRORS: tuple[tuple[type[http1.UpstreamError], type[httpx.TransportError]], ...] = (
+_ERRORS: tuple[tuple[type[http1.HTTPError], type[httpx.TransportError]], ...] = (
     (http1.PoolTimeout, httpx.PoolTimeout),
     (http1.ConnectTimeout, httpx.ConnectTimeout),
     (http1.ConnectError, httpx.ConnectError),
@@ -24,7 +23,7 @@ _ERRORS: tuple[tuple[type[http1.UpstreamError], type[httpx.TransportError]], ...
 )
 
 
-def _as_httpx(error: http1.UpstreamError, request: httpx.Request) -> httpx.TransportError:
+def _as_httpx(error: http1.HTTPError, request: httpx.Request) -> httpx.TransportError:
     for ours, theirs in _ERRORS:
         if isinstance(error, ours):
             return theirs(str(error), request=request)
@@ -32,18 +31,19 @@ def _as_httpx(error: http1.UpstreamError, request: httpx.Request) -> httpx.Trans
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
-    def __init__(self, client: UpstreamClient) -> None:
-        self._client = client
+    def __init__(self, pool_for: PoolFor, timeouts: http1.Timeouts) -> None:
+        self._pool_for = pool_for
+        self._timeouts_default = timeouts
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        pool = self._client.pool(url.scheme, url.host, url.port)
+        pool = self._pool_for(url.scheme, url.host, url.port)
         body = await request.aread()
         headers = [(k.lower(), v) for k, v in request.headers.raw if k.lower() not in _DROP]
         timeouts = self._timeouts(request)
         try:
             response = await pool.open(request.method.encode("ascii"), url.raw_path, headers, body, timeouts)
-        except http1.UpstreamError as exc:
+        except http1.HTTPError as exc:
             raise _as_httpx(exc, request) from exc
         return httpx.Response(
             response.status,
@@ -53,7 +53,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         )
 
     def _timeouts(self, request: httpx.Request) -> http1.Timeouts:
-        default = self._client.timeouts
+        default = self._timeouts_default
         given = request.extensions.get("timeout", {})
 
         def pick(name: str, fallback: float) -> float:
@@ -77,7 +77,7 @@ class _Body(httpx.AsyncByteStream):
         try:
             while chunk := await self._response.read_some():
                 yield chunk
-        except http1.UpstreamError as exc:
+        except http1.HTTPError as exc:
             raise _as_httpx(exc, self._request) from exc
 
     async def aclose(self) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bastion.config import Settings
-from bastion.upstream import http1
-from bastion.upstream.client import UpstreamClient, upstream_failure
-from bastion.upstream.pool import Pool
+from bastion.errors import upstream_failure
+from bastion.http import Client, Timeouts, http1
+from bastion.http.pool import Pool
 from tests.support import content_length, make_cert
 
 # (request number on this connection, request head+body, writer) -> keep the connection open?
@@ -318,7 +317,7 @@ async def test_httpx_runs_over_the_pool_with_its_errors_and_timeouts() -> None:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         return True
 
-    async with KeepAliveServer(answer) as server, UpstreamClient(Settings()) as client:
+    async with KeepAliveServer(answer) as server, _client() as client:
         base = f"http://127.0.0.1:{server.port}"
         reply = await client.http.get(base + "/health")
         assert (reply.status_code, reply.text) == (200, "ok")
@@ -341,7 +340,7 @@ async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
         assert await response.read() == b"secret"
         response.release()
         trusting.close()
-        async with UpstreamClient(Settings()) as client:  # the system's CAs: a self-signed upstream is refused
+        async with _client() as client:  # the system's CAs: a self-signed upstream is refused
             with pytest.raises(http1.ConnectError):
                 await client.open("GET", f"https://127.0.0.1:{server.port}", b"/", [], b"")
         assert b"host: 127.0.0.1:%d" % server.port in server.requests[0]
@@ -354,3 +353,7 @@ async def test_failures_map_to_gateway_statuses() -> None:
     assert upstream_failure(http1.ConnectTimeout("x")).status == 502
     assert upstream_failure(http1.ReadTimeout("x")).code == "upstream_timeout"
     assert upstream_failure(http1.RemoteProtocolError("x")).status == 502
+
+
+def _client() -> Client:
+    return Client(timeouts=Timeouts(connect=5, read=600, write=60, pool=30), max_connections=1024, keepalive_expiry=30)

@@ -17,12 +17,9 @@ silence, not on the whole response, so a long generation is never cut.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
-
-if TYPE_CHECKING:
-    from .pool import Pool
 
 # Above this many unread bytes the connection stops reading until the consumer catches up.
 _HIGH_WATER = 256 * 1024
@@ -30,15 +27,15 @@ _HIGH_WATER = 256 * 1024
 Headers = list[tuple[bytes, bytes]]
 
 
-class UpstreamError(Exception):
+class HTTPError(Exception):
     """Talking to the upstream failed."""
 
 
-class ConnectError(UpstreamError):
+class ConnectError(HTTPError):
     """The upstream refused or could not be reached."""
 
 
-class ConnectTimeout(UpstreamError):
+class ConnectTimeout(HTTPError):
     """Connecting took too long."""
 
 
@@ -46,16 +43,26 @@ class PoolTimeout(ConnectTimeout):
     """No connection came free in time (all `max_connections` busy)."""
 
 
-class ReadTimeout(UpstreamError):
+class ReadTimeout(HTTPError):
     """The upstream fell silent for longer than the read timeout."""
 
 
-class WriteTimeout(UpstreamError):
+class WriteTimeout(HTTPError):
     """The upstream stopped reading the request body."""
 
 
-class RemoteProtocolError(UpstreamError):
+class RemoteProtocolError(HTTPError):
     """The upstream closed the connection early or answered something that is not HTTP/1.1."""
+
+
+class Owner(Protocol):
+    """What a connection needs from its pool (`pool.Pool`): the loop, and where it goes when done."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def put_back(self, connection: Connection) -> None: ...
+
+    def retire(self, connection: Connection) -> None: ...
 
 
 class Timeouts:
@@ -99,7 +106,7 @@ class Response:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._complete = False
-        self._error: UpstreamError | None = None
+        self._error: HTTPError | None = None
         self._waiter: asyncio.Future[None] | None = None
         # One lazily re-armed timer per response, not one per wait: a stream waits once per chunk.
         self._timer: asyncio.TimerHandle | None = None
@@ -194,7 +201,7 @@ class Response:
         self._complete = True
         self._wake()
 
-    def _fail(self, error: UpstreamError) -> None:
+    def _fail(self, error: HTTPError) -> None:
         if not self._complete and self._error is None:
             self._error = error
             self._wake()
@@ -203,7 +210,7 @@ class Response:
 class Connection(asyncio.Protocol):
     """One keep-alive connection; httptools calls the `on_*` methods while parsing."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Owner) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None

@@ -1,0 +1,81 @@
+"""One request's typed context, filled in along the path and handed to listeners at the end.
+
+Authentication, limits and the proxy each write what they learn here (never in
+string scope keys); metrics, the audit log and token accounting read it once the
+response is finished. It holds no credential and no prompt text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import cast
+
+from .asgi import Scope
+from .auth.identity import Principal
+from .usage import Usage
+
+_SCOPE_KEY = "bastion.exchange"  # the one key the gateway puts in an ASGI scope
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    REJECTED = "rejected"  # the gateway refused it
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    path: str
+    client_ip: str = ""
+    principal: Principal | None = None
+    model: str = ""
+    stream: bool = False
+    status: int = 0
+    outcome: Outcome = Outcome.OK
+    # Why, in a word from a small fixed set (a metric label): e.g. invalid_json, body_too_large,
+    # not_ready, connect, timeout, midstream; later stages add invalid_api_key, ip_denied, rate_limit_requests...
+    reason: str = ""
+    usage: Usage | None = None
+    # For the token estimate when a response ends without usage (see ratelimit.middleware.tokens_used):
+    # the request's max_tokens / max_completion_tokens, and the stream events forwarded so far.
+    max_tokens: int | None = None
+    events: int = 0
+    # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_byte: float | None = None
+    finished: float | None = None
+
+    @property
+    def principal_name(self) -> str:
+        return self.principal.name if self.principal is not None else ""
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started
+
+    def attach(self, scope: Scope) -> None:
+        scope[_SCOPE_KEY] = self
+
+
+def exchange_of(scope: Scope) -> Exchange:
+    """The context of a `/v1` request (the gateway attaches one to every such scope)."""
+    return cast(Exchange, scope[_SCOPE_KEY])
+
+
+def find_exchange(scope: Scope) -> Exchange | None:
+    """The context if there is one: stages shared with the admin routes, which have none."""
+    return cast(Exchange | None, scope.get(_SCOPE_KEY))
+
+
+Listener = Callable[[Exchange], None]

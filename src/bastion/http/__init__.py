@@ -1,0 +1,29 @@
+"""A keep-alive HTTP/1.1 client (pools per origin, httpx's API over them). Imports nothing of bastion."""
+
+from .client import Client
+from .http1 import (
+    ConnectError,
+    ConnectTimeout,
+    Headers,
+    HTTPError,
+    PoolTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    Response,
+    Timeouts,
+    WriteTimeout,
+)
+
+__all__ = [
+    "Client",
+    "ConnectError",
+    "ConnectTimeout",
+    "HTTPError",
+    "Headers",
+    "PoolTimeout",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "Response",
+    "Timeouts",
+    "WriteTimeout",
+]
