@@ -26,6 +26,7 @@ from .config import Settings, config_reference, describe_validation_error, env_e
 from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .logs import configure_logging
 from .simulator.settings import SimulatorSettings
+from .simulator.settings import cli_flags as simulator_flags
 
 
 def _flag(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], name: str, **kw: Any) -> None:
@@ -67,20 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an OpenAI/vLLM-compatible fake model server. Its API key, if any, "
         "comes from VLLM_API_KEY as for vLLM.",
     )
-    for name, kind in (
-        ("host", str),
-        ("port", int),
-        ("model", str),
-        ("ttft", float),
-        ("itl", float),
-        ("tokens", int),
-        ("startup_delay", float),
-        ("error_rate", float),
-        ("crash_after", int),
-        ("seed", int),
-        ("created", int),
-    ):
-        _flag(simulate, SimulatorSettings, name, type=kind)
+    for name, kw in simulator_flags():
+        _flag(simulate, SimulatorSettings, name, **kw)
 
     auth_cli.register(commands)  # keys create|list|revoke|rotate, token mint
 

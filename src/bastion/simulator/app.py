@@ -3,7 +3,9 @@
 It speaks the same wire format as vLLM (chunk shapes, the usage-only final
 chunk, `data: [DONE]`, `{"error": "Unauthorized"}` for a wrong key, `vllm:*`
 metrics) and generates deterministic text, so a stream through the gateway can
-be compared byte for byte with one taken directly. It is plain ASGI with
+be compared byte for byte with one taken directly. Like vLLM, it runs at most
+`max_num_seqs` sequences at once and queues the rest (`scheduler.py`), so load
+shows in TTFT and in `vllm:num_requests_running/waiting`. It is plain ASGI with
 pre-encoded chunk templates so that it is never the bottleneck of a benchmark.
 """
 
@@ -18,19 +20,28 @@ import time
 import zlib
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+from .scheduler import Scheduler
 from .settings import SimulatorSettings
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven bright lanterns sway above "
     "calm water and distant bells ring across green hills near an old stone bridge"
 ).split()
+_EVENT_STREAM = (b"content-type", b"text/event-stream; charset=utf-8")
+
+
+# vLLM's buckets for its request-phase histograms (queue, prefill, decode, end-to-end).
+_PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                  480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
 
 class _Metrics:
-    def __init__(self, model: str) -> None:
+    """vLLM's series that the gateway reads; the scheduler's gauges are read from it at scrape time."""
+
+    def __init__(self, model: str, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.prompt = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry)
@@ -43,12 +54,27 @@ class _Metrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
-        self.running = Gauge("vllm:num_requests_running", "Requests running.", labels, registry=self.registry)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting.", labels, registry=self.registry)
+        self.running = Gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels,
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, registry=self.registry
+        )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            labels,
+            buckets=_PHASE_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt_m = self.prompt.labels(model)
         self.generation_m = self.generation.labels(model)
-        self.running_m = self.running.labels(model)
-        self.waiting.labels(model).set(0)
+        self.queue_time_m = self.queue_time.labels(model)
+        self.running.labels(model).set_function(lambda: scheduler.running)
+        self.waiting.labels(model).set_function(lambda: scheduler.waiting)
         self.reasons = {r: self.finished.labels(model, r) for r in ("stop", "length", "abort")}
 
 
@@ -57,7 +83,8 @@ class Simulator:
 
     def __init__(self, settings: SimulatorSettings) -> None:
         self.settings = settings
-        self.metrics = _Metrics(settings.model)
+        self.scheduler = Scheduler(settings.max_num_seqs, settings.scheduling_policy)
+        self.metrics = _Metrics(settings.model, self.scheduler)
         self._key = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self._random = random.Random(settings.seed)
         self._served = 0
@@ -122,9 +149,14 @@ class Simulator:
         if job.invalid:
             await _send(send, 400, _vllm_error(400, job.invalid))
             return
-        self.metrics.running_m.inc()
         watch = DisconnectWatch(scope, receive, delay=0.0)  # like vLLM: stop generating the moment the client goes
+        running = False
         try:
+            if job.stream:  # like vLLM, the head goes out at once and the first token once scheduled
+                await send({"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM]})
+            waited = await self.scheduler.acquire(job.seqs, job.priority)
+            running = True
+            self.metrics.queue_time_m.observe(waited)
             if job.stream:
                 await job.stream_to(send, watch)
             else:
@@ -136,7 +168,8 @@ class Simulator:
             self.metrics.generation_m.inc(job.generated)
         finally:
             watch.finish()
-            self.metrics.running_m.dec()
+            if running:
+                self.scheduler.release(job.seqs)
 
 
 class _Job:
@@ -157,7 +190,15 @@ class _Job:
         if cap is not None and (not isinstance(cap, int) or cap < 1):
             self.invalid = "max_tokens must be a positive integer"
             cap = None
+        priority = request.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            self.invalid = "priority must be an integer"
+            priority = 0
+        self.priority = priority
         self.n = n
+        # vLLM runs each of the n choices as a sequence of its own; one that needs more than the batch
+        # holds would never run, so it takes the whole batch instead.
+        self.seqs = min(n, sim.settings.max_num_seqs)
         tokens = sim.settings.tokens
         self.length = min(tokens, cap) if cap is not None else tokens
         self.finish_reason = "length" if cap is not None and cap <= tokens else "stop"
@@ -199,14 +240,8 @@ class _Job:
         return f'data: {self.head}"choices":[{choice}]}}\n\n'.encode()
 
     async def stream_to(self, send: Send, watch: DisconnectWatch) -> None:
+        """The body of a stream whose head was sent, from the moment it was scheduled."""
         settings = self.sim.settings
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
-            }
-        )
         if settings.ttft:
             await asyncio.sleep(settings.ttft)
         if self.chat:
@@ -218,9 +253,12 @@ class _Job:
             )
             await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
         last = self.length - 1
+        itl, per_seq, scheduler = settings.itl, settings.itl_per_seq, self.sim.scheduler
         for step, word in enumerate(self.words):
-            if step and settings.itl:
-                await asyncio.sleep(settings.itl)
+            if step:
+                interval = itl + per_seq * (scheduler.running - 1) if per_seq else itl
+                if interval:
+                    await asyncio.sleep(interval)
             finish = self.finish_reason if step == last else None
             body = b"".join(self._chunk(i, word, finish) for i in range(self.n))
             self.generated += self.n
@@ -235,8 +273,11 @@ class _Job:
 
     async def respond(self, send: Send, watch: DisconnectWatch) -> None:
         settings = self.sim.settings
-        delay = settings.ttft + settings.itl * max(0, self.length - 1)
-        if delay:
+        if settings.itl_per_seq:  # the batch changes while it generates: one sleep per token
+            await asyncio.sleep(settings.ttft)
+            for _ in range(self.length - 1):
+                await asyncio.sleep(settings.itl + settings.itl_per_seq * (self.sim.scheduler.running - 1))
+        elif delay := settings.ttft + settings.itl * max(0, self.length - 1):
             await asyncio.sleep(delay)
         self.generated = self.length * self.n
         text = "".join(self.words)
