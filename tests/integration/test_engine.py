@@ -26,7 +26,7 @@ from bastion.engine.spec import EngineSpec, free_port
 from bastion.engine.state import OPERATOR_RETRY_AFTER, Phase
 from bastion.engine.supervisor import Event, Supervisor, supervise
 from tests.integration.test_supervisor import pid_alive
-from tests.support import AUTH, TEST_KEY
+from tests.support import AUTH, TEST_KEY, gateway, simulator
 
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}]}
 SOURCE = str(Path(bastion.__file__).parents[1])  # the child imports this bastion, whatever the cwd
@@ -96,7 +96,7 @@ async def test_a_crashed_supervision_loop_is_logged_and_turns_the_gateway_not_re
             assert f"pid={pid} " in line and "RuntimeError('injected handler failure')" in line
             assert "_on_healthy" in line and "\n" not in line, "one line: the error and where it was raised"
             # The gateway in front of this engine says so: 503 with a Retry-After a person needs, /ready too.
-            app = create_app(Settings(_env_file=None, api_keys=TEST_KEY, audit_log="off"), upstream=upstream)  # type: ignore[call-arg]
+            app = create_app(Settings(_env_file=None, api_keys=TEST_KEY, audit_log="off"), upstream=upstream)  # type: ignore[call-arg,arg-type]
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gw", headers=AUTH) as client:
                 refused = await client.post("/v1/chat/completions", json=CHAT)
@@ -154,3 +154,24 @@ async def test_a_dead_child_turns_not_ready_before_its_group_is_cleared() -> Non
             await wait_until(lambda: upstream.phase is Phase.READY, 20, "the restart")
             assert upstream.restarts == 1
             assert running_in_group(child.pid) == [], "the grandchild ignored SIGTERM: SIGKILLed after stop_timeout"
+
+
+def test_an_external_upstream_explains_itself_once_per_change() -> None:
+    """A real gateway in front of a real keyed simulator: /ready and ONE log line say what to fix."""
+    key = "simulator-key-6d1e0b"
+    quick = {"BASTION_HEALTH_INTERVAL": "0.1"}
+    with simulator(env={"VLLM_API_KEY": key}) as (_, sim):
+        with gateway("--upstream-url", sim, env=quick, ready=False) as (gw, base):
+            state = httpx.get(base + "/ready").json()
+            assert state == {
+                "status": "misconfigured",
+                "detail": "it refuses bastion's key (401): BASTION_UPSTREAM_API_KEY is missing or wrong",
+            }
+            time.sleep(1.0)  # ten more background checks
+            said = [line for line in gw.output().splitlines() if "BASTION_UPSTREAM_API_KEY is missing" in line]
+            assert len(said) == 1 and f"upstream {sim} misconfigured" in said[0], said
+        env = {**quick, "BASTION_UPSTREAM_API_KEY": key}
+        with gateway("--upstream-url", sim + "/v1", env=env, ready=False) as (gw, base):
+            state = httpx.get(base + "/ready").json()
+            assert state["detail"] == "BASTION_UPSTREAM_URL should be the server's root, without /v1"
+            assert key not in gw.output()
