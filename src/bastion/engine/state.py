@@ -1,7 +1,8 @@
 """What the proxy needs to know about the upstream, and who may change it.
 
-The supervisor (or, in external mode, nobody) updates one `Upstream`; the proxy
-reads it on every request. Reads are plain attribute loads: no locks on the hot path.
+The supervisor updates one `Upstream` per engine (in external mode the phase stays
+EXTERNAL and its watch keeps `detail` current); the proxy reads it on every request.
+Reads are plain attribute loads: no locks on the hot path.
 """
 
 from __future__ import annotations
