@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,9 +26,13 @@ from .auth.middleware import Auth
 from .auth.token_endpoint import TokenEndpoint
 from .config import Settings
 from .context import Exchange, Listener
-from .engine.probe import answers_health
+from .engine.command import CommandError, CommandSource, build_command
+from .engine.external import ExternalWatch, status_of
+from .engine.probe import ProbeChannel
+from .engine.spec import EngineSpec, free_port
 from .engine.state import Phase, Upstream
-from .engine.supervisor import supervised_upstream
+from .engine.supervisor import supervise
+from .engine.vllm import VllmArgs
 from .errors import error_body
 from .http import Client, Timeouts
 from .metrics import Metrics
@@ -39,6 +42,7 @@ from .ratelimit import RateLimiter, RateLimitMiddleware
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_UPSTREAM_METRICS_TIMEOUT = 5.0  # relaying the engine's own /metrics
 
 # Deny by default: every path needs an API key or JWT except these two probes and the
 # `mounts` given to Gateway (/metrics, /metrics/upstream), which check a credential of their own.
@@ -111,14 +115,22 @@ def create_app(
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
     limiter = RateLimiter(settings)
-    services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services()]
+    # The engine's own channels: probes and readiness, and relaying its /metrics. Client traffic
+    # (the pool above, capped at upstream_max_connections) can never starve them.
+    probes = ProbeChannel(settings.health_timeout)
+    scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
+    services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
     if upstream is None:
         if settings.upstream_url is not None:
             key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
             upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
         else:
-            upstream, supervisor = supervised_upstream(settings, client.http)
+            upstream, supervisor = supervise(engine_spec(settings), probes)
             services.append(supervisor)
+    watch: ExternalWatch | None = None
+    if upstream.phase is Phase.EXTERNAL:
+        watch = ExternalWatch(upstream, probes, settings.health_interval)
+        services.append(watch)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -137,16 +149,12 @@ def create_app(
 
     @api.get("/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
-        """Ready: requests would reach a model that answers."""
-        state: dict[str, str | int] = {
-            "status": upstream.phase.value,
-            "detail": upstream.detail,
-            "restarts": upstream.restarts,
-        }
-        if upstream.phase is Phase.EXTERNAL:
-            reachable = await _probe(client.http, upstream.base_url + "/health")
-            state = {"status": "ready" if reachable else "unreachable", "detail": ""}
-            return JSONResponse(state, status_code=200 if reachable else 503)
+        """Ready: requests would reach a model that answers; if not, `detail` says why."""
+        if watch is not None:  # external: the latest check over the probe channel (at most 1 s old)
+            probe = await watch.current()
+            external = {"status": status_of(probe), "detail": probe.detail}
+            return JSONResponse(external, status_code=200 if probe.up else 503)
+        state = {"status": upstream.phase.value, "detail": upstream.detail, "restarts": upstream.restarts}
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
     v1: ASGIApp = RateLimitMiddleware(Proxy(settings, upstream, client), limiter)
@@ -167,12 +175,8 @@ def create_app(
     mounts: dict[str, ASGIApp] = {}
     if metrics is not None:
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-        health_url = upstream.base_url + "/health"
-        mounts.update(
-            metrics_routes(
-                token, settings.metrics_allow, metrics, upstream, client.http, lambda: _probe(client.http, health_url)
-            )
-        )
+        probe = watch.up if watch is not None else _never_asked
+        mounts.update(metrics_routes(token, settings.metrics_allow, metrics, upstream, scrapes.http, probe))
     return Gateway(
         api,
         v1,
@@ -183,8 +187,68 @@ def create_app(
     )
 
 
-async def _probe(client: httpx.AsyncClient, url: str) -> bool:
-    return await answers_health(client, url, seconds=2.0)
+def engine_spec(settings: Settings) -> EngineSpec:
+    """The supervised engine the settings describe, its command checked before anything runs.
+
+    Raises `CommandError` (a ValueError) with one line naming the setting and the fix;
+    `bastion serve` prints it and exits 2, and `check-config` can call `engine_problem`.
+    The child's environment is bastion's minus every BASTION_* variable (they may hold
+    secrets), plus BASTION_UPSTREAM_ENV.
+    """
+    host = settings.upstream_host
+    port = settings.upstream_port or free_port(host)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTION_")}
+    env.update(settings.upstream_env)
+    source = CommandSource(
+        template=settings.upstream_command,
+        python=settings.vllm_python,
+        vllm=VllmArgs(
+            model=settings.model,
+            served_model_name=settings.served_model_name,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            extra_args=settings.vllm_extra_args,
+        ),
+    )
+    command = build_command(source, host=host, port=port, port_fixed=bool(settings.upstream_port), path=env.get("PATH"))
+    return EngineSpec(
+        name=settings.served_model_name or settings.model,
+        command=command.argv,
+        host=host,
+        port=port,
+        env=env,
+        command_setting=command.setting,
+        startup_timeout=settings.startup_timeout,
+        health_interval=settings.health_interval,
+        health_timeout=settings.health_timeout,
+        health_failures=settings.health_failures,
+        backoff=settings.restart_backoff,
+        backoff_max=settings.restart_backoff_max,
+        max_restarts=settings.max_restarts,
+        restart_window=settings.restart_window,
+        stop_timeout=settings.stop_timeout,
+    )
+
+
+def engine_problem(settings: Settings) -> str | None:
+    """For `bastion check-config`: why the supervised engine's command cannot work (one line), or None.
+
+    None too in external mode (BASTION_UPSTREAM_URL), where bastion runs nothing.
+    """
+    if settings.upstream_url is not None:
+        return None
+    try:
+        engine_spec(settings)
+    except CommandError as exc:
+        return str(exc)
+    return None
+
+
+async def _never_asked() -> bool:
+    """The metrics probe of a supervised engine: its phase says whether it is up, nothing is probed."""
+    return False
 
 
 def _request_id(scope: Scope) -> str:

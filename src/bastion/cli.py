@@ -116,7 +116,8 @@ def _serve(settings: Settings) -> int:
     from .app import create_app
     from .server import server_config
 
-    reason = vllm_unavailable(settings)
+    own_vllm = not (settings.upstream_url or settings.upstream_command or settings.vllm_python)
+    reason = vllm_unavailable() if own_vllm else None
     if reason:
         print(NO_VLLM_HINT.format(reason=reason), file=sys.stderr)
         return 2

@@ -11,8 +11,10 @@ they are protected separately by `ScrapeGuard`:
   so a default install never shows its metrics to the network.
 
 `/metrics/upstream` relays the upstream's own `/metrics` (vLLM's `vllm:*` series:
-queue length, KV-cache usage, token throughput) through the shared client, so one
-scraper with one credential sees both and the raw vLLM port stays private.
+queue length, KV-cache usage, token throughput) over a small client of its own (never
+the pool client traffic fills, so it answers under full load), so one scraper with one
+credential sees both and the raw vLLM port stays private. In external mode `/metrics`
+asks the engine's `ExternalWatch` (a check at most a second old) for `bastion_upstream_up`.
 """
 
 from __future__ import annotations

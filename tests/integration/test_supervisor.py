@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import AUTH, TEST_KEY, Proc, gateway
+from tests.support import AUTH, PYTHON, TEST_KEY, Proc, free_port, gateway
 
 SIM = "{python} -m bastion simulate --host {host} --port {port}"
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}]}
@@ -83,11 +85,14 @@ def test_crash_restart_and_recovery() -> None:
 
 def test_crash_loop_gives_up_but_gateway_answers() -> None:
     env = {**FAST_RESTARTS, "BASTION_MAX_RESTARTS": "3"}
-    with gateway("--upstream-command", "{python} -c 'raise SystemExit(7)'", env=env, ready=False) as (gw, base):
+    crashing = "{python} -c 'raise SystemExit(7)' --port {port}"
+    with gateway("--upstream-command", crashing, env=env, ready=False) as (gw, base):
         wait_for(lambda: ready_state(base)["status"] == "failed", 20, "giving up")
         response = httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH)
         assert response.status_code == 503
-        assert "keeps crashing" in response.json()["error"]["message"]
+        message = response.json()["error"]["message"]
+        assert "keeps crashing" in message and "operator" in message
+        assert response.headers["retry-after"] == "300", "a person must act: not a retry in a second"
         assert httpx.get(base + "/health").status_code == 200
         assert "giving up" in gw.output()
         assert len(child_pids(gw)) == 3
@@ -142,3 +147,104 @@ def test_internal_key_is_in_no_argv_and_no_log() -> None:
                 continue
         assert key.decode() not in gw.output()
         assert not any(v.startswith(b"BASTION_") for v in environ), "bastion's settings stay out of the child"
+
+
+# --- supervision never shares fate with traffic ------------------------------------------------
+
+UNLIMITED = {"BASTION_RATE_LIMIT_RPM": "0", "BASTION_RATE_LIMIT_TPM": "0", "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0"}
+HELD_SECONDS = 10.0  # the old code SIGTERMed the child 2.1 s into this (see the test's docstring)
+
+
+async def _hold_streams(base: str, count: int, seconds: float) -> list[int]:
+    """Open `count` long streams, keep reading them for `seconds`, then drop them: events read per stream."""
+    received = [0] * count
+
+    async def one(index: int, client: httpx.AsyncClient) -> None:
+        body = {**CHAT, "stream": True, "max_tokens": 1000}
+        async with client.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH) as response:
+            async for chunk in response.aiter_raw():
+                received[index] += chunk.count(b"data: ")
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        tasks = [asyncio.create_task(one(i, client)) for i in range(count)]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return received
+
+
+def test_probes_never_queue_behind_client_traffic() -> None:
+    """All upstream connections busy with streams: the health probes still get through.
+
+    Before the probe channel, probes waited in the same 2-connection pool, timed out after
+    BASTION_HEALTH_TIMEOUT and the healthy child was SIGTERMed ~2-3 s into the streams.
+    """
+    env = {
+        **UNLIMITED,
+        "BASTION_UPSTREAM_MAX_CONNECTIONS": "2",
+        "BASTION_UPSTREAM_POOL_TIMEOUT": "60",  # the two streams without a connection wait, never 503
+        "BASTION_HEALTH_INTERVAL": "0.2",
+        "BASTION_HEALTH_TIMEOUT": "0.5",
+        "BASTION_SHUTDOWN_GRACE": "1",
+    }
+    with gateway("--upstream-command", SIM + " --itl 0.2 --tokens 1000", env=env) as (gw, base):
+        (child,) = child_pids(gw)
+        received = asyncio.run(_hold_streams(base, 4, HELD_SECONDS))
+        output = gw.output()
+        assert child_pids(gw) == [child] and pid_alive(child), output[-3000:]
+        assert "stopped answering" not in output and "restart" not in output
+        assert ready_state(base)["status"] == "ready"
+        # The simulator sends 5 events a second: the two streams that got a connection flowed all along.
+        assert min(sorted(received)[-2:]) > HELD_SECONDS * 3, received
+
+
+def test_dead_child_is_not_ready_at_once() -> None:
+    """kill -9 the child while a grandchild lingers in its group (as vLLM's engine process can):
+    requests get 503 + Retry-After at once, not 502 for the BASTION_STOP_TIMEOUT the group takes to go."""
+    lingering = "sh -c 'sleep 60 & exec {python} -m bastion simulate --host {host} --port {port}'"
+    env = {**FAST_RESTARTS, "BASTION_STOP_TIMEOUT": "20"}
+    with gateway("--upstream-command", lingering, env=env) as (gw, base), httpx.Client(headers=AUTH) as http:
+        (child,) = child_pids(gw)
+        assert http.post(base + "/v1/chat/completions", json=CHAT).status_code == 200
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.05)
+        statuses = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            response = http.post(base + "/v1/chat/completions", json=CHAT)
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                assert response.headers["retry-after"].isdigit()
+                assert response.json()["error"]["code"] == "upstream_not_ready"
+            time.sleep(0.05)
+        assert statuses[0] == 503 and 502 not in statuses, statuses
+        wait_for(lambda: ready_state(base)["status"] == "ready", 15, "the restart")
+        assert len(child_pids(gw)) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--upstream-command", SIM.replace("{port}", "{prot}")], {}, "BASTION_UPSTREAM_COMMAND uses {prot}, "),
+        (["--upstream-command", SIM.replace("{port}", "9000")], {}, "BASTION_UPSTREAM_COMMAND has no {port}: "),
+        (["--upstream-command", "no-such-server --port {port}"], {}, "BASTION_UPSTREAM_COMMAND: 'no-such-server' "),
+        ([], {"BASTION_VLLM_PYTHON": "/nonexistent/bin/python"}, "BASTION_VLLM_PYTHON: /nonexistent/bin/python "),
+    ],
+    ids=["unknown-placeholder", "no-port", "no-binary", "no-vllm-python"],
+)
+def test_a_command_that_cannot_work_is_refused_at_start_up(args: list[str], env: dict[str, str], expected: str) -> None:
+    """One line naming the setting and the fix, exit 2: not a KeyError traceback, a guard traceback on every
+    restart, or 30 minutes of waiting for a child that listens elsewhere."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BASTION_", "VLLM_"))}
+    result = subprocess.run(
+        [PYTHON, "-m", "bastion", "serve", "--port", str(free_port()), *args],
+        env={**clean, "BASTION_API_KEYS": TEST_KEY, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("bastion: " + expected), line

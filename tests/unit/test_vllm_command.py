@@ -1,16 +1,12 @@
 from __future__ import annotations
 
-from bastion.config import Settings
+from bastion.engine.command import CommandSource, build_command
 from bastion.engine.supervisor import backoff_delay
-from bastion.engine.vllm import child_command
-
-
-def _settings(**values: object) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+from bastion.engine.vllm import VllmArgs, vllm_command
 
 
 def test_default_vllm_command() -> None:
-    command = child_command(_settings(vllm_python="/opt/vllm/bin/python"), "127.0.0.1", 9000)
+    command = vllm_command("/opt/vllm/bin/python", "127.0.0.1", 9000, VllmArgs())
     assert command == [
         "/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server",
         "--model", "Qwen/Qwen2.5-7B-Instruct",
@@ -22,17 +18,16 @@ def test_default_vllm_command() -> None:
 
 
 def test_every_vllm_setting_reaches_argv() -> None:
-    settings = _settings(
-        vllm_python="python3",
+    args = VllmArgs(
         model="/models/qwen",
         served_model_name="qwen2.5-7b-instruct",
         dtype="bfloat16",
         max_model_len=4096,
         gpu_memory_utilization=0.85,
         tensor_parallel_size=2,
-        vllm_extra_args="--load-format dummy --chat-template '/t/my template.jinja'",
+        extra_args="--load-format dummy --chat-template '/t/my template.jinja'",
     )
-    command = child_command(settings, "127.0.0.1", 1234)
+    command = vllm_command("python3", "127.0.0.1", 1234, args)
     assert command[command.index("--model") + 1] == "/models/qwen"
     assert command[command.index("--served-model-name") + 1] == "qwen2.5-7b-instruct"
     assert command[command.index("--dtype") + 1] == "bfloat16"
@@ -44,8 +39,9 @@ def test_every_vllm_setting_reaches_argv() -> None:
 
 
 def test_custom_command_placeholders() -> None:
-    settings = _settings(upstream_command="{python} -m bastion simulate --host {host} --port {port}", vllm_python="py")
-    assert child_command(settings, "::1", 5) == ["py", "-m", "bastion", "simulate", "--host", "::1", "--port", "5"]
+    source = CommandSource(template="{python} -m bastion simulate --host {host} --port {port}", python="sh")
+    command = build_command(source, host="::1", port=5, port_fixed=False, path=None)
+    assert command.argv == ("sh", "-m", "bastion", "simulate", "--host", "::1", "--port", "5")
 
 
 def test_backoff_doubles_caps_and_jitters() -> None:

@@ -1,1 +1,2 @@
-"""The model server behind the gateway: the shared client, its state, and the simulator."""
+"""Engines behind the gateway: one supervised model server (spec, command, supervisor, probe channel,
+state) or an external upstream that explains itself (its watch)."""

@@ -23,6 +23,7 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+CANNOT_EXEC = 127  # as a shell's "command not found": the supervisor names the setting to check
 
 
 def exec_with_deathsig(command: list[str], parent: int) -> None:
@@ -30,7 +31,11 @@ def exec_with_deathsig(command: list[str], parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the gateway died before prctl took effect
         sys.exit(1)
-    os.execvp(command[0], command)  # noqa: S606 (replacing this process is the point)
+    try:
+        os.execvp(command[0], command)  # noqa: S606 (replacing this process is the point)
+    except OSError as exc:  # one line, relayed by the supervisor; not a traceback on every restart
+        print(f"bastion: cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        sys.exit(CANNOT_EXEC)
 
 
 def watch(grace: float) -> None:

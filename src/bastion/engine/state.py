@@ -1,7 +1,8 @@
 """What the proxy needs to know about the upstream, and who may change it.
 
-The supervisor (or, in external mode, nobody) updates one `Upstream`; the proxy
-reads it on every request. Reads are plain attribute loads: no locks on the hot path.
+The supervisor updates one `Upstream` per engine (in external mode the phase stays
+EXTERNAL and its watch keeps `detail` current); the proxy reads it on every request.
+Reads are plain attribute loads: no locks on the hot path.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from enum import StrEnum
 
 from ..errors import GatewayError
 
+# Retry-After once bastion stopped restarting the engine: nothing changes until a person acts, so
+# clients (and SDK retry loops) are told to come back in minutes, not to hammer every second.
+OPERATOR_RETRY_AFTER = 300
+
 
 class Phase(StrEnum):
     EXTERNAL = "external"  # not ours: always forwarded, failures surface as 502/504
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"
-    FAILED = "failed"  # crash loop: we gave up restarting
+    FAILED = "failed"  # crash loop, or supervision itself failed: stays down until an operator acts
     STOPPING = "stopping"
 
 
@@ -42,10 +47,17 @@ class Upstream:
         self.detail = detail
 
     def not_ready_error(self) -> GatewayError:
+        if self.phase is Phase.FAILED:
+            return GatewayError(
+                503,
+                f"The model server is stopped: {self.detail or 'it keeps crashing'}. "
+                "An operator must fix it and restart bastion.",
+                code="upstream_not_ready",
+                headers=[(b"retry-after", b"%d" % OPERATOR_RETRY_AFTER)],
+            )
         messages = {
             Phase.STARTING: "The model is loading; retry shortly.",
             Phase.RESTARTING: "The model server is restarting; retry shortly.",
-            Phase.FAILED: "The model server keeps crashing and is stopped; an operator must look at it.",
             Phase.STOPPING: "The gateway is shutting down.",
         }
         return GatewayError(

@@ -1,4 +1,4 @@
-"""The command line of the supervised child: vLLM's OpenAI server, or any command.
+"""vLLM's OpenAI server as a command line, and whether it can run here.
 
 Flags target vLLM 0.26's `vllm.entrypoints.openai.api_server` (the module behind
 `vllm serve`). The API key is never part of the command: vLLM reads
@@ -11,44 +11,45 @@ import importlib.util
 import os
 import shlex
 import shutil
-import sys
-
-from ..config import Settings
+from dataclasses import dataclass
 
 
-def child_command(settings: Settings, host: str, port: int) -> list[str]:
-    python = settings.vllm_python or sys.executable
-    if settings.upstream_command:
-        filled = settings.upstream_command.format(host=host, port=port, python=python)
-        return shlex.split(filled)
-    return vllm_command(settings, python, host, port)
+@dataclass(frozen=True, slots=True)
+class VllmArgs:
+    """The vLLM flags bastion sets (each one a BASTION_* setting)."""
+
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    extra_args: str = ""  # shell-quoted; split here (a bad quote: ValueError)
 
 
-def vllm_command(settings: Settings, python: str, host: str, port: int) -> list[str]:
+def vllm_command(python: str, host: str, port: int, args: VllmArgs) -> list[str]:
     command = [
         python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", settings.model,
+        "--model", args.model,
         "--host", host,
         "--port", str(port),
-        "--dtype", settings.dtype,
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-        "--tensor-parallel-size", str(settings.tensor_parallel_size),
+        "--dtype", args.dtype,
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
     ]  # fmt: skip
-    if settings.served_model_name:
-        command += ["--served-model-name", settings.served_model_name]
-    if settings.max_model_len:
-        command += ["--max-model-len", str(settings.max_model_len)]
-    return command + shlex.split(settings.vllm_extra_args)
+    if args.served_model_name:
+        command += ["--served-model-name", args.served_model_name]
+    if args.max_model_len:
+        command += ["--max-model-len", str(args.max_model_len)]
+    return command + shlex.split(args.extra_args)
 
 
-def vllm_unavailable(settings: Settings) -> str | None:
-    """Why the default vLLM child cannot start here, or None if it can be tried.
+def vllm_unavailable() -> str | None:
+    """Why vLLM cannot run with bastion's own interpreter here, or None if it can be tried.
 
-    Only checked when bastion runs vLLM with its own interpreter; a separate
-    `vllm_python` is trusted as configured.
+    Only asked when bastion runs vLLM itself with its own interpreter; a separate
+    BASTION_VLLM_PYTHON is trusted as configured (its file is checked before spawning).
     """
-    if settings.upstream_url or settings.upstream_command or settings.vllm_python:
-        return None
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed in this environment (pip install 'bastion[vllm]')"
     if not (shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0")):
