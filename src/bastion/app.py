@@ -110,6 +110,7 @@ def create_app(
             pool=settings.upstream_pool_timeout,
         ),
         max_connections=settings.upstream_max_connections,
+        max_keepalive=settings.upstream_max_keepalive,
         keepalive_expiry=settings.upstream_keepalive_expiry,
     )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an

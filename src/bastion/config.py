@@ -102,7 +102,12 @@ class Settings(BaseSettings):
     )
     upstream_max_connections: int = Field(1024, ge=1, description="Upper bound on open connections to the upstream.")
     upstream_keepalive_expiry: Seconds = Field(
-        30.0, description="Seconds an idle upstream connection is kept for reuse."
+        4.0,
+        description="Seconds an idle upstream connection is kept for reuse; keep it below the upstream's own "
+        "keep-alive timeout (vLLM's: 5 s), as a request the upstream closed unanswered is never resent.",
+    )
+    upstream_max_keepalive: int = Field(
+        100, ge=0, description="Idle upstream connections kept for reuse at most; extra ones are closed when freed."
     )
 
     # --- supervised upstream (used when upstream_url is not set) --------------------

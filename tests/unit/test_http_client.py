@@ -1,11 +1,14 @@
-"""The upstream HTTP/1.1 client (upstream.http1, upstream.pool) against real sockets on 127.0.0.1 that answer on cue."""
+"""The HTTP/1.1 client (`bastion.http`): requests, bodies, timeouts, TLS and httpx over the pool, on real sockets.
+
+The pool's rules (stale connections, capacity, the idle cap, closing) are in test_http_pool.py; the
+protocol's odd corners (HEAD, 1xx, 101, trailers) in test_http_protocol.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -14,66 +17,8 @@ import pytest
 from bastion.errors import upstream_failure
 from bastion.http import Client, Timeouts, http1
 from bastion.http.pool import Pool
-from tests.support import content_length, make_cert
-
-# (request number on this connection, request head+body, writer) -> keep the connection open?
-Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
-FAST = http1.Timeouts(connect=1.0, read=1.0, write=1.0, pool=1.0)
-
-
-class KeepAliveServer:
-    """Serves many requests per connection; counts connections and requests."""
-
-    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
-        self.answer = answer
-        self.tls = tls
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.closed = asyncio.Event()  # a client closed a connection
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> KeepAliveServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    def pool(
-        self, max_connections: int = 8, timeouts: http1.Timeouts = FAST, tls: ssl.SSLContext | None = None
-    ) -> Pool:
-        return Pool(
-            "127.0.0.1", self.port, ssl_context=tls, timeouts=timeouts, max_connections=max_connections,
-            keepalive_expiry=30,
-        )  # fmt: skip
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        number = 0
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.requests.append(head + await reader.readexactly(content_length(head)))
-                if not await self.answer(number, self.requests[-1], writer):
-                    break
-                number += 1
-            await reader.read()  # wait for the client to close
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed.set()
-            writer.close()
-
-
-def ok(body: bytes = b"{}") -> Answer:
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        return True
-
-    return answer
+from tests.support import make_cert
+from tests.unit.http_server import FAST, KeepAliveServer, ok
 
 
 async def test_a_connection_is_reused_and_the_request_is_well_formed() -> None:
@@ -125,25 +70,6 @@ async def test_a_body_that_ends_with_the_connection_is_complete() -> None:
         pool.close()
 
 
-async def test_informational_responses_are_skipped_and_head_has_no_body() -> None:
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        if request.startswith(b"HEAD"):
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
-        else:
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
-        return True
-
-    async with KeepAliveServer(answer) as server:
-        pool = server.pool()
-        response = await pool.open(b"POST", b"/", [], b"x")
-        assert (response.status, await response.read()) == (201, b"ok")
-        response.release()
-        response = await pool.open(b"HEAD", b"/", [], b"")
-        assert (response.status, await response.read()) == (200, b"")
-        response.release()
-        pool.close()
-
-
 async def test_bytes_beyond_the_response_end_the_connection() -> None:
     async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" * 2)  # one request, two answers
@@ -158,25 +84,6 @@ async def test_bytes_beyond_the_response_end_the_connection() -> None:
         assert await again.read() == b"ok"
         again.release()
         assert server.connections == 2  # the confused connection was not reused
-        pool.close()
-
-
-async def test_a_stale_kept_alive_connection_is_retried_once_on_a_new_one() -> None:
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        if number == 1:  # the second request on a connection: closed unanswered, as an idle timeout would
-            writer.transport.abort()
-            return False
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        return True
-
-    async with KeepAliveServer(answer) as server:
-        pool = server.pool()
-        for _ in range(2):
-            response = await pool.open(b"POST", b"/", [], b"{}")
-            assert await response.read() == b"ok"
-            response.release()
-        assert server.connections == 2
-        assert len(server.requests) == 3  # the second POST was sent twice: once lost, once answered
         pool.close()
 
 
@@ -336,9 +243,11 @@ async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
     server_side.load_cert_chain(cert, key)
     async with KeepAliveServer(ok(b"secret"), tls=server_side) as server:
         trusting = server.pool(tls=ssl.create_default_context(cafile=str(cert)))
-        response = await trusting.open(b"GET", b"/", [], b"")
-        assert await response.read() == b"secret"
-        response.release()
+        for _ in range(3):  # kept alive over TLS too: an idle TLS connection is not taken for a stale one
+            response = await trusting.open(b"GET", b"/", [], b"")
+            assert await response.read() == b"secret"
+            response.release()
+        assert server.connections == 1
         trusting.close()
         async with _client() as client:  # the system's CAs: a self-signed upstream is refused
             with pytest.raises(http1.ConnectError):

@@ -7,6 +7,10 @@ side: httpx.AsyncClient over its native pool ~2-3 ms, over httpx-aiohttp 440 µs
 aiohttp itself 168 µs in isolation and ~110 µs inside the running gateway, this
 pool ~25 µs (docs/architecture.md). The hot path cannot afford the difference.
 
+Clients are independent: a second small `Client` to the same origin (say
+`max_connections=2`) has its own pools, so health probes sent through it never wait
+behind a first client's traffic, however busy that one is.
+
 This package imports nothing from the rest of bastion: it is an HTTP client.
 """
 
@@ -19,16 +23,28 @@ from urllib.parse import urlsplit
 import httpx
 
 from .http1 import Headers, Response, Timeouts
-from .pool import Pool
+from .pool import DEFAULT_MAX_KEEPALIVE, Pool
 from .transport import PoolTransport
 
 
 class Client:
-    """Owns one pool per origin; an async context manager that closes them all."""
+    """Owns one pool per origin; an async context manager that closes them all.
 
-    def __init__(self, *, timeouts: Timeouts, max_connections: int, keepalive_expiry: float) -> None:
+    Per origin: at most `max_connections` open, at most `max_keepalive` of them kept idle
+    (extra ones are closed when released), each for at most `keepalive_expiry` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeouts: Timeouts,
+        max_connections: int,
+        keepalive_expiry: float,
+        max_keepalive: int = DEFAULT_MAX_KEEPALIVE,
+    ) -> None:
         self.timeouts = timeouts
         self._max_connections = max_connections
+        self._max_keepalive = max_keepalive
         self._keepalive_expiry = keepalive_expiry
         self._pools: dict[tuple[str, str, int], Pool] = {}
         self._bases: dict[str, tuple[Pool, bytes]] = {}  # base URL -> its pool and path prefix
@@ -53,6 +69,7 @@ class Client:
                 ssl_context=ssl.create_default_context() if scheme == "https" else None,  # verified, system CAs
                 timeouts=self.timeouts,
                 max_connections=self._max_connections,
+                max_keepalive=self._max_keepalive,
                 keepalive_expiry=self._keepalive_expiry,
             )
         return pool
@@ -69,12 +86,16 @@ class Client:
         pool, prefix = found
         return await pool.open(method.encode("ascii"), prefix + target if prefix else target, headers, body)
 
+    async def aclose(self) -> None:
+        """Close every connection, busy ones included: requests in flight fail with `PoolClosed`."""
+        await self.http.aclose()
+        for pool in self._pools.values():
+            pool.close()
+
     async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.http.aclose()
-        for pool in self._pools.values():
-            pool.close()
+        await self.aclose()

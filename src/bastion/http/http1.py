@@ -12,11 +12,17 @@ connections for reuse. httpx's API runs on top of it (`transport.PoolTransport`)
 Timeouts are explicit: connect, waiting for a free connection (pool), sending a
 large body (write), and the longest silence between two reads (read) — a bound on
 silence, not on the whole response, so a long generation is never cut.
+
+Held to httpcore's behaviour: a HEAD response leaves the connection reusable, 1xx
+informational responses are skipped, a 101 upgrade is refused (the connection closes
+and the caller gets `RemoteProtocolError`), and trailers after a chunked body are kept
+apart from the response headers (`Response.trailers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 from typing import Protocol, cast
 
 import httptools
@@ -55,14 +61,20 @@ class RemoteProtocolError(HTTPError):
     """The upstream closed the connection early or answered something that is not HTTP/1.1."""
 
 
+class PoolClosed(HTTPError):
+    """The client was closed: waiting and in-flight requests end with this."""
+
+
 class Owner(Protocol):
     """What a connection needs from its pool (`pool.Pool`): the loop, and where it goes when done."""
 
     loop: asyncio.AbstractEventLoop
 
-    def put_back(self, connection: Connection) -> None: ...
+    def put_back(self, connection: Connection) -> None:
+        """A response was read to its end on a keep-alive connection: keep or hand over the connection."""
 
-    def retire(self, connection: Connection) -> None: ...
+    def retire(self, connection: Connection) -> None:
+        """The connection is closed (by us or the upstream): it no longer counts."""
 
 
 class Timeouts:
@@ -77,7 +89,8 @@ class Response:
 
     Ends with `release()` (a fully read response gives its connection back to the
     pool; anything else closes it) or `close()` (always closes: the upstream sees
-    the disconnect, which is how vLLM learns to abort a generation).
+    the disconnect, which is how vLLM learns to abort a generation). Trailer fields
+    after a chunked body land in `trailers`, never in `headers`.
     """
 
     __slots__ = (
@@ -92,8 +105,8 @@ class Response:
         "_waiter",
         "headers",
         "keep_alive",
-        "received",
         "status",
+        "trailers",
     )
 
     def __init__(self, connection: Connection, read_timeout: float) -> None:
@@ -102,7 +115,7 @@ class Response:
         self.status = 0
         self.headers: Headers = []  # names in lower case, values as received
         self.keep_alive = False
-        self.received = False  # any byte of this response arrived
+        self.trailers: Headers = []  # fields after the last chunk of a chunked body, names in lower case
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._complete = False
@@ -198,8 +211,9 @@ class Response:
         self._wake()
 
     def _done(self) -> None:
-        self._complete = True
-        self._wake()
+        if self._error is None:
+            self._complete = True
+            self._wake()
 
     def _fail(self, error: HTTPError) -> None:
         if not self._complete and self._error is None:
@@ -208,20 +222,26 @@ class Response:
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection; httptools calls the `on_*` methods while parsing."""
+    """One keep-alive connection; httptools calls the `on_*` methods while parsing.
+
+    The pool creates it before connecting, so that a connection being opened already counts
+    against `max_connections`, and hands it to `loop.create_connection` as the protocol.
+    """
 
     def __init__(self, pool: Owner) -> None:
         self.pool = pool
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None  # None until connected
         self.response: Response | None = None
         self.closed = False
-        self.retired = False
-        self.reused = False
+        self.idle = False  # in the pool's idle list
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
+        self._poller: select.poll | None = None
+        self._in_head = False  # between a message's first line and the end of its headers
         self._informational = False
-        self._head_only = False
+        self._head_only = False  # the request was HEAD: no body follows, whatever the head announces
+        self._renew_parser = False
         self._drained: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -233,12 +253,16 @@ class Connection(asyncio.Protocol):
         if response is None:  # nothing was asked: a confused upstream; do not reuse the connection
             self._abort()
             return
-        response.received = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101: `on_headers_complete` failed the response
+            self._abort()
         except httptools.HttpParserError as exc:
             response._fail(RemoteProtocolError(f"the upstream's response is not valid HTTP/1.1: {exc}"))
             self._abort()
+        if self._renew_parser:  # a HEAD response ended with its head; this parser would wait for the body
+            self._renew_parser = False
+            self._parser = httptools.HttpResponseParser(self)
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; connection_lost follows
@@ -247,7 +271,9 @@ class Connection(asyncio.Protocol):
         self.closed = True
         response = self.response
         if response is not None:
-            if response.status and exc is None and _ends_at_close(response.headers):
+            if not response.status:
+                response._fail(RemoteProtocolError("the upstream closed the connection without answering"))
+            elif exc is None and _ends_at_close(response.headers):
                 response._done()  # a body without length or chunking ends when the connection does
             else:
                 response._fail(RemoteProtocolError("the upstream closed the connection before the response ended"))
@@ -265,6 +291,7 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_head = True
         response = self.response
         if response is not None and response._complete:  # a second answer to one request: never reuse this
             self._abort()
@@ -273,24 +300,36 @@ class Connection(asyncio.Protocol):
             response.headers.clear()  # after a 1xx, the real response's headers start afresh
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.headers.append((name.lower(), value))
+        response = self.response
+        if response is not None:
+            (response.headers if self._in_head else response.trailers).append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        # 1xx (e.g. 100 Continue) is followed by the real response on the same connection.
-        self._informational = 100 <= status < 200 and status != 101
+        self._in_head = False
         response = self.response
-        if response is not None and not self._informational:
-            if self._head_only:  # the parser would wait for the body a HEAD response announces but never sends
-                response._head(status, keep_alive=False)
-                response._done()
-            else:
-                response._head(status, self._parser.should_keep_alive())
+        if response is None:
+            return
+        status = self._parser.get_status_code()
+        if status == 101:  # the upstream switched protocols: nothing here speaks the new one
+            response._fail(RemoteProtocolError("the upstream answered 101 Switching Protocols; upgrades are refused"))
+            self._abort()
+            return
+        # 1xx (100 Continue, 103 Early Hints) is followed by the real response on the same connection.
+        self._informational = 100 <= status < 200
+        if self._informational:
+            return
+        response._head(status, self._parser.should_keep_alive())
+        if self._head_only:  # no body follows; the connection stays reusable
+            response._done()
+            self._renew_parser = True
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._feed(body)
+        response = self.response
+        if response is not None:
+            if self._head_only:  # bytes after a HEAD response's head: a confused upstream
+                self._abort()
+            else:
+                response._feed(body)
 
     def on_message_complete(self) -> None:
         if self.response is not None and not self._informational and not self._head_only:
@@ -298,13 +337,14 @@ class Connection(asyncio.Protocol):
 
     # --- used by Pool and Response ------------------------------------------------------
     def send(self, method: bytes, head: bytes, body: bytes, read_timeout: float) -> Response:
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self._head_only = method == b"HEAD"
         response = self.response = Response(self, read_timeout)
         if len(body) < 65536:
-            self.transport.write(head + body)
+            transport.write(head + body)
         else:
-            self.transport.writelines((head, body))
+            transport.writelines((head, body))
         return response
 
     async def drain(self, seconds: float) -> None:
@@ -317,6 +357,21 @@ class Connection(asyncio.Protocol):
         except TimeoutError:
             raise WriteTimeout("the upstream did not read the request body in time") from None
 
+    def readable(self) -> bool:
+        """Whether bytes or an end of stream wait unread in the socket.
+
+        On an idle connection either means the upstream closed it (or talks out of turn), even
+        when the event loop has not yet run the callbacks that would say so (httpcore's check).
+        """
+        poller = self._poller
+        if poller is None:
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            if sock is None:
+                return False
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     def finish(self, response: Response, reuse: bool) -> None:
         if self.response is not response:
             return  # already finished
@@ -325,6 +380,15 @@ class Connection(asyncio.Protocol):
             self.pool.put_back(self)
         else:
             self._abort()
+
+    def fail(self, error: HTTPError) -> None:
+        """Close at once, busy or not: the response in flight ends with `error`."""
+        if self.response is not None:
+            self.response._fail(error)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.pool.retire(self)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -336,8 +400,12 @@ class Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():  # unsent bytes would keep the socket open until the peer reads
+                transport.abort()
+            else:
+                transport.close()
         self.pool.retire(self)
 
 

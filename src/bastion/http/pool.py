@@ -1,8 +1,17 @@
 """The pool: keep-alive connections (`http1.Connection`) to one upstream origin.
 
-At most `max_connections` are open at once; a request waits up to the pool timeout for
-one to come free (then `PoolTimeout`, a 503 to the client). Idle connections are reused
-newest first and dropped after `keepalive_expiry` or as soon as the upstream closes them.
+Its state is two collections, as in httpcore: every connection that counts (connecting, busy
+or idle) and, among them, the idle ones. Capacity is derived from that state, never kept in a
+counter: a connection stops counting exactly once, when it leaves the set (`retire`).
+
+At most `max_connections` count at once; a request waits up to the pool timeout for one
+(then `PoolTimeout`, a 503 to the client). Waiters are served in order: a connection given
+back, or a slot freed, is handed straight to the first waiter, so a newcomer never overtakes
+one. Idle connections are reused newest first, at most `max_keepalive` are kept, and one
+that expired (`keepalive_expiry`), was closed, or is readable while idle (the upstream closed
+it, or talks out of turn) is dropped before anything is written on it. A request written
+on a connection is never written again: a connection that closes unanswered is a
+`RemoteProtocolError` (POSTs to a model server are not idempotent).
 """
 
 from __future__ import annotations
@@ -17,13 +26,15 @@ from .http1 import (
     Connection,
     ConnectTimeout,
     Headers,
+    PoolClosed,
     PoolTimeout,
-    RemoteProtocolError,
     Response,
     Timeouts,
 )
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# Idle connections kept per origin unless told otherwise (httpx keeps 20 of 100; a model server's bursts are larger).
+DEFAULT_MAX_KEEPALIVE = 100
 
 
 class Pool:
@@ -38,6 +49,7 @@ class Pool:
         timeouts: Timeouts,
         max_connections: int,
         keepalive_expiry: float,
+        max_keepalive: int = DEFAULT_MAX_KEEPALIVE,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
@@ -47,10 +59,22 @@ class Pool:
         authority = f"[{host}]" if ":" in host else host
         self._host_header = (authority if port == default_port else f"{authority}:{port}").encode("ascii")
         self._max = max_connections
+        self._max_idle = min(max_keepalive, max_connections)
         self._expiry = keepalive_expiry
-        self._idle: list[Connection] = []
-        self._open = 0  # connecting, busy or idle
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._connections: set[Connection] = set()  # connecting, busy or idle: what counts against the limit
+        self._idle: list[Connection] = []  # the idle ones among them, newest last
+        # Callers waiting for a connection, in order; each is handed a connection (a new one: not yet connected).
+        self._waiters: deque[asyncio.Future[Connection]] = deque()
+        self._closed = False
+
+    @property
+    def connections(self) -> int:
+        """Connections that count against `max_connections`: connecting, busy or idle."""
+        return len(self._connections)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
 
     async def open(
         self,
@@ -62,27 +86,23 @@ class Pool:
     ) -> Response:
         """Send a request; return once the response head is in.
 
-        A kept-alive connection that the upstream closed just as it was picked fails before a
-        byte is answered: the request is then sent once more on a new connection (the only
-        retry; a refused connection or a connection that answered anything is not retried).
+        The request is written once, on one connection: a kept-alive connection found stale
+        is dropped before anything is written on it, and a connection that fails after the
+        request went out is not retried.
         """
         timeouts = timeouts or self.timeouts
         head = self._head(method, target, headers, body)
-        while True:
-            connection = await self._acquire(timeouts)
-            response = connection.send(method, head, body, timeouts.read)
-            try:
-                await connection.drain(timeouts.write)
-                await response.wait_head()
-                return response
-            except RemoteProtocolError:
-                response.close()
-                if connection.reused and not response.received:
-                    continue
-                raise
-            except BaseException:
-                response.close()
-                raise
+        connection = await self._acquire(timeouts)
+        if connection.transport is None:
+            await self._connect(connection, timeouts)
+        response = connection.send(method, head, body, timeouts.read)
+        try:
+            await connection.drain(timeouts.write)
+            await response.wait_head()
+        except BaseException:
+            response.close()
+            raise
+        return response
 
     def _head(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> bytes:
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", self._host_header, b"\r\n"]
@@ -95,83 +115,126 @@ class Pool:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    # --- the pool -------------------------------------------------------------------------
+    # --- taking a connection ---------------------------------------------------------
     async def _acquire(self, timeouts: Timeouts) -> Connection:
+        """An idle connection checked for use, or a new one (not yet connected) that already counts."""
         deadline: float | None = None
         while True:
-            now = time.monotonic()
-            while self._idle:
-                connection = self._idle.pop()
-                if not connection.closed and now - connection.idle_since < self._expiry:
-                    connection.reused = True
-                    return connection
-                connection._abort()
-            if self._open < self._max:
-                return await self._connect(timeouts)
-            deadline = deadline or now + timeouts.pool
-            waiter = self.loop.create_future()
+            if self._closed:
+                raise PoolClosed("the HTTP client was closed")
+            connection = self._take_idle()
+            if connection is not None:
+                return connection
+            if len(self._connections) < self._max:
+                return self._new()
+            deadline = deadline or self.loop.time() + timeouts.pool
+            waiter: asyncio.Future[Connection] = self.loop.create_future()
             self._waiters.append(waiter)
             try:
-                async with asyncio.timeout_at(self.loop.time() + max(0.0, deadline - now)):
-                    await waiter
+                async with asyncio.timeout_at(deadline):
+                    connection = await waiter
             except BaseException as exc:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, but leaving (timed out or cancelled): the free slot goes on
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._give_back(waiter.result())  # handed one just as we left (timeout, cancel): pass it on
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 if isinstance(exc, TimeoutError):
                     raise PoolTimeout(f"all {self._max} upstream connections stayed busy") from None
                 raise
+            if not connection.closed:
+                return connection
+            # Closed before we could use it (by the upstream, or `close`): it no longer counts; start again.
 
-    async def _connect(self, timeouts: Timeouts) -> Connection:
-        self._open += 1
+    def _take_idle(self) -> Connection | None:
+        now = time.monotonic()
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            connection.idle = False
+            if connection.closed or now - connection.idle_since >= self._expiry or connection.readable():
+                connection._abort()  # stale: nothing was written on it
+                continue
+            return connection
+        return None
+
+    def _new(self) -> Connection:
+        connection = Connection(self)
+        self._connections.add(connection)
+        return connection
+
+    async def _connect(self, connection: Connection, timeouts: Timeouts) -> None:
         try:
             async with asyncio.timeout(timeouts.connect):
-                transport, connection = await self.loop.create_connection(
-                    lambda: Connection(self),
+                transport, _ = await self.loop.create_connection(
+                    lambda: connection,
                     self.host,
                     self.port,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
         except TimeoutError:
-            self._slot_freed()
+            self.retire(connection)
             raise ConnectTimeout(f"connecting to {self.host}:{self.port} took too long") from None
         except OSError as exc:
-            self._slot_freed()
+            self.retire(connection)
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         except BaseException:
-            self._slot_freed()
+            self.retire(connection)
             raise
         connection.transport = transport  # uvloop may call connection_made only after this returns
-        return connection
+        if self._closed:
+            connection.fail(PoolClosed("the HTTP client was closed"))
+            raise PoolClosed("the HTTP client was closed")
+        if connection.closed:  # nothing was written: sending now would wait for an answer that cannot come
+            raise ConnectError(f"{self.host}:{self.port} closed the connection as it was opened")
 
+    # --- giving connections back --------------------------------------------------------
     def put_back(self, connection: Connection) -> None:
-        connection.idle_since = time.monotonic()
-        self._idle.append(connection)
-        self._wake_one()
-
-    def retire(self, connection: Connection) -> None:
-        """A connection is gone (closed by us or the upstream): free its slot once."""
-        if connection.retired:
+        """A response was read to its end on a keep-alive connection: hand it over, keep it, or close it."""
+        if self._closed:
+            connection._abort()
             return
-        connection.retired = True
-        if connection in self._idle:
-            self._idle.remove(connection)
-        self._slot_freed()
-
-    def _slot_freed(self) -> None:
-        self._open -= 1
-        self._wake_one()
-
-    def _wake_one(self) -> None:
+        connection.idle_since = time.monotonic()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(connection)
                 return
+        if len(self._idle) >= self._max_idle:
+            connection._abort()  # over the idle cap
+            return
+        connection.idle = True
+        self._idle.append(connection)
+
+    def _give_back(self, connection: Connection) -> None:
+        """A waiter left holding a connection it was handed: the next waiter gets it (or the slot)."""
+        if connection.transport is None:
+            self.retire(connection)  # a new one, never connected: only the slot to pass on
+        elif connection.closed:
+            pass  # retired already
+        else:
+            self.put_back(connection)
+
+    def retire(self, connection: Connection) -> None:
+        """A connection is gone (closed by us or the upstream, or never connected): it stops counting, once."""
+        if connection not in self._connections:
+            return
+        self._connections.remove(connection)
+        if connection.idle:
+            connection.idle = False
+            self._idle.remove(connection)
+        while self._waiters and len(self._connections) < self._max:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self._new())
 
     def close(self) -> None:
-        for connection in list(self._idle):
-            connection._abort()
+        """Close every connection, busy ones included; waiting and in-flight requests fail with `PoolClosed`."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(PoolClosed("the HTTP client was closed"))
+        for connection in list(self._connections):
+            connection.fail(PoolClosed("the HTTP client was closed"))
         self._idle.clear()

@@ -1,0 +1,135 @@
+"""Real upstream sockets on 127.0.0.1 for the HTTP client's tests (`bastion.http`): they answer on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+
+from bastion.http import http1
+from bastion.http.pool import Pool
+from tests.support import content_length
+
+# (request number on this connection, request head+body, writer) -> keep the connection open?
+Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
+FAST = http1.Timeouts(connect=1.0, read=1.0, write=1.0, pool=1.0)
+
+
+class KeepAliveServer:
+    """Serves many requests per connection; counts connections (in all, open now, most open at once) and requests."""
+
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.connections = 0
+        self.open_now = 0
+        self.most_open = 0
+        self.requests: list[bytes] = []
+        self.closed = asyncio.Event()  # a client closed a connection
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> KeepAliveServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pool(
+        self,
+        max_connections: int = 8,
+        timeouts: http1.Timeouts = FAST,
+        tls: ssl.SSLContext | None = None,
+        max_keepalive: int = 100,
+        keepalive_expiry: float = 30,
+    ) -> Pool:
+        return Pool(
+            "127.0.0.1", self.port, ssl_context=tls, timeouts=timeouts, max_connections=max_connections,
+            max_keepalive=max_keepalive, keepalive_expiry=keepalive_expiry,
+        )  # fmt: skip
+
+    async def all_closed(self) -> None:
+        """Wait (2 s at most) until the client closed every connection it opened."""
+        await asyncio.wait_for(self._none_open.wait(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self._none_open.clear()
+        self.most_open = max(self.most_open, self.open_now)
+        number = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head + await reader.readexactly(content_length(head)))
+                if not await self.answer(number, self.requests[-1], writer):
+                    break
+                number += 1
+            await reader.read()  # wait for the client to close
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open_now -= 1
+            if not self.open_now:
+                self._none_open.set()
+            self.closed.set()
+            writer.close()
+
+
+def ok(body: bytes = b"{}") -> Answer:
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    return answer
+
+
+async def streaming(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+    """Answers a head and a first chunk, then nothing: a long generation."""
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    return True
+
+
+async def silent(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+    """Reads requests, never answers."""
+    return True
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port that is bound but not listening: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def unaccepting_port() -> Iterator[int]:
+    """A listener that never accepts, its backlog already full: a connect hangs (the SYN goes unanswered)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                fillers.append(filler)
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
