@@ -35,9 +35,11 @@ Row = tuple[str, str, int, int]
 """A roll-up: principal id, model, local hour start (Unix seconds), tokens."""
 Scope = str | None  # None: all models; else one model
 PRUNE_EVERY = 3600.0  # seconds between retention passes
+_ZERO = (0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True)
+# Built on every request: plain slots dataclasses (a frozen one costs three times as much to create).
+@dataclass(slots=True)
 class Reservation:
     """Tokens held for one request, and where they count (its hour and period starts)."""
 
@@ -48,7 +50,7 @@ class Reservation:
     starts: tuple[int, int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Standing:
     """An enforced budget right after a reservation: what is left and when it resets."""
 
@@ -58,10 +60,10 @@ class Standing:
     reset_text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     reservation: Reservation
-    standings: tuple[Standing, ...]  # one per enforced budget; empty when none applies
+    standings: list[Standing]  # one per enforced budget; empty when none applies
 
     @property
     def tightest(self) -> Standing | None:
@@ -149,21 +151,22 @@ class Journal(Protocol):
 
 
 class _Account:
-    """One principal's counts in the current periods: `totals` include reservations, `settled` not."""
+    """One principal's counts in the current periods, per scope (all models: None, or a model) as
+    [day, week, month] lists: `totals` include reservations, `settled` only what the engine reported."""
 
     __slots__ = ("settled", "starts", "totals")
 
     def __init__(self, starts: tuple[int, int, int]) -> None:
         self.starts = starts
-        self.totals: tuple[dict[Scope, int], ...] = ({}, {}, {})
-        self.settled: tuple[dict[Scope, int], ...] = ({}, {}, {})
+        self.totals: dict[Scope, list[int]] = {None: [0, 0, 0]}
+        self.settled: dict[Scope, list[int]] = {None: [0, 0, 0]}
 
     def roll(self, starts: tuple[int, int, int]) -> None:
         """Start afresh in every period that has changed since the last request."""
         for p in range(3):
             if starts[p] != self.starts[p]:
-                self.totals[p].clear()
-                self.settled[p].clear()
+                for counts in (*self.totals.values(), *self.settled.values()):
+                    counts[p] = 0
         self.starts = starts
 
 
@@ -200,26 +203,40 @@ class Ledger:
         """`reserve` without the coroutine: check and count in one synchronous step."""
         windows = self.calendar.at(now)
         account = self._account(principal_id, windows)
+        totals = account.totals
+        everything = totals[None]
+        mine = totals.get(model)
+        if mine is None:
+            mine = totals[model] = [0, 0, 0]
         standings: list[Standing] = []
         refusing: list[tuple[Budget, int, int]] | None = None
         for budget in budgets:
-            if budget.model is not None and budget.model != model:
+            scope = budget.model
+            if scope is None:
+                counts = everything
+            elif scope == model:
+                counts = mine
+            else:
                 continue
-            p = budget.period.ordinal
-            used = account.totals[p].get(budget.model, 0)
-            left = budget.tokens - used
+            p = budget.ordinal
+            left = budget.tokens - counts[p]
             if tokens > left and tokens > 0:
                 refusing = refusing or []
-                refusing.append((budget, used, windows.resets[p]))
+                refusing.append((budget, counts[p], windows.resets[p]))
             elif refusing is None:
                 standings.append(Standing(budget, left - tokens, windows.resets[p], windows.reset_texts[p]))
         if refusing is not None:
+            if mine == [0, 0, 0] and model not in account.settled:
+                del totals[model]  # made-up model names leave nothing behind
             return self._refusal(refusing, tokens)
         if tokens:
-            for totals in account.totals:
-                totals[None] = totals.get(None, 0) + tokens
-                totals[model] = totals.get(model, 0) + tokens
-        return Admitted(Reservation(principal_id, model, tokens, windows.hour, windows.starts), tuple(standings))
+            everything[0] += tokens
+            everything[1] += tokens
+            everything[2] += tokens
+            mine[0] += tokens
+            mine[1] += tokens
+            mine[2] += tokens
+        return Admitted(Reservation(principal_id, model, tokens, windows.hour, windows.starts), standings)
 
     def _refusal(self, refusing: list[tuple[Budget, int, int]], tokens: int) -> Refused:
         """The budget furthest from fitting names the refusal; the request fits again once all have reset."""
@@ -240,21 +257,25 @@ class Ledger:
         account = self._accounts.get(r.principal_id)
         if account is not None:
             delta = used - r.tokens
-            for p in range(3):
-                if account.starts[p] != r.starts[p]:
-                    continue  # that period has ended: its counts are gone
-                totals = account.totals[p]
-                if delta:
-                    totals[None] = totals.get(None, 0) + delta
-                    left = totals.get(r.model, 0) + delta
-                    if left or r.model in account.settled[p] or used:
-                        totals[r.model] = left
-                    else:
-                        totals.pop(r.model, None)  # made-up model names leave nothing behind
-                if used:
-                    settled = account.settled[p]
-                    settled[None] = settled.get(None, 0) + used
-                    settled[r.model] = settled.get(r.model, 0) + used
+            starts = account.starts
+            current = (0, 1, 2) if starts == r.starts else [p for p in range(3) if starts[p] == r.starts[p]]
+            everything = account.totals[None]
+            mine = account.totals.get(r.model)
+            if mine is None:
+                mine = account.totals[r.model] = [0, 0, 0]
+            for p in current:  # a period that has ended since the reservation has no counts left
+                everything[p] += delta
+                mine[p] += delta
+            if used:
+                settled_all = account.settled[None]
+                settled_mine = account.settled.get(r.model)
+                if settled_mine is None:
+                    settled_mine = account.settled[r.model] = [0, 0, 0]
+                for p in current:
+                    settled_all[p] += used
+                    settled_mine[p] += used
+            elif mine == [0, 0, 0] and r.model not in account.settled:
+                del account.totals[r.model]  # made-up model names leave nothing behind
         if used and self._journal is not None:
             key = (r.principal_id, r.model, r.hour)
             self._dirty[key] = self._dirty.get(key, 0) + used
@@ -269,15 +290,13 @@ class Ledger:
             scopes: list[Scope] = [None, *sorted({b.model for b in budgets if b.period is period and b.model})]
             for scope in scopes:
                 limit = next((b.tokens for b in budgets if b.period is period and b.model == scope), None)
-                settled = account.settled[p].get(scope, 0)
-                total = account.totals[p].get(scope, 0)
+                settled = account.settled.get(scope, _ZERO)[p]
+                total = account.totals.get(scope, _ZERO)[p]
                 periods.append(
                     PeriodUsage(period, scope, windows.starts[p], windows.resets[p], settled, total - settled, limit)
                 )
-        day, week, month = account.settled
-        models = sorted({m for counts in account.settled for m in counts if m is not None})
-        by_model = {m: (day.get(m, 0), week.get(m, 0), month.get(m, 0)) for m in models}
-        return UsageReport(principal_id, tuple(periods), by_model)
+        by_model = {m: (c[0], c[1], c[2]) for m, c in account.settled.items() if m is not None and any(c)}
+        return UsageReport(principal_id, tuple(periods), dict(sorted(by_model.items())))
 
     def _account(self, principal_id: str, windows: Windows) -> _Account:
         account = self._accounts.get(principal_id)
@@ -293,11 +312,14 @@ class Ledger:
         windows = self.calendar.at(now)
         for principal_id, model, hour, tokens in rows:
             account = self._account(principal_id, windows)
-            for p in range(3):
-                if windows.starts[p] <= hour < windows.resets[p]:
-                    for counts in (account.totals[p], account.settled[p]):
-                        counts[None] = counts.get(None, 0) + tokens
-                        counts[model] = counts.get(model, 0) + tokens
+            for counts in (account.totals, account.settled):
+                for scope in (None, model):
+                    found = counts.get(scope)
+                    if found is None:
+                        found = counts[scope] = [0, 0, 0]
+                    for p in range(3):
+                        if windows.starts[p] <= hour < windows.resets[p]:
+                            found[p] += tokens
 
     async def flush(self) -> None:
         """Write the settled roll-ups gathered since the last flush; kept for the next one on failure."""

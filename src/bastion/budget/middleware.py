@@ -35,23 +35,29 @@ _CACHE_SIZE = 4096
 
 
 class Resolver:
-    """A principal's enforced budgets (its own, then the defaults), remembered per distinct policy."""
+    """A principal's enforced budgets (its own, then the defaults), remembered per distinct policy.
+
+    Remembered by the identity of the principal's budgets tuple (principals live in the key store and
+    the JWT cache, so the same tuple comes back): a lookup costs no hashing of the budgets.
+    """
 
     def __init__(self, defaults: Budgets) -> None:
         self.defaults = effective((), defaults)
         self._defaults = defaults
-        self._seen: dict[Budgets, Budgets] = {}
+        self._seen: dict[int, tuple[Budgets, Budgets]] = {}
 
     def __call__(self, principal: Principal) -> Budgets:
         own = principal.budgets
         if not own:
             return self.defaults
-        found = self._seen.get(own)
-        if found is None:
-            if len(self._seen) >= _CACHE_SIZE:
-                self._seen.clear()
-            found = self._seen[own] = effective(own, self._defaults)
-        return found
+        found = self._seen.get(id(own))
+        if found is not None and found[0] is own:
+            return found[1]
+        if len(self._seen) >= _CACHE_SIZE:
+            self._seen.clear()
+        merged = effective(own, self._defaults)
+        self._seen[id(own)] = (own, merged)  # holding `own` keeps its id from being reused
+        return merged
 
 
 class BudgetStage:

@@ -11,7 +11,7 @@ uses it to carry a key's or token's budgets on its Principal).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -38,6 +38,10 @@ class Budget:
     period: Period
     tokens: int
     model: str | None = None
+    ordinal: int = field(init=False, repr=False, compare=False)  # the period's, read on every request
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ordinal", _INDEX[self.period])
 
     @property
     def name(self) -> str:

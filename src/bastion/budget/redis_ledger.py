@@ -147,24 +147,24 @@ class RedisLedger:
         windows = self.calendar.at(now)
         applied = [b for b in budgets if b.model is None or b.model == model]
         if not applied and tokens <= 0:  # nothing to check, nothing to count
-            return Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), ())
+            return Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), [])
         args: list[str | int] = [tokens, model, *(r + PERIOD_GRACE for r in windows.resets), len(applied)]
         for budget in applied:
-            args += [budget.period.ordinal + 1, "t" if budget.model is None else "t:" + budget.model, budget.tokens]
+            args += [budget.ordinal + 1, "t" if budget.model is None else "t:" + budget.model, budget.tokens]
         reply = cast(list[int], await self._call(_RESERVE, self._period_keys(principal_id, windows.starts), args))
         refused, used = reply[0], reply[1:]
         if refused:
             return self._refusal(applied, used, tokens, windows)
-        standings = tuple(
-            Standing(b, b.tokens - u - tokens, windows.resets[b.period.ordinal], windows.reset_texts[b.period.ordinal])
+        standings = [
+            Standing(b, b.tokens - u - tokens, windows.resets[b.ordinal], windows.reset_texts[b.ordinal])
             for b, u in zip(applied, used, strict=True)
-        )
+        ]
         return Admitted(Reservation(principal_id, model, tokens, windows.hour, windows.starts), standings)
 
     def _refusal(self, applied: list[Budget], used: list[int], tokens: int, windows: Windows) -> Refused:
         refusing = [(b, u) for b, u in zip(applied, used, strict=True) if u + tokens > b.tokens]
         budget, spent = min(refusing, key=lambda r: r[0].tokens - r[1])
-        reset = max(windows.resets[b.period.ordinal] for b, _ in refusing)
+        reset = max(windows.resets[b.ordinal] for b, _ in refusing)
         return Refused(budget, spent, tokens, reset, self.calendar.text(reset))
 
     async def settle(self, reservation: Reservation, used: int) -> None:
