@@ -220,3 +220,18 @@ async def test_a_failed_write_is_kept_and_retried(tmp_path: Path) -> None:
     db = UsageDB(tmp_path / "usage.sqlite3", readonly=True)
     assert db.rows(0)[0][3] == 10
     db.close()
+
+
+def test_open_ledger_picks_the_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bastion.budget.options import BudgetOptions, open_ledger
+    from bastion.budget.redis_ledger import RedisLedger
+
+    on_file = open_ledger(BudgetOptions(db=tmp_path / "usage.sqlite3", db_is_default=True))
+    assert isinstance(on_file, Ledger) and isinstance(on_file._journal, SQLiteJournal)
+    beside_missing = open_ledger(BudgetOptions(db=tmp_path / "nope" / "usage.sqlite3", db_is_default=True))
+    assert isinstance(beside_missing, Ledger) and beside_missing._journal is None
+    assert "usage is kept in memory only" in caplog.text and "BASTION_BUDGET_DB" in caplog.text
+    chosen = open_ledger(BudgetOptions(db=tmp_path / "new" / "usage.sqlite3"))  # set by the operator: created
+    assert isinstance(chosen, Ledger) and isinstance(chosen._journal, SQLiteJournal)
+    shared = open_ledger(BudgetOptions(db=tmp_path / "usage.sqlite3", redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(shared, RedisLedger)

@@ -18,7 +18,6 @@ from ..config import Settings, describe_validation_error
 from .calendar import Calendar
 from .ledger import LedgerUnavailable, Row
 from .options import BudgetOptions
-from .redis_ledger import RedisLedger, connect
 from .report import By, Format, aggregate, parse_since, render
 from .sqlite import UsageDB, UsageDBError
 
@@ -76,6 +75,8 @@ def _usage(args: dict[str, Any]) -> int:
 
 def _rows(options: BudgetOptions, calendar: Calendar, since: int, key: str | None, now: float) -> list[Row] | None:
     if options.redis_url is not None:
+        from .redis_ledger import RedisLedger, connect  # only Redis users pay for its import
+
         ledger = RedisLedger(connect(options.redis_url, max(options.redis_timeout, 5.0)), calendar)
         return asyncio.run(ledger.rows(since, key, now))
     if options.db is None:

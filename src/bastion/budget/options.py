@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .calendar import Calendar, zone
-from .ledger import Ledger
+from .ledger import BudgetLedger, Ledger
 from .policy import Budgets
-from .redis_ledger import RedisLedger, connect
 from .sqlite import SQLiteJournal
 
 log = logging.getLogger("bastion.budget")
@@ -44,10 +43,14 @@ class BudgetOptions:
         return Calendar(zone(self.timezone))
 
 
-def open_ledger(options: BudgetOptions, clock: Callable[[], float] = time.time) -> Ledger | RedisLedger:
+def open_ledger(options: BudgetOptions, clock: Callable[[], float] = time.time) -> BudgetLedger:
     """The ledger these options describe (not yet running: enter its `running()` at start-up)."""
     calendar = options.calendar()
     if options.redis_url is not None:
+        # Imported here: the Redis client takes ~0.3 s to import, which no SQLite user should pay
+        # (settings import this module).
+        from .redis_ledger import RedisLedger, connect
+
         client = connect(options.redis_url, options.redis_timeout)
         return RedisLedger(client, calendar, retention=options.retention, clock=clock)
     db = options.db
