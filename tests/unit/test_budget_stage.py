@@ -4,10 +4,9 @@ proxy to a scripted upstream socket, the openai SDK as the client."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -71,8 +70,13 @@ class Estimate:
         await self.app(scope, replay, send)
 
 
+NOON = datetime.fromisoformat("2030-06-04T12:00:00+00:00").timestamp()  # the gateway's clock in these tests
+
+
 class Harness:
-    def __init__(self, tmp_path: Path, upstream_port: int, ledger: BudgetLedger, **stage: object) -> None:
+    def __init__(
+        self, tmp_path: Path, upstream_port: int, ledger: BudgetLedger, clock: float = NOON, **stage: object
+    ) -> None:
         data = KeyFile()
         _, self.key_a = create_key(data, name="alice", budgets=[Budget(Period.DAY, 100)])
         _, self.key_b = create_key(data, name="bob")
@@ -90,8 +94,9 @@ class Harness:
         proxy = Proxy(settings, Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL), self.client)
         resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
         self.ledger = ledger
-        stage_app = BudgetStage(proxy, ledger, resolver, **stage)  # type: ignore[arg-type]
-        v1 = Auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver))
+        self.now = clock
+        stage_app = BudgetStage(proxy, ledger, resolver, clock=lambda: self.now, **stage)  # type: ignore[arg-type]
+        v1 = Auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
         self.seen: list[Exchange] = []
         self.app = Gateway(FastAPI(), v1, [self.seen.append])
 
@@ -112,11 +117,6 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
         yield server
 
 
-def seconds_to_midnight() -> float:
-    now = datetime.now(UTC)
-    return (datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC) - now).total_seconds()
-
-
 async def test_admitted_requests_carry_budget_headers_and_settle_real_usage(
     tmp_path: Path, upstream: ScriptedUpstream
 ) -> None:
@@ -126,7 +126,7 @@ async def test_admitted_requests_carry_budget_headers_and_settle_real_usage(
         assert response.status_code == 200
         reserved = h.seen[0].reserved_tokens
         assert response.headers["x-budget-remaining-tokens"] == str(100 - reserved)
-        midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
+        midnight = datetime.fromisoformat("2030-06-05T00:00:00+00:00")
         assert response.headers["x-budget-reset"] == midnight.isoformat()
         usage = (await client.get("/v1/usage")).json()
     day, week, month = usage["periods"]
@@ -158,13 +158,21 @@ async def test_a_spent_budget_is_a_429_the_sdk_does_not_retry(tmp_path: Path, up
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "budget_exceeded")
     assert "30 of 100 per day are left" in error["message"] and response.headers["x-budget-reset"] in error["message"]
-    assert abs(int(response.headers["retry-after"]) - math.ceil(seconds_to_midnight())) <= 2
+    assert response.headers["retry-after"] == str(12 * 3600)  # noon to midnight
     assert response.headers["x-budget-remaining-tokens"] == "30"
+    assert response.headers["x-should-retry"] == "false"  # hours away: no SDK version retries in vain
     assert len(upstream.requests) == served  # nothing forwarded
-    assert len(h.seen) == 3  # one attempt: x-should-retry: false keeps the SDK from retrying in vain
+    assert len(h.seen) == 3  # one attempt
     assert (h.seen[-1].status, h.seen[-1].reason) == (429, "budget_exceeded")
     async with h.http(h.key_b) as other:  # another key is not affected
         assert (await other.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    h.now = NOON + 12 * 3600 - 30  # half a minute before the reset: the SDK may wait it out and retry
+    async with h.http(h.key_a) as client:
+        near = await client.post("/v1/chat/completions", json=CHAT)
+    assert (near.status_code, near.headers["retry-after"]) == (429, "30") and "x-should-retry" not in near.headers
+    h.now = NOON + 12 * 3600  # midnight: a new day
+    async with h.http(h.key_a) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
 async def test_failures_release_and_broken_streams_keep_the_reservation(tmp_path: Path) -> None:

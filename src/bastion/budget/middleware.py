@@ -2,8 +2,8 @@
 
 Before: reserve `exchange.reserved_tokens` against the principal's budgets, or
 answer 429 `budget_exceeded` (Retry-After = seconds to the reset, which the
-message also gives in ISO 8601; `x-should-retry: false`, since an SDK retrying
-within seconds cannot succeed). During: `x-budget-remaining-tokens` and
+message also gives in ISO 8601; `x-should-retry: false` when the reset is over a
+minute away, since an SDK retrying within seconds cannot succeed). During: `x-budget-remaining-tokens` and
 `x-budget-reset` (the tightest budget) ride on `exchange.response_headers`.
 After (always, in `finally`): settle with the engine's usage, keep the
 reservation when a started response gave none (a disconnect, a broken stream,
@@ -31,6 +31,9 @@ from .policy import Budgets, effective
 log = logging.getLogger("bastion.budget")
 REMAINING = b"x-budget-remaining-tokens"
 RESET = b"x-budget-reset"
+# The openai SDKs wait out a Retry-After up to a minute and retry (which then succeeds); further off, some
+# versions retry at once anyway, in vain: `x-should-retry: false` tells every version not to.
+SDK_MAX_WAIT = 60
 _CACHE_SIZE = 4096
 
 
@@ -157,17 +160,10 @@ def refusal(refused: Refused, now: float) -> GatewayError:
             f"reset at {refused.reset_text}."
         )
     wait = max(1, math.ceil(refused.reset - now))
-    return GatewayError(
-        429,
-        message,
-        code="budget_exceeded",
-        headers=[
-            (b"retry-after", b"%d" % wait),
-            (REMAINING, b"%d" % left),
-            (RESET, refused.reset_text.encode()),
-            (b"x-should-retry", b"false"),
-        ],
-    )
+    headers = [(b"retry-after", b"%d" % wait), (REMAINING, b"%d" % left), (RESET, refused.reset_text.encode())]
+    if wait > SDK_MAX_WAIT:
+        headers.append((b"x-should-retry", b"false"))
+    return GatewayError(429, message, code="budget_exceeded", headers=headers)
 
 
 def tokens_to_charge(exchange: Exchange) -> int | None:
