@@ -1,4 +1,4 @@
-"""`bastion serve | simulate | check-config`.
+"""`bastion serve | simulate | check-config` (and `keys`, `token`, `usage` from their packages).
 
 Every flag is a setting: a flag given on the command line wins over its
 `BASTION_*` variable, which wins over `.env` and the default. Secrets are never
@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings
 
 from . import __version__
 from .auth import cli as auth_cli
+from .budget import cli as budget_cli
 from .config import Settings, config_reference, describe_validation_error, env_example
 from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .logs import configure_logging
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         _flag(simulate, SimulatorSettings, name, **kw)
 
     auth_cli.register(commands)  # keys create|list|revoke|rotate, token mint
+    budget_cli.register(commands)  # usage
 
     check = commands.add_parser(
         "check-config",

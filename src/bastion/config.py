@@ -25,6 +25,10 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .budget.calendar import zone
+from .budget.options import BudgetOptions
+from .budget.policy import Budget, Period, parse_budget, unique
+
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 LogLevel = Annotated[
@@ -328,6 +332,72 @@ class Settings(BaseSettings):
         "stdout",
         description="Audit log destination: stdout, off, or a file path (one JSON line per /v1 request).",
     )
+
+    # --- token budgets (bastion.budget; docs/budgets.md) ----------------------------------
+    budget_day: int = Field(
+        0,
+        ge=0,
+        description="Default token budget (prompt + completion) per principal per calendar day; 0 = none. "
+        "A key's or token's own budgets win, period by period.",
+    )
+    budget_week: int = Field(0, ge=0, description="Default token budget per principal per ISO week; 0 = none.")
+    budget_month: int = Field(0, ge=0, description="Default token budget per principal per month; 0 = none.")
+    budget_timezone: str = Field(
+        "UTC",
+        description="Time zone (IANA name, e.g. Europe/Paris) whose midnights start budget days, weeks "
+        "(Mondays) and months.",
+    )
+    budget_db: Path | None = Field(
+        None,
+        description="SQLite file of hourly usage roll-ups, loaded at start so budgets survive restarts. "
+        "Default: usage.sqlite3 beside BASTION_KEYS_FILE (memory only without one). Not used with "
+        "BASTION_REDIS_URL, where budgets and usage live in Redis.",
+    )
+    usage_retention_days: int = Field(
+        400, ge=40, description="Days of hourly usage roll-ups kept (SQLite rows, Redis hashes); older are deleted."
+    )
+    jwt_budgets_claim: str = Field(
+        "budgets",
+        description='JWT claim holding the token\'s budgets, e.g. {"day": 100000, "day:qwen": 5000}.',
+    )
+    jwt_max_budgets: StrList = Field(
+        default_factory=list,
+        description="Ceiling on every JWT's budgets, e.g. day=1000000,month=20000000: a larger or missing "
+        "claim gets the ceiling. Empty = claims as given, defaults for the rest.",
+    )
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("jwt_max_budgets")
+    @classmethod
+    def _check_budgets(cls, values: list[str]) -> list[str]:
+        unique(parse_budget(value) for value in values)
+        return values
+
+    def budget_options(self) -> BudgetOptions:
+        """The budget ledger's plain options (the ledger never sees Settings)."""
+        defaults = tuple(
+            Budget(period, tokens)
+            for period, tokens in zip(Period, (self.budget_day, self.budget_week, self.budget_month), strict=True)
+            if tokens
+        )
+        db, default = self.budget_db, False
+        if db is None and self.keys_file is not None:
+            db, default = self.keys_file.parent / "usage.sqlite3", True
+        return BudgetOptions(
+            defaults=defaults,
+            timezone=self.budget_timezone,
+            db=db,
+            db_is_default=default,
+            redis_url=self.redis_url.get_secret_value() if self.redis_url is not None else None,
+            redis_timeout=self.redis_timeout,
+            retention_days=self.usage_retention_days,
+            fail_open=self.redis_fail_mode == "open",
+        )
 
 
 def describe_validation_error(error: ValidationError) -> str:

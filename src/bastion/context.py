@@ -46,6 +46,9 @@ class Exchange:
     # the request's max_tokens / max_completion_tokens, and the stream events forwarded so far.
     max_tokens: int | None = None
     events: int = 0
+    # Tokens held at admission (prompt estimate + max_tokens x n), set by the accounting stage: budgets
+    # reserve this much and settle it from `usage` (or keep it, when a started response gives no usage).
+    reserved_tokens: int = 0
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..budget.policy import Budget, parse_budget, to_mapping, unique
 from ..config import Settings, describe_validation_error
 from .keys import (
     KeyFile,
@@ -53,6 +54,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _budget(text: str) -> Budget:
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _budgets(given: list[Budget] | None) -> list[Budget] | None:
+    try:
+        return list(unique(given)) if given else None
+    except ValueError as exc:
+        raise KeyStoreError(str(exc)) from None
+
+
 def register(commands: Any) -> None:
     """Add the `keys` and `token` commands to bastion's subparsers."""
     store = argparse.ArgumentParser(add_help=False)
@@ -64,6 +79,14 @@ def register(commands: Any) -> None:
     limits.add_argument("--rpm", type=_positive, help="requests per minute (default: unlimited)")
     limits.add_argument("--tpm", type=_positive, help="tokens per minute (default: unlimited)")
     limits.add_argument("--max-concurrent", type=_positive, help="concurrent requests (default: unlimited)")
+    limits.add_argument(
+        "--budget",
+        action="append",
+        type=_budget,
+        metavar="PERIOD[:MODEL]=TOKENS",
+        help="token budget per calendar day, week or month, e.g. day=2000000 or day:qwen=100000; repeatable; "
+        "0 lifts the default (default: BASTION_BUDGET_DAY/WEEK/MONTH)",
+    )
 
     keys = commands.add_parser(
         "keys", help="manage API keys", description="Manage the API key store (only hashes are stored)."
@@ -154,6 +177,7 @@ def _change(data: KeyFile, args: dict[str, Any], path: Path) -> str | None:
             rpm=args["rpm"],
             tpm=args["tpm"],
             max_concurrent=args["max_concurrent"],
+            budgets=_budgets(args["budget"]),
         )
         _say(f"created key {record.id} ({record.name}) in {path}; it is printed once, on stdout")
         return key
@@ -199,6 +223,7 @@ def _row(record: KeyRecord) -> dict[str, Any]:
         "rpm": record.rpm,
         "tpm": record.tpm,
         "max_concurrent": record.max_concurrent,
+        "budgets": record.budgets,
         "secrets": len(record.secrets),
     }
 
@@ -224,6 +249,11 @@ def _token(args: dict[str, Any]) -> int:
     if "HS256" not in settings.jwt_algorithms:
         _say("warning: HS256 is not in BASTION_JWT_ALGORITHMS, so the gateway will refuse this token")
     limits = {k: args[k] for k in ("rpm", "tpm", "max_concurrent") if args[k] is not None}
+    try:
+        budgets = _budgets(args["budget"])
+    except KeyStoreError as exc:
+        _say(str(exc))
+        return 2
     token = mint(
         settings.jwt_secret.get_secret_value(),
         args["sub"],
@@ -234,6 +264,8 @@ def _token(args: dict[str, Any]) -> int:
         issuer=settings.jwt_issuer,
         models_claim=settings.jwt_models_claim,
         limits_claim=settings.jwt_limits_claim,
+        budgets=to_mapping(budgets) if budgets else None,
+        budgets_claim=settings.jwt_budgets_claim,
     )
     print(token, flush=True)
     return 0

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..budget.policy import Budgets
 from .ipfilter import IPAddress, IPNetwork, in_networks
 
 
@@ -28,6 +29,8 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    # Token budgets of its own (bastion.budget); periods it does not set get the gateway's defaults.
+    budgets: Budgets = ()
 
     def allows(self, model: str | None) -> bool:
         """May this principal use `model`? A restricted principal must name an allowed one."""

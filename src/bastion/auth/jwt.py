@@ -21,6 +21,7 @@ import httpx
 from jose import jwt as jose_jwt
 from jose.exceptions import ExpiredSignatureError, JOSEError
 
+from ..budget.policy import Budgets, capped, from_mapping, parse_budget, unique
 from ..config import Settings
 from .errors import AuthFailure
 from .identity import Principal
@@ -106,6 +107,8 @@ class JWTVerifier:
             "tpm": settings.jwt_max_tpm,
             "max_concurrent": settings.jwt_max_concurrent,
         }
+        self._budgets_claim = settings.jwt_budgets_claim
+        self._budget_ceiling = unique(parse_budget(text) for text in settings.jwt_max_budgets)
 
         self._warn_unusable()
 
@@ -187,6 +190,7 @@ class JWTVerifier:
             raise AuthFailure("invalid_token")
         networks = _networks(claims.get(ALLOW_IPS_CLAIM))
         rpm, tpm, concurrent = (_cap(claimed.get(name), self._ceiling_limits[name]) for name in _LIMITS)
+        budgets = capped(_budgets(claims.get(self._budgets_claim)), self._budget_ceiling)
         return Principal(
             id=f"jwt:{subject}",
             name=subject,
@@ -197,7 +201,20 @@ class JWTVerifier:
             rpm=rpm,
             tpm=tpm,
             max_concurrent=concurrent,
+            budgets=budgets,
         )
+
+
+def _budgets(claim: Any) -> Budgets:
+    """The token's budgets claim, e.g. {"day": 100000, "day:qwen": 5000}; absent = none of its own."""
+    if claim is None:
+        return ()
+    if not isinstance(claim, dict):
+        raise AuthFailure("invalid_token")
+    try:
+        return from_mapping(claim)
+    except ValueError:
+        raise AuthFailure("invalid_token") from None
 
 
 def _networks(claim: Any) -> tuple[IPNetwork, ...]:
@@ -231,6 +248,8 @@ def mint(
     models_claim: str = "models",
     limits_claim: str = "limits",
     allow_ips: list[str] | None = None,
+    budgets: dict[str, int] | None = None,
+    budgets_claim: str = "budgets",
 ) -> str:
     """A short-lived HS256 token, for `bastion token mint` and the token endpoint."""
     now = int(time.time())
@@ -245,5 +264,7 @@ def mint(
         claims[limits_claim] = limits
     if allow_ips:
         claims[ALLOW_IPS_CLAIM] = allow_ips
+    if budgets:
+        claims[budgets_claim] = budgets
     token: str = jose_jwt.encode(claims, secret, algorithm="HS256")
     return token

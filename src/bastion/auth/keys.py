@@ -34,6 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..budget.policy import Budget, from_mapping, to_mapping
 from .identity import Principal
 from .ipfilter import parse_network, parse_networks
 
@@ -70,6 +71,8 @@ class KeyRecord(_Strict):
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrent: PositiveInt | None = None
+    # Token budgets, e.g. {"day": 2000000, "day:qwen": 100000}; 0 lifts a default (bastion.budget.policy).
+    budgets: dict[str, int] | None = None
     secrets: list[SecretHash] = Field(min_length=1)
 
     @field_validator("allow_ips")
@@ -78,6 +81,11 @@ class KeyRecord(_Strict):
         for value in values:
             parse_network(value)
         return values
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, values: dict[str, int] | None) -> dict[str, int] | None:
+        return None if values is None else to_mapping(from_mapping(values))
 
     def principal(self) -> Principal:
         return Principal(
@@ -90,6 +98,7 @@ class KeyRecord(_Strict):
             rpm=self.rpm,
             tpm=self.tpm,
             max_concurrent=self.max_concurrent,
+            budgets=from_mapping(self.budgets) if self.budgets else (),
         )
 
 
@@ -302,6 +311,7 @@ def create_key(
     rpm: int | None = None,
     tpm: int | None = None,
     max_concurrent: int | None = None,
+    budgets: list[Budget] | None = None,
 ) -> tuple[KeyRecord, str]:
     """Add a key; returns its record and the secret key (shown once, never stored)."""
     taken = {r.id for r in data.keys}
@@ -321,6 +331,7 @@ def create_key(
             rpm=rpm,
             tpm=tpm,
             max_concurrent=max_concurrent,
+            budgets=to_mapping(budgets) if budgets else None,
             secrets=[SecretHash(sha256=hash_key(key), created=now)],
         )
     except ValidationError as exc:

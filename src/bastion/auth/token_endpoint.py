@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..asgi import ASGIApp, BodyTimeout, BodyTooLarge, ClientGone, Receive, Scope, Send, read_body
+from ..budget.policy import to_mapping
 from ..config import Settings
 from ..context import Outcome, exchange_of
 from ..errors import GatewayError, send_error
@@ -38,6 +39,7 @@ class TokenEndpoint:
         self._issuer = settings.jwt_issuer
         self._models_claim = settings.jwt_models_claim
         self._limits_claim = settings.jwt_limits_claim
+        self._budgets_claim = settings.jwt_budgets_claim
         self._body_timeout = settings.client_body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,6 +97,8 @@ class TokenEndpoint:
             issuer=self._issuer,
             models_claim=self._models_claim,
             limits_claim=self._limits_claim,
+            budgets=to_mapping(principal.budgets) or None,  # the key's own budgets, as for its limits
+            budgets_claim=self._budgets_claim,
         )
         reply = {"access_token": token, "token_type": "bearer", "expires_in": int(ttl)}
         return json.dumps(reply, separators=(",", ":")).encode()

@@ -1,0 +1,183 @@
+"""`BudgetStage`: plain ASGI, between the accounting stage and the proxy.
+
+Before: reserve `exchange.reserved_tokens` against the principal's budgets, or
+answer 429 `budget_exceeded` (Retry-After = seconds to the reset, which the
+message also gives in ISO 8601; `x-should-retry: false` when the reset is over a
+minute away, since an SDK retrying within seconds cannot succeed). During: `x-budget-remaining-tokens` and
+`x-budget-reset` (the tightest budget) ride on `exchange.response_headers`.
+After (always, in `finally`): settle with the engine's usage, keep the
+reservation when a started response gave none (a disconnect, a broken stream,
+a 2xx without usage: never 0), or release it when nothing was generated.
+
+Expects `exchange.model` and `exchange.reserved_tokens` to be set by the stage
+before it (the accounting stage that reads the request body).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from ..asgi import ASGIApp, Receive, Scope, Send
+from ..auth.identity import Principal
+from ..context import Exchange, Outcome, exchange_of
+from ..errors import GatewayError, send_error
+from .ledger import Admitted, BudgetLedger, LedgerUnavailable, Refused
+from .metrics import BudgetMetrics
+from .policy import Budgets, effective
+
+log = logging.getLogger("bastion.budget")
+REMAINING = b"x-budget-remaining-tokens"
+RESET = b"x-budget-reset"
+# The openai SDKs wait out a Retry-After up to a minute and retry (which then succeeds); further off, some
+# versions retry at once anyway, in vain: `x-should-retry: false` tells every version not to.
+SDK_MAX_WAIT = 60
+_CACHE_SIZE = 4096
+
+
+class Resolver:
+    """A principal's enforced budgets (its own, then the defaults), remembered per distinct policy.
+
+    Remembered by the identity of the principal's budgets tuple (principals live in the key store and
+    the JWT cache, so the same tuple comes back): a lookup costs no hashing of the budgets.
+    """
+
+    def __init__(self, defaults: Budgets) -> None:
+        self.defaults = effective((), defaults)
+        self._defaults = defaults
+        self._seen: dict[int, tuple[Budgets, Budgets]] = {}
+
+    def __call__(self, principal: Principal) -> Budgets:
+        own = principal.budgets
+        if not own:
+            return self.defaults
+        found = self._seen.get(id(own))
+        if found is not None and found[0] is own:
+            return found[1]
+        if len(self._seen) >= _CACHE_SIZE:
+            self._seen.clear()
+        merged = effective(own, self._defaults)
+        self._seen[id(own)] = (own, merged)  # holding `own` keeps its id from being reused
+        return merged
+
+
+class BudgetStage:
+    def __init__(
+        self,
+        app: ASGIApp,
+        ledger: BudgetLedger,
+        budgets: Resolver,
+        *,
+        fail_open: bool = True,
+        metrics: BudgetMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.ledger = ledger
+        self.budgets = budgets
+        self.fail_open = fail_open
+        self.metrics = metrics
+        self._clock = clock
+        self._degraded = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        principal = exchange.principal
+        if principal is None:
+            await self.app(scope, receive, send)
+            return
+        now = self._clock()
+        try:
+            verdict = await self.ledger.reserve(
+                principal.id, exchange.model, exchange.reserved_tokens, self.budgets(principal), now
+            )
+        except LedgerUnavailable as exc:
+            if not self._degraded:
+                self._degraded = True
+                mode = "serving without budgets (fail open)" if self.fail_open else "refusing with 503 (fail closed)"
+                log.error("budget storage unreachable, %s: %s", mode, exc)
+            if self.fail_open:
+                await self.app(scope, receive, send)
+                return
+            error = GatewayError(
+                503,
+                "Token budgets are temporarily unavailable; retry shortly.",
+                code="budget_unavailable",
+                headers=[(b"retry-after", b"1")],
+            )
+            await self._refuse(send, exchange, error, "budget_storage")
+            return
+        if self._degraded:
+            self._degraded = False
+            log.warning("budget storage reachable again; budgets enforced")
+        if isinstance(verdict, Refused):
+            if self.metrics is not None:
+                self.metrics.refused(verdict.budget.period)
+            await self._refuse(send, exchange, refusal(verdict, now), "budget_exceeded")
+            return
+        self._admitted(exchange, principal, verdict)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            used = tokens_to_charge(exchange)
+            if used is None:
+                await self.ledger.release(verdict.reservation)
+            else:
+                await self.ledger.settle(verdict.reservation, used)
+
+    def _admitted(self, exchange: Exchange, principal: Principal, verdict: Admitted) -> None:
+        tightest = verdict.tightest
+        if tightest is None:
+            return
+        exchange.response_headers += [
+            (REMAINING, b"%d" % max(0, tightest.remaining)),
+            (RESET, tightest.reset_text.encode()),
+        ]
+        if self.metrics is not None:
+            self.metrics.remaining(principal.name, verdict.standings)
+
+    async def _refuse(self, send: Send, exchange: Exchange, error: GatewayError, reason: str) -> None:
+        exchange.status, exchange.outcome, exchange.reason = error.status, Outcome.REJECTED, reason
+        await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
+
+
+def refusal(refused: Refused, now: float) -> GatewayError:
+    """The 429 for a reservation that does not fit, saying which budget, how much is left, and until when."""
+    budget = refused.budget
+    left = max(0, budget.tokens - refused.used)
+    scope = f" for model {budget.model}" if budget.model is not None else ""
+    if left == 0:
+        message = (
+            f"Token budget exhausted: {budget.tokens} tokens per {budget.period.value}{scope}. "
+            f"It resets at {refused.reset_text}."
+        )
+    else:
+        message = (
+            f"Token budget too low for this request: it may use up to {refused.tokens} tokens, and {left} of "
+            f"{budget.tokens} per {budget.period.value}{scope} are left. Lower max_tokens, or retry after the "
+            f"reset at {refused.reset_text}."
+        )
+    wait = max(1, math.ceil(refused.reset - now))
+    headers = [(b"retry-after", b"%d" % wait), (REMAINING, b"%d" % left), (RESET, refused.reset_text.encode())]
+    if wait > SDK_MAX_WAIT:
+        headers.append((b"x-should-retry", b"false"))
+    return GatewayError(429, message, code="budget_exceeded", headers=headers)
+
+
+def tokens_to_charge(exchange: Exchange) -> int | None:
+    """Tokens a finished request used, from the engine's usage when it gave one; None: release it all.
+
+    Without usage, a response that started (a 2xx, a client gone mid-response, a stream
+    broken mid-way) keeps its whole reservation: the engine may have generated up to it.
+    A request refused or failed before the engine answered, or answered with an error
+    status, generated nothing.
+    """
+    if exchange.usage is not None:
+        return exchange.usage.total_tokens
+    if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
+        return exchange.reserved_tokens
+    if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
+        return exchange.reserved_tokens
+    return None

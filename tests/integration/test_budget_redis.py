@@ -1,0 +1,120 @@
+"""The Redis budget ledger on a real redis-server: two gateways' ledgers share one budget exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import coredis
+import pytest
+
+from bastion.budget.calendar import Calendar, zone
+from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
+from bastion.budget.policy import Budget, Period
+from bastion.budget.redis_ledger import RedisLedger, connect
+from tests.support import free_port, redis_server
+
+DAY = 86400
+DAILY = (Budget(Period.DAY, 1000),)
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+# Years ahead: Redis expires period keys by the real clock, at their reset plus a day.
+NOW = ts("2030-06-04T10:20:00+00:00")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as (_, url):
+        yield url
+
+
+def ledger(url: str, prefix: str, retention_days: int = 400) -> RedisLedger:
+    return RedisLedger(connect(url, 2.0), Calendar(zone("UTC")), retention=retention_days * DAY, prefix=prefix)
+
+
+async def test_two_ledgers_share_one_budget_exactly(redis_url: str) -> None:
+    gateways = [ledger(redis_url, "t1:"), ledger(redis_url, "t1:")]  # two gateways, their own connections
+
+    async def one(i: int) -> bool:
+        verdict = await gateways[i % 2].reserve("k1", "qwen", 30, DAILY, NOW)
+        if isinstance(verdict, Refused):
+            return False
+        await asyncio.sleep(0.01)
+        await gateways[(i + 1) % 2].settle(verdict.reservation, 30)  # either may settle
+        return True
+
+    admitted = sum(await asyncio.gather(*(one(i) for i in range(50))))
+    assert admitted == 33  # 33 x 30 = 990 <= 1000 < 34 x 30
+    report = await gateways[0].usage("k1", DAILY, NOW)
+    day = report.periods[0]
+    assert (day.used, day.reserved, day.limit, day.remaining) == (990, 0, 1000, 10)
+    refused = await gateways[1].reserve("k1", "qwen", 11, DAILY, NOW)
+    assert isinstance(refused, Refused)
+    assert (refused.used, refused.reset_text) == (990, "2030-06-05T00:00:00+00:00")
+
+
+async def test_settle_release_model_budgets_and_the_day_boundary(redis_url: str) -> None:
+    led = ledger(redis_url, "t2:")
+    budgets = (*DAILY, Budget(Period.DAY, 100, "qwen"), Budget(Period.MONTH, 1500))
+    last_second, midnight = ts("2030-06-04T23:59:59+00:00"), ts("2030-06-05T00:00:00+00:00")
+    held = await led.reserve("k1", "qwen", 90, budgets, last_second)
+    assert isinstance(held, Admitted)
+    assert held.tightest is not None and (held.tightest.budget, held.tightest.remaining) == (budgets[1], 10)
+    refused = await led.reserve("k1", "qwen", 20, budgets, last_second)
+    assert isinstance(refused, Refused) and refused.budget == budgets[1]
+    other = await led.reserve("k1", "llama", 900, budgets, last_second)
+    assert isinstance(other, Admitted)
+    await led.release(other.reservation)
+    await led.settle(held.reservation, 60)  # after midnight, still day 1's
+    report = await led.usage("k1", budgets, last_second)
+    assert [(p.model, p.used, p.reserved) for p in report.periods if p.period is Period.DAY] == [
+        (None, 60, 0),
+        ("qwen", 60, 0),
+    ]
+    early = await led.reserve("k1", "qwen", 100, budgets, midnight)  # day 2: the whole day again
+    assert isinstance(early, Admitted)
+    month = next(s for s in early.standings if s.budget.period is Period.MONTH)
+    assert month.remaining == 1500 - 60 - 100
+    await led.settle(early.reservation, 100)
+    report = await led.usage("k1", budgets, midnight)
+    assert report.by_model == {"qwen": (100, 160, 160)}
+    rows = await led.rows(int(last_second - DAY), now=midnight)
+    assert rows == [
+        ("k1", "qwen", int(ts("2030-06-04T23:00:00+00:00")), 60),
+        ("k1", "qwen", int(midnight), 100),
+    ]
+    assert await led.rows(int(midnight), principal="k1", now=midnight) == [("k1", "qwen", int(midnight), 100)]
+
+
+async def test_keys_expire_rollups_by_retention_and_counts_after_the_period(redis_url: str) -> None:
+    client = coredis.Redis.from_url(redis_url)
+    led = ledger(redis_url, "t3:", retention_days=40)
+    verdict = await led.reserve("k1", "qwen", 10, DAILY, NOW)
+    assert isinstance(verdict, Admitted)
+    await led.settle(verdict.reservation, 10)
+    day_key = f"t3:p:k1:day:{int(ts('2030-06-04T00:00:00+00:00'))}"
+    hours_key = f"t3:h:k1:{int(ts('2030-06-04T00:00:00+00:00'))}"
+    now = time.time()
+    assert abs(await client.ttl(day_key) - (ts("2030-06-05T00:00:00+00:00") + DAY - now)) < 5
+    assert abs(await client.ttl(hours_key) - (ts("2030-06-05T00:00:00+00:00") + 40 * DAY - now)) < 5
+    # Made-up model names leave nothing behind once released.
+    for i in range(20):
+        made_up = await led.reserve("k1", f"nonsense-{i}", 5, DAILY, NOW)
+        assert isinstance(made_up, Admitted)
+        await led.release(made_up.reservation)
+    assert sorted(await client.hkeys(day_key)) == [b"s", b"s:qwen", b"t", b"t:qwen"]
+    # Old hours are gone by expiry, and the principal index forgets principals past retention.
+    await client.zadd("t3:principals", {"gone": NOW - 41 * DAY})
+    assert await led.prune_index(NOW) == 1
+
+
+async def test_unreachable_redis_raises_ledger_unavailable() -> None:
+    led = ledger(f"redis://127.0.0.1:{free_port()}/0", "t4:")
+    with pytest.raises(LedgerUnavailable, match="Redis"):
+        await led.reserve("k1", "qwen", 10, DAILY, NOW)

@@ -1,0 +1,243 @@
+"""The budget stage and GET /v1/usage in the request path: real auth (a key file with budgets), the real
+proxy to a scripted upstream socket, the openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bastion.app import Gateway
+from bastion.asgi import Message, Receive, Scope, Send, read_body
+from bastion.auth.keys import KeyFile, create_key, write_key_file
+from bastion.auth.middleware import Auth
+from bastion.budget.calendar import Calendar, zone
+from bastion.budget.endpoint import UsageEndpoint
+from bastion.budget.ledger import BudgetLedger, Ledger
+from bastion.budget.metrics import BudgetMetrics
+from bastion.budget.middleware import BudgetStage, Resolver
+from bastion.budget.policy import Budget, Period
+from bastion.budget.redis_ledger import RedisLedger, connect
+from bastion.config import Settings
+from bastion.context import Exchange, exchange_of
+from bastion.engine.state import Phase, Upstream
+from bastion.http import Client, Timeouts
+from bastion.proxy import Proxy
+from tests.support import ScriptedUpstream, free_port, respond, sse
+
+COMPLETION = json.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "qwen",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 15, "completion_tokens": 20, "total_tokens": 35},
+    }
+).encode()
+CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+class Estimate:
+    """Stands in for the accounting stage (being built elsewhere): it sets the model and the reservation
+    (prompt ~ body bytes / 4, plus max_tokens) from the body, then replays the body to the proxy."""
+
+    def __init__(self, app: BudgetStage) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        body = await read_body(receive, 1 << 20)
+        if body:
+            payload = json.loads(body)
+            exchange.model = payload.get("model", "")
+            exchange.reserved_tokens = len(body) // 4 + payload.get("max_tokens", 0)
+        pending = [body]
+
+        async def replay() -> Message:
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+NOON = datetime.fromisoformat("2030-06-04T12:00:00+00:00").timestamp()  # the gateway's clock in these tests
+
+
+class Harness:
+    def __init__(
+        self, tmp_path: Path, upstream_port: int, ledger: BudgetLedger, clock: float = NOON, **stage: object
+    ) -> None:
+        data = KeyFile()
+        _, self.key_a = create_key(data, name="alice", budgets=[Budget(Period.DAY, 100)])
+        _, self.key_b = create_key(data, name="bob")
+        self.id_a, self.id_b = data.keys[0].id, data.keys[1].id
+        write_key_file(tmp_path / "keys.json", data)
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            upstream_url=f"http://127.0.0.1:{upstream_port}",
+            keys_file=tmp_path / "keys.json",
+            auth_failure_limit=0,
+        )
+        self.client = Client(
+            timeouts=Timeouts(connect=2, read=5, write=5, pool=2), max_connections=8, keepalive_expiry=5
+        )
+        proxy = Proxy(settings, Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL), self.client)
+        resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
+        self.ledger = ledger
+        self.now = clock
+        stage_app = BudgetStage(proxy, ledger, resolver, clock=lambda: self.now, **stage)  # type: ignore[arg-type]
+        v1 = Auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
+        self.seen: list[Exchange] = []
+        self.app = Gateway(FastAPI(), v1, [self.seen.append])
+
+    def http(self, key: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app),
+            base_url="http://gw",
+            headers={"authorization": f"Bearer {key}"},
+        )
+
+    def sdk(self, key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url="http://gw/v1", api_key=key, http_client=self.http(key), max_retries=2)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    async with ScriptedUpstream(respond(200, COMPLETION)) as server:
+        yield server
+
+
+async def test_admitted_requests_carry_budget_headers_and_settle_real_usage(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    h = Harness(tmp_path, upstream.port, Ledger(Calendar(zone("UTC"))))
+    async with h.http(h.key_a) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        reserved = h.seen[0].reserved_tokens
+        assert response.headers["x-budget-remaining-tokens"] == str(100 - reserved)
+        midnight = datetime.fromisoformat("2030-06-05T00:00:00+00:00")
+        assert response.headers["x-budget-reset"] == midnight.isoformat()
+        usage = (await client.get("/v1/usage")).json()
+    day, week, month = usage["periods"]
+    assert usage["object"] == "usage" and (usage["principal"], usage["name"]) == (h.id_a, "alice")
+    assert day == {
+        "period": "day",
+        "model": None,
+        "start": (midnight - timedelta(days=1)).isoformat(),
+        "reset": midnight.isoformat(),
+        "used": 35,  # the engine's usage, not the reservation
+        "reserved": 0,
+        "limit": 100,
+        "remaining": 65,
+    }
+    assert (week["limit"], week["used"]) == (None, 35)
+    assert (month["limit"], month["remaining"]) == (10_000, 10_000 - 35)  # the default applies
+    assert usage["by_model"] == [{"model": "qwen", "used": {"day": 35, "week": 35, "month": 35}}]
+
+
+async def test_a_spent_budget_is_a_429_the_sdk_does_not_retry(tmp_path: Path, upstream: ScriptedUpstream) -> None:
+    h = Harness(tmp_path, upstream.port, Ledger(Calendar(zone("UTC"))))
+    sdk = h.sdk(h.key_a)
+    for _ in range(2):  # 2 x 35 used; the next reservation (~38) does not fit in the 30 left
+        await sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    served = len(upstream.requests)
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    response = info.value.response
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "budget_exceeded")
+    assert "30 of 100 per day are left" in error["message"] and response.headers["x-budget-reset"] in error["message"]
+    assert response.headers["retry-after"] == str(12 * 3600)  # noon to midnight
+    assert response.headers["x-budget-remaining-tokens"] == "30"
+    assert response.headers["x-should-retry"] == "false"  # hours away: no SDK version retries in vain
+    assert len(upstream.requests) == served  # nothing forwarded
+    assert len(h.seen) == 3  # one attempt
+    assert (h.seen[-1].status, h.seen[-1].reason) == (429, "budget_exceeded")
+    async with h.http(h.key_b) as other:  # another key is not affected
+        assert (await other.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    h.now = NOON + 12 * 3600 - 30  # half a minute before the reset: the SDK may wait it out and retry
+    async with h.http(h.key_a) as client:
+        near = await client.post("/v1/chat/completions", json=CHAT)
+    assert (near.status_code, near.headers["retry-after"]) == (429, "30") and "x-should-retry" not in near.headers
+    h.now = NOON + 12 * 3600  # midnight: a new day
+    async with h.http(h.key_a) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_failures_release_and_broken_streams_keep_the_reservation(tmp_path: Path) -> None:
+    refused = Harness(tmp_path, free_port(), Ledger(Calendar(zone("UTC"))))  # nothing listens: 502, no token
+    async with refused.http(refused.key_a) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 502
+        day = (await client.get("/v1/usage")).json()["periods"][0]
+    assert (day["used"], day["reserved"]) == (0, 0)
+
+    broken = sse(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n', then_break=True)
+    async with ScriptedUpstream(broken) as upstream:
+        h = Harness(tmp_path / "b", upstream.port, Ledger(Calendar(zone("UTC"))))
+        async with h.http(h.key_a) as client:
+            await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            day = (await client.get("/v1/usage")).json()["periods"][0]
+    assert h.seen[0].reason == "midstream"
+    assert (day["used"], day["reserved"]) == (h.seen[0].reserved_tokens, 0)  # no usage: charged what it held
+
+
+async def test_usage_shows_the_callers_principal_only(tmp_path: Path, upstream: ScriptedUpstream) -> None:
+    h = Harness(tmp_path, upstream.port, Ledger(Calendar(zone("UTC"))))
+    async with h.http(h.key_a) as alice, h.http(h.key_b) as bob:
+        assert (await alice.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        answer = await bob.get("/v1/usage", params={"principal": h.id_a, "key": h.id_a})
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        assert (answer.json()["principal"], answer.json()["periods"][0]["used"]) == (h.id_b, 0)
+        assert h.id_a not in answer.text and "alice" not in answer.text
+        assert (await bob.post("/v1/usage")).status_code == 405
+    async with h.http("bst-nope_" + "x" * 43) as stranger:
+        assert (await stranger.get("/v1/usage")).status_code == 401
+
+
+async def test_metrics_follow_the_principal_label_setting(tmp_path: Path, upstream: ScriptedUpstream) -> None:
+    for by_principal in (True, False):
+        registry = CollectorRegistry()
+        h = Harness(
+            tmp_path / str(by_principal),
+            upstream.port,
+            Ledger(Calendar(zone("UTC"))),
+            metrics=BudgetMetrics(registry, by_principal=by_principal),
+        )
+        async with h.http(h.key_a) as client:
+            for _ in range(3):
+                await client.post("/v1/chat/completions", json=CHAT)
+        text = generate_latest(registry).decode()
+        assert 'bastion_budget_refused_total{period="day"} 1.0' in text
+        left = 100 - 35 - h.seen[1].reserved_tokens  # as of the last admitted request, its reservation held
+        assert (f'bastion_budget_remaining_tokens{{period="day",principal="alice"}} {left}.0' in text) is by_principal
+        assert ("bastion_budget_remaining_tokens" in text) is by_principal
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_unreachable_redis_fails_open_or_closed(
+    tmp_path: Path, upstream: ScriptedUpstream, fail_open: bool
+) -> None:
+    dead = RedisLedger(connect(f"redis://127.0.0.1:{free_port()}/0", 0.5), Calendar(zone("UTC")))
+    h = Harness(tmp_path, upstream.port, dead, fail_open=fail_open)
+    started = time.monotonic()
+    async with h.http(h.key_a) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        usage = await client.get("/v1/usage")
+    assert time.monotonic() - started < 5
+    if fail_open:
+        assert response.status_code == 200 and "x-budget-remaining-tokens" not in response.headers
+    else:
+        assert (response.status_code, response.json()["error"]["code"]) == (503, "budget_unavailable")
+        assert response.headers["retry-after"] == "1"
+    assert usage.status_code == 503
