@@ -162,6 +162,11 @@ class Settings(BaseSettings):
         description="Seconds a client may take to send a whole request body; slower uploads get 408 and "
         "give their concurrency slot back.",
     )
+    client_write_timeout: Seconds = Field(
+        60.0,
+        description="Seconds a client may leave the gateway's writes unread (its connection's send buffer full) "
+        "before the connection is closed: the upstream request is stopped and its concurrency slot freed.",
+    )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request head (request line and headers) in bytes (431/400 above)."
     )
