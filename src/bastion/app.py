@@ -166,6 +166,7 @@ def create_app(
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
     mounts: dict[str, ASGIApp] = {}
     if metrics is not None:
+        metrics.registry.register(limiter.collector())
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         health_url = upstream.base_url + "/health"
         mounts.update(
