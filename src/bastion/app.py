@@ -33,7 +33,7 @@ from .engine.supervisor import supervised_upstream
 from .errors import error_body
 from .http import Client, Timeouts
 from .metrics import Metrics
-from .metrics_http import metrics_routes
+from .metrics_http import ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
 
@@ -168,12 +168,14 @@ def create_app(
     if metrics is not None:
         metrics.registry.register(limiter.collector())
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-        health_url = upstream.base_url + "/health"
-        mounts.update(
-            metrics_routes(
-                token, settings.metrics_allow, metrics, upstream, client.http, lambda: _probe(client.http, health_url)
+        guard = ScrapeGuard(token, settings.metrics_allow, auth.policy.trusted_proxies)
+        if guard.closed:
+            log.warning(
+                "BASTION_TRUSTED_PROXIES is set and BASTION_METRICS_TOKEN is not: /metrics refuses every scrape "
+                "(behind a proxy a loopback peer is not a local scraper); set BASTION_METRICS_TOKEN"
             )
-        )
+        health_url = upstream.base_url + "/health"
+        mounts.update(metrics_routes(guard, metrics, upstream, client.http, lambda: _probe(client.http, health_url)))
     return Gateway(
         api,
         v1,

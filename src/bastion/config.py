@@ -308,13 +308,16 @@ class Settings(BaseSettings):
     metrics_enabled: bool = Field(True, description="Serve /metrics and /metrics/upstream (protected, see below).")
     metrics_token: SecretStr | None = Field(
         None,
-        description="Bearer token a scraper must send to /metrics and /metrics/upstream. With neither a token nor "
-        "BASTION_METRICS_ALLOW set, only loopback peers may scrape.",
+        description="Bearer token a scraper must send to /metrics and /metrics/upstream. Required for every scrape "
+        "that comes through a proxy (X-Forwarded-For, Forwarded or X-Real-IP sent, or the peer a trusted proxy). With "
+        "neither a token nor BASTION_METRICS_ALLOW set, only direct loopback peers may scrape, and none at all "
+        "when BASTION_TRUSTED_PROXIES is set (a proxy on loopback is not a local scraper).",
     )
     metrics_allow: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description='CIDRs of peers allowed to scrape, JSON list (e.g. ["10.0.0.0/8"]). Matched against the TCP '
-        "peer, never X-Forwarded-For. With a token too, a scrape needs both.",
+        "peer, never X-Forwarded-For; a scrape through a proxy needs the token as well. With a token too, a scrape "
+        "needs both.",
     )
     metrics_principal_label: bool = Field(
         True, description="Label request and token metrics by principal (key name); turn off for large fleets."
