@@ -5,6 +5,14 @@ before its credential is even read, so it learns nothing about keys), then the
 credential (API key by hash lookup, or JWT), then the principal's own IP
 allowlist. An admitted request carries its Principal in its context (`context.Exchange`);
 the proxy checks the model against it when it parses the body anyway.
+
+The failed-login budget (the rate limiter's `hit_auth_failure`) slows key guessing
+without locking anyone out: only a request that presented a credential, and had it
+refused, is counted (a browser's /favicon.ico is no guess); a valid credential is
+always admitted, even from an address over its budget (an office behind one NAT
+must not be locked out by one misconfigured script); and IPv6 clients are counted
+by /64, so one subscriber's 2^64 addresses are one budget. Over budget, a refused
+credential gets 429 instead of 401, after the same full check a valid one gets.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from ..context import Exchange, Outcome, find_exchange
 from ..errors import GatewayError, send_error
 from .errors import AuthFailure
 from .identity import Principal
-from .ipfilter import IPAddress, IPPolicy, parse_networks
+from .ipfilter import IPAddress, IPPolicy, client_bucket, parse_networks
 from .jwt import JWTVerifier, looks_like_jwt
 from .keys import KeyStore
 
@@ -76,10 +84,9 @@ class Auth:
 
 
 class FailureLimiter(Protocol):
-    """Slows key guessing: a budget of failed authentications per client IP (the rate limiter)."""
+    """Slows key guessing: a budget of refused credentials per client (the rate limiter)."""
 
-    async def auth_blocked(self, client_ip: str) -> GatewayError | None: ...
-    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None: ...
+    async def hit_auth_failure(self, client: str) -> GatewayError | None: ...
 
 
 class AuthMiddleware:
@@ -106,20 +113,17 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         exchange = find_exchange(scope)
-        resolved = self._failures is not None or self._policy.needs_address
+        resolved = self._policy.needs_address
         ip = self._client_ip(scope, exchange) if resolved else None
-        guesser = str(ip) if ip is not None else ""
-        if self._failures is not None and (blocked := await self._failures.auth_blocked(guesser)):
-            # An address over its failed-login budget is refused before its credential is even read:
-            # a guesser must not learn that a guess was right.
-            await self._refuse_error(send, blocked, "rate_limit_auth", exchange)
-            return
         try:
             principal = await self._admit(scope, exchange, ip, resolved)
         except AuthFailure as failure:
             error = failure.error()
-            if self._failures is not None and error.status == 401:
-                error = await self._failures.hit_auth_failure(guesser) or error
+            if self._failures is not None and error.status == 401 and failure.reason != "missing_credentials":
+                # Counted only now, for a credential that was presented and refused.
+                if not resolved:
+                    ip = self._client_ip(scope, exchange)
+                error = await self._failures.hit_auth_failure(client_bucket(ip)) or error
             log.debug("refused %s %s: %s", scope["method"], scope["path"], failure.reason)
             await self._refuse_error(send, error, failure.reason, exchange)
             return

@@ -313,25 +313,19 @@ class RateLimiter:
         except Exception as exc:
             self._storage_failed(exc)
 
-    # --- failed authentication (the auth stage calls these) -----------------------------
-    async def auth_blocked(self, client_ip: str) -> GatewayError | None:
-        """Before reading a credential: a 429 if `client_ip` used up its failed-auth budget."""
-        item = self._auth_item
-        if item is None:
-            return None
-        key = "authfail/" + client_ip
-        # Runs before every credential check: an address without a failure on record costs one dict lookup.
-        if not self._failure_log.has_window(item.key_for(key)) or await self.failures.test(item, key):
-            return None
-        stats = await self.failures.get_window_stats(item, key)
-        return self._auth_refusal(stats.reset_time)
+    # --- failed authentication (the auth stage calls this) ------------------------------
+    async def hit_auth_failure(self, client: str) -> GatewayError | None:
+        """After a refused credential from `client` (an address, an IPv6 /64): count it, or, once the
+        budget is spent, the 429 to answer instead.
 
-    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None:
-        """After a 401: count it; a 429 to answer instead once the IP is over its budget."""
+        Only refused credentials come here: a valid one is admitted whatever the address's record
+        (many people share one address behind NAT), and a request without any credential is no guess.
+        Failed logins are counted in this process only (`_failure_log`), so the check costs no round trip.
+        """
         item = self._auth_item
         if item is None:
             return None
-        key = "authfail/" + client_ip
+        key = "authfail/" + client
         if await self.failures.hit(item, key):
             return None
         stats = await self.failures.get_window_stats(item, key)

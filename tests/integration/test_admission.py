@@ -1,0 +1,142 @@
+"""Admission a hostile key holder cannot get around, through the real gateway (issue 15).
+
+One gateway (keys file, token endpoint, a few routes beyond the default, a failed-login
+budget of 3, 127.0.0.1 as its trusted proxy so each test can speak from its own client
+address with X-Forwarded-For) in front of the simulator. Keys are made and revoked with
+the real CLI; clients are httpx, curl and the openai SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support import PYTHON, Proc, gateway
+
+MODEL = "qwen2.5-7b-instruct"
+CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+JWT_SECRET = "admission-jwt-secret-0123456789abcdef"
+FAILURE_LIMIT = 3
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run([PYTHON, "-m", "bastion", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the gateway did not pick the change up in time"
+        time.sleep(0.05)
+
+
+@dataclass
+class Gate:
+    proc: Proc
+    base: str
+    path: Path
+    keys: dict[str, str]
+    created: int = 0
+
+    def create(self, name: str, *policy: str) -> tuple[str, str]:
+        """A new key, once the gateway has loaded it (the one poll that succeeds is one request of its budget)."""
+        key = cli("keys", "create", "--name", name, *policy, "--keys-file", str(self.path))
+        key_id = key[4:].split("_", 1)[0]
+        self.created += 1
+        poller = f"192.0.2.{self.created}"  # its 401s until the reload count against an address of its own
+        eventually(lambda: self.call("GET", "/v1/models", key, client=poller).status_code == 200)
+        return key, key_id
+
+    def sdk(self, credential: str, client: str) -> openai.OpenAI:
+        headers = {"x-forwarded-for": client}
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=credential, max_retries=0, default_headers=headers)
+
+    def call(
+        self, method: str, path: str, credential: str | None = None, *, client: str | None = None, **kw: Any
+    ) -> httpx.Response:
+        headers = dict(kw.pop("headers", {}))
+        if credential is not None:
+            headers["authorization"] = f"Bearer {credential}"
+        if client is not None:
+            headers["x-forwarded-for"] = client  # from the trusted proxy (127.0.0.1): the client's address
+        return httpx.request(method, self.base + path, headers=headers, timeout=10, **kw)
+
+    def chat(self, credential: str, client: str | None = None) -> int:
+        return self.call("POST", "/v1/chat/completions", credential, client=client, json=CHAT).status_code
+
+    def mint(self, key: str, **request: Any) -> httpx.Response:
+        return self.call("POST", "/v1/auth/token", key, json=request)
+
+
+@pytest.fixture(scope="module")
+def gate(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys = {
+        name: cli("keys", "create", "--name", name, *policy, "--keys-file", str(path))
+        for name, *policy in (("open",), ("only-qwen", "--models", MODEL))
+    }
+    env = {
+        "BASTION_API_KEYS": "",
+        "BASTION_JWT_SECRET": JWT_SECRET,
+        "BASTION_TOKEN_ENDPOINT": "true",
+        "BASTION_ROUTES": "default,/v1/responses/{id},/v1/files",
+        "BASTION_AUTH_FAILURE_LIMIT": str(FAILURE_LIMIT),
+        "BASTION_TRUSTED_PROXIES": "127.0.0.1",
+        "BASTION_RATE_LIMIT_TPM": "0",
+        "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0",
+        "BASTION_KEYS_RELOAD_INTERVAL": "0.2",
+    }
+    with gateway("--upstream-url", sim, "--keys-file", str(path), env=env) as (proc, base):
+        yield Gate(proc, base, path, keys)
+
+
+def audit_line(proc: Proc, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in proc.output().splitlines():
+            if line.startswith('{"time"') and f'"request_id":"{request_id}"' in line:
+                return dict(json.loads(line))
+        time.sleep(0.05)
+    raise AssertionError(f"no audit line for {request_id}")
+
+
+# --- 6. the failed-login budget -----------------------------------------------------------------
+
+
+def test_requests_without_credentials_never_lock_anyone_out(gate: Gate) -> None:
+    office = "198.51.100.7"
+    for path in ("/favicon.ico", "/v1/models", "/robots.txt") * 10:
+        assert gate.call("GET", path, client=office).status_code == 401
+    assert gate.call("GET", "/v1/models", gate.keys["open"], client=office).status_code == 200
+
+
+def test_wrong_credentials_are_slowed_but_a_valid_key_behind_the_same_address_is_not(gate: Gate) -> None:
+    office = "198.51.100.8"
+    wrong = ["bst-guess0000_" + "x" * 43, "bst-guess0001_" + "y" * 43, "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.AAAA"]
+    assert [gate.call("GET", "/v1/models", w, client=office).status_code for w in wrong] == [401] * FAILURE_LIMIT
+    blocked = gate.call("GET", "/v1/models", "bst-guess0002_" + "z" * 43, client=office)
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
+    assert blocked.json()["error"]["code"] == "rate_limit_exceeded"
+    assert gate.call("GET", "/v1/models", gate.keys["open"], client=office).status_code == 200, "never a valid key"
+    assert gate.call("GET", "/v1/models", wrong[0], client=office).status_code == 429, "still blocked for guesses"
+    assert gate.call("GET", "/v1/models", wrong[0], client="198.51.100.9").status_code == 401, "per address"
+
+
+def test_ipv6_clients_are_counted_by_their_64(gate: Gate) -> None:
+    guess = "bst-guess0003_" + "w" * 43
+    same_64 = [f"2001:db8:1:2::{n}" for n in range(1, FAILURE_LIMIT + 1)]
+    assert [gate.call("GET", "/v1/models", guess, client=ip).status_code for ip in same_64] == [401] * FAILURE_LIMIT
+    assert gate.call("GET", "/v1/models", guess, client="2001:db8:1:2:ffff::9").status_code == 429
+    assert gate.call("GET", "/v1/models", guess, client="2001:db8:1:3::1").status_code == 401, "another /64"
+    assert gate.call("GET", "/v1/models", gate.keys["open"], client="2001:db8:1:2::5").status_code == 200
