@@ -23,8 +23,11 @@ from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .audit import audit_log
+from .auth.ipfilter import IPPolicy, parse_ip, parse_networks
+from .auth.jwt import JWTConfig, JWTVerifier
+from .auth.keys import KeyStore
 from .auth.middleware import Auth
-from .auth.token_endpoint import TokenEndpoint
+from .auth.token_endpoint import TokenConfig, TokenEndpoint
 from .config import Settings
 from .context import Exchange, Listener
 from .engine.probe import answers_health
@@ -76,7 +79,10 @@ class Gateway:
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
         if client:
-            exchange.client_ip = client[0]
+            peer: str = client[0]
+            if peer.startswith("::ffff:"):  # an IPv4 client of a dual-stack socket: its IPv4 address
+                peer = str(parse_ip(peer) or peer)
+            exchange.client_ip = peer
         exchange.attach(scope)
         try:
             for opener in self._openers:
@@ -97,7 +103,7 @@ def create_app(
     upstream: Upstream | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
-    auth = Auth(settings)
+    auth = build_auth(settings)
     client = Client(
         timeouts=Timeouts(
             connect=settings.upstream_connect_timeout,
@@ -149,10 +155,12 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    v1: ASGIApp = RateLimitMiddleware(Proxy(settings, upstream, client), limiter)
+    # The /v1 path, outermost first: who (auth) -> how much (limits) -> the token endpoint or the proxy.
+    # Minting a token is a request like any other: counted against the key's limits.
+    inner: ASGIApp = Proxy(settings, upstream, client)
     if settings.token_endpoint:
-        v1 = TokenEndpoint(v1, settings)
-    v1 = auth.guard(v1, failures=limiter)
+        inner = TokenEndpoint(inner, token_config(settings))
+    v1 = auth.guard(RateLimitMiddleware(inner, limiter), failures=limiter)
 
     # Observability: metrics and audit are listeners on every finished exchange.
     metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
@@ -183,6 +191,49 @@ def create_app(
         guarded_api=auth.guard(api, exempt=PUBLIC_PATHS, failures=limiter),
         openers=[metrics.open] if metrics is not None else [],
         mounts=mounts,
+    )
+
+
+def build_auth(settings: Settings) -> Auth:
+    """The key store, the JWT verifier (bound to the key store, for tokens minted from keys) and the IP lists."""
+    keys = KeyStore(settings.keys_file, settings.bootstrap_keys())
+    verifier = JWTVerifier(jwt_config(settings), keys.by_id)
+    policy = IPPolicy(
+        allow=parse_networks(settings.allow_ips),
+        deny=parse_networks(settings.deny_ips),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+    )
+    return Auth(keys, verifier if verifier.configured else None, policy, settings.keys_reload_interval)
+
+
+def jwt_config(settings: Settings) -> JWTConfig:
+    return JWTConfig(
+        algorithms=frozenset(settings.jwt_algorithms),
+        secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
+        public_key_file=settings.jwt_public_key_file,
+        jwks=settings.jwt_jwks,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway=settings.jwt_leeway,
+        models_claim=settings.jwt_models_claim,
+        limits_claim=settings.jwt_limits_claim,
+        allowed_models=frozenset(settings.jwt_allowed_models) if settings.jwt_allowed_models else None,
+        max_rpm=settings.jwt_max_rpm,
+        max_tpm=settings.jwt_max_tpm,
+        max_concurrent=settings.jwt_max_concurrent,
+    )
+
+
+def token_config(settings: Settings) -> TokenConfig:
+    if settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms:
+        raise ValueError("BASTION_TOKEN_ENDPOINT needs BASTION_JWT_SECRET and HS256 in BASTION_JWT_ALGORITHMS")
+    return TokenConfig(
+        secret=settings.jwt_secret.get_secret_value(),
+        max_ttl=settings.token_endpoint_ttl,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        models_claim=settings.jwt_models_claim,
+        body_timeout=settings.client_body_timeout,
     )
 
 

@@ -90,7 +90,6 @@ def gate(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
         "BASTION_API_KEYS": "",
         "BASTION_JWT_SECRET": JWT_SECRET,
         "BASTION_TOKEN_ENDPOINT": "true",
-        "BASTION_ROUTES": "default,/v1/responses/{id},/v1/files",
         "BASTION_AUTH_FAILURE_LIMIT": str(FAILURE_LIMIT),
         "BASTION_TRUSTED_PROXIES": "127.0.0.1",
         "BASTION_RATE_LIMIT_TPM": "0",
@@ -109,6 +108,79 @@ def audit_line(proc: Proc, request_id: str) -> dict[str, Any]:
                 return dict(json.loads(line))
         time.sleep(0.05)
     raise AssertionError(f"no audit line for {request_id}")
+
+
+# --- 1. one principal, one budget ---------------------------------------------------------------
+
+
+def test_a_minted_token_spends_its_keys_budget_and_minting_is_limited(gate: Gate) -> None:
+    key, _ = gate.create("budget", "--rpm", "4")  # the creation poll spent one request
+    token = gate.mint(key).json()["access_token"]  # 2
+    assert gate.chat(token) == 200  # 3
+    assert gate.chat(key) == 200  # 4
+    refused = gate.call("POST", "/v1/chat/completions", token, json=CHAT)
+    assert refused.status_code == 429, "the token has no budget of its own"
+    assert refused.headers["x-ratelimit-limit-requests"] == "4"
+    assert gate.chat(key) == 429
+    assert gate.mint(key).status_code == 429, "a key at its limit cannot mint tokens"
+    gate.call("POST", "/v1/chat/completions", token, json=CHAT, headers={"x-request-id": "minted-1"})
+    line = audit_line(gate.proc, "minted-1")
+    assert (line["principal"], line["status"]) == ("budget", 429), "the token is the key: same name, same budget"
+
+
+def test_keys_that_share_a_name_keep_their_own_budgets(gate: Gate) -> None:
+    first, _ = gate.create("twin", "--rpm", "5")  # each: 1 poll + 1 mint + 3 requests = 5
+    second, _ = gate.create("twin", "--rpm", "5")
+    one, two = gate.mint(first).json()["access_token"], gate.mint(second).json()["access_token"]
+    assert [gate.chat(one) for _ in range(3)] == [200] * 3
+    assert [gate.chat(two) for _ in range(3)] == [200] * 3, "the other key's spending is not this one's"
+    assert gate.chat(two) == 429 and gate.chat(one) == 429
+
+
+def test_a_revoked_keys_tokens_stop_at_the_next_reload(gate: Gate) -> None:
+    key, key_id = gate.create("doomed")
+    token = gate.mint(key).json()["access_token"]
+    client = gate.sdk(token, "192.0.2.200")
+    assert client.chat.completions.create(**CHAT).choices
+    cli("keys", "revoke", key_id, "--keys-file", str(gate.path))
+    eventually(lambda: gate.chat(token, "192.0.2.201") == 401)
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.chat.completions.create(**CHAT)
+    assert "revoked" in info.value.message
+
+
+def test_a_token_keeps_its_keys_models_and_expiry(gate: Gate) -> None:
+    key, _ = gate.create("short-qwen", "--models", MODEL, "--expires", "1h")
+    reply = gate.mint(key, models=[MODEL, "other-model"], ttl=600).json()
+    token = reply["access_token"]
+    assert reply["expires_in"] == 600
+    client = gate.sdk(token, "192.0.2.202")
+    assert [m.id for m in client.models.list()] == [MODEL]
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(**{**CHAT, "model": "other-model"})
+    assert gate.mint(token).status_code == 403, "a token cannot renew itself"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"ttl": NaN}', b'{"ttl": Infinity}', b'{"ttl": -Infinity}', b'{"ttl": -1}', b'{"ttl": 0}',
+     b'{"ttl": 1e308}', b'{"ttl": 1' + b"0" * 400 + b"}", b'{"ttl": "60"}', b'{"ttl": true}', b'{"ttl": null}'],
+)  # fmt: skip
+def test_a_nonsense_ttl_is_a_400_never_a_500(gate: Gate, body: bytes) -> None:
+    request_id = f"ttl-{abs(hash(body))}"
+    reply = gate.call(
+        "POST",
+        "/v1/auth/token",
+        gate.keys["open"],
+        content=body,
+        headers={"content-type": "application/json", "x-request-id": request_id},
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_ttl", "ttl") and "ttl" in error["message"]
+    line = audit_line(gate.proc, request_id)
+    assert (line["status"], line["outcome"]) == (400, "rejected")
+    assert "Traceback" not in gate.proc.output()
 
 
 # --- 6. the failed-login budget -----------------------------------------------------------------

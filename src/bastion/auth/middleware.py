@@ -4,7 +4,7 @@ Order matters and is fixed: client address first (a denied network is refused
 before its credential is even read, so it learns nothing about keys), then the
 credential (API key by hash lookup, or JWT), then the principal's own IP
 allowlist. An admitted request carries its Principal in its context (`context.Exchange`);
-the proxy checks the model against it when it parses the body anyway.
+the route stage and the proxy hold it to its models.
 
 The failed-login budget (the rate limiter's `hit_auth_failure`) slows key guessing
 without locking anyone out: only a request that presented a credential, and had it
@@ -24,12 +24,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from ..asgi import ASGIApp, Receive, Scope, Send
-from ..config import Settings
 from ..context import Exchange, Outcome, find_exchange
 from ..errors import GatewayError, send_error
 from .errors import AuthFailure
 from .identity import Principal
-from .ipfilter import IPAddress, IPPolicy, client_bucket, parse_networks
+from .ipfilter import IPAddress, IPPolicy, client_bucket
 from .jwt import JWTVerifier, looks_like_jwt
 from .keys import KeyStore
 
@@ -58,19 +57,14 @@ class Authenticator:
 
 
 class Auth:
-    """Authentication for one gateway, built once by create_app from the settings."""
+    """Authentication for one gateway: the key store, the JWT verifier, the global IP lists."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.keys = KeyStore(settings.keys_file, settings.bootstrap_keys())
-        verifier = JWTVerifier(settings)
-        self.authenticator = Authenticator(self.keys, verifier if verifier.configured else None)
-        self.policy = IPPolicy(
-            allow=parse_networks(settings.allow_ips),
-            deny=parse_networks(settings.deny_ips),
-            trusted_proxies=parse_networks(settings.trusted_proxies),
-        )
-        self._interval = settings.keys_reload_interval
-        if settings.keys_file is None and not len(self.keys) and not verifier.configured:
+    def __init__(self, keys: KeyStore, jwt: JWTVerifier | None, policy: IPPolicy, reload_interval: float = 1.0) -> None:
+        self.keys = keys
+        self.authenticator = Authenticator(keys, jwt)
+        self.policy = policy
+        self._interval = reload_interval
+        if keys.path is None and not len(keys) and jwt is None:
             log.warning(
                 "no credentials configured (BASTION_KEYS_FILE, BASTION_API_KEYS, BASTION_JWT_*): "
                 "every /v1 request will be refused with 401"
