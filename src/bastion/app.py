@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .metrics_http import ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .routes import TOKEN_ROUTE, RouteGuard, RouteTable, parse_routes
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -155,12 +156,14 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    # The /v1 path, outermost first: who (auth) -> how much (limits) -> the token endpoint or the proxy.
-    # Minting a token is a request like any other: counted against the key's limits.
+    # The /v1 path, outermost first: who (auth) -> which route -> how much (limits) -> the token endpoint or
+    # the proxy. Minting a token is a request like any other: routed, and counted against the key's limits.
     inner: ASGIApp = Proxy(settings, upstream, client)
+    routes = parse_routes(settings.routes)
     if settings.token_endpoint:
         inner = TokenEndpoint(inner, token_config(settings))
-    v1 = auth.guard(RateLimitMiddleware(inner, limiter), failures=limiter)
+        routes += (TOKEN_ROUTE,)
+    v1 = auth.guard(RouteGuard(RateLimitMiddleware(inner, limiter), RouteTable(routes)), failures=limiter)
 
     # Observability: metrics and audit are listeners on every finished exchange.
     metrics = Metrics(settings, upstream) if settings.metrics_enabled else None

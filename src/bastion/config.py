@@ -51,6 +51,19 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
+def _default_routes() -> list[str]:
+    from .routes import DEFAULT_ROUTES
+
+    return list(DEFAULT_ROUTES)
+
+
+def _routes(values: list[str]) -> list[str]:
+    from .routes import parse_routes
+
+    parse_routes(values)
+    return values
+
+
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
 NetworkList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
 _JWT_ALGORITHMS = frozenset(
@@ -170,6 +183,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request head (request line and headers) in bytes (431/400 above)."
     )
+    routes: StrList = Field(
+        default_factory=_default_routes,
+        description="/v1 routes forwarded upstream, comma-separated or JSON list; any other path is 404 "
+        "unknown_route. `default` is the OpenAI inference routes vLLM serves; add others from the route table in "
+        "docs/security.md, e.g. `default,/v1/responses/{id}`. Model-restricted keys never reach unscoped routes.",
+    )
     passthrough_methods: list[str] = Field(
         default_factory=lambda: ["GET", "POST"],
         description="HTTP methods forwarded on /v1/*; anything else gets 405. JSON list.",
@@ -240,6 +259,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_networks(cls, values: list[str]) -> list[str]:
         return _networks(values)
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, values: list[str]) -> list[str]:
+        return _routes(values)
 
     @field_validator("jwt_algorithms")
     @classmethod

@@ -90,6 +90,7 @@ def gate(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
         "BASTION_API_KEYS": "",
         "BASTION_JWT_SECRET": JWT_SECRET,
         "BASTION_TOKEN_ENDPOINT": "true",
+        "BASTION_ROUTES": "default,/v1/responses/{id},/v1/files",
         "BASTION_AUTH_FAILURE_LIMIT": str(FAILURE_LIMIT),
         "BASTION_TRUSTED_PROXIES": "127.0.0.1",
         "BASTION_RATE_LIMIT_TPM": "0",
@@ -181,6 +182,42 @@ def test_a_nonsense_ttl_is_a_400_never_a_500(gate: Gate, body: bytes) -> None:
     line = audit_line(gate.proc, request_id)
     assert (line["status"], line["outcome"]) == (400, "rejected")
     assert "Traceback" not in gate.proc.output()
+
+
+# --- 2. the endpoint allowlist ------------------------------------------------------------------
+
+
+def test_only_enabled_routes_are_forwarded(gate: Gate) -> None:
+    restricted, unrestricted = gate.keys["only-qwen"], gate.keys["open"]
+
+    def code(reply: httpx.Response) -> str:
+        body = reply.json()
+        return str(body["error"]["code"] if "error" in body else body["code"])  # bastion's, or vLLM's shape
+
+    # vLLM's admin routes never reach vLLM with an inference key; unknown and disabled routes neither.
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/batches", "/v1/nothing", "/v1/"):
+        reply = gate.call("POST", path, unrestricted, json={"lora_name": "x", "lora_path": "/tmp/x"})
+        assert (reply.status_code, code(reply)) == (404, "unknown_route"), path
+    nobody = gate.call("POST", "/v1/load_lora_adapter", client="192.0.2.203")
+    assert nobody.status_code == 401, "routes are only told to the authenticated"
+    # A wrong method is a 405 that says which one is right; GET never slips past the model check.
+    wrong = gate.call("GET", "/v1/chat/completions", restricted)
+    assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")
+    # Unscoped routes (nothing there names a model) are closed to model-restricted keys...
+    for method, path in (("GET", "/v1/responses/resp_123"), ("GET", "/v1/files"), ("POST", "/v1/files")):
+        reply = gate.call(method, path, restricted)
+        assert (reply.status_code, code(reply)) == (403, "route_not_allowed"), path
+    with pytest.raises(openai.PermissionDeniedError):
+        gate.sdk(restricted, "192.0.2.204").files.list()
+    # ... and forwarded for the others (the simulator itself answers 404: it has no such route).
+    for method, path in (("GET", "/v1/responses/resp_123"), ("GET", "/v1/files")):
+        reply = gate.call(method, path, unrestricted)
+        assert reply.status_code == 404 and code(reply) != "unknown_route", path
+    # Model in the path: held to the key's models before anything is forwarded.
+    other = gate.call("GET", "/v1/models/other-model", restricted)
+    assert (other.status_code, code(other)) == (403, "model_not_allowed")
+    assert gate.call("GET", "/v1/models/../load_lora_adapter", unrestricted).status_code == 404
+    assert gate.chat(restricted) == 200
 
 
 # --- 6. the failed-login budget -----------------------------------------------------------------
