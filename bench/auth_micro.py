@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bastion.app import build_auth
 from bastion.auth.jwt import mint
 from bastion.auth.keys import KeyFile, create_key, write_key_file
-from bastion.auth.middleware import Auth
 from bastion.config import Settings
 
 N = 50_000
@@ -62,10 +62,10 @@ async def main() -> None:
     _, restricted = create_key(data, name="ip-limited", allow_ips=["127.0.0.0/8", "10.0.0.0/8"], models=["m"])
     write_key_file(directory / "keys.json", data)
     base: dict[str, Any] = {"keys_file": directory / "keys.json", "jwt_secret": SECRET, "_env_file": None}
-    plain = Auth(Settings(**base)).guard(_noop)
-    lists = Auth(Settings(**base, allow_ips="127.0.0.0/8,10.0.0.0/8,2001:db8::/32", trusted_proxies="127.0.0.1")).guard(
-        _noop
-    )
+    plain = build_auth(Settings(**base)).guard(_noop)
+    lists = build_auth(
+        Settings(**base, allow_ips="127.0.0.0/8,10.0.0.0/8,2001:db8::/32", trusted_proxies="127.0.0.1")
+    ).guard(_noop)
     token = mint(SECRET, "ci", 3600, models=["m"])
 
     baseline = await _per_call(_noop, _scope(keys[500]))

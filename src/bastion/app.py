@@ -22,8 +22,12 @@ from starlette.requests import Request
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .audit import audit_log
+from .auth.ipfilter import IPPolicy, parse_ip, parse_networks
+from .auth.jwt import JWTConfig, JWTVerifier
+from .auth.keys import KeyStore
 from .auth.middleware import Auth
-from .auth.token_endpoint import TokenEndpoint
+from .auth.token_endpoint import TokenConfig, TokenEndpoint
+from .budget.policy import parse_budget, unique
 from .config import Settings
 from .context import Exchange, Listener
 from .engine.command import CommandError, CommandSource, build_command
@@ -36,9 +40,10 @@ from .engine.vllm import VllmArgs
 from .errors import error_body
 from .http import Client, Timeouts
 from .metrics import Metrics
-from .metrics_http import metrics_routes
+from .metrics_http import ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .routes import TOKEN_ROUTE, RouteGuard, RouteTable, parse_routes
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -80,7 +85,10 @@ class Gateway:
         exchange = Exchange(request_id=_request_id(scope), method=scope["method"], path=scope["path"])
         client = scope.get("client")
         if client:
-            exchange.client_ip = client[0]
+            peer: str = client[0]
+            if peer.startswith("::ffff:"):  # an IPv4 client of a dual-stack socket: its IPv4 address
+                peer = str(parse_ip(peer) or peer)
+            exchange.client_ip = peer
         exchange.attach(scope)
         try:
             for opener in self._openers:
@@ -101,7 +109,7 @@ def create_app(
     upstream: Upstream | None = None,
     listeners: Sequence[Listener] = (),
 ) -> Gateway:
-    auth = Auth(settings)
+    auth = build_auth(settings)
     client = Client(
         timeouts=Timeouts(
             connect=settings.upstream_connect_timeout,
@@ -158,10 +166,14 @@ def create_app(
         state = {"status": upstream.phase.value, "detail": upstream.detail, "restarts": upstream.restarts}
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    v1: ASGIApp = RateLimitMiddleware(Proxy(settings, upstream, client), limiter)
+    # The /v1 path, outermost first: who (auth) -> which route -> how much (limits) -> the token endpoint or
+    # the proxy. Minting a token is a request like any other: routed, and counted against the key's limits.
+    inner: ASGIApp = Proxy(settings, upstream, client)
+    routes = parse_routes(settings.routes)
     if settings.token_endpoint:
-        v1 = TokenEndpoint(v1, settings)
-    v1 = auth.guard(v1, failures=limiter)
+        inner = TokenEndpoint(inner, token_config(settings))
+        routes += (TOKEN_ROUTE,)
+    v1 = auth.guard(RouteGuard(RateLimitMiddleware(inner, limiter), RouteTable(routes)), failures=limiter)
 
     # Observability: metrics and audit are listeners on every finished exchange.
     metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
@@ -175,9 +187,16 @@ def create_app(
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
     mounts: dict[str, ASGIApp] = {}
     if metrics is not None:
+        metrics.registry.register(limiter.collector())
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         probe = watch.up if watch is not None else _never_asked
-        mounts.update(metrics_routes(token, settings.metrics_allow, metrics, upstream, scrapes.http, probe))
+        guard = ScrapeGuard(token, settings.metrics_allow, auth.policy.trusted_proxies)
+        if guard.closed:
+            log.warning(
+                "BASTION_TRUSTED_PROXIES is set and BASTION_METRICS_TOKEN is not: /metrics refuses every scrape "
+                "(behind a proxy a loopback peer is not a local scraper); set BASTION_METRICS_TOKEN"
+            )
+        mounts.update(metrics_routes(guard, metrics, upstream, scrapes.http, probe))
     return Gateway(
         api,
         v1,
@@ -250,6 +269,51 @@ def engine_problem(settings: Settings) -> str | None:
 async def _never_asked() -> bool:
     """The metrics probe of a supervised engine: its phase says whether it is up, nothing is probed."""
     return False
+
+
+def build_auth(settings: Settings) -> Auth:
+    """The key store, the JWT verifier (bound to the key store, for tokens minted from keys) and the IP lists."""
+    keys = KeyStore(settings.keys_file, settings.bootstrap_keys())
+    verifier = JWTVerifier(jwt_config(settings), keys.by_id)
+    policy = IPPolicy(
+        allow=parse_networks(settings.allow_ips),
+        deny=parse_networks(settings.deny_ips),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+    )
+    return Auth(keys, verifier if verifier.configured else None, policy, settings.keys_reload_interval)
+
+
+def jwt_config(settings: Settings) -> JWTConfig:
+    return JWTConfig(
+        algorithms=frozenset(settings.jwt_algorithms),
+        secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
+        public_key_file=settings.jwt_public_key_file,
+        jwks=settings.jwt_jwks,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway=settings.jwt_leeway,
+        models_claim=settings.jwt_models_claim,
+        limits_claim=settings.jwt_limits_claim,
+        allowed_models=frozenset(settings.jwt_allowed_models) if settings.jwt_allowed_models else None,
+        max_rpm=settings.jwt_max_rpm,
+        max_tpm=settings.jwt_max_tpm,
+        max_concurrent=settings.jwt_max_concurrent,
+        budgets_claim=settings.jwt_budgets_claim,
+        max_budgets=unique(parse_budget(text) for text in settings.jwt_max_budgets),
+    )
+
+
+def token_config(settings: Settings) -> TokenConfig:
+    if settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms:
+        raise ValueError("BASTION_TOKEN_ENDPOINT needs BASTION_JWT_SECRET and HS256 in BASTION_JWT_ALGORITHMS")
+    return TokenConfig(
+        secret=settings.jwt_secret.get_secret_value(),
+        max_ttl=settings.token_endpoint_ttl,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        models_claim=settings.jwt_models_claim,
+        body_timeout=settings.client_body_timeout,
+    )
 
 
 def _request_id(scope: Scope) -> str:

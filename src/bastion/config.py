@@ -55,6 +55,19 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
+def _default_routes() -> list[str]:
+    from .routes import DEFAULT_ROUTES
+
+    return list(DEFAULT_ROUTES)
+
+
+def _routes(values: list[str]) -> list[str]:
+    from .routes import parse_routes
+
+    parse_routes(values)
+    return values
+
+
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
 NetworkList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
 _JWT_ALGORITHMS = frozenset(
@@ -171,8 +184,19 @@ class Settings(BaseSettings):
         description="Seconds a client may take to send a whole request body; slower uploads get 408 and "
         "give their concurrency slot back.",
     )
+    client_write_timeout: Seconds = Field(
+        60.0,
+        description="Seconds a client may leave the gateway's writes unread (its connection's send buffer full) "
+        "before the connection is closed: the upstream request is stopped and its concurrency slot freed.",
+    )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request head (request line and headers) in bytes (431/400 above)."
+    )
+    routes: StrList = Field(
+        default_factory=_default_routes,
+        description="/v1 routes forwarded upstream, comma-separated or JSON list; any other path is 404 "
+        "unknown_route. `default` is the OpenAI inference routes vLLM serves; add others from the route table in "
+        "docs/security.md, e.g. `default,/v1/responses/{id}`. Model-restricted keys never reach unscoped routes.",
     )
     passthrough_methods: list[str] = Field(
         default_factory=lambda: ["GET", "POST"],
@@ -245,6 +269,11 @@ class Settings(BaseSettings):
     def _check_networks(cls, values: list[str]) -> list[str]:
         return _networks(values)
 
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, values: list[str]) -> list[str]:
+        return _routes(values)
+
     @field_validator("jwt_algorithms")
     @classmethod
     def _check_algorithms(cls, values: list[str]) -> list[str]:
@@ -312,13 +341,16 @@ class Settings(BaseSettings):
     metrics_enabled: bool = Field(True, description="Serve /metrics and /metrics/upstream (protected, see below).")
     metrics_token: SecretStr | None = Field(
         None,
-        description="Bearer token a scraper must send to /metrics and /metrics/upstream. With neither a token nor "
-        "BASTION_METRICS_ALLOW set, only loopback peers may scrape.",
+        description="Bearer token a scraper must send to /metrics and /metrics/upstream. Required for every scrape "
+        "that comes through a proxy (X-Forwarded-For, Forwarded or X-Real-IP sent, or the peer a trusted proxy). With "
+        "neither a token nor BASTION_METRICS_ALLOW set, only direct loopback peers may scrape, and none at all "
+        "when BASTION_TRUSTED_PROXIES is set (a proxy on loopback is not a local scraper).",
     )
     metrics_allow: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description='CIDRs of peers allowed to scrape, JSON list (e.g. ["10.0.0.0/8"]). Matched against the TCP '
-        "peer, never X-Forwarded-For. With a token too, a scrape needs both.",
+        "peer, never X-Forwarded-For; a scrape through a proxy needs the token as well. With a token too, a scrape "
+        "needs both.",
     )
     metrics_principal_label: bool = Field(
         True, description="Label request and token metrics by principal (key name); turn off for large fleets."

@@ -32,6 +32,9 @@ class Exchange:
     request_id: str
     method: str
     path: str
+    # The enabled route this request matched (its template, e.g. "/v1/models/{model}"), set by routes.RouteGuard:
+    # a bounded value, so a metric label as it is.
+    route: str = ""
     client_ip: str = ""
     principal: Principal | None = None
     model: str = ""

@@ -9,6 +9,12 @@ they are protected separately by `ScrapeGuard`:
   X-Forwarded-For is never read here: a scraper talks to the gateway directly.
 - both set: both must pass. Neither set: only loopback peers (127.0.0.0/8, ::1),
   so a default install never shows its metrics to the network.
+- a scrape that came through a proxy always needs the token: forwarded headers
+  (X-Forwarded-For, Forwarded, X-Real-IP) are present, or the peer is a trusted proxy.
+  The proxy's address says nothing about who is behind it: nginx on the same host
+  is a loopback peer for every client on the internet. And with trusted proxies
+  configured, a tokenless loopback default would be exactly that hole, so it is
+  off: without a token (or an explicit allowlist) every scrape is refused.
 
 `/metrics/upstream` relays the upstream's own `/metrics` (vLLM's `vllm:*` series:
 queue length, KV-cache usage, token throughput) over a small client of its own (never
@@ -27,7 +33,7 @@ import httpx
 from prometheus_client.exposition import choose_encoder
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
-from .auth.ipfilter import IPNetwork, in_networks, parse_ip
+from .auth.ipfilter import IPAddress, IPNetwork, in_networks, normalise_network, parse_ip
 from .engine.probe import HTTP_FAILURES
 from .engine.state import Phase, Upstream
 from .errors import GatewayError, send_error
@@ -37,26 +43,56 @@ LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddres
 _UPSTREAM_METRICS_TIMEOUT = 5.0
 
 
-class ScrapeGuard:
-    """Decides whether a scrape may read metrics: token and/or peer allowlist, loopback by default."""
+# Headers a proxy adds: their presence means the TCP peer is not the client.
+FORWARDED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 
-    def __init__(self, token: str | None, allow: Sequence[IPNetwork]) -> None:
+
+class ScrapeGuard:
+    """Decides whether a scrape may read metrics: token and/or peer allowlist, loopback by default.
+
+    A scrape that came through a proxy (forwarded headers, or a trusted proxy as the peer) needs the token.
+    """
+
+    def __init__(
+        self, token: str | None, allow: Sequence[IPNetwork], trusted_proxies: Sequence[IPNetwork] = ()
+    ) -> None:
         self._token = token.encode() if token else None
-        self._networks = tuple(allow) if allow else (LOOPBACK if self._token is None else ())
+        self._trusted = tuple(normalise_network(n) for n in trusted_proxies)
+        if allow:
+            self._networks = tuple(normalise_network(n) for n in allow)
+        elif self._token is None and not self._trusted:
+            self._networks = LOOPBACK
+        else:
+            self._networks = ()
+        # No token, no allowlist, and a proxy in front: nothing identifies a scraper, so nothing scrapes.
+        self.closed = self._token is None and not allow and bool(self._trusted)
 
     def refusal(self, scope: Scope) -> GatewayError | None:
         """None if the scrape is allowed, else the error to answer with."""
-        if self._networks and not self._peer_allowed(scope):
+        if self.closed:
+            return GatewayError(
+                403, "Metrics need BASTION_METRICS_TOKEN when the gateway is behind a proxy.", code="forbidden"
+            )
+        peer = self._peer(scope)
+        if self._networks and (peer is None or not in_networks(peer, self._networks)):
             return GatewayError(403, "This address may not read metrics.", code="forbidden")
-        if self._token is not None and not self._token_ok(scope):
-            return GatewayError(401, "A valid metrics token is required.", code="invalid_api_key")
+        if self._token is not None:
+            if not self._token_ok(scope):
+                return GatewayError(401, "A valid metrics token is required.", code="invalid_api_key")
+        elif self._proxied(scope, peer):
+            return GatewayError(403, "Metrics read through a proxy need a metrics token.", code="forbidden")
         return None
 
-    def _peer_allowed(self, scope: Scope) -> bool:
+    @staticmethod
+    def _peer(scope: Scope) -> IPAddress | None:
         """The TCP peer only: X-Forwarded-For is never read for metrics."""
         client = scope.get("client")
-        address = parse_ip(client[0]) if client else None
-        return address is not None and in_networks(address, self._networks)
+        return parse_ip(client[0]) if client else None
+
+    def _proxied(self, scope: Scope, peer: IPAddress | None) -> bool:
+        if any(name in FORWARDED_HEADERS for name, _ in scope["headers"]):
+            return True
+        return peer is not None and bool(self._trusted) and in_networks(peer, self._trusted)
 
     def _token_ok(self, scope: Scope) -> bool:
         assert self._token is not None
@@ -136,15 +172,13 @@ class UpstreamMetricsEndpoint(_Protected):
 
 
 def metrics_routes(
-    token: str | None,
-    allow: Sequence[IPNetwork],
+    guard: ScrapeGuard,
     metrics: Metrics,
     upstream: Upstream,
     client: httpx.AsyncClient,
     probe: Callable[[], Awaitable[bool]],
 ) -> dict[str, ASGIApp]:
     """The exact paths to mount in front of FastAPI, all behind one `ScrapeGuard`."""
-    guard = ScrapeGuard(token, allow)
     return {
         "/metrics": MetricsEndpoint(guard, metrics, upstream, probe),
         "/metrics/upstream": UpstreamMetricsEndpoint(guard, upstream, client),

@@ -28,9 +28,12 @@ from .usage import StreamTap, find_usage
 
 log = logging.getLogger("bastion.proxy")
 
+# RFC 9110 §7.6.1: fields meant for one connection only, never forwarded (nor is any field the
+# `Connection` header names). proxy-connection and keep-alive are its legacy ones.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
+        b"proxy-connection",
         b"keep-alive",
         b"proxy-authenticate",
         b"proxy-authorization",
@@ -40,8 +43,35 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Never forwarded upstream: the client's credentials, and what the transport recomputes.
-_DROP_REQUEST = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect", b"x-request-id"}
+# What a client claims about where its request came from: replaced by the one address bastion decided
+# (`x-forwarded-for: <client_ip>`), so the upstream (and its logs, and vLLM's own proxy-header handling)
+# never sees a client's word for it.
+_FORWARDED = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+    }
+)
+# Never forwarded upstream: the client's credentials, what the transport recomputes, and its
+# Accept-Encoding (bastion asks for `identity`: it reads some bodies, e.g. the /v1/models list).
+_DROP_REQUEST = (
+    HOP_BY_HOP
+    | _FORWARDED
+    | {
+        b"host",
+        b"authorization",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"accept-encoding",
+    }
+)
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})  # what clients send; neither names a field
 # Never passed back: what our own server sets (date, server) or we set (x-request-id).
 _DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 _SSE = b"text/event-stream"
@@ -127,7 +157,16 @@ class Proxy:
                     response.close()
 
     def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        headers = [(name, value) for name, value in raw if name not in _DROP_REQUEST]
+        for name, value in raw:
+            # Fields the client's Connection header names are hop-by-hop too (`keep-alive`/`close` name none).
+            if name == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
+                named = {token.strip().lower() for token in value.split(b",")}
+                headers = [(k, v) for k, v in headers if k not in named]
+        headers.append((b"accept-encoding", b"identity"))
+        if exchange.client_ip:
+            headers.append((b"x-forwarded-for", exchange.client_ip.encode()))
         headers.append((b"x-request-id", exchange.request_id.encode()))
         if self._upstream.api_key:
             headers.append((b"authorization", b"Bearer " + self._upstream.api_key.encode()))

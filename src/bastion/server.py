@@ -10,6 +10,11 @@ returns uvicorn's httptools protocol with these additions:
   connection whose head is not in within it is closed (408 if it sent anything);
 - a head size limit: a head past `max_header_bytes` gets 431 and is closed, whether
   it is still incomplete (counted as received) or parsed (counted per header);
+- a write timeout: a client that stops reading (its connection's write buffer stays
+  paused, above the high-water mark) for `write_timeout` seconds has its connection
+  aborted. Without it a stream nobody reads holds its concurrency slot and the vLLM
+  sequence forever; the abort goes through `connection_lost`, so the request hook
+  stops the upstream and the exchange ends as a client disconnect;
 - a `ConnectionHook` on every request's scope: its `on_lost` is called from
   `connection_lost` while the response is unfinished, so the proxy stops a generation
   the moment its client goes (asgi.DisconnectWatch) without a watcher task per request;
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import weakref
 from typing import Any, cast
 
@@ -32,6 +38,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from .asgi import CONNECTION_HOOK, ASGIApp, ConnectionHook
 from .config import Settings
+
+log = logging.getLogger("bastion.server")
 
 
 class HeadHoldingTransport:
@@ -81,10 +89,12 @@ class HeadTooLarge(Exception):
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout = 10.0
     max_header_bytes = 64 * 1024
+    write_timeout = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = False
         self._received = 0  # bytes received while the head was incomplete
         self._head_size = 0  # bytes of the current head, as parsed
@@ -116,6 +126,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.close()
 
+    # --- the write timer ------------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client has this long to read some of it."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout, self._write_too_slow)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_too_slow(self) -> None:
+        self._write_timer = None
+        if self.flow.write_paused:
+            log.info(
+                "connection from %s closed: it read nothing for %gs (BASTION_CLIENT_WRITE_TIMEOUT)",
+                self.client[0] if self.client else "?",
+                self.write_timeout,
+            )
+            # abort, not close: close() would wait for a buffer this client never reads.
+            self.transport.abort()
+
     # --- uvicorn's hooks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,6 +161,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
@@ -191,12 +229,14 @@ def _abort(ref: weakref.ref[RequestResponseCycle]) -> None:
         cycle.transport.close()
 
 
-def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[GuardedHttpToolsProtocol]:
+def guarded_protocol(
+    header_timeout: float, max_header_bytes: int, write_timeout: float = 60.0
+) -> type[GuardedHttpToolsProtocol]:
     """The protocol class with these bounds (uvicorn instantiates it per connection)."""
     return type(
         "GuardedHttpToolsProtocol",
         (GuardedHttpToolsProtocol,),
-        {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes},
+        {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes, "write_timeout": write_timeout},
     )
 
 
@@ -205,7 +245,7 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.client_header_timeout, settings.max_header_bytes),
+        http=guarded_protocol(settings.client_header_timeout, settings.max_header_bytes, settings.client_write_timeout),
         log_config=None,
         access_log=False,
         log_level=settings.log_level,

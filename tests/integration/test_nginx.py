@@ -8,9 +8,11 @@ audit log's client_ip proves bastion read nginx's X-Forwarded-For (and only the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -26,6 +28,7 @@ import pytest
 from tests.support import AUTH, TEST_KEY, Proc, free_port, gateway, make_cert, simulator
 
 CONF = Path(__file__).parents[2] / "deploy" / "nginx" / "bastion.conf"
+ENV_EXAMPLE = Path(__file__).parents[2] / "deploy" / "systemd" / "bastion.env.example"
 CLIENT_IP = "127.0.0.2"  # a loopback address other than nginx's own
 MODEL = "qwen2.5-7b-instruct"
 TOKENS = 16
@@ -34,9 +37,20 @@ ITL = 0.05
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (Debian package nginx)")
 
 
-def render(gateway_port: int, http_port: int, https_port: int, cert: Path, key: Path) -> str:
+def shipped_env() -> dict[str, str]:
+    """What the shipped env example sets for a gateway behind this nginx: proxy trust and metrics access."""
+    env = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.startswith(("BASTION_TRUSTED_PROXIES", "BASTION_METRICS_", "BASTION_ALLOW_IPS")):
+            env[name] = value
+    assert env["BASTION_TRUSTED_PROXIES"] == "127.0.0.1", "the env example trusts the nginx on its host"
+    return env
+
+
+def render(gateway_port: int, http_port: int, https_port: int, cert: Path, key: Path, text: str | None = None) -> str:
     """The shipped server blocks with this test's addresses, ports and certificate."""
-    text = CONF.read_text()
+    text = CONF.read_text() if text is None else text
     for old, new in (
         ("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway_port};"),
         ("    listen [::]:80;\n", ""),
@@ -64,47 +78,53 @@ def main_conf(prefix: Path) -> str:
     )
 
 
+@contextlib.contextmanager
+def nginx_in_front(work: Path, gateway: str, conf: str | None = None) -> Iterator[tuple[str, Path, str]]:
+    """nginx with the shipped config (or `conf`) in front of `gateway`: (https base URL, CA file, http base URL)."""
+    cert, key = make_cert(work)
+    http_port, https_port = free_port(), free_port()
+    (work / "bastion.conf").write_text(render(int(gateway.rsplit(":", 1)[1]), http_port, https_port, cert, key, conf))
+    (work / "nginx.conf").write_text(main_conf(work))
+    check = subprocess.run(
+        ["nginx", "-t", "-p", str(work), "-c", str(work / "nginx.conf"), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
+    nginx = Proc(["nginx", "-p", str(work), "-c", str(work / "nginx.conf"), "-e", "stderr"])
+    base = f"https://127.0.0.1:{https_port}"
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(base + "/health", verify=context, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if not nginx.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not come up:\n{nginx.output()}")
+            time.sleep(0.05)
+        yield base, cert, f"http://127.0.0.1:{http_port}"
+    finally:
+        nginx.stop()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path, str]]:
-    """(https base URL, CA file, audit log, plain http base URL) of nginx -> gateway -> simulator."""
+    """(https base URL, CA file, audit log, plain http base URL) of nginx -> gateway -> simulator.
+
+    The gateway runs with the shipped env example's proxy and metrics settings.
+    """
     work = tmp_path_factory.mktemp("nginx")
-    cert, key = make_cert(work)
     audit = work / "audit.jsonl"
-    http_port, https_port = free_port(), free_port()
     with (
         simulator("--itl", str(ITL), "--tokens", str(TOKENS), "--ttft", "0.05") as (_, sim),
-        gateway(
-            "--upstream-url",
-            sim,
-            env={"BASTION_TRUSTED_PROXIES": "127.0.0.1", "BASTION_AUDIT_LOG": str(audit)},
-        ) as (_, gw),
+        gateway("--upstream-url", sim, env={**shipped_env(), "BASTION_AUDIT_LOG": str(audit)}) as (_, gw),
+        nginx_in_front(work, gw) as (base, cert, plain),
     ):
-        (work / "bastion.conf").write_text(render(int(gw.rsplit(":", 1)[1]), http_port, https_port, cert, key))
-        (work / "nginx.conf").write_text(main_conf(work))
-        check = subprocess.run(
-            ["nginx", "-t", "-p", str(work), "-c", str(work / "nginx.conf"), "-e", "stderr"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert check.returncode == 0, check.stderr
-        nginx = Proc(["nginx", "-p", str(work), "-c", str(work / "nginx.conf"), "-e", "stderr"])
-        base = f"https://127.0.0.1:{https_port}"
-        try:
-            context = ssl.create_default_context(cafile=str(cert))
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(base + "/health", verify=context, timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if not nginx.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not come up:\n{nginx.output()}")
-                time.sleep(0.05)
-            yield base, cert, audit, f"http://127.0.0.1:{http_port}"
-        finally:
-            nginx.stop()
+        yield base, cert, audit, plain
 
 
 def audit_lines(audit: Path) -> list[dict[str, object]]:
@@ -208,6 +228,32 @@ def test_headers_limits_and_redirect(stack: tuple[str, Path, Path, str]) -> None
     assert "strict-transport-security" in huge.headers
     redirect = httpx.get(plain + "/v1/models", timeout=10)
     assert redirect.status_code == 301 and redirect.headers["location"].startswith("https://")
+
+
+METRICS_PATHS = ("/metrics", "/metrics/upstream", "/metrics/", "/metrics?x=1", "//metrics", "/%6Detrics/upstream")
+
+
+def assert_no_metrics(base: str, cert: Path, expected: set[int]) -> None:
+    context = ssl.create_default_context(cafile=str(cert))
+    for path in METRICS_PATHS:
+        for headers in ({}, {"x-forwarded-for": "127.0.0.1"}, {"authorization": "Bearer guess"}):
+            reply = httpx.get(base + path, headers=headers, verify=context, timeout=10)
+            assert reply.status_code in expected and "bastion_" not in reply.text and "vllm:" not in reply.text, path
+
+
+def test_metrics_are_never_served_through_nginx(stack: tuple[str, Path, Path, str]) -> None:
+    base, cert, _, _ = stack
+    assert_no_metrics(base, cert, {404})  # the shipped config refuses them itself
+
+
+def test_bastion_refuses_metrics_through_a_proxy_even_if_nginx_passed_them(sim: str, tmp_path: Path) -> None:
+    """Defence in depth: the deny blocks removed, and bastion in its default settings (no token, no trusted
+    proxies): nginx's X-Forwarded-For tells bastion its loopback peer is a proxy, not a local scraper."""
+    without_deny = re.sub(r"    location (= /metrics|\^~ /metrics/) \{.*?\n    \}\n", "", CONF.read_text(), flags=re.S)
+    assert "location = /metrics" not in without_deny and "location / {" in without_deny
+    with gateway("--upstream-url", sim) as (_, gw), nginx_in_front(tmp_path, gw, without_deny) as (base, cert, _):
+        assert httpx.get(gw + "/metrics", timeout=10).status_code == 200, "a direct local scrape still works"
+        assert_no_metrics(base, cert, {401, 403})  # 403 from the scrape guard; 401 for paths it does not serve
 
 
 def test_shipped_directives_match_the_gateway() -> None:

@@ -174,3 +174,25 @@ def test_inflight_gauge_follows_a_slow_stream() -> None:
             assert total(scrape(gw, token=""), "bastion_inflight_requests") == 1
             reply.read()
         assert total(scrape(gw, token=""), "bastion_inflight_requests") == 0
+
+
+def test_loopback_is_no_proof_of_a_local_scraper_behind_a_proxy(sim: str) -> None:
+    """A default install serves metrics to direct loopback peers only; a proxy's forwarded client is not one."""
+    with gateway("--upstream-url", sim) as (_, gw):
+        assert httpx.get(gw + "/metrics").status_code == 200, "a local scraper, talking to the gateway directly"
+        for forwarded in (
+            {"x-forwarded-for": "203.0.113.9"},
+            {"forwarded": "for=203.0.113.9"},
+            {"x-real-ip": "1.2.3.4"},
+        ):
+            for path in ("/metrics", "/metrics/upstream"):
+                refused = httpx.get(gw + path, headers=forwarded)
+                assert refused.status_code == 403 and "bastion_" not in refused.text, (path, forwarded)
+    with gateway("--upstream-url", sim, env={"BASTION_TRUSTED_PROXIES": "127.0.0.1"}) as (proc, gw):
+        refused = httpx.get(gw + "/metrics")
+        assert refused.status_code == 403 and "BASTION_METRICS_TOKEN" in refused.json()["error"]["message"]
+        assert "BASTION_TRUSTED_PROXIES is set and BASTION_METRICS_TOKEN is not" in proc.output()
+    env = {"BASTION_TRUSTED_PROXIES": "127.0.0.1", "BASTION_METRICS_TOKEN": SCRAPE_TOKEN}
+    with gateway("--upstream-url", sim, env=env) as (_, gw):
+        assert httpx.get(gw + "/metrics", headers={"x-forwarded-for": "203.0.113.9"}).status_code == 401
+        assert scrape(gw)  # with the token, from anywhere

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -198,3 +199,39 @@ def test_redis_killed_mid_test_follows_fail_mode(sim: str, mode: str) -> None:
             output = gw.output()
             assert "rate-limit storage unreachable" in output
             assert output.count("rate-limit storage unreachable") == 1  # once per incident
+            scraped = httpx.get(base + "/metrics", timeout=10).text
+            # Serving without limits is counted and exported, never silent.
+            assert metric(scraped, "bastion_ratelimit_fail_open_total") == (2 if mode == "open" else 0)
+            assert metric(scraped, "bastion_ratelimit_storage_errors_total") >= 1
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def redis_cli(url: str, *command: str) -> str:
+    result = subprocess.run(["redis-cli", "-u", url, *command], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_limiter_bug_is_a_500_with_a_traceback_never_limits_silently_off(sim: str) -> None:
+    """Redis answers, but with something the limiter cannot use (a window key of the wrong type): that is not
+    "storage unavailable", so not fail-open: the request gets an OpenAI-shaped 500 and the log a traceback."""
+    with redis_server() as (_, url):
+        env = {**limits(rate_limit_rpm=5), "BASTION_REDIS_URL": url, "BASTION_REDIS_FAIL_MODE": "open"}
+        with (
+            gateway("--upstream-url", sim, env=env) as (gw, base),
+            httpx.Client(base_url=base, timeout=10, headers=AUTH) as http,
+        ):
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            [window] = [k for k in redis_cli(url, "--scan").splitlines() if "/5/1/minute" in k]
+            redis_cli(url, "DEL", window)
+            redis_cli(url, "HSET", window, "not", "a-window")
+            broken = http.post("/v1/chat/completions", json=CHAT)
+            assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal_error"
+            scraped = httpx.get(base + "/metrics", timeout=10).text
+            assert metric(scraped, "bastion_ratelimit_fail_open_total") == 0
+            output = gw.output()
+    assert "rate limiter failed" in output and "Traceback" in output and "WrongTypeError" in output
+    assert "serving without limits" not in output

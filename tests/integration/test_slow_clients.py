@@ -1,13 +1,15 @@
 """Slow and oversized clients do not pin the gateway: raw sockets against a real process.
 
-uvicorn alone keeps a connection that sends its headers one byte at a time forever
-and buffers a request head of any size; bastion bounds both (server.py) and the
-time a body upload may take (asgi.read_body), and keeps serving everyone else.
+uvicorn alone keeps a connection that sends its headers one byte at a time forever,
+buffers a request head of any size, and waits forever on a client that stops reading;
+bastion bounds all three (server.py) and the time a body upload may take
+(asgi.read_body), and keeps serving everyone else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support import AUTH, TEST_KEY, gateway
+from tests.support import AUTH, TEST_KEY, gateway, simulator
 
 UNLIMITED = {"BASTION_RATE_LIMIT_RPM": "0", "BASTION_RATE_LIMIT_TPM": "0"}
 CHAT = b'{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
@@ -137,3 +139,59 @@ def test_slow_body_gets_408_and_gives_its_slot_back(strict: str) -> None:
     assert head.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in body and b'"type":"invalid_request_error"' in body
     assert served(strict) == 200, "the slot was given back"
+
+
+def running(sim: str) -> float:
+    """The simulator's `vllm:num_requests_running`: generations it is still producing."""
+    for line in httpx.get(sim + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:num_requests_running in the simulator's metrics")
+
+
+def test_a_client_that_stops_reading_a_stream_loses_it_and_frees_its_slot_and_the_generation() -> None:
+    """A stream nobody reads: without a write timeout it held its slot and its vLLM sequence forever."""
+    write_timeout = 1.0
+    env = {
+        **UNLIMITED,
+        "BASTION_RATE_LIMIT_MAX_CONCURRENT": "1",
+        "BASTION_CLIENT_WRITE_TIMEOUT": str(write_timeout),
+        "BASTION_AUDIT_LOG": "stdout",
+    }
+    stream = b'{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],"stream":true,"n":4}'
+    with (
+        simulator("--tokens", "1000000") as (_, sim),  # fast and practically endless: ~600 MB of events
+        gateway("--upstream-url", sim, env=env) as (gw, base),
+    ):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing in
+        sock.connect((host, int(port)))
+        try:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+                b"x-request-id: never-reads\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (TEST_KEY.encode(), len(stream), stream)
+            )
+            deadline = time.monotonic() + 10
+            while running(sim) < 1:
+                assert time.monotonic() < deadline, "the generation started"
+                time.sleep(0.05)
+            assert served(base) == 429, "the unread stream holds the key's only slot"
+            started = time.monotonic()
+            while served(base) != 200:
+                assert time.monotonic() - started < write_timeout + 8, "the slot was given back"
+                time.sleep(0.2)
+            while running(sim) > 0:
+                assert time.monotonic() - started < write_timeout + 8, "the upstream generation was stopped"
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while '"request_id":"never-reads"' not in gw.output():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        output = gw.output()
+    line = next(json.loads(ln) for ln in output.splitlines() if '"request_id":"never-reads"' in ln)
+    assert line["outcome"] == "client_disconnect" and line["status"] == 200
+    assert "read nothing for 1s (BASTION_CLIENT_WRITE_TIMEOUT)" in output

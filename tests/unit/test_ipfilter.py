@@ -6,7 +6,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from bastion.auth.ipfilter import IPPolicy, in_networks, parse_ip, parse_network, parse_networks
+from bastion.auth.ipfilter import IPPolicy, client_bucket, in_networks, parse_ip, parse_network, parse_networks
 
 
 def test_cidr_matching_v4_and_v6() -> None:
@@ -72,3 +72,21 @@ def test_forwarded_for_resolution(peer: str, xff: list[bytes], expected: str) ->
 def test_garbage_hop_means_unknown_address() -> None:
     assert TRUSTED.client_ip("127.0.0.1", [b"203.0.113.5, not-an-ip"]) is None
     assert IPPolicy().client_ip(None) is None
+
+
+def test_ipv4_mapped_entries_match_the_ipv4_clients_they_name() -> None:
+    assert parse_network("::ffff:10.0.0.0/104") == parse_network("10.0.0.0/8")
+    assert parse_network("::ffff:192.0.2.7") == parse_network("192.0.2.7/32")
+    policy = IPPolicy(allow=parse_networks(["::ffff:10.0.0.0/104"]), deny=parse_networks(["::ffff:10.9.9.9"]))
+    assert policy.admits(parse_ip("10.1.2.3")) and policy.admits(parse_ip("::ffff:10.1.2.3"))
+    assert not policy.admits(parse_ip("10.9.9.9")) and not policy.admits(parse_ip("::ffff:10.9.9.9"))
+    assert str(parse_network("::ffff:0:0/95")) == "::fffe:0:0/95", "wider than the mapped range: left as IPv6"
+
+
+def test_client_buckets_are_addresses_and_ipv6_64s() -> None:
+    assert client_bucket(parse_ip("203.0.113.9")) == "203.0.113.9"
+    assert client_bucket(parse_ip("::ffff:203.0.113.9")) == "203.0.113.9"
+    assert client_bucket(parse_ip("2001:db8:1:2::1")) == client_bucket(parse_ip("2001:db8:1:2:ffff::9"))
+    assert client_bucket(parse_ip("2001:db8:1:2::1")) == "2001:db8:1:2::/64"
+    assert client_bucket(parse_ip("2001:db8:1:3::1")) != client_bucket(parse_ip("2001:db8:1:2::1"))
+    assert client_bucket(None) == ""

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt as jose_jwt
 
+from bastion.app import jwt_config
 from bastion.auth.errors import AuthFailure
 from bastion.auth.jwt import JWTVerifier
 from bastion.config import Settings
@@ -48,7 +49,7 @@ async def refused(verifier: JWTVerifier, token: str) -> str:
 
 @pytest.fixture
 def hs() -> JWTVerifier:
-    return JWTVerifier(Settings(_env_file=None, jwt_secret=SECRET, jwt_leeway=0))  # type: ignore[call-arg]
+    return JWTVerifier(jwt_config(Settings(_env_file=None, jwt_secret=SECRET, jwt_leeway=0)))  # type: ignore[call-arg]
 
 
 async def test_a_well_formed_token_passes(hs: JWTVerifier) -> None:
@@ -68,15 +69,20 @@ async def test_hmac_keyed_with_the_public_key_is_refused(tmp_path: Path) -> None
     (tmp_path / "pub.pem").write_bytes(pem)
     # Both families accepted, and an HMAC secret configured: the attacker signs HS256 with the public PEM.
     verifier = JWTVerifier(
-        Settings(  # type: ignore[call-arg]
-            _env_file=None, jwt_public_key_file=tmp_path / "pub.pem", jwt_algorithms="RS256,HS256", jwt_secret=SECRET
+        jwt_config(
+            Settings(  # type: ignore[call-arg]
+                _env_file=None,
+                jwt_public_key_file=tmp_path / "pub.pem",
+                jwt_algorithms="RS256,HS256",
+                jwt_secret=SECRET,
+            )
         )
     )
     for key in (pem, pem.strip(), pem.decode().replace("\n", "").encode()):
         assert await refused(verifier, hs256({"alg": "HS256"}, claims(), key)) == "invalid_token"
     # and with no HMAC secret at all, HS256 has no key: refused before any verification
     rs_only = JWTVerifier(
-        Settings(_env_file=None, jwt_public_key_file=tmp_path / "pub.pem", jwt_algorithms="RS256")  # type: ignore[call-arg]
+        jwt_config(Settings(_env_file=None, jwt_public_key_file=tmp_path / "pub.pem", jwt_algorithms="RS256"))  # type: ignore[call-arg]
     )
     assert await refused(rs_only, hs256({"alg": "HS256"}, claims(), pem)) == "invalid_token"
     genuine = jose_jwt.encode(

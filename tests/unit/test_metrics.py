@@ -206,3 +206,39 @@ def test_scrape_guard_allowlist_and_token_both_required() -> None:
     assert guard.refusal(_scope("10.9.9.9", "scrape-secret-1234")) is None
     assert guard.refusal(_scope("10.9.9.9")) is not None
     assert guard.refusal(_scope("192.168.0.1", "scrape-secret-1234")) is not None
+
+
+@pytest.mark.parametrize(
+    "forwarded", [(b"x-forwarded-for", b"203.0.113.9"), (b"forwarded", b"for=203.0.113.9"), (b"x-real-ip", b"1.2.3.4")]
+)
+def test_a_scrape_through_a_proxy_needs_the_token(forwarded: tuple[bytes, bytes]) -> None:
+    """nginx on the same host is a loopback peer for everyone on the internet."""
+    proxied = {**_scope("127.0.0.1"), "headers": [forwarded]}
+    error = ScrapeGuard(None, []).refusal(proxied)
+    assert error is not None and error.status == 403
+    allowed = ScrapeGuard(None, [ipaddress.ip_network("127.0.0.0/8")])
+    assert allowed.refusal(proxied) is not None, "an explicit allowlist does not vouch for a proxy's clients"
+    assert allowed.refusal(_scope("127.0.0.1")) is None
+    with_token = _scope("127.0.0.1", "scrape-secret-1234")
+    with_token["headers"].append(forwarded)
+    assert ScrapeGuard("scrape-secret-1234", []).refusal(with_token) is None
+
+
+def test_behind_trusted_proxies_there_is_no_tokenless_default() -> None:
+    trusted = [ipaddress.ip_network("127.0.0.1/32")]
+    closed = ScrapeGuard(None, [], trusted)
+    assert closed.closed
+    for scope in (_scope("127.0.0.1"), _scope("::1"), _scope("10.1.2.3")):
+        error = closed.refusal(scope)
+        assert error is not None and error.status == 403 and "BASTION_METRICS_TOKEN" in error.message
+    direct = ScrapeGuard(None, [ipaddress.ip_network("10.0.0.0/8")], trusted)
+    assert not direct.closed and direct.refusal(_scope("10.1.2.3")) is None, "an explicit direct scraper"
+    assert direct.refusal(_scope("127.0.0.1")) is not None
+    token = ScrapeGuard("scrape-secret-1234", [], trusted)
+    assert token.refusal(_scope("127.0.0.1", "scrape-secret-1234")) is None
+    assert token.refusal(_scope("127.0.0.1")) is not None
+
+
+def test_mapped_allowlist_entries_match() -> None:
+    guard = ScrapeGuard(None, [ipaddress.ip_network("::ffff:10.0.0.0/104")])
+    assert guard.refusal(_scope("10.1.2.3")) is None and guard.refusal(_scope("::ffff:10.1.2.3")) is None

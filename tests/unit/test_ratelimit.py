@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import coredis.exceptions
 import pytest
 from limits import RateLimitItemPerMinute
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from bastion.config import Settings
 from bastion.context import Exchange, Outcome
@@ -142,29 +144,71 @@ async def test_unlimited_sends_no_headers() -> None:
     assert admission.headers == [] and admission.slot is None
 
 
-async def test_auth_failure_limit_per_ip(clock: Clock) -> None:
+async def test_auth_failure_limit_per_client(clock: Clock) -> None:
     limits = limiter(auth_failure_limit=3)
     for _ in range(3):
-        assert await limits.auth_blocked("6.6.6.6") is None
         assert await limits.hit_auth_failure("6.6.6.6") is None
-    blocked = await limits.auth_blocked("6.6.6.6")
+    blocked = await limits.hit_auth_failure("6.6.6.6")
     assert blocked is not None and blocked.status == 429
     assert dict(blocked.headers)[b"retry-after"] == b"60"
-    assert await limits.hit_auth_failure("6.6.6.6") is not None
-    assert await limits.auth_blocked("7.7.7.7") is None
-    clock.advance(60)
-    assert await limits.auth_blocked("6.6.6.6") is None
-
-
-async def test_auth_check_of_an_address_that_never_failed_stores_nothing() -> None:
-    limits = limiter(auth_failure_limit=3)
-    storage = limits.failures.storage
-    assert isinstance(storage, MemoryStorage)
-    assert await limits.auth_blocked("6.6.6.6") is None
-    assert storage.size() == 0
+    assert await limits.hit_auth_failure("7.7.7.7") is None
+    clock.advance(60.5)
     assert await limits.hit_auth_failure("6.6.6.6") is None
-    assert storage.size() == 1
     assert await limiter(auth_failure_limit=0).hit_auth_failure("6.6.6.6") is None
+
+
+class _BrokenStorage(MemoryStorage):
+    """A storage whose every call fails with `error`: a storage outage, or a bug."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    async def acquire_entry(self, *args: object, **kwargs: object) -> bool:
+        raise self.error
+
+    async def get_moving_window(self, *args: object, **kwargs: object) -> tuple[float, int]:
+        raise self.error
+
+    async def get_sliding_window(self, *args: object, **kwargs: object) -> tuple[int, float, int, float]:
+        raise self.error
+
+
+def _broken(error: BaseException, **values: object) -> RateLimiter:
+    limits = limiter(rate_limit_rpm=10, rate_limit_tpm=100, **values)
+    limits.storage = _BrokenStorage(error)
+    limits.requests = MovingWindowRateLimiter(limits.storage)
+    limits.tokens = SlidingWindowCounterRateLimiter(limits.storage)
+    return limits
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionRefusedError(), TimeoutError(), coredis.exceptions.ConnectionError("gone")], ids=type
+)
+async def test_storage_outage_fails_open_counted_and_exported(error: BaseException) -> None:
+    limits = _broken(error)
+    admission = await limits.admit(None, "10.0.0.1")
+    assert admission.headers == [] and admission.tpm == 0, "served without limits"
+    assert (limits.storage_errors, limits.fail_open_admissions) == (1, 1)
+    samples = {s.name: s.value for family in limits.collector().collect() for s in family.samples}
+    assert samples == {"bastion_ratelimit_storage_errors_total": 1, "bastion_ratelimit_fail_open_total": 1}
+    closed = _broken(error, redis_fail_mode="closed")
+    with pytest.raises(RateLimited) as refused:
+        await closed.admit(None, "10.0.0.1")
+    assert refused.value.status == 503 and closed.fail_open_admissions == 0
+
+
+@pytest.mark.parametrize("error", [KeyError("bug"), TypeError("bug"), coredis.exceptions.WrongTypeError("x")], ids=type)
+async def test_a_bug_is_a_500_with_a_traceback_never_limits_off(
+    error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = _broken(error)
+    with pytest.raises(RateLimited) as failed:
+        await limits.admit(None, "10.0.0.1")
+    assert failed.value.status == 500 and failed.value.reason == "rate_limit_internal"
+    assert (limits.storage_errors, limits.fail_open_admissions) == (0, 0)
+    [record] = [r for r in caplog.records if r.name == "bastion.ratelimit"]
+    assert record.exc_info is not None and record.exc_info[0] is type(error)
 
 
 def test_storage_keys_are_the_librarys() -> None:

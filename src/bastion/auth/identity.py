@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..budget.policy import Budgets
+from ..errors import GatewayError
 from .ipfilter import IPAddress, IPNetwork, in_networks
 
 
@@ -45,12 +46,18 @@ class Principal:
 
 
 def filter_model_list(body: bytes, principal: Principal) -> bytes:
-    """An OpenAI model list reduced to what `principal` may use (unchanged if it is not one)."""
+    """An OpenAI model list reduced to what `principal` may use.
+
+    Fails closed: a body that is not a model list (compressed despite `accept-encoding: identity`,
+    truncated, another shape) is a 502, never the upstream's whole list passed on unfiltered.
+    """
     try:
         payload: Any = json.loads(body)
-    except ValueError:
-        return body
+    except (ValueError, RecursionError):
+        payload = None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        return body
+        raise GatewayError(
+            502, "The model server's model list could not be read, so it cannot be filtered.", code="upstream_invalid"
+        )
     payload["data"] = [m for m in payload["data"] if isinstance(m, dict) and principal.allows(m.get("id"))]
     return json.dumps(payload, separators=(",", ":")).encode()

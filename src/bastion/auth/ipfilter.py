@@ -1,8 +1,9 @@
 """IP admission: CIDR lists (IPv4 and IPv6) and the client address behind trusted proxies.
 
 Addresses are always `ipaddress` objects; strings only appear when an address is
-written to a log. IPv4-mapped IPv6 peers (`::ffff:10.0.0.1`, seen when listening
-on `::`) are treated as the IPv4 address they carry, so one allowlist covers both.
+written to a log. IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, seen as peers when
+listening on `::`) are treated as the IPv4 address they carry, in peers, header hops
+and list entries alike (`::ffff:10.0.0.0/104` is `10.0.0.0/8`), so they always match.
 """
 
 from __future__ import annotations
@@ -15,12 +16,30 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# An IPv6 client is one /64 (what a single host or home is given), so a per-address budget
+# counts the /64: one subscriber cannot use 2^64 addresses to get 2^64 budgets.
+IPV6_CLIENT_PREFIX = 64
+
+
 def parse_network(value: str) -> IPNetwork:
     """`10.0.0.0/8`, `2001:db8::/32` or a bare address (a /32 or /128). Raises ValueError, clearly."""
     try:
-        return ipaddress.ip_network(value.strip(), strict=False)
+        network = ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not a valid IP address or CIDR network") from None
+    return normalise_network(network)
+
+
+def normalise_network(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it covers (`10.0.0.0/8`).
+
+    Peers are normalised the same way (`parse_ip`), so a mapped entry would otherwise never match.
+    """
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -36,6 +55,15 @@ def parse_ip(value: str) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def client_bucket(ip: IPAddress | None) -> str:
+    """The key under which per-client budgets count `ip`: the address itself, or its /64 for IPv6."""
+    if ip is None:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)
 
 
 def in_networks(ip: IPAddress, networks: Sequence[IPNetwork]) -> bool:

@@ -6,6 +6,14 @@ HMAC secret only and RS/ES/PS tokens against public keys only, so a public key
 can never be misused as an HMAC secret. `exp` and `sub` are required; `aud`/`iss`
 when configured. Claims map onto a Principal that never exceeds the configured
 ceiling (models intersected, limits capped).
+
+A token minted from an API key (POST /v1/auth/token) names that key in `KEY_CLAIM`
+and *is* that key: the same `Principal.id` (so the same limit buckets), the key's
+current policy (IP allowlist, limits, expiry; models narrowed by the token's own
+claim), looked up in the live key set on every request, so a revoked or deleted key's
+tokens stop at the next reload. Only HMAC-signed tokens may carry the claim: the
+secret is bastion's own, while an outside issuer (RS/ES/PS, JWKS) must not be able
+to speak for a key.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +31,11 @@ import httpx
 from jose import jwt as jose_jwt
 from jose.exceptions import ExpiredSignatureError, JOSEError
 
-from ..budget.policy import Budgets, capped, from_mapping, parse_budget, unique
-from ..config import Settings
+from ..budget.policy import Budgets, capped, from_mapping
 from .errors import AuthFailure
 from .identity import Principal
 from .ipfilter import IPNetwork, parse_networks
+from .keys import KeyEntry
 
 log = logging.getLogger("bastion.auth")
 JWKS_MIN_REFRESH = 30.0  # seconds: unknown `kid`s cannot make us hammer the JWKS endpoint
@@ -34,7 +44,10 @@ JWKS_MIN_REFRESH = 30.0  # seconds: unknown `kid`s cannot make us hammer the JWK
 CACHE_TTL = 60.0
 CACHE_SIZE = 4096
 _LIMITS = ("rpm", "tpm", "max_concurrent")
-ALLOW_IPS_CLAIM = "allow_ips"  # networks the token may be used from (keeps a key's allowlist in its tokens)
+ALLOW_IPS_CLAIM = "allow_ips"  # networks the token may be used from
+KEY_CLAIM = "bastion_key"  # the id of the API key a token was minted from (the token is that key's principal)
+
+KeyLookup = Callable[[str], KeyEntry | None]
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -81,34 +94,65 @@ def _index_jwks(document: Any) -> dict[str | None, dict[str, Any]]:
     return index
 
 
+@dataclass(frozen=True, slots=True)
+class JWTConfig:
+    """What the verifier needs from the settings (BASTION_JWT_*), as plain values."""
+
+    algorithms: frozenset[str] = frozenset({"HS256"})
+    secret: str | None = None
+    public_key_file: Path | None = None
+    jwks: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 30.0
+    models_claim: str = "models"
+    limits_claim: str = "limits"
+    # Ceilings for tokens from an issuer (None = none). A key-bound token has its key's limits instead.
+    allowed_models: frozenset[str] | None = None
+    max_rpm: int | None = None
+    max_tpm: int | None = None
+    max_concurrent: int | None = None
+    budgets_claim: str = "budgets"
+    max_budgets: Budgets = ()  # ceilings on an issuer's budget claims
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """A verified token minted from an API key: which key, the models it was narrowed to, until when."""
+
+    key_id: str
+    models: frozenset[str] | None
+    expires: float
+
+
 class JWTVerifier:
-    def __init__(self, settings: Settings) -> None:
-        self._algorithms = frozenset(settings.jwt_algorithms)
-        self._secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
-        self._public_key = settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else None
-        self._jwks = JWKSet(settings.jwt_jwks) if settings.jwt_jwks else None
-        self._audience = settings.jwt_audience
-        self._issuer = settings.jwt_issuer
+    def __init__(self, config: JWTConfig, keys: KeyLookup | None = None) -> None:
+        self._algorithms = config.algorithms
+        self._secret = config.secret
+        self._public_key = config.public_key_file.read_text() if config.public_key_file else None
+        self._jwks = JWKSet(config.jwks) if config.jwks else None
+        self._audience = config.audience
+        self._issuer = config.issuer
         self._options = {
-            "leeway": settings.jwt_leeway,
+            "leeway": config.leeway,
             "require_exp": True,
             "require_sub": True,
-            "verify_aud": settings.jwt_audience is not None,
-            "require_aud": settings.jwt_audience is not None,
-            "require_iss": settings.jwt_issuer is not None,
+            "verify_aud": config.audience is not None,
+            "require_aud": config.audience is not None,
+            "require_iss": config.issuer is not None,
         }
-        self._models_claim = settings.jwt_models_claim
-        self._limits_claim = settings.jwt_limits_claim
-        self._ceiling_models = frozenset(settings.jwt_allowed_models) if settings.jwt_allowed_models else None
-        self._leeway = settings.jwt_leeway
-        self._cache: dict[str, tuple[Principal, float]] = {}
-        self._ceiling_limits = {
-            "rpm": settings.jwt_max_rpm,
-            "tpm": settings.jwt_max_tpm,
-            "max_concurrent": settings.jwt_max_concurrent,
-        }
-        self._budgets_claim = settings.jwt_budgets_claim
-        self._budget_ceiling = unique(parse_budget(text) for text in settings.jwt_max_budgets)
+        self._models_claim = config.models_claim
+        self._limits_claim = config.limits_claim
+        self._ceiling_models = config.allowed_models
+        self._leeway = config.leeway
+        self._keys = keys
+        # token -> (what it grants, until when the verdict may be reused)
+        self._cache: dict[str, tuple[Principal | KeyGrant, float]] = {}
+        # A key-bound token's principal, rebuilt only when the key set changed (its entry is a new object).
+        self._bound: dict[KeyGrant, tuple[KeyEntry, Principal]] = {}
+        self._ceiling_limits = {"rpm": config.max_rpm, "tpm": config.max_tpm, "max_concurrent": config.max_concurrent}
+        self._budgets_claim = config.budgets_claim
+        self._budget_ceiling = config.max_budgets
 
         self._warn_unusable()
 
@@ -128,20 +172,57 @@ class JWTVerifier:
         return bool(self._secret or self._public_key or self._jwks)
 
     async def verify(self, token: str) -> Principal:
-        """The principal a valid token stands for; AuthFailure("invalid_token" | "expired") otherwise."""
+        """The principal a valid token stands for; AuthFailure("invalid_token" | "expired" | "revoked") otherwise."""
         cached = self._cache.get(token)
-        if cached is not None:
-            if time.time() < cached[1]:
-                return cached[0]
-            del self._cache[token]
-        principal = await self._verify(token)
-        if len(self._cache) >= CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]  # the oldest entry
-        until = min(time.time() + CACHE_TTL, (principal.expires or 0.0) + self._leeway)
-        self._cache[token] = (principal, until)
+        if cached is not None and time.time() < cached[1]:
+            grant = cached[0]
+        else:
+            if cached is not None:
+                del self._cache[token]
+            grant = await self._verify(token)
+            if len(self._cache) >= CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]  # the oldest entry
+            until = min(time.time() + CACHE_TTL, (grant.expires or 0.0) + self._leeway)
+            self._cache[token] = (grant, until)
+        if isinstance(grant, KeyGrant):
+            return self._bind(grant)
+        return grant
+
+    def _bind(self, grant: KeyGrant) -> Principal:
+        """A key-bound token's principal from the live key set (checked on every request, a dict lookup)."""
+        entry = self._keys(grant.key_id) if self._keys is not None else None
+        if entry is None:
+            raise AuthFailure("invalid_token")  # the key was deleted (or never existed here)
+        if entry.revoked:
+            raise AuthFailure("revoked")
+        if entry.not_after is not None and time.time() >= entry.not_after:
+            raise AuthFailure("expired")
+        bound = self._bound.get(grant)
+        if bound is not None and bound[0] is entry:
+            return bound[1]
+        key = entry.principal
+        models = key.models
+        for narrower in (grant.models, self._ceiling_models):
+            if narrower is not None:
+                models = narrower if models is None else models & narrower
+        principal = Principal(
+            id=key.id,  # the key's own id: the same limit buckets as the key
+            name=key.name,
+            kind="jwt",  # a token, so it cannot be exchanged for another one
+            models=models,
+            networks=key.networks,
+            expires=grant.expires if key.expires is None else min(grant.expires, key.expires),
+            rpm=key.rpm,
+            tpm=key.tpm,
+            max_concurrent=key.max_concurrent,
+            budgets=key.budgets,
+        )
+        if len(self._bound) >= CACHE_SIZE:
+            del self._bound[next(iter(self._bound))]
+        self._bound[grant] = (entry, principal)
         return principal
 
-    async def _verify(self, token: str) -> Principal:
+    async def _verify(self, token: str) -> Principal | KeyGrant:
         try:
             header = jose_jwt.get_unverified_header(token)
         except JOSEError:
@@ -162,7 +243,25 @@ class JWTVerifier:
             # python-jose checks claim types loosely: `"exp": null` in a correctly signed token raises
             # TypeError from int(None), which would otherwise escape as a 500.
             raise AuthFailure("invalid_token") from None
+        if KEY_CLAIM in claims:
+            if not alg.startswith("HS"):
+                raise AuthFailure("invalid_token")  # only bastion's own secret speaks for a key
+            return self._grant(claims)
         return self._principal(claims)
+
+    def _grant(self, claims: dict[str, Any]) -> KeyGrant:
+        key_id = claims.get(KEY_CLAIM)
+        exp = claims.get("exp")
+        if not isinstance(key_id, str) or not key_id or not isinstance(exp, int | float):
+            raise AuthFailure("invalid_token")
+        return KeyGrant(key_id, self._models(claims.get(self._models_claim), None), float(exp))
+
+    def _models(self, granted: Any, ceiling: frozenset[str] | None) -> frozenset[str] | None:
+        if granted is None:
+            return ceiling
+        if isinstance(granted, list) and all(isinstance(m, str) for m in granted):
+            return frozenset(granted) if ceiling is None else frozenset(granted) & ceiling
+        raise AuthFailure("invalid_token")
 
     async def _key_for(self, alg: str, kid: Any) -> str | dict[str, Any] | None:
         if alg.startswith("HS"):
@@ -178,13 +277,7 @@ class JWTVerifier:
         exp = claims.get("exp")
         if not isinstance(subject, str) or not subject or not isinstance(exp, int | float):
             raise AuthFailure("invalid_token")
-        granted = claims.get(self._models_claim)
-        if granted is None:
-            models = self._ceiling_models
-        elif isinstance(granted, list) and all(isinstance(m, str) for m in granted):
-            models = frozenset(granted) if self._ceiling_models is None else frozenset(granted) & self._ceiling_models
-        else:
-            raise AuthFailure("invalid_token")
+        models = self._models(claims.get(self._models_claim), self._ceiling_models)
         claimed = claims.get(self._limits_claim) or {}
         if not isinstance(claimed, dict):
             raise AuthFailure("invalid_token")
@@ -250,10 +343,13 @@ def mint(
     allow_ips: list[str] | None = None,
     budgets: dict[str, int] | None = None,
     budgets_claim: str = "budgets",
+    key_id: str | None = None,
 ) -> str:
-    """A short-lived HS256 token, for `bastion token mint` and the token endpoint."""
+    """A short-lived HS256 token, for `bastion token mint` and the token endpoint (`key_id`: bound to that key)."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + int(ttl)}
+    if key_id is not None:
+        claims[KEY_CLAIM] = key_id
     if audience:
         claims["aud"] = audience
     if issuer:

@@ -200,17 +200,33 @@ def loose_permissions(mode: int) -> bool:
 # --- the key set the gateway checks against ---------------------------------------------
 
 
-def index(data: KeyFile, bootstrap: Iterable[str] = ()) -> dict[str, KeyEntry]:
-    """Hash -> entry, for every secret in the file and every bootstrap key."""
-    entries: dict[str, KeyEntry] = {}
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """One version of the key set: secrets by hash (what a request presents) and keys by id.
+
+    `by_id` serves tokens minted from a key (they name the key, not a secret): such a token
+    is that key's principal, with the key's current policy, and dies with it.
+    """
+
+    by_hash: dict[str, KeyEntry]
+    by_id: dict[str, KeyEntry]
+
+
+def index(data: KeyFile, bootstrap: Iterable[str] = ()) -> KeySet:
+    """Hash -> entry for every secret in the file and every bootstrap key, and id -> entry for every key."""
+    by_hash: dict[str, KeyEntry] = {}
+    by_id: dict[str, KeyEntry] = {}
     for number, key in enumerate(bootstrap, 1):
-        entries[hash_key(key)] = KeyEntry(Principal(id=f"bootstrap-{number}", name=f"bootstrap-{number}", kind="key"))
+        entry = KeyEntry(Principal(id=f"bootstrap-{number}", name=f"bootstrap-{number}", kind="key"))
+        by_hash[hash_key(key)] = by_id[entry.principal.id] = entry
     for record in data.keys:
         principal = record.principal()
         for secret in record.secrets:
             ends = [t.timestamp() for t in (record.expires, secret.expires) if t is not None]
-            entries[secret.sha256] = KeyEntry(principal, min(ends) if ends else None, record.revoked)
-    return entries
+            by_hash[secret.sha256] = KeyEntry(principal, min(ends) if ends else None, record.revoked)
+        # The key itself (whatever its secrets): its own expiry only, so rotating a secret keeps its tokens.
+        by_id[record.id] = KeyEntry(principal, principal.expires, record.revoked)
+    return KeySet(by_hash, by_id)
 
 
 class KeyStore:
@@ -219,15 +235,19 @@ class KeyStore:
     def __init__(self, path: Path | None, bootstrap: Iterable[str] = ()) -> None:
         self.path = path
         self._bootstrap = tuple(bootstrap)
-        self._entries = index(KeyFile(), self._bootstrap)
+        self._set = index(KeyFile(), self._bootstrap)
         self._stamp: tuple[int, int, int] | None = None
         self.reload(initial=True)
 
     def lookup(self, key: str) -> KeyEntry | None:
-        return self._entries.get(hash_key(key))
+        return self._set.by_hash.get(hash_key(key))
+
+    def by_id(self, key_id: str) -> KeyEntry | None:
+        """The key with this id in the current set (revoked ones included, marked), or None."""
+        return self._set.by_id.get(key_id)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._set.by_hash)
 
     def reload(self, *, force: bool = False, initial: bool = False) -> bool:
         """Re-read the file if it changed. On error: raise at start-up, else keep the last good set."""
@@ -259,7 +279,7 @@ class KeyStore:
                 self.path,
                 stat.S_IMODE(info.st_mode),
             )
-        self._entries = index(data, self._bootstrap)
+        self._set = index(data, self._bootstrap)
         log.info("keys file %s loaded: %d keys", self.path, len(data.keys))
         return True
 

@@ -4,7 +4,15 @@ Order matters and is fixed: client address first (a denied network is refused
 before its credential is even read, so it learns nothing about keys), then the
 credential (API key by hash lookup, or JWT), then the principal's own IP
 allowlist. An admitted request carries its Principal in its context (`context.Exchange`);
-the proxy checks the model against it when it parses the body anyway.
+the route stage and the proxy hold it to its models.
+
+The failed-login budget (the rate limiter's `hit_auth_failure`) slows key guessing
+without locking anyone out: only a request that presented a credential, and had it
+refused, is counted (a browser's /favicon.ico is no guess); a valid credential is
+always admitted, even from an address over its budget (an office behind one NAT
+must not be locked out by one misconfigured script); and IPv6 clients are counted
+by /64, so one subscriber's 2^64 addresses are one budget. Over budget, a refused
+credential gets 429 instead of 401, after the same full check a valid one gets.
 """
 
 from __future__ import annotations
@@ -16,12 +24,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from ..asgi import ASGIApp, Receive, Scope, Send
-from ..config import Settings
 from ..context import Exchange, Outcome, find_exchange
 from ..errors import GatewayError, send_error
 from .errors import AuthFailure
 from .identity import Principal
-from .ipfilter import IPAddress, IPPolicy, parse_networks
+from .ipfilter import IPAddress, IPPolicy, client_bucket
 from .jwt import JWTVerifier, looks_like_jwt
 from .keys import KeyStore
 
@@ -50,19 +57,14 @@ class Authenticator:
 
 
 class Auth:
-    """Authentication for one gateway, built once by create_app from the settings."""
+    """Authentication for one gateway: the key store, the JWT verifier, the global IP lists."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.keys = KeyStore(settings.keys_file, settings.bootstrap_keys())
-        verifier = JWTVerifier(settings)
-        self.authenticator = Authenticator(self.keys, verifier if verifier.configured else None)
-        self.policy = IPPolicy(
-            allow=parse_networks(settings.allow_ips),
-            deny=parse_networks(settings.deny_ips),
-            trusted_proxies=parse_networks(settings.trusted_proxies),
-        )
-        self._interval = settings.keys_reload_interval
-        if settings.keys_file is None and not len(self.keys) and not verifier.configured:
+    def __init__(self, keys: KeyStore, jwt: JWTVerifier | None, policy: IPPolicy, reload_interval: float = 1.0) -> None:
+        self.keys = keys
+        self.authenticator = Authenticator(keys, jwt)
+        self.policy = policy
+        self._interval = reload_interval
+        if keys.path is None and not len(keys) and jwt is None:
             log.warning(
                 "no credentials configured (BASTION_KEYS_FILE, BASTION_API_KEYS, BASTION_JWT_*): "
                 "every /v1 request will be refused with 401"
@@ -76,10 +78,9 @@ class Auth:
 
 
 class FailureLimiter(Protocol):
-    """Slows key guessing: a budget of failed authentications per client IP (the rate limiter)."""
+    """Slows key guessing: a budget of refused credentials per client (the rate limiter)."""
 
-    async def auth_blocked(self, client_ip: str) -> GatewayError | None: ...
-    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None: ...
+    async def hit_auth_failure(self, client: str) -> GatewayError | None: ...
 
 
 class AuthMiddleware:
@@ -106,20 +107,17 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         exchange = find_exchange(scope)
-        resolved = self._failures is not None or self._policy.needs_address
+        resolved = self._policy.needs_address
         ip = self._client_ip(scope, exchange) if resolved else None
-        guesser = str(ip) if ip is not None else ""
-        if self._failures is not None and (blocked := await self._failures.auth_blocked(guesser)):
-            # An address over its failed-login budget is refused before its credential is even read:
-            # a guesser must not learn that a guess was right.
-            await self._refuse_error(send, blocked, "rate_limit_auth", exchange)
-            return
         try:
             principal = await self._admit(scope, exchange, ip, resolved)
         except AuthFailure as failure:
             error = failure.error()
-            if self._failures is not None and error.status == 401:
-                error = await self._failures.hit_auth_failure(guesser) or error
+            if self._failures is not None and error.status == 401 and failure.reason != "missing_credentials":
+                # Counted only now, for a credential that was presented and refused.
+                if not resolved:
+                    ip = self._client_ip(scope, exchange)
+                error = await self._failures.hit_auth_failure(client_bucket(ip)) or error
             log.debug("refused %s %s: %s", scope["method"], scope["path"], failure.reason)
             await self._refuse_error(send, error, failure.reason, exchange)
             return

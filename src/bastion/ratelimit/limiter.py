@@ -14,7 +14,10 @@ on bastion's own memory storage (`memory.py`, which says why).
 - concurrency: `slots.py`, a slot per in-flight request, always given back.
 
 A storage failure (Redis unreachable) fails open (serve, log once per incident,
-count it in `storage_errors`) or closed (503 with Retry-After), per settings.
+count it in `storage_errors` and each request served unlimited in `fail_open`, both
+exported as `bastion_ratelimit_*_total`) or closed (503 with Retry-After), per
+settings. Only the storage's own failures count as one (`STORAGE_ERRORS`): any other
+exception is a bug, answered 500 with its traceback in the log, never "limits off".
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, cast
 
+import coredis.exceptions
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..config import Settings
 from ..errors import GatewayError
@@ -40,6 +47,19 @@ from .slots import MemorySlots, RedisSlots, Slots
 log = logging.getLogger("bastion.ratelimit")
 
 Headers = list[tuple[bytes, bytes]]
+
+# "The storage is unavailable": what Redis (coredis) raises when it cannot be reached, answers too late,
+# refuses us (a wrong password is not a bug of ours) or is a read-only replica mid-failover; the
+# `limits` library's wrapped storage errors; and the socket's own (OSError, TimeoutError).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    coredis.exceptions.ConnectionError,
+    coredis.exceptions.TimeoutError,
+    coredis.exceptions.AuthenticationError,
+    coredis.exceptions.ReadOnlyError,
+    StorageError,
+    OSError,
+    TimeoutError,
+)
 
 
 class LimitedPrincipal(Protocol):
@@ -148,8 +168,10 @@ class RateLimiter:
         self.auth_failure_limit = settings.auth_failure_limit
         self._auth_item = per_minute(self.auth_failure_limit) if self.auth_failure_limit > 0 else None
         self.fail_open = settings.redis_fail_mode == "open"
-        # Storage incidents seen (each failed storage call); the metrics stage can export it.
+        # Storage incidents seen (each failed storage call) and requests served without limits because of one;
+        # exported by `collector()`.
         self.storage_errors = 0
+        self.fail_open_admissions = 0
         self._degraded = False
         self.shared = settings.redis_url is not None
         self.slots: Slots
@@ -232,11 +254,12 @@ class RateLimiter:
             if slot is not None:
                 await self._release(key, slot)
             raise
-        except Exception as exc:
+        except STORAGE_ERRORS as exc:
             if slot is not None:
                 await self._release(key, slot)
             self._storage_failed(exc)
             if self.fail_open:
+                self.fail_open_admissions += 1
                 return Admission(key, 0, None, [])
             raise RateLimited(
                 503,
@@ -244,6 +267,14 @@ class RateLimiter:
                 "rate_limit_storage",
                 [(b"retry-after", b"1")],
                 code="rate_limit_unavailable",
+            ) from None
+        except Exception:
+            # A bug, not an unavailable storage: never serve it as "limits off". 500, with the traceback logged.
+            log.exception("rate limiter failed on %s (a bug, not the storage): answering 500", key)
+            if slot is not None:
+                await self._release(key, slot)
+            raise RateLimited(
+                500, "The gateway failed to apply its rate limits.", "rate_limit_internal", [], code="internal_error"
             ) from None
 
     @staticmethod
@@ -282,25 +313,19 @@ class RateLimiter:
         except Exception as exc:
             self._storage_failed(exc)
 
-    # --- failed authentication (the auth stage calls these) -----------------------------
-    async def auth_blocked(self, client_ip: str) -> GatewayError | None:
-        """Before reading a credential: a 429 if `client_ip` used up its failed-auth budget."""
-        item = self._auth_item
-        if item is None:
-            return None
-        key = "authfail/" + client_ip
-        # Runs before every credential check: an address without a failure on record costs one dict lookup.
-        if not self._failure_log.has_window(item.key_for(key)) or await self.failures.test(item, key):
-            return None
-        stats = await self.failures.get_window_stats(item, key)
-        return self._auth_refusal(stats.reset_time)
+    # --- failed authentication (the auth stage calls this) ------------------------------
+    async def hit_auth_failure(self, client: str) -> GatewayError | None:
+        """After a refused credential from `client` (an address, an IPv6 /64): count it, or, once the
+        budget is spent, the 429 to answer instead.
 
-    async def hit_auth_failure(self, client_ip: str) -> GatewayError | None:
-        """After a 401: count it; a 429 to answer instead once the IP is over its budget."""
+        Only refused credentials come here: a valid one is admitted whatever the address's record
+        (many people share one address behind NAT), and a request without any credential is no guess.
+        Failed logins are counted in this process only (`_failure_log`), so the check costs no round trip.
+        """
         item = self._auth_item
         if item is None:
             return None
-        key = "authfail/" + client_ip
+        key = "authfail/" + client
         if await self.failures.hit(item, key):
             return None
         stats = await self.failures.get_window_stats(item, key)
@@ -316,7 +341,10 @@ class RateLimiter:
         )
 
     # --- storage incidents --------------------------------------------------------------
-    def _storage_failed(self, exc: Exception) -> None:
+    def _storage_failed(self, exc: BaseException) -> None:
+        """Count and log a storage incident; anything that is not one (a bug) is raised again, as it was."""
+        if not isinstance(exc, STORAGE_ERRORS):
+            raise exc
         self.storage_errors += 1
         if not self._degraded:
             self._degraded = True
@@ -327,3 +355,24 @@ class RateLimiter:
         if self._degraded:
             self._degraded = False
             log.warning("rate-limit storage reachable again; limits enforced")
+
+    def collector(self) -> Collector:
+        """The storage's health for the metrics registry, read at scrape time."""
+        return _StorageCollector(self)
+
+
+class _StorageCollector(Collector):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "bastion_ratelimit_storage_errors",
+            "Rate-limit storage calls that failed (Redis unreachable, timed out, refusing).",
+            self._limiter.storage_errors,
+        )
+        yield CounterMetricFamily(
+            "bastion_ratelimit_fail_open",
+            "Requests served without rate limits because the storage failed (BASTION_REDIS_FAIL_MODE=open).",
+            self._limiter.fail_open_admissions,
+        )
