@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from jose import jwt as jose_jwt
 
+from bastion.app import jwt_config
 from bastion.auth.errors import AuthFailure
 from bastion.auth.jwt import JWTVerifier, mint
 from bastion.auth.keys import KeyStoreError, parse_key_file
@@ -74,7 +75,7 @@ def test_key_file_budgets_reach_the_principal_and_bad_ones_name_the_field() -> N
 
 async def test_jwt_budgets_claim_capped_by_the_ceiling() -> None:
     settings = Settings(_env_file=None, jwt_secret=SECRET, jwt_max_budgets="day=1000,month=50000")  # type: ignore[call-arg]
-    verifier = JWTVerifier(settings)
+    verifier = JWTVerifier(jwt_config(settings))
     token = mint(SECRET, "alice", 60, budgets={"day": 999_999, "day:qwen": 10})
     principal = await verifier.verify(token)
     assert set(principal.budgets) == {Budget(DAY, 1000), Budget(DAY, 10, "qwen"), Budget(MONTH, 50_000)}

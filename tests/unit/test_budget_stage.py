@@ -15,10 +15,9 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
-from bastion.app import Gateway
+from bastion.app import Gateway, build_auth
 from bastion.asgi import Message, Receive, Scope, Send, read_body
 from bastion.auth.keys import KeyFile, create_key, write_key_file
-from bastion.auth.middleware import Auth
 from bastion.budget.calendar import Calendar, zone
 from bastion.budget.endpoint import UsageEndpoint
 from bastion.budget.ledger import BudgetLedger, Ledger
@@ -96,7 +95,7 @@ class Harness:
         self.ledger = ledger
         self.now = clock
         stage_app = BudgetStage(proxy, ledger, resolver, clock=lambda: self.now, **stage)  # type: ignore[arg-type]
-        v1 = Auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
+        v1 = build_auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
         self.seen: list[Exchange] = []
         self.app = Gateway(FastAPI(), v1, [self.seen.append])
 
