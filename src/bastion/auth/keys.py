@@ -41,7 +41,7 @@ log = logging.getLogger("bastion.auth")
 
 KEY_PREFIX = "bst-"
 _KEY_ID = re.compile(r"[a-z0-9][a-z0-9-]{2,39}")
-PositiveInt = Annotated[int, Field(ge=1)]
+Limit = Annotated[int, Field(ge=0)]  # per-key limit; 0 = unlimited, absent = the gateway default
 
 
 class KeyStoreError(ValueError):
@@ -67,9 +67,9 @@ class KeyRecord(_Strict):
     revoked: bool = False
     models: list[str] | None = None
     allow_ips: list[str] = Field(default_factory=list)
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    max_concurrent: PositiveInt | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_concurrent: Limit | None = None
     secrets: list[SecretHash] = Field(min_length=1)
 
     @field_validator("allow_ips")
