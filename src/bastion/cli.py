@@ -1,9 +1,11 @@
-"""`bastion serve | simulate | check-config`.
+"""`bastion serve | simulate | check-config` (and `keys`, `token` from auth/cli.py).
 
 Every flag is a setting: a flag given on the command line wins over its
 `BASTION_*` variable, which wins over `.env` and the default. Secrets are never
 flags (argv is visible to every user of the machine); they come from the
-environment or `.env`.
+environment or `.env`. Every command loads its settings with `config.load`, and
+`main` turns every `ConfigError` into its lines and exit status 2: an operator's
+mistake never shows a traceback.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Settings come from (highest first) command-line flags, `BASTION_*` environment
 variables, a `.env` file, then the defaults below. Secrets are `SecretStr` so a
 stray `repr()` or log line never shows them.
+
+`load` is the one way every command builds settings: each invalid value becomes a
+line of `ConfigError` naming its variable and a valid example. Every value is
+checked here (list and object values are parsed by our own validators, never
+decoded by pydantic-settings, whose errors are tracebacks); checks that need the
+filesystem or several settings at once live in `preflight`.
 """
 
 from __future__ import annotations
@@ -689,11 +695,12 @@ def config_reference(settings_cls: type[BaseSettings]) -> str:
         "",
         f"Every setting is an environment variable with the `{prefix}` prefix, or a line in a `.env` file in the",
         "working directory. Command-line flags of `bastion serve` (see `bastion serve --help`) win over the",
-        "environment, which wins over `.env`, which wins over the defaults below. List values take a JSON list or",
-        "comma-separated values unless the description says JSON. Settings marked **secret** are never",
-        "command-line flags and never appear in logs or `bastion check-config` output.",
-        "`bastion check-config` validates the current environment; `bastion check-config --env-example`",
-        "prints a commented `.env` template.",
+        "environment, which wins over `.env`, which wins over the defaults below. List values are comma-separated",
+        "or a JSON list; an empty value means unset (the default). Choices ignore case. Settings marked **secret**",
+        "are never command-line flags and never appear in logs or `bastion check-config` output.",
+        "An invalid value stops every command with one line naming the variable and a valid example (exit 2).",
+        "`bastion check-config` builds everything `serve` would from the current environment, without binding",
+        "a port or starting a child; `bastion check-config --env-example` prints a commented `.env` template.",
         "",
         "| Variable | Default | Description |",
         "|---|---|---|",
