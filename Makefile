@@ -13,7 +13,7 @@ SYSDEPS := curl:curl prometheus:prometheus promtool:prometheus redis-server:redi
 # bytecode to the first import of what is used (~4 s of CPU less).
 PIP_QUIET := --quiet --disable-pip-version-check
 $(VENV)/.runtime: pyproject.toml
-	@if $(PYTHON) -m pip --python $(PYTHON) --version >/dev/null 2>&1; then \
+	@if $(PYTHON) -m pip --python "$$(command -v $(PYTHON))" --version >/dev/null 2>&1; then \
 	  set -x; $(PYTHON) -m venv --without-pip $(VENV) && \
 	  $(PYTHON) -m pip --python $(BIN)/python install $(PIP_QUIET) --no-compile -e . pip; \
 	else \
