@@ -561,6 +561,8 @@ def variable(settings_cls: type[BaseSettings], name: str) -> str:
     field = settings_cls.model_fields.get(name)
     if field is not None and isinstance(field.validation_alias, str):
         return field.validation_alias
+    if field is None and any(f.validation_alias == name for f in settings_cls.model_fields.values()):
+        return name  # pydantic reports an aliased field by its alias (VLLM_API_KEY)
     return f"{settings_cls.model_config.get('env_prefix', '')}{name.upper()}"
 
 

@@ -245,3 +245,12 @@ def test_a_limit_of_zero_is_unlimited_for_keys_and_tokens(tmp_path: Path) -> Non
         "jwt default": [200, 200, 429, 429],
         "jwt unlimited": [200] * 4,
     }
+
+
+def test_keys_on_a_malformed_file_is_one_line_like_serve(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text('{"version": 1, "keys": [{"id": "x"}]}')
+    for action in (("list",), ("create", "--name", "x"), ("revoke", "abcd1234")):
+        line = one_line(bastion("keys", *action, "--keys-file", str(path), cwd=tmp_path))
+        assert line.startswith(f"bastion: invalid BASTION_KEYS_FILE: {path}: keys[0]"), line
+    assert path.read_text() == '{"version": 1, "keys": [{"id": "x"}]}', "a broken store is never rewritten"

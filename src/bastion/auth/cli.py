@@ -141,12 +141,12 @@ def _keys(args: dict[str, Any]) -> int:
         )
     try:
         if args["action"] == "list":
-            return _list(read_key_file(path), args["json"])
+            return _list(_read(path), args["json"])
         with _locked(path):
-            data = read_key_file(path)
+            data = _read(path)
             secret = _change(data, args, path)
             write_key_file(path, data)
-    except KeyStoreError as exc:
+    except KeyStoreError as exc:  # what was asked cannot be done (no such id, a name taken, ...)
         _say(str(exc))
         return 1
     except OSError as exc:
@@ -155,6 +155,14 @@ def _keys(args: dict[str, Any]) -> int:
     if secret is not None:
         print(secret, flush=True)
     return 0
+
+
+def _read(path: Path) -> KeyFile:
+    """The key file; one that cannot be read or parsed is a configuration mistake, as for `serve`."""
+    try:
+        return read_key_file(path)
+    except KeyStoreError as exc:
+        raise ConfigError([f"invalid BASTION_KEYS_FILE: {exc}"]) from None
 
 
 def _change(data: KeyFile, args: dict[str, Any], path: Path) -> str | None:
