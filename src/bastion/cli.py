@@ -3,13 +3,16 @@
 Every flag is a setting: a flag given on the command line wins over its
 `BASTION_*` variable, which wins over `.env` and the default. Secrets are never
 flags (argv is visible to every user of the machine); they come from the
-environment or `.env`.
+environment or `.env`. Every command loads its settings with `config.load`, and
+`main` turns every `ConfigError` into its lines and exit status 2: an operator's
+mistake never shows a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,17 +20,18 @@ from typing import Any
 
 import prometheus_client
 import uvicorn
-from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from . import __version__
 from .auth import cli as auth_cli
 from .budget import cli as budget_cli
-from .config import Settings, config_reference, describe_validation_error, env_example
-from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
-from .logs import configure_logging
+from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
+from .listen import Server, bind, urls
+from .logs import RedactingFilter, configure_logging
 from .simulator.settings import SimulatorSettings
 from .simulator.settings import cli_flags as simulator_flags
+
+log = logging.getLogger("bastion")
 
 
 def _flag(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], name: str, **kw: Any) -> None:
@@ -61,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, Settings, "startup_timeout", type=float, metavar="SECONDS")
     _flag(serve, Settings, "keys_file", metavar="PATH")
     _flag(serve, Settings, "log_level")
-    _flag(serve, Settings, "log_format", choices=["text", "json"])
+    _flag(serve, Settings, "log_format")
 
     simulate = commands.add_parser(
         "simulate",
@@ -92,65 +96,79 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    known = variables(Settings) | variables(SimulatorSettings)
+    for warning in unknown_variables(known, "BASTION_", os.environ):
+        print(f"bastion: {warning}", file=sys.stderr)
+    try:
+        return _run(command, args)
+    except ConfigError as exc:  # an operator's mistake: one line per problem, never a traceback
+        for line in exc.lines:
+            print(line if line.startswith(" ") else f"bastion: {line}", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, args: dict[str, Any]) -> int:
     if (handler := args.pop("handler", None)) is not None:
         return int(handler(args))
+    if command == "simulate":
+        return _simulate(load(SimulatorSettings, args))
     if args.pop("env_example", False):
         print(env_example(Settings), end="")
         return 0
     if args.pop("markdown", False):
         print(config_reference(Settings), end="")
         return 0
-    try:
-        if command == "simulate":
-            return _simulate(SimulatorSettings(**args))
-        settings = Settings(**args)
-    except ValidationError as exc:
-        print(f"bastion: {describe_validation_error(exc)}", file=sys.stderr)
-        return 2
+    settings = load(Settings, args)
     if command == "check-config":
-        for name, value in settings.model_dump().items():
-            print(f"{name} = {value}")
-        return 0
+        return _check(settings)
     return _serve(settings)
 
 
-def _serve(settings: Settings) -> int:
-    from .app import create_app
-    from .server import server_config
-
-    own_vllm = not (settings.upstream_url or settings.upstream_command or settings.vllm_python)
-    reason = vllm_unavailable() if own_vllm else None
-    if reason:
-        print(NO_VLLM_HINT.format(reason=reason), file=sys.stderr)
-        return 2
-    redactor = configure_logging(settings)
+def _logging(settings: Settings) -> RedactingFilter:
+    redactor = configure_logging(settings.log_level, settings.log_format)
     for key in settings.bootstrap_keys():
         redactor.add_secret(key)
-    for secret in (settings.upstream_api_key, settings.metrics_token):
+    for secret in (settings.upstream_api_key, settings.metrics_token, settings.jwt_secret, settings.redis_url):
         if secret is not None:
             redactor.add_secret(secret.get_secret_value())
+    return redactor
+
+
+def _check(settings: Settings) -> int:
+    """Build everything `serve` builds (key store, JWT keys, audit log, child command), bind and spawn nothing."""
+    from .preflight import build
+
+    _logging(settings)
+    build(settings)
+    for name, value in settings.model_dump().items():
+        print(f"{name} = {value}")
+    print("bastion: configuration OK", file=sys.stderr)
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    from .preflight import build
+    from .server import server_config
+
+    _logging(settings)
     # One process, one setting: `*_created` series would double every counter's series count in Prometheus.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    try:
-        app = create_app(settings)
-    except ValueError as exc:  # e.g. an audit log path that cannot be opened
-        print(f"bastion: {exc}", file=sys.stderr)
-        return 2
-    config = server_config(app, settings)
-    uvicorn.Server(config).run()
+    app = build(settings)
+    # Bound before the lifespan spawns the child: a busy port is one line, and no model starts for nothing.
+    sockets = bind(settings.host, settings.port, host_setting="BASTION_HOST", port_setting="BASTION_PORT")
+    server = Server(server_config(app, settings), lambda: log.info("listening on %s", urls(sockets)))
+    server.run(sockets=sockets)
     return 0
 
 
 def _simulate(settings: SimulatorSettings) -> int:
     from .simulator.app import Simulator
 
+    sockets = bind(
+        settings.host, settings.port, host_setting="BASTION_SIMULATE_HOST", port_setting="BASTION_SIMULATE_PORT"
+    )
     if settings.startup_delay:
         _pretend_to_load(settings.startup_delay)
-    print(
-        f"bastion simulate: serving {settings.model} on http://{settings.host}:{settings.port}",
-        file=sys.stderr,
-        flush=True,
-    )
     config = uvicorn.Config(
         Simulator(settings),
         host=settings.host,
@@ -159,7 +177,12 @@ def _simulate(settings: SimulatorSettings) -> int:
         access_log=False,
         lifespan="on",
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    address = urls(sockets)
+
+    def serving() -> None:
+        print(f"bastion simulate: serving {settings.model} on {address}", file=sys.stderr, flush=True)
+
+    Server(config, serving).run(sockets=sockets)
     return 0
 
 

@@ -3,17 +3,31 @@
 Settings come from (highest first) command-line flags, `BASTION_*` environment
 variables, a `.env` file, then the defaults below. Secrets are `SecretStr` so a
 stray `repr()` or log line never shows them.
+
+`load` is the one way every command builds settings: each invalid value becomes a
+line of `ConfigError` naming its variable and a valid example. Every value is
+checked here (list and object values are parsed by our own validators, never
+decoded by pydantic-settings, whose errors are tracebacks); checks that need the
+filesystem or several settings at once live in `preflight`.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
+import re
+import shlex
+import string
 import textwrap
+from collections.abc import Collection, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
+from dotenv import dotenv_values
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BeforeValidator,
     Field,
@@ -24,35 +38,94 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from .budget.calendar import zone
 from .budget.options import BudgetOptions
 from .budget.policy import Budget, Period, parse_budget, unique
 
-Port = Annotated[int, Field(ge=0, le=65535)]
-Seconds = Annotated[float, Field(gt=0)]
-LogLevel = Annotated[
-    Literal["debug", "info", "warning", "error", "critical"],
-    BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
-]
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _not_blank(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _host(value: str) -> str:
+    """An IP address (v4 or v6, without brackets) or a host name: what a socket can bind."""
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError("not an IP address or host name") from None
+    return value
 
 
 def _list(value: Any) -> Any:
     """A list setting from the environment: a JSON list or comma-separated values."""
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith("["):
-            return json.loads(value)
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a valid JSON list ({exc.msg}, column {exc.colno}); or write a,b,c") from None
+        if not isinstance(parsed, list):
+            raise ValueError("not a JSON list")
+        return parsed
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _environment(value: Any) -> Any:
+    """Extra child environment: a JSON object, or NAME=value pairs separated by spaces (shell quoting)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a valid JSON object ({exc.msg}, column {exc.colno})") from None
+        if isinstance(parsed, dict):  # {"CUDA_VISIBLE_DEVICES": 0} means "0"
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in parsed.items()}
+        return parsed
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split like a shell line ({exc})") from None
+    pairs: dict[str, str] = {}
+    for number, word in enumerate(words, 1):
+        name, sep, rest = word.partition("=")
+        if not sep or not _ENV_NAME.fullmatch(name):  # never echo the word: it may hold a token
+            raise ValueError(f"item {number} is not NAME=value (expected NAME=value pairs or a JSON object)")
+        pairs[name] = rest
+    return pairs
 
 
 def _networks(values: list[str]) -> list[str]:
-    from .auth.ipfilter import parse_network
-
     for value in values:
-        parse_network(value)
-    return values
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    return [v.strip() for v in values]
 
 
 def _default_routes() -> list[str]:
@@ -68,8 +141,113 @@ def _routes(values: list[str]) -> list[str]:
     return values
 
 
-StrList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
-NetworkList = Annotated[list[str], NoDecode, BeforeValidator(_list)]
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _methods(values: list[str]) -> list[str]:
+    upper = [v.strip().upper() for v in values]
+    unknown = [v for v in upper if v not in _HTTP_METHODS]
+    if unknown:
+        raise ValueError(f"unknown HTTP method(s) {', '.join(unknown)} (known: {', '.join(sorted(_HTTP_METHODS))})")
+    if not upper:
+        raise ValueError("must name at least one method")
+    return upper
+
+
+def _names(values: list[str]) -> list[str]:
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError("every entry must be a non-blank name")
+    return [v.strip() for v in values]
+
+
+_PLACEHOLDERS = frozenset({"host", "port", "python"})
+
+
+def _command_template(value: str | None) -> str | None:
+    """`{host}`, `{port}` and `{python}` only, and a line that splits like a shell command."""
+    if value is None:
+        return None
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = sorted({f for f in fields if f not in _PLACEHOLDERS})
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}: only {{host}}, {{port}} and "
+            "{python} are filled in"
+        )
+    _shell_words(value)
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _shell_words(value: str) -> str:
+    try:
+        shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split like a shell line ({exc})") from None
+    return value
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "redis+unix://")
+
+
+def _redis_url(value: SecretStr | None) -> SecretStr | None:
+    """A URL the limits library's Redis storage takes (checked here: its own error names a missing package)."""
+    if value is None:
+        return None
+    url = value.get_secret_value().strip().removeprefix("async+")
+    if not url.startswith(_REDIS_SCHEMES):
+        raise ValueError("must start with redis://, rediss:// or redis+unix://")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError("is not a valid URL (check the port and any special characters in the password)") from None
+    if not parts.hostname and not url.startswith("redis+unix://"):
+        raise ValueError("names no host")
+    return value
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+def _header_safe(value: SecretStr | None) -> SecretStr | None:
+    """A credential sent in an Authorization header: printable ASCII, no spaces."""
+    if value is not None and not _HEADER_SAFE.fullmatch(value.get_secret_value()):
+        raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return value
+
+
+MIN_HMAC_SECRET = 32  # bytes: RFC 7518 asks for a key at least as long as the hash (HS256: 256 bits)
+
+
+def _hmac_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET:
+        raise ValueError(f"an HMAC secret needs at least {MIN_HMAC_SECRET} bytes; a shorter one can be guessed offline")
+    return value
+
+
+def _jwks(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = _not_blank(value)
+    if "://" in value and not value.startswith(("http://", "https://")):
+        raise ValueError("must be a file path or an http(s):// URL")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+Text = Annotated[str, AfterValidator(_not_blank)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)]
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_list), AfterValidator(_names)]
+NetworkList = Annotated[list[str], NoDecode, BeforeValidator(_list), AfterValidator(_networks)]
 _JWT_ALGORITHMS = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
 )
@@ -90,12 +268,14 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        # An empty value means "unset" (the default), so every line of .env.example can be uncommented.
+        env_ignore_empty=True,
         # Errors never repeat the value given: it may be a secret.
         hide_input_in_errors=True,
     )
 
     # --- listening -----------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    host: Host = Field("127.0.0.1", description="Address the gateway listens on.", examples=["0.0.0.0"])
     port: Port = Field(8000, description="Port the gateway listens on.")
 
     # --- upstream --------------------------------------------------------------------
@@ -103,9 +283,12 @@ class Settings(BaseSettings):
         None,
         description="External mode: base URL of an OpenAI-compatible server bastion does not own "
         "(e.g. http://127.0.0.1:8001). Nothing is spawned.",
+        examples=["http://127.0.0.1:8001"],
     )
-    upstream_api_key: SecretStr | None = Field(
-        None, description="Bearer key bastion sends to an external upstream (never the client's)."
+    upstream_api_key: Annotated[SecretStr | None, AfterValidator(_header_safe)] = Field(
+        None,
+        description="Bearer key bastion sends to an external upstream (never the client's).",
+        examples=["<the upstream's API key>"],
     )
     upstream_connect_timeout: Seconds = Field(5.0, description="Seconds to open a connection upstream.")
     upstream_read_timeout: Seconds = Field(
@@ -128,30 +311,43 @@ class Settings(BaseSettings):
     )
 
     # --- supervised upstream (used when upstream_url is not set) --------------------
-    upstream_command: str | None = Field(
+    upstream_command: Annotated[str | None, AfterValidator(_command_template)] = Field(
         None,
         description="Run this command as the supervised upstream instead of vLLM; {host}, {port} and {python} "
         "are filled in. E.g. '{python} -m bastion simulate --host {host} --port {port}' for the no-GPU demo.",
+        examples=["'{python} -m bastion simulate --host {host} --port {port}'"],
     )
-    upstream_host: str = Field("127.0.0.1", description="Address the supervised child binds (keep it loopback).")
+    upstream_host: Host = Field("127.0.0.1", description="Address the supervised child binds (keep it loopback).")
     upstream_port: Port = Field(0, description="Port the supervised child binds; 0 picks a free one.")
-    upstream_env: dict[str, str] = Field(
+    upstream_env: Annotated[dict[str, str], NoDecode, BeforeValidator(_environment)] = Field(
         default_factory=dict,
-        description="Extra environment for the supervised child, as a JSON object (e.g. CUDA_VISIBLE_DEVICES).",
+        description="Extra environment for the supervised child: NAME=value pairs separated by spaces "
+        "(CUDA_VISIBLE_DEVICES=0,1 HF_HOME=/models) or a JSON object.",
+        examples=["CUDA_VISIBLE_DEVICES=0"],
     )
-    model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="Model vLLM serves: a Hugging Face id or a local path.")
-    served_model_name: str | None = Field(
-        None, description="Name clients use for the model (vLLM's --served-model-name); default: the model."
+    model: Text = Field("Qwen/Qwen2.5-7B-Instruct", description="Model vLLM serves: a Hugging Face id or a local path.")
+    served_model_name: Text | None = Field(
+        None,
+        description="Name clients use for the model (vLLM's --served-model-name); default: the model.",
+        examples=["qwen2.5-7b-instruct"],
     )
-    dtype: str = Field("auto", description="vLLM --dtype: auto, bfloat16, float16, float32.")
-    max_model_len: int | None = Field(None, ge=1, description="vLLM --max-model-len (context length cap).")
+    dtype: Annotated[Literal["auto", "half", "float16", "bfloat16", "float", "float32"], BeforeValidator(_lower)] = (
+        Field("auto", description="vLLM --dtype: auto, half, float16, bfloat16, float, float32.")
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vLLM --max-model-len (context length cap).", examples=[8192]
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size (GPUs per model).")
-    vllm_extra_args: str = Field(
-        "", description="More vLLM arguments, shell-quoted, e.g. '--load-format dummy --enable-prefix-caching'."
+    vllm_extra_args: Annotated[str, AfterValidator(_shell_words)] = Field(
+        "",
+        description="More vLLM arguments, shell-quoted, e.g. '--load-format dummy --enable-prefix-caching'.",
+        examples=["'--enable-prefix-caching'"],
     )
     vllm_python: str = Field(
-        "", description="Python interpreter that has vLLM installed; default: the one running bastion."
+        "",
+        description="Python interpreter that has vLLM installed; default: the one running bastion.",
+        examples=["/opt/vllm/bin/python"],
     )
     startup_timeout: Seconds = Field(
         1800.0, description="Seconds the child may take to answer /health (loading a model takes minutes)."
@@ -198,9 +394,10 @@ class Settings(BaseSettings):
         "unknown_route. `default` is the OpenAI inference routes vLLM serves; add others from the route table in "
         "docs/security.md, e.g. `default,/v1/responses/{id}`. Model-restricted keys never reach unscoped routes.",
     )
-    passthrough_methods: list[str] = Field(
+    passthrough_methods: Annotated[list[str], NoDecode, BeforeValidator(_list), AfterValidator(_methods)] = Field(
         default_factory=lambda: ["GET", "POST"],
-        description="HTTP methods forwarded on /v1/*; anything else gets 405. JSON list.",
+        description="HTTP methods forwarded on /v1/*, comma-separated; anything else gets 405.",
+        examples=["GET,POST,DELETE"],
     )
 
     # --- authentication -------------------------------------------------------------
@@ -208,52 +405,73 @@ class Settings(BaseSettings):
         None,
         description="API key store (JSON, managed with `bastion keys`). Reloaded when it changes and on "
         "SIGHUP. Unset = no key file.",
+        examples=["/var/lib/bastion/keys.json"],
     )
     api_keys: SecretStr | None = Field(
         None,
         description="Quick-start bootstrap keys: comma-separated or JSON list of plain keys (16+ characters "
         "each), accepted with no policy. Prefer a keys file for anything long-lived.",
+        examples=["$(openssl rand -hex 24)"],
     )
     keys_reload_interval: Seconds = Field(1.0, description="Seconds between checks of the key file's mtime.")
     allow_ips: NetworkList = Field(
         default_factory=list,
         description="Global IP allowlist: CIDRs or addresses, IPv4/IPv6, comma-separated. Empty = all.",
+        examples=["10.0.0.0/8,192.168.1.5"],
     )
     deny_ips: NetworkList = Field(
-        default_factory=list, description="Global IP denylist (wins over the allowlist), comma-separated CIDRs."
+        default_factory=list,
+        description="Global IP denylist (wins over the allowlist), comma-separated CIDRs.",
+        examples=["203.0.113.0/24"],
     )
     trusted_proxies: NetworkList = Field(
         default_factory=list,
         description="Proxies whose X-Forwarded-For is believed (comma-separated CIDRs). A request from "
         "anywhere else is judged by its TCP peer address.",
+        examples=["127.0.0.1"],
     )
-    jwt_secret: SecretStr | None = Field(
-        None, description="HMAC secret for HS256/384/512 JWTs (also used by `bastion token mint`)."
+    jwt_secret: Annotated[SecretStr | None, AfterValidator(_hmac_secret)] = Field(
+        None,
+        description=f"HMAC secret for HS256/384/512 JWTs (also used by `bastion token mint`); at least "
+        f"{MIN_HMAC_SECRET} bytes.",
+        examples=["$(openssl rand -base64 48)"],
     )
-    jwt_public_key_file: Path | None = Field(None, description="PEM public key file for RS/ES/PS-signed JWTs.")
-    jwt_jwks: str | None = Field(
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key file for RS/ES/PS-signed JWTs.", examples=["/etc/bastion/jwt.pem"]
+    )
+    jwt_jwks: Annotated[str | None, AfterValidator(_jwks)] = Field(
         None,
         description="JWKS for RS/ES/PS-signed JWTs: a file path or an http(s) URL (cached, refetched on unknown kid).",
+        examples=["https://login.example.com/.well-known/jwks.json"],
     )
     jwt_algorithms: StrList = Field(
         default_factory=lambda: ["HS256"],
-        description="JWT algorithms accepted (the token header never chooses; `none` is always refused).",
+        description="JWT algorithms accepted, comma-separated (the token header never chooses; `none` is always "
+        "refused).",
+        examples=["HS256,RS256"],
     )
-    jwt_audience: str | None = Field(None, description="Required JWT `aud`, when set.")
-    jwt_issuer: str | None = Field(None, description="Required JWT `iss`, when set.")
+    jwt_audience: Text | None = Field(None, description="Required JWT `aud`, when set.", examples=["bastion"])
+    jwt_issuer: Text | None = Field(
+        None, description="Required JWT `iss`, when set.", examples=["https://login.example.com"]
+    )
     jwt_leeway: float = Field(30.0, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat, seconds.")
-    jwt_models_claim: str = Field("models", description="JWT claim holding the list of models the token may use.")
-    jwt_limits_claim: str = Field(
+    jwt_models_claim: Text = Field("models", description="JWT claim holding the list of models the token may use.")
+    jwt_limits_claim: Text = Field(
         "limits", description="JWT claim holding an object with rpm, tpm and max_concurrent for the token."
     )
     jwt_allowed_models: StrList = Field(
         default_factory=list,
         description="Ceiling for every JWT: models a token can ever be granted (comma-separated). Empty = all.",
+        examples=["qwen2.5-7b-instruct"],
     )
-    jwt_max_rpm: int | None = Field(None, ge=1, description="Ceiling on a JWT's requests/minute (default: none).")
-    jwt_max_tpm: int | None = Field(None, ge=1, description="Ceiling on a JWT's tokens/minute (default: none).")
+    jwt_max_rpm: int | None = Field(
+        None, ge=1, description="Ceiling on a JWT's requests/minute (default: none).", examples=[600]
+    )
+    jwt_max_tpm: int | None = Field(
+        None, ge=1, description="Ceiling on a JWT's tokens/minute (default: none).", examples=[200000]
+    )
     jwt_max_concurrent: int | None = Field(
-        None, ge=1, description="Ceiling on a JWT's concurrent requests (default: none)."
+        None, ge=1, description="Ceiling on a JWT's concurrent requests (default: none).", examples=[32]
     )
     token_endpoint: bool = Field(
         False,
@@ -263,11 +481,6 @@ class Settings(BaseSettings):
     token_endpoint_ttl: Seconds = Field(
         900.0, description="Longest lifetime, in seconds, of a token from POST /v1/auth/token (also its default)."
     )
-
-    @field_validator("allow_ips", "deny_ips", "trusted_proxies")
-    @classmethod
-    def _check_networks(cls, values: list[str]) -> list[str]:
-        return _networks(values)
 
     @field_validator("routes")
     @classmethod
@@ -316,12 +529,13 @@ class Settings(BaseSettings):
     auth_failure_limit: int = Field(
         20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
     )
-    redis_url: SecretStr | None = Field(
+    redis_url: Annotated[SecretStr | None, AfterValidator(_redis_url)] = Field(
         None,
         description="Share rate-limit counts through Redis (redis://[:password@]host:port/db, rediss://...). "
         "Unset: in-process memory, correct only for one gateway process. Replicas must share one Redis.",
+        examples=["redis://:password@10.0.0.5:6379/0"],
     )
-    redis_fail_mode: Literal["open", "closed"] = Field(
+    redis_fail_mode: Annotated[Literal["open", "closed"], BeforeValidator(_lower)] = Field(
         "open",
         description="When Redis is unreachable: open = serve without limits (logged, counted), closed = answer "
         "503 with Retry-After.",
@@ -335,34 +549,40 @@ class Settings(BaseSettings):
 
     # --- logging -------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Log level: debug, info, warning, error.")
-    log_format: LogFormat = Field(LogFormat.TEXT, description="Log format: text (human) or json.")
+    log_format: Annotated[LogFormat, BeforeValidator(_lower)] = Field(
+        LogFormat.TEXT, description="Log format: text (human) or json."
+    )
 
     # --- observability -------------------------------------------------------------
     metrics_enabled: bool = Field(True, description="Serve /metrics and /metrics/upstream (protected, see below).")
-    metrics_token: SecretStr | None = Field(
+    metrics_token: Annotated[SecretStr | None, AfterValidator(_header_safe)] = Field(
         None,
         description="Bearer token a scraper must send to /metrics and /metrics/upstream. Required for every scrape "
         "that comes through a proxy (X-Forwarded-For, Forwarded or X-Real-IP sent, or the peer a trusted proxy). With "
         "neither a token nor BASTION_METRICS_ALLOW set, only direct loopback peers may scrape, and none at all "
         "when BASTION_TRUSTED_PROXIES is set (a proxy on loopback is not a local scraper).",
+        examples=["$(openssl rand -hex 24)"],
     )
-    metrics_allow: list[IPvAnyNetwork] = Field(
+    metrics_allow: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(_list)] = Field(
         default_factory=list,
-        description='CIDRs of peers allowed to scrape, JSON list (e.g. ["10.0.0.0/8"]). Matched against the TCP '
+        description="CIDRs of peers allowed to scrape, comma-separated (e.g. 10.0.0.0/8). Matched against the TCP "
         "peer, never X-Forwarded-For; a scrape through a proxy needs the token as well. With a token too, a scrape "
         "needs both.",
+        examples=["10.0.0.0/8"],
     )
     metrics_principal_label: bool = Field(
         True, description="Label request and token metrics by principal (key name); turn off for large fleets."
     )
-    metrics_models: list[str] = Field(
+    metrics_models: StrList = Field(
         default_factory=list,
-        description="Model names always used as the `model` label, JSON list. Others become labels once the "
-        "upstream has answered them with a 2xx (at most 32), else `other`.",
+        description="Model names always used as the `model` label, comma-separated. Others become labels once "
+        "the upstream has answered them with a 2xx (at most 32), else `other`.",
+        examples=["qwen2.5-7b-instruct"],
     )
-    audit_log: str = Field(
+    audit_log: Text = Field(
         "stdout",
         description="Audit log destination: stdout, off, or a file path (one JSON line per /v1 request).",
+        examples=["/var/log/bastion/audit.jsonl"],
     )
 
     # --- token budgets (bastion.budget; docs/budgets.md) ----------------------------------
@@ -432,14 +652,116 @@ class Settings(BaseSettings):
         )
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """Turn pydantic's error into lines that name the environment variable to fix."""
-    lines = []
-    for item in error.errors():
-        name = ".".join(str(part) for part in item["loc"]) or "settings"
-        env = f"BASTION_{name.upper()}"
-        lines.append(f"invalid setting {env} ({name}): {item['msg']}")
-    return "\n".join(lines)
+class ConfigError(Exception):
+    """Settings that cannot be used: one line per problem, each naming the variable to fix.
+
+    What an operator sees instead of a traceback (printed as `bastion: <line>`, exit status 2).
+    """
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def variable(settings_cls: type[BaseSettings], name: str) -> str:
+    """The environment variable of a field (`port` -> `BASTION_PORT`)."""
+    field = settings_cls.model_fields.get(name)
+    if field is not None and isinstance(field.validation_alias, str):
+        return field.validation_alias
+    if field is None and any(f.validation_alias == name for f in settings_cls.model_fields.values()):
+        return name  # pydantic reports an aliased field by its alias (VLLM_API_KEY)
+    return f"{settings_cls.model_config.get('env_prefix', '')}{name.upper()}"
+
+
+def example(settings_cls: type[BaseSettings], name: str) -> str | None:
+    """A valid value for a field, as written in the environment: its example, else its default."""
+    field = settings_cls.model_fields.get(name)
+    if field is None:
+        return None
+    if field.examples:
+        return str(field.examples[0])
+    if isinstance(field.default, bool):
+        return str(field.default).lower()
+    default = _default_text(field)
+    return None if default in (None, "[]", "{}") else default
+
+
+def problem(settings_cls: type[BaseSettings], name: str, text: str, *, flag: bool = False) -> str:
+    """One line: the variable (and its flag, when the value came from one), what is wrong, a valid example."""
+    env = variable(settings_cls, name)
+    where = f"--{name.replace('_', '-')} ({env})" if flag else env
+    line = f"invalid {where}: {' '.join(text.split())}"
+    valid = example(settings_cls, name)
+    return f"{line}; e.g. {env}={valid}" if valid is not None else line
+
+
+def describe(settings_cls: type[BaseSettings], error: ValidationError, flags: Collection[str] = ()) -> list[str]:
+    """pydantic's errors as one line per setting (several problems of one setting share its line)."""
+    found: dict[str, list[str]] = {}
+    for item in error.errors(include_url=False, include_input=False):
+        loc = item["loc"]
+        name = str(loc[0]) if loc else ""
+        message = item["msg"].removeprefix("Value error, ")
+        if len(loc) > 1:
+            where = f"item {loc[1] + 1}" if isinstance(loc[1], int) else repr(loc[1])
+            message = f"{where}: {message}"
+        if message not in found.setdefault(name, []):
+            found[name].append(message)
+    return [
+        problem(settings_cls, name, "; ".join(messages), flag=name in flags)
+        if name
+        else f"invalid settings: {'; '.join(messages)}"
+        for name, messages in found.items()
+    ]
+
+
+_SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
+
+
+def load(
+    settings_cls: type[S],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    env_file: Path | str | None = ".env",
+) -> S:
+    """The one way every command builds its settings: flags (`overrides`) over environment over `.env`.
+
+    An empty flag means unset, like an empty variable. Every invalid value raises `ConfigError`.
+    """
+    given = {name: value for name, value in (overrides or {}).items() if value is not None and value != ""}
+    try:
+        if "env_file" in settings_cls.model_config:
+            return settings_cls(_env_file=env_file, **given)
+        return settings_cls(**given)
+    except ValidationError as exc:
+        raise ConfigError(describe(settings_cls, exc, flags=given.keys())) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even decode (not expected: NoDecode)
+        match = _SETTINGS_ERROR_FIELD.search(str(exc))
+        name = match.group(1) if match else ""
+        raise ConfigError([problem(settings_cls, name, "cannot be parsed")]) from None
+
+
+def unknown_variables(
+    known: Collection[str], prefix: str, environ: Mapping[str, str], env_file: Path | str | None = ".env"
+) -> list[str]:
+    """Warnings for `prefix*` names that no setting reads (a typo keeps a default silently otherwise)."""
+    found = [(name, "in the environment") for name in environ]
+    path = Path(env_file) if env_file is not None else None
+    if path is not None and path.is_file():
+        found += [(name, f"in {path}") for name in dotenv_values(path)]
+    upper = {name.upper() for name in known}
+    warnings = []
+    for name, where in found:
+        if not name.upper().startswith(prefix) or name.upper() in upper:
+            continue
+        close = difflib.get_close_matches(name.upper(), sorted(upper), n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; see `bastion check-config --env-example`"
+        warnings.append(f"warning: {name} ({where}) is not a setting and is ignored{hint}")
+    return warnings
+
+
+def variables(settings_cls: type[BaseSettings]) -> set[str]:
+    return {variable(settings_cls, name) for name in settings_cls.model_fields}
 
 
 def env_example(settings_cls: type[BaseSettings]) -> str:
@@ -482,11 +804,12 @@ def config_reference(settings_cls: type[BaseSettings]) -> str:
         "",
         f"Every setting is an environment variable with the `{prefix}` prefix, or a line in a `.env` file in the",
         "working directory. Command-line flags of `bastion serve` (see `bastion serve --help`) win over the",
-        "environment, which wins over `.env`, which wins over the defaults below. List values take a JSON list or",
-        "comma-separated values unless the description says JSON. Settings marked **secret** are never",
-        "command-line flags and never appear in logs or `bastion check-config` output.",
-        "`bastion check-config` validates the current environment; `bastion check-config --env-example`",
-        "prints a commented `.env` template.",
+        "environment, which wins over `.env`, which wins over the defaults below. List values are comma-separated",
+        "or a JSON list; an empty value means unset (the default). Choices ignore case. Settings marked **secret**",
+        "are never command-line flags and never appear in logs or `bastion check-config` output.",
+        "An invalid value stops every command with one line naming the variable and a valid example (exit 2).",
+        "`bastion check-config` builds everything `serve` would from the current environment, without binding",
+        "a port or starting a child; `bastion check-config --env-example` prints a commented `.env` template.",
         "",
         "| Variable | Default | Description |",
         "|---|---|---|",

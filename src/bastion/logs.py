@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from .config import LogFormat, Settings
+from .config import LogFormat
 
 _PATTERNS = (
     (re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
@@ -68,23 +68,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(settings: Settings) -> RedactingFilter:
-    """Route every logger (ours, uvicorn's) through one redacting handler on stderr."""
+# Libraries that log routine events at INFO (coredis: three `retry` lines per request while Redis is
+# down; httpx: every probe). Kept at WARNING unless the operator asks for debug.
+QUIET_LIBRARIES = ("coredis", "limits", "httpx", "httpcore", "hpack", "multipart")
+
+
+class UvicornName(logging.Filter):
+    """uvicorn logs everything, "Started server process" included, as `uvicorn.error`: a healthy start
+    would match `grep -i error`. Its records are shown as `uvicorn` (the level still says ERROR when it is one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
+        return True
+
+
+def configure_logging(level: str, log_format: LogFormat) -> RedactingFilter:
+    """Route every logger (ours, uvicorn's, the libraries') through one redacting handler on stderr."""
     redactor = RedactingFilter()
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(UvicornName())
     handler.addFilter(redactor)
-    if settings.log_format is LogFormat.JSON:
+    if log_format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # httpx logs every request at INFO: noise, and formatting work on the hot path.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet = logging.NOTSET if level.lower() == "debug" else logging.WARNING
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
     return redactor
 
 

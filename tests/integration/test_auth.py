@@ -118,8 +118,8 @@ def keyed(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]
     env["BASTION_AUTH_FAILURE_LIMIT"] = (
         "0"  # these tests poll with keys not loaded yet; see test_key_guessing_is_slowed
     )
-    # "" = every interface, IPv4 and IPv6 (asyncio makes a "::" socket IPv6-only)
-    args = ("--upstream-url", sim, "--keys-file", str(path), "--host", "" if HAS_IPV6 else "0.0.0.0")
+    # "::" = every interface: bastion binds an IPv6 and an IPv4 socket
+    args = ("--upstream-url", sim, "--keys-file", str(path), "--host", "::" if HAS_IPV6 else "0.0.0.0")
     with gateway(*args, "--log-level", "debug", env=env) as (proc, base):
         port = base.rsplit(":", 1)[1]
         yield Keyed(proc, base, f"http://[::1]:{port}", path, keys, list(keys.values()))

@@ -14,14 +14,12 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from ..budget.policy import Budget, parse_budget, to_mapping, unique
-from ..config import Settings, describe_validation_error
+from ..config import ConfigError, Settings, load
 from .keys import (
     KeyFile,
     KeyRecord,
@@ -47,10 +45,14 @@ def duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+def limit(text: str) -> int:
+    """A per-principal limit: a whole number, 0 meaning unlimited."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 = unlimited)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (unlimited) or more")
     return value
 
 
@@ -68,6 +70,11 @@ def _budgets(given: list[Budget] | None) -> list[Budget] | None:
         raise KeyStoreError(str(exc)) from None
 
 
+def _limit_help(what: str, setting: str) -> str:
+    default = Settings.model_fields[setting].get_default()
+    return f"{what} (default: the gateway's BASTION_{setting.upper()}, {default}; 0 = unlimited)"
+
+
 def register(commands: Any) -> None:
     """Add the `keys` and `token` commands to bastion's subparsers."""
     store = argparse.ArgumentParser(add_help=False)
@@ -76,9 +83,11 @@ def register(commands: Any) -> None:
     store.add_argument("--keys-file", dest="keys_file", metavar="PATH", default=argparse.SUPPRESS, help=help_text)
     limits = argparse.ArgumentParser(add_help=False)
     limits.add_argument("--models", nargs="+", metavar="MODEL", help="models it may use (default: all)")
-    limits.add_argument("--rpm", type=_positive, help="requests per minute (default: unlimited)")
-    limits.add_argument("--tpm", type=_positive, help="tokens per minute (default: unlimited)")
-    limits.add_argument("--max-concurrent", type=_positive, help="concurrent requests (default: unlimited)")
+    limits.add_argument("--rpm", type=limit, help=_limit_help("requests per minute", "rate_limit_rpm"))
+    limits.add_argument("--tpm", type=limit, help=_limit_help("tokens per minute", "rate_limit_tpm"))
+    limits.add_argument(
+        "--max-concurrent", type=limit, help=_limit_help("concurrent requests", "rate_limit_max_concurrent")
+    )
     limits.add_argument(
         "--budget",
         action="append",
@@ -98,6 +107,11 @@ def register(commands: Any) -> None:
     create.add_argument("--name", required=True, help="who or what the key is for (shown in logs and metrics)")
     create.add_argument("--allow-ip", action="append", metavar="CIDR", help="only from these networks (repeatable)")
     create.add_argument("--expires", type=duration, metavar="DURATION", help="lifetime, e.g. 30d (default: none)")
+    create.add_argument(
+        "--allow-duplicate-name",
+        action="store_true",
+        help="create it even if a live key has this name (they then share one name in logs and metrics)",
+    )
     listing = actions.add_parser("list", parents=[store], help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     revoke = actions.add_parser("revoke", parents=[store], help="revoke a key at once")
@@ -128,14 +142,9 @@ def register(commands: Any) -> None:
     token.set_defaults(handler=_token)
 
 
-def _settings(args: dict[str, Any]) -> Settings | None:
-    """The settings (with `--keys-file` applied), or None after saying what is invalid."""
-    overrides = {"keys_file": args.pop("keys_file")} if "keys_file" in args else {}
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        _say(describe_validation_error(exc))
-        return None
+def _settings(args: dict[str, Any]) -> Settings:
+    """The settings as every command loads them (`--keys-file` applied); ConfigError names what is invalid."""
+    return load(Settings, {"keys_file": args.pop("keys_file")} if "keys_file" in args else {})
 
 
 def _say(message: str) -> None:
@@ -144,30 +153,52 @@ def _say(message: str) -> None:
 
 def _keys(args: dict[str, Any]) -> int:
     settings = _settings(args)
-    if settings is None:
-        return 2
     if settings.keys_file is None:
-        _say("no key store: pass --keys-file PATH or set BASTION_KEYS_FILE")
-        return 2
+        raise ConfigError(["no key store: pass --keys-file PATH or set BASTION_KEYS_FILE"])
     path = settings.keys_file
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory (BASTION_KEYS_FILE, --keys-file): name the key file in it"])
+    if args["action"] != "create" and not path.exists():
+        raise ConfigError(
+            [f"{path} does not exist (BASTION_KEYS_FILE, --keys-file): check the path, or make it with `keys create`"]
+        )
     try:
         if args["action"] == "list":
-            return _list(read_key_file(path), args["json"])
+            return _list(_read(path), args["json"])
         with _locked(path):
-            data = read_key_file(path)
+            data = _read(path)
             secret = _change(data, args, path)
             write_key_file(path, data)
-    except (KeyStoreError, OSError) as exc:
+    except KeyStoreError as exc:  # what was asked cannot be done (no such id, a name taken, ...)
         _say(str(exc))
+        return 1
+    except OSError as exc:
+        _say(f"{exc.filename or path}: {exc.strerror} (run `bastion keys` as the user that owns the key store)")
         return 1
     if secret is not None:
         print(secret, flush=True)
     return 0
 
 
+def _read(path: Path) -> KeyFile:
+    """The key file; one that cannot be read or parsed is a configuration mistake, as for `serve`."""
+    try:
+        return read_key_file(path)
+    except KeyStoreError as exc:
+        raise ConfigError([f"invalid BASTION_KEYS_FILE: {exc}"]) from None
+
+
 def _change(data: KeyFile, args: dict[str, Any], path: Path) -> str | None:
     action = args["action"]
     if action == "create":
+        now = datetime.now(UTC)
+        if not args["allow_duplicate_name"] and any(
+            r.name == args["name"] and _status(r, now) == "active" for r in data.keys
+        ):
+            raise KeyStoreError(
+                f"a live key is already named {args['name']!r}: names tell keys apart in logs, metrics and audit "
+                "lines; choose another name (or revoke that key first, or pass --allow-duplicate-name)"
+            )
         record, key = create_key(
             data,
             name=args["name"],
@@ -196,28 +227,52 @@ def _change(data: KeyFile, args: dict[str, Any], path: Path) -> str | None:
 
 
 def _list(data: KeyFile, as_json: bool) -> int:
-    rows = [_row(record) for record in data.keys]
+    now = datetime.now(UTC)
+    rows = [_row(record, now) for record in data.keys]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':<10} {'PREFIX':<16} {'NAME':<20} {'STATUS':<8} {'EXPIRES':<26} MODELS")
+    print(f"{'ID':<10} {'PREFIX':<16} {'NAME':<20} {'STATUS':<9} {'EXPIRES':<17} {'ROTATED':<17} MODELS")
     for row in rows:
         models = ",".join(row["models"]) if row["models"] is not None else "*"
+        rotated = _short(row["rotated"])
+        if row["old_secret_until"]:
+            rotated += f" (old secret until {_short(row['old_secret_until'])})"
         print(
-            f"{row['id']:<10} {row['prefix']:<16} {row['name']:<20} {row['status']:<8} "
-            f"{row['expires'] or '-':<26} {models}"
+            f"{row['id']:<10} {row['prefix']:<16} {row['name']:<20} {row['status']:<9} "
+            f"{_short(row['expires']):<17} {rotated:<17} {models}"
         )
     return 0
 
 
-def _row(record: KeyRecord) -> dict[str, Any]:
+def _short(stamp: str | None) -> str:
+    """`2025-03-01T12:00:00+00:00` -> `2025-03-01 12:00Z` (the table; --json keeps full ISO times)."""
+    if stamp is None:
+        return "-"
+    return datetime.fromisoformat(stamp).astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+
+
+def _status(record: KeyRecord, now: datetime) -> str:
+    if record.revoked:
+        return "revoked"
+    if record.expires is not None and record.expires <= now:
+        return "expired"
+    return "active"
+
+
+def _row(record: KeyRecord, now: datetime) -> dict[str, Any]:
+    newest = max(record.secrets, key=lambda s: s.created)
+    older = [s.expires for s in record.secrets if s is not newest and s.expires is not None and s.expires > now]
     return {
         "id": record.id,
         "prefix": display_prefix(record.id),
         "name": record.name,
-        "status": "revoked" if record.revoked else "active",
+        "status": _status(record, now),
         "created": record.created.isoformat(),
         "expires": record.expires.isoformat() if record.expires else None,
+        # when the current secret replaced an older one (`keys rotate`); None if never rotated
+        "rotated": newest.created.isoformat() if len(record.secrets) > 1 or newest.created > record.created else None,
+        "old_secret_until": max(older).isoformat() if older else None,
         "models": record.models,
         "allow_ips": record.allow_ips,
         "rpm": record.rpm,
@@ -241,11 +296,8 @@ def _token(args: dict[str, Any]) -> int:
     from .jwt import mint
 
     settings = _settings({})
-    if settings is None:
-        return 2
     if settings.jwt_secret is None:
-        _say("set BASTION_JWT_SECRET (environment or .env) to mint tokens; it is never a flag")
-        return 2
+        raise ConfigError(["set BASTION_JWT_SECRET (environment or .env) to mint tokens; it is never a flag"])
     if "HS256" not in settings.jwt_algorithms:
         _say("warning: HS256 is not in BASTION_JWT_ALGORITHMS, so the gateway will refuse this token")
     limits = {k: args[k] for k in ("rpm", "tpm", "max_concurrent") if args[k] is not None}

@@ -322,11 +322,11 @@ def _networks(claim: Any) -> tuple[IPNetwork, ...]:
 
 
 def _cap(claimed: Any, ceiling: int | None) -> int | None:
-    """The tighter of the token's limit and the configured ceiling (None = the gateway default)."""
-    value = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > 0 else None
+    """The tighter of the token's limit and the configured ceiling (None = the gateway default, 0 = unlimited)."""
+    value = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed >= 0 else None
     if value is None:
         return ceiling
-    return value if ceiling is None else min(value, ceiling)
+    return value if ceiling is None else min(value or ceiling, ceiling)
 
 
 def mint(

@@ -42,7 +42,7 @@ log = logging.getLogger("bastion.auth")
 
 KEY_PREFIX = "bst-"
 _KEY_ID = re.compile(r"[a-z0-9][a-z0-9-]{2,39}")
-PositiveInt = Annotated[int, Field(ge=1)]
+Limit = Annotated[int, Field(ge=0)]  # per-key limit; 0 = unlimited, absent = the gateway default
 
 
 class KeyStoreError(ValueError):
@@ -68,9 +68,9 @@ class KeyRecord(_Strict):
     revoked: bool = False
     models: list[str] | None = None
     allow_ips: list[str] = Field(default_factory=list)
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    max_concurrent: PositiveInt | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_concurrent: Limit | None = None
     # Token budgets, e.g. {"day": 2000000, "day:qwen": 100000}; 0 lifts a default (bastion.budget.policy).
     budgets: dict[str, int] | None = None
     secrets: list[SecretHash] = Field(min_length=1)

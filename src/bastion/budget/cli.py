@@ -12,9 +12,7 @@ import sys
 import time
 from typing import Any
 
-from pydantic import ValidationError
-
-from ..config import Settings, describe_validation_error
+from ..config import Settings, load
 from .calendar import Calendar
 from .ledger import LedgerUnavailable, Row
 from .options import BudgetOptions
@@ -46,11 +44,7 @@ def _say(message: str) -> None:
 
 
 def _usage(args: dict[str, Any]) -> int:
-    try:
-        settings = Settings(**({"budget_db": args["db"]} if args.get("db") else {}))
-    except ValidationError as exc:
-        _say(describe_validation_error(exc))
-        return 2
+    settings = load(Settings, {"budget_db": args["db"]} if args.get("db") else {})  # ConfigError: main says it
     options = settings.budget_options()
     calendar = options.calendar()
     now = time.time()

@@ -1,0 +1,135 @@
+"""What `serve` builds before it binds its port or spawns a child, shared with `check-config`.
+
+Both commands call `build`, so `check-config` refuses exactly the settings `serve` refuses:
+values are checked when the settings load (`config.load`); here come the checks that need the
+filesystem or several settings at once (the key store, the JWT public key or JWKS file, the audit
+log, the token endpoint's secret, the child's command and interpreter), then `create_app`
+itself, which opens everything and starts nothing (the child is spawned in the lifespan).
+Each problem is one line that names its setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .app import Gateway, create_app, engine_problem
+from .auth.keys import KeyStoreError, read_key_file
+from .config import ConfigError, Settings, problem
+from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
+from .listen import bind
+
+
+def build(settings: Settings) -> Gateway:
+    """The gateway `serve` would run, or `ConfigError` with every problem found."""
+    found = problems(settings)
+    if found:
+        raise ConfigError(found)
+    try:
+        return create_app(settings)
+    except (ValueError, OSError) as exc:  # anything the checks above did not foresee: still one line
+        raise ConfigError([f"cannot start: {exc}"]) from None
+
+
+def problems(settings: Settings) -> list[str]:
+    found = [
+        *_child(settings),
+        *_keys_file(settings.keys_file),
+        *_public_key(settings.jwt_public_key_file),
+        *_jwks(settings.jwt_jwks),
+        *_audit_log(settings.audit_log),
+    ]
+    if settings.token_endpoint and (settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms):
+        found.append(
+            problem(Settings, "token_endpoint", "needs BASTION_JWT_SECRET and HS256 in BASTION_JWT_ALGORITHMS")
+        )
+    return found
+
+
+def _child(settings: Settings) -> list[str]:
+    """The supervised child's interpreter, command line and loopback address (nothing of it in external mode)."""
+    if settings.upstream_url is not None:
+        return []
+    if settings.vllm_python and shutil.which(settings.vllm_python) is None:
+        return [problem(Settings, "vllm_python", f"{settings.vllm_python} is not an executable file")]
+    command_problem = engine_problem(settings)  # placeholders, {port}, the program on PATH (engine/command.py)
+    if command_problem is not None:
+        return [command_problem]
+    try:
+        for sock in bind(
+            settings.upstream_host, 0, host_setting="BASTION_UPSTREAM_HOST", port_setting="BASTION_UPSTREAM_PORT"
+        ):
+            sock.close()
+    except ConfigError as exc:
+        return exc.lines
+    own_vllm = not (settings.upstream_command or settings.vllm_python)
+    reason = vllm_unavailable() if own_vllm else None
+    if reason:
+        return NO_VLLM_HINT.format(reason=reason).removeprefix("bastion: ").splitlines()
+    return []
+
+
+def _keys_file(path: Path | None) -> list[str]:
+    """A key file that exists must parse (serve refuses it at start-up); a missing one is only a warning."""
+    if path is None or not os.path.lexists(path):
+        return []
+    try:
+        read_key_file(path)
+    except KeyStoreError as exc:
+        return [problem(Settings, "keys_file", str(exc))]
+    return []
+
+
+def _public_key(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [problem(Settings, "jwt_public_key_file", f"cannot read {path}: {exc.strerror}")]
+    try:
+        load_pem_public_key(data)
+    except (ValueError, TypeError):
+        try:
+            x509.load_pem_x509_certificate(data)
+        except ValueError:
+            return [problem(Settings, "jwt_public_key_file", f"{path} holds no PEM public key or certificate")]
+    return []
+
+
+def _jwks(source: str | None) -> list[str]:
+    """A JWKS file must be there now (a URL is fetched when the first token comes)."""
+    if source is None or source.startswith(("http://", "https://")):
+        return []
+    try:
+        document = json.loads(Path(source).read_text())
+    except OSError as exc:
+        return [problem(Settings, "jwt_jwks", f"cannot read {source}: {exc.strerror}")]
+    except ValueError:
+        return [problem(Settings, "jwt_jwks", f"{source} is not JSON")]
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        return [problem(Settings, "jwt_jwks", f"{source} is not a JWKS document (no `keys` list)")]
+    return []
+
+
+def _audit_log(destination: str) -> list[str]:
+    """A file destination must be writable (it is opened for appending, created if missing)."""
+    if destination.lower() in ("stdout", "off"):
+        return []
+    path = Path(destination)
+    if path.is_dir():
+        return [problem(Settings, "audit_log", f"{path} is a directory; name a file in it")]
+    if path.exists():
+        ok = os.access(path, os.W_OK)
+        why = f"{path} is not writable by this user"
+    else:
+        ok = path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)
+        why = f"cannot create {path}: " + (
+            "its directory is not writable by this user" if path.parent.is_dir() else "its directory does not exist"
+        )
+    return [] if ok else [problem(Settings, "audit_log", why)]
