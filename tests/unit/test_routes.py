@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bastion.config import Settings, describe_validation_error
+from bastion.config import Settings, describe
 from bastion.routes import CATALOGUE, DEFAULT_ROUTES, TOKEN_ROUTE, ModelScope, RouteTable, parse_routes
 
 
@@ -68,6 +68,6 @@ def test_the_setting_takes_default_plus_catalogue_routes_and_names_a_mistake() -
     assert [r.path for r in parse_routes(settings.routes)] == [*DEFAULT_ROUTES, "/v1/files"]
     with pytest.raises(ValidationError) as info:
         Settings(_env_file=None, routes="default,/v1/fiels")  # type: ignore[call-arg]
-    message = describe_validation_error(info.value)
+    message = "\n".join(describe(Settings, info.value))
     assert "BASTION_ROUTES" in message and "unknown route '/v1/fiels'" in message and "/v1/files" in message
     assert Settings(_env_file=None).routes == list(DEFAULT_ROUTES)  # type: ignore[call-arg]
