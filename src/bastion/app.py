@@ -262,7 +262,7 @@ def engine_problem(settings: Settings) -> str | None:
     try:
         engine_spec(settings)
     except CommandError as exc:
-        return str(exc)
+        return f"invalid {exc.setting}: {exc.reason}"  # the shape of every other invalid setting's line
     return None
 
 

@@ -18,7 +18,6 @@ import ipaddress
 import json
 import re
 import shlex
-import string
 import textwrap
 from collections.abc import Collection, Mapping
 from enum import StrEnum
@@ -43,6 +42,7 @@ from pydantic_settings.exceptions import SettingsError
 from .budget.calendar import zone
 from .budget.options import BudgetOptions
 from .budget.policy import Budget, Period, parse_budget, unique
+from .engine.command import CommandError, check_template
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -160,26 +160,16 @@ def _names(values: list[str]) -> list[str]:
     return [v.strip() for v in values]
 
 
-_PLACEHOLDERS = frozenset({"host", "port", "python"})
-
-
 def _command_template(value: str | None) -> str | None:
-    """`{host}`, `{port}` and `{python}` only, and a line that splits like a shell command."""
+    """Placeholders, braces and quotes, checked by the engine's own rules (engine/command.py)."""
     if value is None:
         return None
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
-    except ValueError as exc:
-        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-    unknown = sorted({f for f in fields if f not in _PLACEHOLDERS})
-    if unknown:
-        raise ValueError(
-            f"unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}: only {{host}}, {{port}} and "
-            "{python} are filled in"
-        )
-    _shell_words(value)
     if not value.strip():
         raise ValueError("must not be blank")
+    try:
+        check_template(value)
+    except CommandError as exc:
+        raise ValueError(exc.reason) from None
     return value
 
 
@@ -608,7 +598,7 @@ class Settings(BaseSettings):
     usage_retention_days: int = Field(
         400, ge=40, description="Days of hourly usage roll-ups kept (SQLite rows, Redis hashes); older are deleted."
     )
-    jwt_budgets_claim: str = Field(
+    jwt_budgets_claim: Text = Field(
         "budgets",
         description='JWT claim holding the token\'s budgets, e.g. {"day": 100000, "day:qwen": 5000}.',
     )

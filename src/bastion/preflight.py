@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from cryptography import x509
@@ -43,6 +42,7 @@ def problems(settings: Settings) -> list[str]:
         *_public_key(settings.jwt_public_key_file),
         *_jwks(settings.jwt_jwks),
         *_audit_log(settings.audit_log),
+        *_budget_db(settings.budget_db),
     ]
     if settings.token_endpoint and (settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms):
         found.append(
@@ -55,8 +55,6 @@ def _child(settings: Settings) -> list[str]:
     """The supervised child's interpreter, command line and loopback address (nothing of it in external mode)."""
     if settings.upstream_url is not None:
         return []
-    if settings.vllm_python and shutil.which(settings.vllm_python) is None:
-        return [problem(Settings, "vllm_python", f"{settings.vllm_python} is not an executable file")]
     command_problem = engine_problem(settings)  # placeholders, {port}, the program on PATH (engine/command.py)
     if command_problem is not None:
         return [command_problem]
@@ -114,6 +112,17 @@ def _jwks(source: str | None) -> list[str]:
         return [problem(Settings, "jwt_jwks", f"{source} is not JSON")]
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         return [problem(Settings, "jwt_jwks", f"{source} is not a JWKS document (no `keys` list)")]
+    return []
+
+
+def _budget_db(path: Path | None) -> list[str]:
+    """An explicit usage file must be a file in an existing, writable directory (the default falls back to memory)."""
+    if path is None:
+        return []
+    if path.is_dir():
+        return [problem(Settings, "budget_db", f"{path} is a directory; name a file in it")]
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        return [problem(Settings, "budget_db", f"cannot create {path}: its directory is missing or not writable")]
     return []
 
 

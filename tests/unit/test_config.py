@@ -105,6 +105,11 @@ WRONG = {
     "metrics_allow": "10.0.0.0/8x",
     "metrics_models": '["a", 1]',
     "audit_log": "/nonexistent-dir/audit.jsonl",
+    "routes": "default,/v1/fiels",
+    "budget_timezone": "Mars/Olympus",
+    "budget_db": "/",
+    "jwt_budgets_claim": "   ",
+    "jwt_max_budgets": "year=5",
 }
 
 

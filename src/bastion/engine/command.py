@@ -26,6 +26,16 @@ PYTHON_SETTING = "BASTION_VLLM_PYTHON"
 class CommandError(ValueError):
     """A child command that cannot work: one line that names the setting and the fix."""
 
+    @property
+    def setting(self) -> str:
+        """The BASTION_* variable to fix: the one the message starts with."""
+        return str(self).split(maxsplit=1)[0].rstrip(":")
+
+    @property
+    def reason(self) -> str:
+        """The message without its leading setting name."""
+        return str(self).removeprefix(self.setting).removeprefix(":").strip()
+
 
 @dataclass(frozen=True, slots=True)
 class CommandSource:
@@ -62,6 +72,14 @@ def build_command(source: CommandSource, *, host: str, port: int, port_fixed: bo
         setting = PYTHON_SETTING if source.python and argv[0] == source.python else COMMAND_SETTING
     _check_runnable(argv[0], path, setting)
     return Command(tuple(argv), setting)
+
+
+def check_template(template: str) -> None:
+    """The template's own mistakes (unknown placeholders, braces, quotes), before a host or port is known.
+
+    Called when the settings load; `{port}` and the program are checked by `build_command`.
+    """
+    _fill(template, host="127.0.0.1", port=1, python=sys.executable, port_fixed=True)
 
 
 def _fill(template: str, *, host: str, port: int, python: str, port_fixed: bool) -> list[str]:
