@@ -131,7 +131,7 @@ def test_a_minted_token_spends_its_keys_budget_and_minting_is_limited(gate: Gate
 
 def test_keys_that_share_a_name_keep_their_own_budgets(gate: Gate) -> None:
     first, _ = gate.create("twin", "--rpm", "5")  # each: 1 poll + 1 mint + 3 requests = 5
-    second, _ = gate.create("twin", "--rpm", "5")
+    second, _ = gate.create("twin", "--rpm", "5", "--allow-duplicate-name")
     one, two = gate.mint(first).json()["access_token"], gate.mint(second).json()["access_token"]
     assert [gate.chat(one) for _ in range(3)] == [200] * 3
     assert [gate.chat(two) for _ in range(3)] == [200] * 3, "the other key's spending is not this one's"
