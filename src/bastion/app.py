@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .metrics_http import metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .request_body import InspectBody, RequestInspector
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -110,7 +111,7 @@ def create_app(
     )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    limiter = RateLimiter(settings)
+    limiter = _rate_limiter(settings)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services()]
     if upstream is None:
         if settings.upstream_url is not None:
@@ -149,7 +150,15 @@ def create_app(
             return JSONResponse(state, status_code=200 if reachable else 503)
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    v1: ASGIApp = RateLimitMiddleware(Proxy(settings, upstream, client), limiter)
+    # The /v1 path, outermost last: authenticate -> token endpoint -> read and inspect the body ->
+    # limits (reserve tokens) -> proxy (forward; the limits stage settles when it returns).
+    v1: ASGIApp = RateLimitMiddleware(Proxy(upstream, client, methods=settings.passthrough_methods), limiter)
+    v1 = InspectBody(
+        v1,
+        RequestInspector(default_max_tokens=settings.default_max_tokens),
+        max_body=settings.max_body_bytes,
+        body_timeout=settings.client_body_timeout,
+    )
     if settings.token_endpoint:
         v1 = TokenEndpoint(v1, settings)
     v1 = auth.guard(v1, failures=limiter)
@@ -180,6 +189,19 @@ def create_app(
         guarded_api=auth.guard(api, exempt=PUBLIC_PATHS, failures=limiter),
         openers=[metrics.open] if metrics is not None else [],
         mounts=mounts,
+    )
+
+
+def _rate_limiter(settings: Settings) -> RateLimiter:
+    return RateLimiter(
+        rpm=settings.rate_limit_rpm,
+        tpm=settings.rate_limit_tpm,
+        max_concurrent=settings.rate_limit_max_concurrent,
+        auth_failure_limit=settings.auth_failure_limit,
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
+        redis_timeout=settings.redis_timeout,
+        fail_open=settings.redis_fail_mode == "open",
+        slot_ttl=settings.concurrency_slot_ttl,
     )
 
 
