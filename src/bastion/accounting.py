@@ -18,20 +18,21 @@ from .context import Exchange, Outcome
 
 
 def charge(exchange: Exchange) -> tuple[int, bool]:
-    """(tokens to charge, whether that is an estimate) for a finished exchange."""
+    """(tokens to charge, whether a 2xx ended without usage and so was charged an estimate)."""
     usage = exchange.usage
     if usage is not None:
         return usage.total_tokens, False
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
         completion = exchange.events if exchange.stream else exchange.completion_cap
-        return _at_least_one(exchange, exchange.prompt_estimate + completion)
+        return _at_least_one(exchange, exchange.prompt_estimate + completion), False
     if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
-        return _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))
+        tokens = _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))
+        return tokens, tokens > 0
     return 0, False
 
 
-def _at_least_one(exchange: Exchange, tokens: int) -> tuple[int, bool]:
-    """A request with a body that the engine worked on never costs 0; one without (a GET) costs nothing."""
+def _at_least_one(exchange: Exchange, tokens: int) -> int:
+    """A request with a body never costs 0 once the engine had it; one without (a GET) costs what it reported."""
     if exchange.prompt_estimate == 0 and exchange.completion_cap == 0:
-        return tokens, tokens > 0
-    return max(1, tokens), True
+        return tokens
+    return max(1, tokens)

@@ -51,7 +51,7 @@ class Exchange:
     completion_cap: int = 0
     priority: int | None = None
     events: int = 0
-    usage_estimated: bool = False  # charged an estimate: the response ended without usage
+    usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)

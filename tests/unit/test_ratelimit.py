@@ -240,15 +240,15 @@ def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
     assert charge(exchange(usage=Usage(10, 20), status=200)) == (30, False)
     assert charge(exchange(outcome=Outcome.REJECTED, status=429)) == (0, False)
     assert charge(exchange(status=400)) == (0, False)  # the upstream refused it: nothing generated
-    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT, stream=True, events=7)) == (107, True)
-    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT)) == (150, True)
-    assert charge(exchange(outcome=Outcome.UPSTREAM_ERROR, reason="midstream", stream=True)) == (100, True)
-    assert charge(exchange(status=200)) == (150, True)  # a 2xx without usage: what was reserved
+    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT, stream=True, events=7)) == (107, False)
+    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT)) == (150, False)
+    assert charge(exchange(outcome=Outcome.UPSTREAM_ERROR, reason="midstream", stream=True)) == (100, False)
+    assert charge(exchange(status=200)) == (150, True)  # a 2xx without usage: what was reserved, flagged
     assert charge(exchange(status=200, stream=True, events=80)) == (180, True)
     get = Exchange("r", "GET", "/v1/models", status=200)
     assert charge(get) == (0, False)  # no body, nothing generated
-    tiny = Exchange("r", "POST", "/v1/embeddings", prompt_estimate=0, completion_cap=0, status=200)
-    assert charge(tiny) == (0, False)
+    cut = Exchange("r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT)
+    assert charge(cut) == (1, False)  # never 0 once the engine had it
 
 
 def test_redis_password_stays_secret() -> None:
