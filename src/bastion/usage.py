@@ -19,6 +19,7 @@ over a body's chunks holding a few bytes between them; `StreamTap` over SSE even
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from .jsonscan import Depth
 _USAGE_KEY = b'"usage":'
 _KEY_TAIL = len(_USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
 _EVENT_END = b"\n\n"
-_RESPONSE_COMPLETED = b'"type":"response.completed"'
+_RESPONSE_COMPLETED = re.compile(rb'"type":\s*"response\.completed"')
+_NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')  # the usage-only event (vLLM writes no spaces; others may)
 _DECODER = json.JSONDecoder()
 MAX_USAGE_OBJECT = 4096  # bytes of a usage object decoded at most
 # An SSE event is held back only while incomplete; past this size a stream that is
@@ -103,7 +105,7 @@ def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
 def event_usage(event: bytes) -> Usage | None:
     """Usage in one SSE event: top level of its data, or inside `response` for `response.completed`."""
     usage = find_usage(event)
-    if usage is None and _RESPONSE_COMPLETED in event:
+    if usage is None and _RESPONSE_COMPLETED.search(event):
         usage = find_usage(event, depth=2)
     return usage
 
@@ -208,7 +210,7 @@ class StreamTap:
         event = events[start:end]
         if events.find(_USAGE_KEY, 0, start) < 0 and (usage := event_usage(event)) is not None:
             self.usage = usage
-            if self.strip_usage and b'"choices":[]' in event:
+            if self.strip_usage and _NO_CHOICES.search(event):
                 return events[:start] + events[end:]
             return events
         kept: list[bytes] = []
@@ -216,7 +218,7 @@ class StreamTap:
             usage = event_usage(event) if _USAGE_KEY in event else None
             if usage is not None:
                 self.usage = usage
-                if self.strip_usage and b'"choices":[]' in event:
+                if self.strip_usage and _NO_CHOICES.search(event):
                     continue
             kept.append(event + _EVENT_END)
         return b"".join(kept)
