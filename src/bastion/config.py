@@ -159,8 +159,8 @@ class Settings(BaseSettings):
     )
     client_body_timeout: Seconds = Field(
         60.0,
-        description="Seconds a client may take to send a whole request body; slower uploads get 408 and "
-        "give their concurrency slot back.",
+        description="Seconds a client may take to send a whole request body; slower uploads get 408 (a body is "
+        "read before the rate limits, so an upload holds no concurrency slot).",
     )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request head (request line and headers) in bytes (431/400 above)."

@@ -174,7 +174,7 @@ class Proxy:
                     chunk = tap.feed(chunk) + (tap.flush() if ended else b"")
                     exchange.events += chunk.count(b"\n\n")
                 elif reader is not None:
-                    reader.feed(chunk)
+                    reader.feed(chunk, last=ended)
                 if ended:
                     body = chunk
                     break

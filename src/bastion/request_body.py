@@ -133,10 +133,15 @@ class RequestInspector:
         cap = self.default_max_tokens if generates else 0
         if not json_body:  # a form upload (audio): nothing to read, the prompt is not text
             return body, RequestFacts(completion_cap=cap)
-        prompt = max(1, len(body) // BYTES_PER_TOKEN) if body else 0
         if not body:
-            return body, RequestFacts(prompt_estimate=prompt, completion_cap=cap)
-        fields, spans = await self._fields(body)
+            return body, RequestFacts(completion_cap=cap)
+        prompt = max(1, len(body) // BYTES_PER_TOKEN)
+        spans: dict[str, Span] | None = None
+        if len(body) <= self.full_parse_limit:
+            fields = _parse(body)
+        else:
+            spans = await self._spans(body)
+            fields = _decode_values(body, spans)
         model = fields.get("model")
         stream = lax_bool(fields.get("stream")) is True
         if generates:
@@ -152,32 +157,19 @@ class RequestInspector:
         )
         if not stream or path not in USAGE_OPTION_ROUTES:
             return body, facts
-        edited = await self._ask_for_usage(body, fields, spans)
-        if edited is None:
-            return body, facts
+        if "stream_options" not in fields:
+            opening = body.index(b"{") + 1  # the body is an object with at least `stream` in it
+            edited = body[:opening] + _INCLUDE_USAGE + body[opening:]
+        else:
+            options = fields["stream_options"]
+            if not _without_usage(options):
+                return body, facts
+            if spans is None:
+                spans = await self._spans(body)
+            span = spans["stream_options"]
+            merged = json.dumps({**(options or {}), "include_usage": True}, separators=(",", ":")).encode()
+            edited = body[: span.start] + merged + body[span.end :]
         return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
-
-    async def _fields(self, body: bytes) -> tuple[dict[str, Any], dict[str, Span] | None]:
-        """The wanted top-level fields (and, for a large body, where they lie)."""
-        if len(body) <= self.full_parse_limit:
-            try:
-                payload = json.loads(body)
-            except (ValueError, RecursionError):
-                raise _invalid("The request body is not valid JSON.") from None
-            if not isinstance(payload, dict):
-                raise _invalid("The request body must be a JSON object.")
-            return {key: payload[key] for key in WANTED.intersection(payload)}, None
-        spans = await self._spans(body)
-        fields: dict[str, Any] = {}
-        for key, span in spans.items():
-            if span.end - span.start > _VALUE_LIMIT:
-                fields[key] = UNREAD
-                continue
-            try:
-                fields[key] = json.loads(body[span.start : span.end])
-            except (ValueError, RecursionError):
-                raise _invalid("The request body is not valid JSON.") from None
-        return fields, spans
 
     async def _spans(self, body: bytes) -> dict[str, Span]:
         try:
@@ -194,24 +186,40 @@ class RequestInspector:
                 code="request_too_complex",
             ) from None
 
-    async def _ask_for_usage(self, body: bytes, fields: dict[str, Any], spans: dict[str, Span] | None) -> bytes | None:
-        """`body` with `stream_options.include_usage` true, or None when it is left as the client sent it."""
-        if "stream_options" not in fields:
-            opening = body.index(b"{") + 1  # the body is an object with at least `stream` in it
-            return body[:opening] + _INCLUDE_USAGE + body[opening:]
-        options = fields["stream_options"]
-        if options is None:
-            options = {}
-        if not isinstance(options, dict):
-            return None  # not an object: the model server refuses the request anyway
-        asked = lax_bool(options.get("include_usage"))
-        if asked is True or (asked is None and options.get("include_usage") is not None):
-            return None  # the client asked (in any form vLLM accepts), or sent a value vLLM refuses
-        if spans is None:
-            spans = await self._spans(body)
-        span = spans["stream_options"]
-        merged = json.dumps({**options, "include_usage": True}, separators=(",", ":")).encode()
-        return body[: span.start] + merged + body[span.end :]
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _invalid("The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise _invalid("The request body must be a JSON object.")
+    return payload
+
+
+def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
+    """The wanted values of a large body, each decoded alone (one too large to be a policy value is UNREAD)."""
+    fields: dict[str, Any] = {}
+    for key, span in spans.items():
+        if span.end - span.start > _VALUE_LIMIT:
+            fields[key] = UNREAD
+            continue
+        try:
+            fields[key] = json.loads(body[span.start : span.end])
+        except (ValueError, RecursionError):
+            raise _invalid("The request body is not valid JSON.") from None
+    return fields
+
+
+def _without_usage(options: object) -> bool:
+    """Whether `stream_options` (present) leaves usage off, so that the gateway may merge it in."""
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        return False  # not an object: the model server refuses the request anyway
+    asked = options.get("include_usage")
+    # Asked in any form vLLM accepts: the client's to see; a value vLLM refuses: left for vLLM to refuse.
+    return asked is None or lax_bool(asked) is False
 
 
 def _first_positive(fields: dict[str, Any], names: tuple[str, ...]) -> int | None:

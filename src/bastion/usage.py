@@ -75,11 +75,15 @@ def _count(value: object) -> int | None:
 
 def _decode(data: bytes) -> tuple[bool, Any]:
     """(complete, value) of the JSON value at the start of `data` (leading whitespace allowed)."""
-    text = data.decode("utf-8", "replace").lstrip()
-    try:
-        return True, _DECODER.raw_decode(text)[0]
-    except ValueError:
-        return False, None
+    # A usage object is a few hundred bytes: most of the time the first 512 hold it.
+    for size in (512, MAX_USAGE_OBJECT):
+        text = data[:size].decode("utf-8", "replace").lstrip()
+        try:
+            return True, _DECODER.raw_decode(text)[0]
+        except ValueError:
+            if len(data) <= size:
+                break
+    return False, None
 
 
 def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
@@ -125,7 +129,8 @@ class BodyUsage:
         self._held = b""
         self._capture: bytes | None = None  # the usage value's bytes so far, while incomplete
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, *, last: bool = False) -> None:
+        """Read on; `last`: no chunk follows (its end need not be tracked for the next one)."""
         if self._capture is not None:
             self._capture += chunk[: MAX_USAGE_OBJECT - len(self._capture)]
             self._decode_capture(final=False)
@@ -144,8 +149,9 @@ class BodyUsage:
                 self._capture = data[start : start + MAX_USAGE_OBJECT]
                 self._decode_capture(final=False)
             at = data.find(_USAGE_KEY, at + 1)
-        self._depth.advance(data[position:end])
-        self._held = data[end:]
+        if not last:
+            self._depth.advance(data[position:end])
+            self._held = data[end:]
 
     def finish(self) -> Usage | None:
         if self._capture is not None:

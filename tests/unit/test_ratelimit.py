@@ -148,6 +148,17 @@ async def test_refusal_after_the_reservation_gives_it_back() -> None:
     assert remaining((await limits.admit(None, "ip", tokens=0)).headers) == 60
 
 
+async def test_concurrency_refusal_carries_the_request_headers_and_takes_no_hit() -> None:
+    limits = limiter(rpm=5, max_concurrent=2)
+    await limits.admit(None, "ip")
+    await limits.admit(None, "ip")
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip")
+    headers = dict(refused.value.headers)
+    assert "at most 2 concurrent requests;" in refused.value.message
+    assert (headers[b"x-ratelimit-limit-requests"], headers[b"x-ratelimit-remaining-requests"]) == (b"5", b"3")
+
+
 def test_retry_after_for_a_reservation() -> None:
     empty = Window(0, 0.0, 0, 0.0)
     assert empty.fits_in(100, 100, 60) == 0
