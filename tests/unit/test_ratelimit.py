@@ -144,6 +144,7 @@ async def test_refusal_after_the_reservation_gives_it_back() -> None:
         await limits.admit(None, "ip", tokens=40)
     assert refused.value.reason == "rate_limit_concurrency"
     assert "at most 1 concurrent request;" in refused.value.message
+    assert dict(refused.value.headers)[b"x-ratelimit-remaining-tokens"] == b"60"  # its reservation given back
     await limits.release(held)
     assert remaining((await limits.admit(None, "ip", tokens=0)).headers) == 60
 

@@ -220,13 +220,17 @@ class RateLimiter:
         admission = Admission(key, tpm, None, [])
         try:
             now = time.time()
-            token_headers: Headers = []
+            token_headers: Headers = []  # for a response: what is left with this request's reservation
+            refused_headers: Headers = []  # for a refusal: what is left without it (it is given back)
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
                 reservation = await self.token_windows.reserve(per_minute(tpm).key_for(key), tpm, MINUTE, amount)
                 window = reservation.window
-                token_headers = limit_headers("tokens", tpm, window.remaining(tpm, MINUTE), window.reset_in(MINUTE))
-                if not reservation.admitted:
+                left, reset = window.remaining(tpm, MINUTE), window.reset_in(MINUTE)
+                token_headers = refused_headers = limit_headers("tokens", tpm, left, reset)
+                if reservation.admitted:
+                    refused_headers = limit_headers("tokens", tpm, min(tpm, left + amount), reset)
+                else:
                     wait = window.fits_in(amount, tpm, MINUTE)
                     raise self._refused(
                         "tokens",
@@ -246,7 +250,7 @@ class RateLimiter:
                         429,
                         f"Rate limit reached: at most {conc} concurrent {plural}; retry when one finishes.",
                         "rate_limit_concurrency",
-                        [(b"retry-after", b"1"), *request_headers, *token_headers],
+                        [(b"retry-after", b"1"), *request_headers, *refused_headers],
                     )
             headers: Headers = []
             if rpm > 0:
@@ -256,7 +260,7 @@ class RateLimiter:
                 headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
                 if not admitted:
                     raise self._refused(
-                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, token_headers
+                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, refused_headers
                     )
             self._recovered()
             admission.headers = headers + token_headers
