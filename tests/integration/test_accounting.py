@@ -300,6 +300,25 @@ def test_restricted_principal_with_its_model_is_served(gw: tuple[Proc, str]) -> 
     assert post(base, CHAT, {"model": "m", "messages": []}, token(models=["m"]), {}).status_code == 200
 
 
+def test_form_uploads_pass_untouched_and_are_charged(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]]
+) -> None:
+    (_, base), (_, received) = gw, upstream
+    form = httpx.Request("POST", base, files={"file": ("a.wav", b"RIFF" + bytes(range(256)) * 40)}, data={"model": "m"})
+    body, content_type = form.read(), form.headers["content-type"]
+    for report, expected in ((True, 12), (False, DEFAULT_MAX_TOKENS)):  # no usage: the completion cap
+        who = token()
+        fresh_minute()
+        headers = {**auth(who, {"prompt": 9, "completion": 3, "report": report}), "content-type": content_type}
+        reply = httpx.post(base + "/v1/audio/transcriptions", content=body, headers=headers, timeout=10)
+        assert reply.status_code == 200 and reply.json()["text"] == "hi"
+        assert received[-1].body == body  # forwarded byte for byte
+        assert charged(base, who, expected) == expected
+    restricted = {**auth(token(models=["m"])), "content-type": content_type}
+    refused = httpx.post(base + "/v1/audio/transcriptions", content=body, headers=restricted, timeout=10)
+    assert refused.status_code == 403  # its model is inside the form: a restricted key may not upload
+
+
 # --- bounded inspection ---------------------------------------------------------------------------------
 
 

@@ -109,6 +109,10 @@ class _Server(socketserver.ThreadingTCPServer):
             body = b'{"object":"list","data":[{"id":"m","object":"model"}]}' if request.path != "/health" else b""
             _send(sock, 200, "application/json", body, plan)
             return
+        if request.headers.get("content-type", "").startswith("multipart/"):  # an audio upload
+            usage = {"usage": _usage("audio", plan)} if plan.report else {}
+            _send(sock, 200, "application/json", json.dumps({"text": "hi", **usage}).encode(), plan)
+            return
         try:
             payload = json.loads(request.body)
             if not isinstance(payload, dict):
