@@ -7,14 +7,15 @@ string ends at the first quote that no backslash escapes. Both work on `bytes` w
 - `Members` walks a request body's top-level object and returns where each member's
   value lies, so a large body is never `json.loads`-ed whole (a 16 MiB body of small
   arrays costs ~1 s and ~430 MB that way). It does one step of Python work per string
-  (and C work per KiB between strings), in bursts the caller spreads over event-loop
-  turns, and gives up past a budget of steps (a legitimate body has far fewer strings).
+  (and C work between strings, counted in steps too), in bursts the caller spreads over
+  event-loop turns, and gives up past a budget of steps (a legitimate body has far fewer).
 - `Depth` follows nesting depth and string state across the chunks of a response, so a
   `"usage"` key can be told apart from one nested deeper; the usage readers build on it.
 
-Neither validates what it skips: a body they accept but that is not JSON is refused by
-the model server's own parser. For valid JSON they read what `json.loads` reads: the last
-of duplicate keys, keys written with escapes decoded.
+Neither validates what it skips (a body they accept but that is not JSON is refused by the
+model server's own parser), but `Members` refuses anything after the top-level object, so
+no parser can read a different first object. For valid JSON they read what `json.loads`
+reads: the last of duplicate keys, keys written with escapes decoded.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ class Members:
     """The top-level members of the JSON object in `body`: `run(steps)` until it returns True.
 
     Afterwards `spans()` gives the value span of each wanted key (the last one of
-    duplicates, as `json.loads` keeps). A step is one string, one escaped quote, or 256 bytes
-    between strings (about the same time); past `budget` steps `run` raises `TooComplex`. Text after the
-    object is refused, as `json.loads` refuses it (a lenient parser upstream that reads only
-    a first object must never see a different request than the gateway did).
+    duplicates, as `json.loads` keeps). A step is one string, one escaped quote, or 256
+    bytes between strings (about the same time); past `budget` steps `run` raises
+    `TooComplex`. Text after the object is refused, as `json.loads` refuses it (a lenient
+    parser upstream that reads only a first object must never see another request than
+    the gateway did).
     """
 
     __slots__ = ("_body", "_budget", "_depth", "_final", "_keys", "_opened", "_pos", "_steps", "_wanted", "done")

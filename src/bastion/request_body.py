@@ -274,13 +274,13 @@ class InspectBody:
         content_type = header(scope, b"content-type")
         form = content_type is not None and content_type.startswith(b"multipart/")
         principal = exchange.principal
-        restricted = principal is not None and principal.models is not None
-        if form and restricted:
+        restricted = principal if principal is not None and principal.models is not None else None
+        if form and restricted is not None:
             raise refusal("model_not_allowed")  # the model is inside the form: a restricted key may not upload
         body, facts = await self.inspector.inspect(exchange.path, body, json_body=not form)
         if facts.model is not None:
             exchange.model = facts.model
-        if restricted and not principal.allows(facts.model):  # type: ignore[union-attr]
+        if restricted is not None and not restricted.allows(facts.model):  # no model, or not one of its own
             raise refusal("model_not_allowed")
         exchange.stream = facts.stream
         exchange.usage_added = facts.usage_added
