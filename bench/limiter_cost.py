@@ -1,4 +1,4 @@
-"""Per-request cost of the rate limiter: admit + release + charge, memory vs Redis.
+"""Per-request cost of the rate limiter: admit (with a token reservation) + release + settle, memory vs Redis.
 
     python bench/limiter_cost.py [redis://127.0.0.1:6379/0]
 
@@ -25,10 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import SecretStr
-
 from bastion.asgi import Message, Receive, Scope, Send
-from bastion.config import Settings
 from bastion.context import Exchange, exchange_of
 from bastion.ratelimit import RateLimiter, RateLimitMiddleware
 from bastion.usage import Usage
@@ -55,9 +52,22 @@ def _ip(i: int, spread: bool) -> str:
     return f"10.0.{i % 200}.{i % 50}" if spread else "10.9.9.9"
 
 
+def _scope(exchange: Exchange) -> dict[str, object]:
+    scope: dict[str, object] = {"type": "http", "headers": []}
+    exchange.attach(scope)
+    return scope
+
+
+def _exchange(i: int, spread: bool) -> Exchange:
+    # A typical chat request: ~300 prompt tokens estimated from its body, max_tokens 256 reserved.
+    return Exchange(
+        "r", "POST", "/v1/chat/completions", client_ip=_ip(i, spread), prompt_estimate=300, completion_cap=256
+    )
+
+
 async def _loop(app: RateLimitMiddleware, n: int, spread: bool, pause: bool = True) -> None:
     for i in range(n):
-        exchange = Exchange("r", "POST", "/v1/chat/completions", client_ip=_ip(i, spread))
+        exchange = _exchange(i, spread)
         await app(_scope(exchange), _receive, _send)
         if pause:
             await asyncio.sleep(0)
@@ -66,14 +76,14 @@ async def _loop(app: RateLimitMiddleware, n: int, spread: bool, pause: bool = Tr
 async def _baseline(n: int, spread: bool) -> float:
     start = time.perf_counter()
     for i in range(n):
-        exchange = Exchange("r", "POST", "/v1/chat/completions", client_ip=_ip(i, spread))
+        exchange = _exchange(i, spread)
         await _upstream(_scope(exchange), _receive, _send)
         await asyncio.sleep(0)
     return (time.perf_counter() - start) / n * 1e6
 
 
 async def measure(limiter: RateLimiter, n: int, spread: bool = True, prefill: int = 200) -> float:
-    """Microseconds the middleware (admit + headers + release + charge) adds per request."""
+    """Microseconds the middleware (admit + reserve + headers + release + settle) adds per request."""
     app = RateLimitMiddleware(_upstream, limiter)
     await _loop(app, prefill, spread, pause=False)  # warm up (connections, scripts), fill the window
     start = time.perf_counter()
@@ -90,20 +100,20 @@ async def auth_check(limiter: RateLimiter, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-async def report(name: str, settings: Settings, n: int, full: int) -> None:
+async def report(name: str, limits: dict[str, Any], n: int, full: int) -> None:
     """Each scenario on a fresh limiter, so one's windows do not weigh on the next."""
-    what = "us/request (admit + headers + release + charge)"
-    async with _fresh(settings) as limiter:
+    what = "us/request (admit + reserve + headers + release + settle)"
+    async with _fresh(limits) as limiter:
         print(f"{name}: spread:               {await measure(limiter, n):6.1f} {what}")
-    async with _fresh(settings) as limiter:
+    async with _fresh(limits) as limiter:
         print(f"{name}: one key, full window: {await measure(limiter, n // 4, False, full):6.1f} {what}")
-    async with _fresh(settings) as limiter:
+    async with _fresh(limits) as limiter:
         print(f"{name}: hit_auth_failure, refused credential: {await auth_check(limiter, n):.2f} us/call")
 
 
 @contextlib.asynccontextmanager
-async def _fresh(settings: Settings) -> AsyncIterator[RateLimiter]:
-    limiter = RateLimiter(settings)
+async def _fresh(limits: dict[str, Any]) -> AsyncIterator[RateLimiter]:
+    limiter = RateLimiter(**limits)
     async with limiter.service():
         yield limiter
     if limiter.storage_errors:
@@ -111,22 +121,11 @@ async def _fresh(settings: Settings) -> AsyncIterator[RateLimiter]:
 
 
 async def main() -> None:
-    base: dict[str, Any] = {
-        "rate_limit_rpm": 100_000_000,
-        "rate_limit_tpm": 1_000_000_000,
-        "rate_limit_max_concurrent": 1000,
-    }
-    await report("memory", Settings(_env_file=None, **base), 20_000, FULL)  # type: ignore[call-arg]
+    base: dict[str, Any] = {"rpm": 100_000_000, "tpm": 1_000_000_000, "max_concurrent": 1000, "auth_failure_limit": 20}
+    await report("memory", base, 20_000, FULL)
     if len(sys.argv) > 1:
-        shared = Settings(_env_file=None, redis_url=SecretStr(sys.argv[1]), **base)  # type: ignore[call-arg]
-        await report("redis ", shared, 4_000, 20_000)
+        await report("redis ", {**base, "redis_url": sys.argv[1]}, 4_000, 20_000)
 
 
 if __name__ == "__main__":
     asyncio.run(main())
-
-
-def _scope(exchange: Exchange) -> dict[str, object]:
-    scope: dict[str, object] = {"type": "http", "headers": []}
-    exchange.attach(scope)
-    return scope

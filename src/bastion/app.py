@@ -43,7 +43,8 @@ from .metrics import Metrics
 from .metrics_http import ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
-from .routes import TOKEN_ROUTE, RouteGuard, RouteTable, parse_routes
+from .request_body import InspectBody, RequestInspector
+from .routes import TOKEN_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -123,7 +124,7 @@ def create_app(
     )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    limiter = RateLimiter(settings)
+    limiter = _rate_limiter(settings)
     # The engine's own channels: probes and readiness, and relaying its /metrics. Client traffic
     # (the pool above, capped at upstream_max_connections) can never starve them.
     probes = ProbeChannel(settings.health_timeout)
@@ -166,14 +167,22 @@ def create_app(
         state = {"status": upstream.phase.value, "detail": upstream.detail, "restarts": upstream.restarts}
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
-    # The /v1 path, outermost first: who (auth) -> which route -> how much (limits) -> the token endpoint or
-    # the proxy. Minting a token is a request like any other: routed, and counted against the key's limits.
-    inner: ASGIApp = Proxy(settings, upstream, client)
+    # The /v1 path, outermost first: who (auth) -> which route -> read and inspect the body (bounded) ->
+    # how much (limits: reserve tokens) -> the token endpoint or the proxy (forward; the limits stage settles
+    # when it returns). Minting a token is a request like any other: routed, and counted against the key's limits.
+    inner: ASGIApp = Proxy(upstream, client, methods=settings.passthrough_methods)
     routes = parse_routes(settings.routes)
     if settings.token_endpoint:
         inner = TokenEndpoint(inner, token_config(settings))
         routes += (TOKEN_ROUTE,)
-    v1 = auth.guard(RouteGuard(RateLimitMiddleware(inner, limiter), RouteTable(routes)), failures=limiter)
+    inspect = InspectBody(
+        RateLimitMiddleware(inner, limiter),
+        RequestInspector(default_max_tokens=settings.default_max_tokens),
+        max_body=settings.max_body_bytes,
+        body_timeout=settings.client_body_timeout,
+        model_routes=frozenset(route.path for route in routes if route.scope is ModelScope.BODY),
+    )
+    v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
     # Observability: metrics and audit are listeners on every finished exchange.
     metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
@@ -313,6 +322,19 @@ def token_config(settings: Settings) -> TokenConfig:
         issuer=settings.jwt_issuer,
         models_claim=settings.jwt_models_claim,
         body_timeout=settings.client_body_timeout,
+    )
+
+
+def _rate_limiter(settings: Settings) -> RateLimiter:
+    return RateLimiter(
+        rpm=settings.rate_limit_rpm,
+        tpm=settings.rate_limit_tpm,
+        max_concurrent=settings.rate_limit_max_concurrent,
+        auth_failure_limit=settings.auth_failure_limit,
+        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
+        redis_timeout=settings.redis_timeout,
+        fail_open=settings.redis_fail_mode == "open",
+        slot_ttl=settings.concurrency_slot_ttl,
     )
 
 

@@ -367,8 +367,8 @@ class Settings(BaseSettings):
     )
     client_body_timeout: Seconds = Field(
         60.0,
-        description="Seconds a client may take to send a whole request body; slower uploads get 408 and "
-        "give their concurrency slot back.",
+        description="Seconds a client may take to send a whole request body; slower uploads get 408 (a body is "
+        "read before the rate limits, so an upload holds no concurrency slot).",
     )
     client_write_timeout: Seconds = Field(
         60.0,
@@ -510,11 +510,18 @@ class Settings(BaseSettings):
     rate_limit_tpm: int = Field(
         200_000,
         ge=0,
-        description="Default tokens (prompt + completion) per minute per principal, charged from real usage; "
-        "0 = unlimited.",
+        description="Default tokens (prompt + completion) per minute per principal: reserved at admission "
+        "(prompt estimate + max_tokens), settled to real usage; 0 = unlimited.",
     )
     rate_limit_max_concurrent: int = Field(
         32, ge=0, description="Default in-flight requests per principal; 0 = unlimited."
+    )
+    default_max_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Completion tokens reserved against tokens/min for a request that sets no max_tokens "
+        "(max_completion_tokens, max_output_tokens), times its n/best_of; also what a response that ends "
+        "without usage is charged for its completion. Reservations are settled to real usage afterwards.",
     )
     auth_failure_limit: int = Field(
         20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."

@@ -38,20 +38,26 @@ class Exchange:
     client_ip: str = ""
     principal: Principal | None = None
     model: str = ""
-    stream: bool = False
+    stream: bool = False  # the response is a stream (its content type); until then, whether the request asks
     status: int = 0
     outcome: Outcome = Outcome.OK
     # Why, in a word from a small fixed set (a metric label): e.g. invalid_json, body_too_large,
     # not_ready, connect, timeout, midstream; later stages add invalid_api_key, ip_denied, rate_limit_requests...
     reason: str = ""
     usage: Usage | None = None
-    # For the token estimate when a response ends without usage (see ratelimit.middleware.tokens_used):
-    # the request's max_tokens / max_completion_tokens, and the stream events forwarded so far.
-    max_tokens: int | None = None
+    # Read from the request body (request_body.InspectBody), for the tokens reserved at admission and the
+    # estimate charged when a response ends without usage (accounting.charge): prompt tokens estimated from
+    # the bytes received, the most completion tokens it may generate, and whether the gateway asked for
+    # the usage event itself (so the proxy hides it). Then the stream events forwarded so far.
+    usage_added: bool = False
+    prompt_estimate: int = 0
+    completion_cap: int = 0
+    priority: int | None = None
     events: int = 0
     # Tokens held at admission (prompt estimate + max_tokens x n), set by the accounting stage: budgets
     # reserve this much and settle it from `usage` (or keep it, when a started response gives no usage).
     reserved_tokens: int = 0
+    usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)

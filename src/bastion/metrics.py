@@ -177,6 +177,12 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+        self.usage_estimated = Counter(
+            "bastion_usage_estimated",
+            "2xx responses that carried no usage and were charged a conservative token estimate, by route.",
+            ("route",),
+            registry=registry,
+        )
         self.inflight = Gauge("bastion_inflight_requests", "/v1 requests in progress.", registry=registry)
         self._inflight_inc = self.inflight.inc
         self._inflight_dec = self.inflight.dec
@@ -192,6 +198,7 @@ class Metrics:
         self._auth_failures = _Children(self.auth_failures)
         self._rate_limited = _Children(self.rate_limited)
         self._upstream_errors = _Children(self.upstream_errors)
+        self._usage_estimated = _Children(self.usage_estimated)
 
     def open(self, exchange: Exchange) -> None:
         self._inflight_inc()
@@ -232,6 +239,8 @@ class Metrics:
                 )
             tokens[0].inc(usage.prompt_tokens)
             tokens[1].inc(usage.completion_tokens)
+        elif exchange.usage_estimated:
+            self._usage_estimated(route).inc()
 
         if status >= 400 or exchange.outcome is not Outcome.OK:
             self._count_failure(exchange, status)

@@ -1,10 +1,12 @@
 """The hot path: a plain ASGI callable that streams `/v1/*` to the upstream.
 
 Bytes go through untouched and unbuffered. The only edits are on the way in:
-the client's credentials are replaced by the gateway's internal upstream key,
-and a streaming request without `stream_options.include_usage` gets it added so
-the gateway can account tokens (the extra usage event is removed again on the
-way out, so the client sees exactly the stream it asked for).
+the client's credentials are replaced by the gateway's internal upstream key, and
+the body is the one `request_body.InspectBody` passed on (with
+`stream_options.include_usage` added where the gateway asked for usage itself; that
+usage event is removed again on the way out, so the client sees the stream it asked
+for). Whether a response is a stream is decided by its content type, and its usage is
+read as it passes (`usage.py`), wherever it sits in the body.
 """
 
 from __future__ import annotations
@@ -12,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
-from typing import Any
+from collections.abc import Iterable
 
-from .asgi import BodyTimeout, BodyTooLarge, ClientGone, DisconnectWatch, Receive, Scope, Send, header, read_body
+from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
-from .config import Settings
 from .context import Exchange, Outcome, exchange_of
 from .engine.state import Upstream
 from .errors import GatewayError, send_error, upstream_failure
 from .http.client import Client
 from .http.http1 import HTTPError, Response
-from .usage import StreamTap, find_usage
+from .usage import BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
 
@@ -83,12 +85,10 @@ class UpstreamBroke(Exception):
 
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream: Upstream, client: Client) -> None:
+    def __init__(self, upstream: Upstream, client: Client, *, methods: Iterable[str]) -> None:
         self._upstream = upstream
         self._client = client
-        self._methods = frozenset(m.upper() for m in settings.passthrough_methods)
-        self._max_body = settings.max_body_bytes
-        self._body_timeout = settings.client_body_timeout
+        self._methods = frozenset(m.upper() for m in methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
@@ -110,15 +110,11 @@ class Proxy:
         if not self._upstream.accepting:
             raise self._upstream.not_ready_error()
         try:
-            body = await read_body(receive, self._max_body, header(scope, b"content-length"), self._body_timeout)
-        except BodyTooLarge:
-            raise GatewayError(413, f"The request body exceeds {self._max_body} bytes.") from None
-        except BodyTimeout:
-            raise GatewayError(408, "The request body was not received in time.") from None
+            # Read, bounded and inspected, by the stage before the limits (request_body.InspectBody).
+            content = await read_body(receive, sys.maxsize)
         except ClientGone:
             exchange.outcome = Outcome.CLIENT_DISCONNECT
             return
-        content, strip_usage = _inspect_body(scope, body, exchange)
         principal = exchange.principal
         restricted = principal is not None and principal.models is not None and scope["method"] == "GET"
         if restricted and scope["path"].startswith("/v1/models/"):
@@ -141,7 +137,7 @@ class Proxy:
             if restricted and scope["path"] == "/v1/models":
                 completed = await self._relay_model_list(response, send, exchange, principal, ours)
             else:
-                completed = await self._relay(response, send, exchange, strip_usage, watch, ours)
+                completed = await self._relay(response, send, exchange, watch, ours)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -177,7 +173,6 @@ class Proxy:
         response: Response,
         send: Send,
         exchange: Exchange,
-        strip_usage: bool,
         watch: DisconnectWatch,
         ours: list[tuple[bytes, bytes]],
     ) -> bool:
@@ -192,14 +187,17 @@ class Proxy:
             headers.append((name, value))
         headers += ours
         tap: StreamTap | None = None
+        reader: BodyUsage | None = None
+        exchange.stream = is_sse  # what the response is decides, not what the request said
         if is_sse:
-            tap = StreamTap(strip_usage=strip_usage)
+            tap = StreamTap(strip_usage=exchange.usage_added)
             headers = [h for h in headers if h[0] != b"content-length"]
             headers.append((b"x-accel-buffering", b"no"))
+        elif 200 <= response.status < 300:
+            reader = BodyUsage()
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
-        previous = last = b""
         body = b""  # what goes out with the end of the response
         try:
             while chunk := await response.read_some():
@@ -211,8 +209,8 @@ class Proxy:
                 if tap is not None:
                     chunk = tap.feed(chunk) + (tap.flush() if ended else b"")
                     exchange.events += chunk.count(b"\n\n")
-                else:
-                    previous, last = last, chunk
+                elif reader is not None:
+                    reader.feed(chunk, last=ended)
                 if ended:
                     body = chunk
                     break
@@ -234,7 +232,10 @@ class Proxy:
             return False
         watch.finish()
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        exchange.usage = tap.usage if tap is not None else find_usage(previous + last)
+        if tap is not None:
+            exchange.usage = tap.usage
+        elif reader is not None:
+            exchange.usage = reader.finish()
         return True
 
     async def _relay_model_list(
@@ -285,43 +286,3 @@ def _safe_path(path: str, raw_path: bytes) -> bool:
         return False
     lowered = raw_path.lower()
     return not any(bad in lowered for bad in _FORBIDDEN_IN_PATH)
-
-
-def _inspect_body(scope: Scope, body: bytes, exchange: Exchange) -> tuple[bytes, bool]:
-    """Parse a JSON body once: record model and stream flag, add include_usage if missing.
-
-    Returns the bytes to send upstream (the original ones unless edited) and
-    whether the usage event must be hidden from the client.
-    """
-    if scope["method"] != "POST" or not body:
-        return body, False
-    principal = exchange.principal
-    content_type = header(scope, b"content-type")
-    if content_type is not None and content_type.startswith(b"multipart/"):
-        if principal is not None and principal.models is not None:
-            raise refusal("model_not_allowed")  # the model is inside the form: a restricted key may not upload
-        return body, False  # file uploads (audio); everything else on /v1 is JSON
-    try:
-        payload: Any = json.loads(body)
-    except (ValueError, RecursionError):
-        raise GatewayError(400, "The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
-    model = payload.get("model")
-    if isinstance(model, str):
-        exchange.model = model
-    cap = payload.get("max_completion_tokens", payload.get("max_tokens"))
-    if isinstance(cap, int):
-        exchange.max_tokens = cap
-    if principal is not None and not principal.allows(model if isinstance(model, str) else None):
-        raise refusal("model_not_allowed")
-    if payload.get("stream") is not True:
-        return body, False
-    exchange.stream = True
-    options = payload.get("stream_options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict) or options.get("include_usage") is True:
-        return body, False
-    payload["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(payload, separators=(",", ":")).encode(), True

@@ -1,18 +1,37 @@
-"""Reading token usage out of responses without parsing them.
+"""Reading token usage out of responses, in every shape, without parsing them.
 
-The proxy forwards bytes untouched. To account tokens it only needs the `usage`
-object, which vLLM puts at the end of a JSON body or in the last event of a
-stream. `find_usage` locates it with a byte search and decodes just that object.
+The proxy forwards bytes untouched; to account tokens it only needs the `usage`
+object. Where it sits depends on the route and on the engine:
+
+- chat/completions and completions: `usage` with `prompt_tokens`/`completion_tokens`, at the
+  top level of the body, or of the last event of a stream (vLLM writes `prompt_logprobs`,
+  `prompt_token_ids`, `kv_transfer_params` after it, so it is not necessarily near the end);
+- responses: `input_tokens`/`output_tokens`, in a stream inside the `response.completed`
+  event (`{"type":"response.completed","response":{...,"usage":{...}}}`);
+- embeddings: `prompt_tokens` and `total_tokens` only; anything else: `total_tokens`.
+
+Only a `"usage"` key at the top level of the response object counts (one level down in a
+`response.completed` event): `jsonscan.Depth` follows nesting and string state, so a
+`"usage"` inside generated text or a nested object is never taken. `BodyUsage` does this
+over a body's chunks holding a few bytes between them; `StreamTap` over SSE events.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from typing import Any
+
+from .jsonscan import Depth
 
 _USAGE_KEY = b'"usage":'
+_KEY_TAIL = len(_USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
 _EVENT_END = b"\n\n"
+_RESPONSE_COMPLETED = re.compile(rb'"type":\s*"response\.completed"')
+_NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')  # the usage-only event (vLLM writes no spaces; others may)
 _DECODER = json.JSONDecoder()
+MAX_USAGE_OBJECT = 4096  # bytes of a usage object decoded at most
 # An SSE event is held back only while incomplete; past this size a stream that is
 # not SSE-shaped is flushed as it is rather than buffered.
 MAX_PENDING_EVENT = 1 << 20
@@ -28,29 +47,126 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def find_usage(data: bytes) -> Usage | None:
-    """The last non-null `"usage": {...}` object in `data`, or None."""
-    end = len(data)
-    while True:
-        at = data.rfind(_USAGE_KEY, 0, end)
-        if at < 0:
-            return None
-        start = at + len(_USAGE_KEY)
-        text = data[start : start + 512].decode("utf-8", "replace").lstrip()
+def usage_from(value: object) -> Usage | None:
+    """A decoded usage object in any of its shapes; None when it holds no token count."""
+    if not isinstance(value, dict):
+        return None
+    prompt = _count(value.get("prompt_tokens"))
+    if prompt is None:
+        prompt = _count(value.get("input_tokens"))
+    completion = _count(value.get("completion_tokens"))
+    if completion is None:
+        completion = _count(value.get("output_tokens"))
+    total = _count(value.get("total_tokens"))
+    if prompt is None and completion is None and total is None:
+        return None
+    usage = Usage(prompt or 0, completion or 0)
+    if total is not None and total > usage.total_tokens:  # embeddings, or a total-only shape
+        if prompt is None:
+            usage.prompt_tokens = total - usage.completion_tokens
+        else:
+            usage.completion_tokens = total - usage.prompt_tokens
+    return usage
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _decode(data: bytes) -> tuple[bool, Any]:
+    """(complete, value) of the JSON value at the start of `data` (leading whitespace allowed)."""
+    # A usage object is a few hundred bytes: most of the time the first 512 hold it.
+    for size in (512, MAX_USAGE_OBJECT):
+        text = data[:size].decode("utf-8", "replace").lstrip()
         try:
-            value, _ = _DECODER.raw_decode(text)
+            return True, _DECODER.raw_decode(text)[0]
         except ValueError:
-            value = None
-        if isinstance(value, dict):
-            return Usage(
-                prompt_tokens=_int(value.get("prompt_tokens")),
-                completion_tokens=_int(value.get("completion_tokens")),
-            )
-        end = at
+            if len(data) <= size:
+                break
+    return False, None
 
 
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
+    """The last usage object keyed at nesting `depth` of the JSON text in `data` (1: the top level)."""
+    found: Usage | None = None
+    at = data.find(_USAGE_KEY)
+    if at < 0:
+        return None
+    tracker = Depth()
+    position = 0
+    while at >= 0:
+        tracker.advance(data[position:at])
+        position = at
+        if not tracker.in_string and tracker.depth == depth:
+            start = at + len(_USAGE_KEY)
+            usage = usage_from(_decode(data[start : start + MAX_USAGE_OBJECT])[1])
+            if usage is not None:
+                found = usage
+        at = data.find(_USAGE_KEY, at + 1)
+    return found
+
+
+def event_usage(event: bytes) -> Usage | None:
+    """Usage in one SSE event: top level of its data, or inside `response` for `response.completed`."""
+    usage = find_usage(event)
+    if usage is None and _RESPONSE_COMPLETED.search(event):
+        usage = find_usage(event, depth=2)
+    return usage
+
+
+class BodyUsage:
+    """The top-level usage object of a JSON body fed chunk by chunk (`feed`, then `finish`).
+
+    Holds at most the last few bytes of a chunk (a key may straddle two) and, once the key
+    is seen, the usage object's first `MAX_USAGE_OBJECT` bytes until it is complete.
+    """
+
+    __slots__ = ("_capture", "_depth", "_held", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self._depth = Depth()
+        self._held = b""
+        self._capture: bytes | None = None  # the usage value's bytes so far, while incomplete
+
+    def feed(self, chunk: bytes, *, last: bool = False) -> None:
+        """Read on; `last`: no chunk follows (its end need not be tracked for the next one)."""
+        if self._capture is not None:
+            self._capture += chunk[: MAX_USAGE_OBJECT - len(self._capture)]
+            self._decode_capture(final=False)
+        data = self._held + chunk if self._held else chunk
+        end = len(data) - _KEY_TAIL
+        if end <= 0:
+            self._held = data
+            return
+        position = 0
+        at = data.find(_USAGE_KEY)
+        while 0 <= at < end:
+            self._depth.advance(data[position:at])
+            position = at
+            if not self._depth.in_string and self._depth.depth == 1:
+                start = at + len(_USAGE_KEY)
+                self._capture = data[start : start + MAX_USAGE_OBJECT]
+                self._decode_capture(final=False)
+            at = data.find(_USAGE_KEY, at + 1)
+        if not last:
+            self._depth.advance(data[position:end])
+            self._held = data[end:]
+
+    def finish(self) -> Usage | None:
+        if self._capture is not None:
+            self._decode_capture(final=True)
+        return self.usage
+
+    def _decode_capture(self, *, final: bool) -> None:
+        capture = self._capture
+        assert capture is not None
+        complete, value = _decode(capture)
+        if complete or final or len(capture) >= MAX_USAGE_OBJECT:
+            self._capture = None
+            usage = usage_from(value)
+            if usage is not None:
+                self.usage = usage
 
 
 class StreamTap:
@@ -98,17 +214,17 @@ class StreamTap:
         start = 0 if before < 0 else before + len(_EVENT_END)
         end = events.find(_EVENT_END, at) + len(_EVENT_END)
         event = events[start:end]
-        if events.find(_USAGE_KEY, 0, start) < 0 and (usage := find_usage(event)) is not None:
+        if events.find(_USAGE_KEY, 0, start) < 0 and (usage := event_usage(event)) is not None:
             self.usage = usage
-            if self.strip_usage and b'"choices":[]' in event:
+            if self.strip_usage and _NO_CHOICES.search(event):
                 return events[:start] + events[end:]
             return events
         kept: list[bytes] = []
         for event in events.split(_EVENT_END)[:-1]:
-            usage = find_usage(event) if _USAGE_KEY in event else None
+            usage = event_usage(event) if _USAGE_KEY in event else None
             if usage is not None:
                 self.usage = usage
-                if self.strip_usage and b'"choices":[]' in event:
+                if self.strip_usage and _NO_CHOICES.search(event):
                     continue
             kept.append(event + _EVENT_END)
         return b"".join(kept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -64,42 +65,48 @@ def test_requests_per_minute_429_with_headers_and_sdk_error(sim: str) -> None:
         assert error.response.headers["x-request-id"]
 
 
-def _usage_direct(sim: str, stream: bool) -> int:
-    """What the simulator reports for CHAT (deterministic), asked directly."""
-    body = {**CHAT, "stream": stream}
+def _usage_direct(sim: str, body: bytes, stream: bool) -> int:
+    """What the simulator reports for `body` (deterministic), asked directly."""
     if stream:
-        body["stream_options"] = {"include_usage": True}
-        with httpx.stream("POST", sim + "/v1/chat/completions", json=body, timeout=10) as response:
+        asked = json.dumps({**json.loads(body), "stream_options": {"include_usage": True}})
+        with httpx.stream("POST", sim + "/v1/chat/completions", content=asked, timeout=10) as response:
             text = "".join(response.iter_text())
         usage_line = next(line for line in text.splitlines() if '"usage"' in line)
         return int(usage_line.split('"total_tokens":')[1].split(",")[0].rstrip("}"))
-    return int(httpx.post(sim + "/v1/chat/completions", json=body, timeout=10).json()["usage"]["total_tokens"])
+    return int(httpx.post(sim + "/v1/chat/completions", content=body, timeout=10).json()["usage"]["total_tokens"])
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_tokens_per_minute_charged_from_real_usage(sim: str, stream: bool) -> None:
-    used = _usage_direct(sim, stream)
-    tpm = 2 * used + used // 2  # two requests fit, the third overshoots and exhausts the window
+def test_tokens_per_minute_reserved_then_charged_from_real_usage(sim: str, stream: bool) -> None:
+    body = json.dumps({**CHAT, "stream": stream, "max_tokens": 12}).encode()
+    used = _usage_direct(sim, body, stream)
+    reserved = len(body) // 4 + 12  # the prompt estimate (bytes / 4) and max_tokens
+    assert reserved > used
+    tpm = 3 * used + reserved - 1  # three fit one after the other; then what is left is less than a reservation
+    if 60 - time.time() % 60 < 8:  # the window counts whole minutes: keep the test inside one
+        time.sleep(60 - time.time() % 60)
     with (
         gateway("--upstream-url", sim, env=limits(rate_limit_tpm=tpm)) as (_, base),
         httpx.Client(base_url=base, timeout=10, headers=AUTH) as http,
     ):
         remaining = []
         for _ in range(3):
-            with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": stream}) as response:
+            with http.stream("POST", "/v1/chat/completions", content=body) as response:
                 assert response.status_code == 200
-                body = response.read()
+                text = response.read()
                 remaining.append(int(response.headers["x-ratelimit-remaining-tokens"]))
             if stream:  # the client did not ask for usage: the gateway's own usage event is hidden
-                assert b'"usage"' not in body
-        # Remaining is read before each request's own charge (as OpenAI reports it).
-        assert remaining == [tpm, tpm - used, tpm - 2 * used]
-        refused = http.post("/v1/chat/completions", json=CHAT)
+                assert b'"usage"' not in text
+        # Remaining counts this request's reservation, and the earlier ones settled to their usage.
+        assert remaining == [tpm - reserved, tpm - used - reserved, tpm - 2 * used - reserved]
+        refused = http.post("/v1/chat/completions", content=body)
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-        assert "tokens per minute" in refused.json()["error"]["message"]
-        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert f"tokens per minute (this request needs {reserved})" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == str(reserved - 1)
         assert int(refused.headers["retry-after"]) >= 1
+        small = http.post("/v1/chat/completions", content=body.replace(b'"max_tokens": 12', b'"max_tokens": 1'))
+        assert small.status_code == 200  # a smaller reservation still fits
 
 
 def _open_stream(http: httpx.Client) -> tuple[httpx.Response, Iterator[bytes]]:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from bastion.app import Gateway, create_app
 from bastion.config import Settings
 from bastion.context import Exchange
+from bastion.request_body import lax_bool
 from tests.support import AUTH, TEST_KEY, ScriptedUpstream
 
 UPSTREAM_BODY = b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
@@ -147,14 +148,18 @@ nasty_text = st.text(
     alphabet=st.characters(codec=None, blacklist_categories=("Cs",)) | st.sampled_from(["\x00", "\r", "\n", "\u202e"]),
     max_size=200,
 )
+# What vLLM's lax bool accepts (pydantic v2): the gateway must read them as the model server does.
+lax_bools = st.sampled_from(
+    [True, False, 1, 0, 1.0, 0.0, "true", "FALSE", "1", "0", "yes", "No", "on", "off", "t", "F"]
+)
 requests = st.fixed_dictionaries(
     {},
     optional={
         "model": json_values | nasty_text,
         "messages": json_values
         | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": nasty_text})),
-        "stream": json_values,
-        "stream_options": json_values | st.fixed_dictionaries({"include_usage": json_values}),
+        "stream": json_values | lax_bools,
+        "stream_options": json_values | st.fixed_dictionaries({"include_usage": json_values | lax_bools}),
         "max_tokens": json_values,
         "max_completion_tokens": json_values,
     },
@@ -177,8 +182,13 @@ def test_wrong_types_unicode_and_nul_in_known_fields(rig: Rig, payload: dict[str
     assert rig.forwarded() == before + 1
     sent = json.loads(rig.upstream.requests[-1].partition(b"\r\n\r\n")[2])
     options = payload.get("stream_options")
-    if payload.get("stream") is True and (options is None or isinstance(options, dict)):
-        assert sent["stream_options"]["include_usage"] is True, "usage asked for on the client's behalf"
+    asked = options.get("include_usage") if isinstance(options, dict) else None
+    if (
+        lax_bool(payload.get("stream")) is True
+        and (options is None or isinstance(options, dict))
+        and (asked is None or lax_bool(asked) is False)  # not asked already, nor a value vLLM refuses
+    ):
+        assert sent["stream_options"] == {**(options or {}), "include_usage": True}, "usage asked for, options kept"
         assert {k: v for k, v in sent.items() if k != "stream_options"} == {
             k: v for k, v in payload.items() if k != "stream_options"
         }

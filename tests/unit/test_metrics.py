@@ -72,6 +72,15 @@ def test_success_counts_request_latency_ttft_and_tokens() -> None:
     assert _value(metrics, "bastion_tokens_total", kind="completion", **tokens) == 24
 
 
+def test_responses_charged_an_estimate_are_counted_by_route() -> None:
+    metrics = _metrics()
+    metrics(_exchange(200, usage_estimated=True))
+    metrics(_exchange(200, usage_estimated=True, path="/v1/made-up/route"))
+    metrics(_exchange(200, usage=Usage(1, 2)))
+    assert _value(metrics, "bastion_usage_estimated_total", route="/v1/chat/completions") == 1
+    assert _value(metrics, "bastion_usage_estimated_total", route="other") == 1
+
+
 def test_ttft_only_for_successful_streams() -> None:
     metrics = _metrics()
     metrics(_exchange(200, stream=False, first_byte=11.0))

@@ -10,12 +10,12 @@ import pytest
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from bastion.config import Settings
+from bastion.accounting import charge
 from bastion.context import Exchange, Outcome
 from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
 from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
 from bastion.ratelimit.memory import MemoryStorage
-from bastion.ratelimit.middleware import tokens_used
+from bastion.ratelimit.tokens import Window
 from bastion.usage import Usage
 
 
@@ -23,7 +23,7 @@ class Clock:
     """Controls `time.time`, which the `limits` memory storage reads for its windows."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = 1_700_000_000.0  # a whole minute: window keys start here
+        self.now = 1_700_000_040.0  # the start of a minute (of the tokens window's counters)
         monkeypatch.setattr(time, "time", lambda: self.now)
 
     def advance(self, seconds: float) -> None:
@@ -35,9 +35,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return Clock(monkeypatch)
 
 
-def limiter(**values: object) -> RateLimiter:
-    base: dict[str, object] = {"rate_limit_rpm": 0, "rate_limit_tpm": 0, "rate_limit_max_concurrent": 0}
-    return RateLimiter(Settings(_env_file=None, **{**base, **values}))  # type: ignore[arg-type]
+def limiter(rpm: int = 0, tpm: int = 0, max_concurrent: int = 0, auth_failure_limit: int = 0) -> RateLimiter:
+    return RateLimiter(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, auth_failure_limit=auth_failure_limit)
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def test_limit_headers() -> None:
 
 
 async def test_requests_window_edges(clock: Clock) -> None:
-    limits = limiter(rate_limit_rpm=2)
+    limits = limiter(rpm=2)
     first = await limits.admit(None, "10.0.0.1")
     assert dict(first.headers)[b"x-ratelimit-remaining-requests"] == b"1"
     assert dict(first.headers)[b"x-ratelimit-reset-requests"] == b"1m0s"
@@ -90,24 +89,92 @@ async def test_requests_window_edges(clock: Clock) -> None:
         await limits.admit(None, "10.0.0.1")
 
 
-async def test_tokens_refused_up_front_and_charged_afterwards(clock: Clock) -> None:
-    limits = limiter(rate_limit_tpm=100)
-    admission = await limits.admit(None, "ip")
-    await limits.charge(admission, 60)
-    second = await limits.admit(None, "ip")  # 40 left: admitted although it will overshoot
-    assert dict(second.headers)[b"x-ratelimit-remaining-tokens"] == b"40"
-    await limits.charge(second, 500)  # more than the limit: exhausts the window
+def remaining(headers: list[tuple[bytes, bytes]]) -> int:
+    return int(dict(headers)[b"x-ratelimit-remaining-tokens"])
+
+
+async def test_tokens_reserved_at_admission_and_settled_to_usage(clock: Clock) -> None:
+    limits = limiter(tpm=100)
+    first = await limits.admit(None, "ip", tokens=30)
+    assert (first.reserved, remaining(first.headers)) == (30, 70)  # remaining counts this request's reservation
+    second = await limits.admit(None, "ip", tokens=60)
+    assert remaining(second.headers) == 10
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip", tokens=11)  # does not fit while both are in flight
+    assert refused.value.reason == "rate_limit_tokens"
+    assert "this request needs 11" in refused.value.message
+    assert dict(refused.value.headers)[b"x-ratelimit-remaining-tokens"] == b"10"
+    await limits.settle(first, 12)  # used less: 18 refunded
+    await limits.settle(second, 75)  # used more: 15 more charged
+    after = await limits.admit(None, "ip", tokens=0)
+    assert remaining(after.headers) == 100 - 12 - 75
+    with pytest.raises(RateLimited):
+        await limits.admit(None, "ip", tokens=14)
+    clock.advance(120)  # both sliding-window counters have aged out
+    assert remaining((await limits.admit(None, "ip", tokens=0)).headers) == 100
+
+
+async def test_a_reservation_larger_than_the_limit_waits_for_an_empty_window(clock: Clock) -> None:
+    limits = limiter(tpm=100)
+    huge = await limits.admit(None, "ip", tokens=10_000)
+    assert huge.reserved == 100
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip", tokens=10_000)
+    assert dict(refused.value.headers)[b"retry-after"] == b"120"  # the current minute must age out entirely
+    await limits.settle(huge, 5_000)  # charged in full: the window is over its limit until it ages out
+    with pytest.raises(RateLimited):
+        await limits.admit(None, "ip", tokens=1)
+
+
+async def test_settled_in_the_next_minute_refunds_the_previous_window(clock: Clock) -> None:
+    limits = limiter(tpm=600)
+    admission = await limits.admit(None, "ip", tokens=600)
+    clock.advance(70)  # 10 s into the next minute: the previous one weighs 50/60
+    assert remaining((await limits.admit(None, "ip")).headers) in (100, 101)  # (float time: 499.99... weighs 499)
+    await limits.settle(admission, 60)  # the refund lands on the minute the reservation went into
+    assert remaining((await limits.admit(None, "ip")).headers) in (550, 551)
+    late = await limits.admit(None, "ip", tokens=300)
+    clock.advance(130)  # its window has expired: what it used is charged now
+    await limits.settle(late, 120)
+    assert remaining((await limits.admit(None, "ip")).headers) == 480
+
+
+async def test_refusal_after_the_reservation_gives_it_back() -> None:
+    limits = limiter(tpm=100, max_concurrent=1)
+    held = await limits.admit(None, "ip", tokens=40)
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip", tokens=40)
+    assert refused.value.reason == "rate_limit_concurrency"
+    assert "at most 1 concurrent request;" in refused.value.message
+    assert dict(refused.value.headers)[b"x-ratelimit-remaining-tokens"] == b"60"  # its reservation given back
+    await limits.release(held)
+    assert remaining((await limits.admit(None, "ip", tokens=0)).headers) == 60
+
+
+async def test_concurrency_refusal_carries_the_request_headers_and_takes_no_hit() -> None:
+    limits = limiter(rpm=5, max_concurrent=2)
+    await limits.admit(None, "ip")
+    await limits.admit(None, "ip")
     with pytest.raises(RateLimited) as refused:
         await limits.admit(None, "ip")
-    assert refused.value.reason == "rate_limit_tokens"
-    assert dict(refused.value.headers)[b"x-ratelimit-remaining-tokens"] == b"0"
-    clock.advance(120)  # both sliding-window counters have aged out
-    again = await limits.admit(None, "ip")
-    assert dict(again.headers)[b"x-ratelimit-remaining-tokens"] == b"100"
+    headers = dict(refused.value.headers)
+    assert "at most 2 concurrent requests;" in refused.value.message
+    assert (headers[b"x-ratelimit-limit-requests"], headers[b"x-ratelimit-remaining-requests"]) == (b"5", b"3")
+
+
+def test_retry_after_for_a_reservation() -> None:
+    empty = Window(0, 0.0, 0, 0.0)
+    assert empty.fits_in(100, 100, 60) == 0
+    # 60 s window, 30 s into the minute: the previous minute's 60 tokens weigh 30, the current 40.
+    window = Window(60, 30.0, 40, 90.0)
+    assert window.remaining(100, 60) == 30
+    assert window.fits_in(30, 100, 60) == 0
+    assert window.fits_in(50, 100, 60) == pytest.approx(20.0)  # the previous minute must fade to 10
+    assert window.fits_in(80, 100, 60) == pytest.approx(30 + 30)  # the current minute must fade to 20
 
 
 async def test_concurrency_slots_are_given_back() -> None:
-    limits = limiter(rate_limit_max_concurrent=2)
+    limits = limiter(max_concurrent=2)
     held = [await limits.admit(None, "ip"), await limits.admit(None, "ip")]
     with pytest.raises(RateLimited) as refused:
         await limits.admit(None, "ip")
@@ -118,7 +185,7 @@ async def test_concurrency_slots_are_given_back() -> None:
 
 
 async def test_refused_request_does_not_keep_its_slot(clock: Clock) -> None:
-    limits = limiter(rate_limit_rpm=1, rate_limit_max_concurrent=1)
+    limits = limiter(rpm=1, max_concurrent=1)
     await limits.release(await limits.admit(None, "ip"))
     with pytest.raises(RateLimited) as refused:
         await limits.admit(None, "ip")
@@ -128,7 +195,7 @@ async def test_refused_request_does_not_keep_its_slot(clock: Clock) -> None:
 
 
 async def test_principal_overrides_and_keys() -> None:
-    limits = limiter(rate_limit_rpm=5, rate_limit_tpm=50, rate_limit_max_concurrent=3)
+    limits = limiter(rpm=5, tpm=50, max_concurrent=3)
     assert limits.limits_for(None, "1.2.3.4") == ("ip:1.2.3.4", 5, 50, 3)
     assert limits.limits_for(Principal("k1"), "1.2.3.4") == ("p:k1", 5, 50, 3)
     assert limits.limits_for(Principal("k1", rpm=1, tpm=0, max_concurrent=9), "ip") == ("p:k1", 1, 0, 9)
@@ -222,22 +289,26 @@ def test_storage_keys_are_the_librarys() -> None:
         assert ours.key_for("a", b"b", 3) == theirs.key_for("a", b"b", 3)
 
 
-def test_token_estimate_without_usage() -> None:
-    scope = {"headers": [(b"content-length", b"400")]}
-    done = Exchange("r", "POST", "/v1/chat/completions", usage=Usage(10, 20))
-    assert tokens_used(done, scope) == 30
-    refused = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.REJECTED)
-    assert tokens_used(refused, scope) == 0
-    cut = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.CLIENT_DISCONNECT, stream=True, events=7)
-    assert tokens_used(cut, scope) == 100 + 7
-    plain = Exchange("r", "POST", "/v1/chat/completions", outcome=Outcome.CLIENT_DISCONNECT, max_tokens=50)
-    assert tokens_used(plain, scope) == 100 + 50
-    broken = Exchange(
-        "r", "POST", "/v1/chat/completions", outcome=Outcome.UPSTREAM_ERROR, reason="midstream", stream=True
-    )
-    assert tokens_used(broken, {"headers": []}) == 0
+def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
+    def exchange(**fields: object) -> Exchange:
+        return Exchange("r", "POST", "/v1/chat/completions", prompt_estimate=100, completion_cap=50, **fields)  # type: ignore[arg-type]
+
+    assert charge(exchange(usage=Usage(10, 20), status=200)) == (30, False)
+    assert charge(exchange(outcome=Outcome.REJECTED, status=429)) == (0, False)
+    assert charge(exchange(status=400)) == (0, False)  # the upstream refused it: nothing generated
+    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT, stream=True, events=7)) == (107, False)
+    assert charge(exchange(outcome=Outcome.CLIENT_DISCONNECT)) == (150, False)
+    assert charge(exchange(outcome=Outcome.UPSTREAM_ERROR, reason="midstream", stream=True)) == (100, False)
+    assert charge(exchange(status=200)) == (150, True)  # a 2xx without usage: what was reserved, flagged
+    assert charge(exchange(status=200, stream=True, events=80)) == (180, True)
+    get = Exchange("r", "GET", "/v1/models", status=200)
+    assert charge(get) == (0, False)  # no body, nothing generated
+    cut = Exchange("r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT)
+    assert charge(cut) == (1, False)  # never 0 once the engine had it
 
 
 def test_redis_password_stays_secret() -> None:
+    from bastion.config import Settings
+
     settings = Settings(_env_file=None, redis_url="redis://:hunter2@127.0.0.1:6379/0")  # type: ignore[arg-type]
     assert "hunter2" not in repr(settings)

@@ -17,7 +17,6 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
-from bastion.config import Settings
 from bastion.ratelimit import RateLimiter
 from bastion.ratelimit.memory import SWEEP_EVERY, MemoryStorage
 
@@ -209,7 +208,7 @@ async def test_registered_scheme_and_no_error_wrapper() -> None:
 
 
 def test_rate_limiter_uses_it_in_memory_mode_only() -> None:
-    memory = RateLimiter(Settings(_env_file=None))  # type: ignore[call-arg]
+    memory = RateLimiter(rpm=1, tpm=1, max_concurrent=1)
     assert isinstance(memory.storage, MemoryStorage) and isinstance(memory.failures.storage, MemoryStorage)
-    shared = RateLimiter(Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0"))  # type: ignore[call-arg,arg-type]
+    shared = RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis_url="redis://127.0.0.1:1/0")
     assert isinstance(shared.storage, RedisStorage) and isinstance(shared.failures.storage, MemoryStorage)

@@ -6,11 +6,11 @@ on bastion's own memory storage (`memory.py`, which says why).
 
 - requests/min: `MovingWindowRateLimiter`, one hit per admitted request (exact:
   two gateways on one Redis admit exactly `rpm` requests per rolling minute).
-- tokens/min: `SlidingWindowCounterRateLimiter` (two counters per key, so a
-  charge of 5 000 tokens is one increment, not 5 000 window entries). A request
-  is refused up front when the window is already exhausted; its real usage is
-  charged when it ends. A charge larger than what is left exhausts the window
-  (the library never counts past a limit, so the excess is not carried over).
+- tokens/min: the library's sliding window counter (two counters per key, so a
+  charge of 5 000 tokens is one increment, not 5 000 window entries), driven by
+  `tokens.py`: a request reserves its prompt estimate plus its completion cap at
+  admission and is refused when that does not fit; when it ends the reservation is
+  settled to what it really used (refund or extra charge, on the reservation's window).
 - concurrency: `slots.py`, a slot per in-flight request, always given back.
 
 A storage failure (Redis unreachable) fails open (serve, log once per incident,
@@ -34,19 +34,21 @@ from typing import Any, Protocol, cast
 import coredis.exceptions
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..config import Settings
 from ..errors import GatewayError
 from .memory import MemoryStorage
 from .slots import MemorySlots, RedisSlots, Slots
+from .tokens import MemoryTokens, RedisTokens, TokenWindows
 
 log = logging.getLogger("bastion.ratelimit")
 
 Headers = list[tuple[bytes, bytes]]
+MINUTE = 60
+REDIS_PREFIX = "bastion:limits"
 
 # "The storage is unavailable": what Redis (coredis) raises when it cannot be reached, answers too late,
 # refuses us (a wrong password is not a bug of ours) or is a read-only replica mid-failover; the
@@ -140,12 +142,14 @@ def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Hea
 
 @dataclass(slots=True)
 class Admission:
-    """An admitted request: what to release and charge when it ends, and its response headers."""
+    """An admitted request: what to release and settle when it ends, and its response headers."""
 
     key: str
     tpm: int
     slot: str | None
     headers: Headers
+    reserved: int = 0  # tokens reserved against the tokens/min window
+    ticket: int = 0  # which window counter holds them (see tokens.py)
 
 
 class RateLimited(GatewayError):
@@ -161,35 +165,51 @@ def redis_storage_uri(url: str) -> str:
 
 
 class RateLimiter:
-    def __init__(self, settings: Settings) -> None:
-        self.default_rpm = settings.rate_limit_rpm
-        self.default_tpm = settings.rate_limit_tpm
-        self.default_concurrent = settings.rate_limit_max_concurrent
-        self.auth_failure_limit = settings.auth_failure_limit
-        self._auth_item = per_minute(self.auth_failure_limit) if self.auth_failure_limit > 0 else None
-        self.fail_open = settings.redis_fail_mode == "open"
+    """Per-principal limits on one storage (memory, or Redis when `redis_url` is given); 0 = unlimited."""
+
+    def __init__(
+        self,
+        *,
+        rpm: int,
+        tpm: int,
+        max_concurrent: int,
+        auth_failure_limit: int = 0,
+        redis_url: str | None = None,
+        redis_timeout: float = 0.5,
+        fail_open: bool = True,
+        slot_ttl: float = 60.0,
+    ) -> None:
+        self.default_rpm = rpm
+        self.default_tpm = tpm
+        self.default_concurrent = max_concurrent
+        self.auth_failure_limit = auth_failure_limit
+        self._auth_item = per_minute(auth_failure_limit) if auth_failure_limit > 0 else None
+        self.fail_open = fail_open
         # Storage incidents seen (each failed storage call) and requests served without limits because of one;
         # exported by `collector()`.
         self.storage_errors = 0
         self.fail_open_admissions = 0
         self._degraded = False
-        self.shared = settings.redis_url is not None
+        self.shared = redis_url is not None
         self.slots: Slots
-        if settings.redis_url is not None:
-            timeout = settings.redis_timeout
+        self.token_windows: TokenWindows
+        if redis_url is not None:
             redis = RedisStorage(
-                redis_storage_uri(settings.redis_url.get_secret_value()),
-                connect_timeout=timeout,
-                stream_timeout=timeout,
-                key_prefix="bastion:limits",
+                redis_storage_uri(redis_url),
+                connect_timeout=redis_timeout,
+                stream_timeout=redis_timeout,
+                key_prefix=REDIS_PREFIX,
             )
-            self.slots = RedisSlots(cast(Any, redis.bridge).get_connection(), settings.concurrency_slot_ttl)
+            connection = cast(Any, redis.bridge).get_connection()
+            self.slots = RedisSlots(connection, slot_ttl)
+            self.token_windows = RedisTokens(connection, REDIS_PREFIX)
             self.storage: Storage = redis
         else:
-            self.storage = MemoryStorage()
+            memory = MemoryStorage()
             self.slots = MemorySlots()
+            self.token_windows = MemoryTokens(memory)
+            self.storage = memory
         self.requests = MovingWindowRateLimiter(self.storage)
-        self.tokens = SlidingWindowCounterRateLimiter(self.storage)
         # Failed logins are counted per process, even with Redis: slowing a key guesser needs no exact
         # cross-replica count, and the check runs before every credential, so it must cost no round trip.
         self._failure_log = MemoryStorage()
@@ -215,30 +235,46 @@ class RateLimiter:
         conc = self.default_concurrent if principal.max_concurrent is None else principal.max_concurrent
         return "p:" + principal.id, rpm, tpm, conc
 
-    async def admit(self, principal: LimitedPrincipal | None, client_ip: str) -> Admission:
-        """Take a request slot, a request-window hit and check the token window, or raise `RateLimited`."""
+    async def admit(self, principal: LimitedPrincipal | None, client_ip: str, tokens: int = 0) -> Admission:
+        """Reserve `tokens` (at most the whole tokens/min limit), take a concurrency slot and a request-window
+        hit, or raise `RateLimited` having taken nothing."""
         key, rpm, tpm, conc = self.limits_for(principal, client_ip)
-        slot: str | None = None
+        admission = Admission(key, tpm, None, [])
         try:
-            headers: Headers = []
             now = time.time()
-            token_headers: Headers = []
+            token_headers: Headers = []  # for a response: what is left with this request's reservation
+            refused_headers: Headers = []  # for a refusal: what is left without it (it is given back)
             if tpm > 0:
-                stats = await self.tokens.get_window_stats(per_minute(tpm), key)
-                token_headers = limit_headers("tokens", tpm, stats.remaining, stats.reset_time - now)
-                if stats.remaining <= 0:
+                amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
+                reservation = await self.token_windows.reserve(per_minute(tpm).key_for(key), tpm, MINUTE, amount)
+                window = reservation.window
+                left, reset = window.remaining(tpm, MINUTE), window.reset_in(MINUTE)
+                token_headers = refused_headers = limit_headers("tokens", tpm, left, reset)
+                if reservation.admitted:
+                    refused_headers = limit_headers("tokens", tpm, min(tpm, left + amount), reset)
+                else:
+                    wait = window.fits_in(amount, tpm, MINUTE)
                     raise self._refused(
-                        "tokens", f"{tpm} tokens per minute", stats.reset_time, now, headers, token_headers
+                        "tokens",
+                        f"{tpm} tokens per minute (this request needs {amount})",
+                        now + wait,
+                        now,
+                        [],
+                        token_headers,
                     )
+                admission.reserved, admission.ticket = amount, reservation.ticket
             if conc > 0:
-                slot = await self.slots.acquire(key, conc)
-                if slot is None:
+                admission.slot = await self.slots.acquire(key, conc)
+                if admission.slot is None:
+                    request_headers = await self._request_headers(key, rpm, now) if rpm > 0 else []
+                    plural = "request" if conc == 1 else "requests"
                     raise RateLimited(
                         429,
-                        f"Rate limit reached: at most {conc} concurrent requests; retry when one finishes.",
+                        f"Rate limit reached: at most {conc} concurrent {plural}; retry when one finishes.",
                         "rate_limit_concurrency",
-                        [(b"retry-after", b"1"), *token_headers],
+                        [(b"retry-after", b"1"), *request_headers, *refused_headers],
                     )
+            headers: Headers = []
             if rpm > 0:
                 item = per_minute(rpm)
                 admitted = await self.requests.hit(item, key)
@@ -246,17 +282,16 @@ class RateLimiter:
                 headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
                 if not admitted:
                     raise self._refused(
-                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, token_headers
+                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, refused_headers
                     )
             self._recovered()
-            return Admission(key, tpm, slot, headers + token_headers)
+            admission.headers = headers + token_headers
+            return admission
         except RateLimited:
-            if slot is not None:
-                await self._release(key, slot)
+            await self._undo(admission)
             raise
         except STORAGE_ERRORS as exc:
-            if slot is not None:
-                await self._release(key, slot)
+            await self._undo(admission)
             self._storage_failed(exc)
             if self.fail_open:
                 self.fail_open_admissions += 1
@@ -271,11 +306,23 @@ class RateLimiter:
         except Exception:
             # A bug, not an unavailable storage: never serve it as "limits off". 500, with the traceback logged.
             log.exception("rate limiter failed on %s (a bug, not the storage): answering 500", key)
-            if slot is not None:
-                await self._release(key, slot)
+            await self._undo(admission)
             raise RateLimited(
                 500, "The gateway failed to apply its rate limits.", "rate_limit_internal", [], code="internal_error"
             ) from None
+
+    async def _request_headers(self, key: str, rpm: int, now: float) -> Headers:
+        stats = await self.requests.get_window_stats(per_minute(rpm), key)
+        return limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
+
+    async def _undo(self, admission: Admission) -> None:
+        """Give back what a refused (or failed) admission took: its slot and its reservation."""
+        if admission.slot is not None:
+            await self._release(admission.key, admission.slot)
+            admission.slot = None
+        if admission.reserved:
+            await self.settle(admission, 0)
+            admission.reserved = 0
 
     @staticmethod
     def _refused(
@@ -299,17 +346,14 @@ class RateLimiter:
         except Exception as exc:  # with Redis the slot expires by itself
             self._storage_failed(exc)
 
-    async def charge(self, admission: Admission, tokens: int) -> None:
-        """Charge the tokens a finished request used against its tokens/min window."""
-        if admission.tpm <= 0 or tokens <= 0:
+    async def settle(self, admission: Admission, tokens: int) -> None:
+        """Settle a finished request's reservation to the `tokens` it used: refund the rest, or charge the excess."""
+        delta = tokens - admission.reserved
+        if admission.tpm <= 0 or delta == 0:
             return
-        item = per_minute(admission.tpm)
+        key = per_minute(admission.tpm).key_for(admission.key)
         try:
-            if not await self.tokens.hit(item, admission.key, cost=tokens):
-                # More than what is left: exhaust the window (the library never counts past its limit).
-                left = (await self.tokens.get_window_stats(item, admission.key)).remaining
-                if left > 0:
-                    await self.tokens.hit(item, admission.key, cost=left)
+            await self.token_windows.settle(key, MINUTE, admission.ticket, delta, tokens)
         except Exception as exc:
             self._storage_failed(exc)
 

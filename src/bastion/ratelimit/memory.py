@@ -182,6 +182,32 @@ class MemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, T
             return False
         return True
 
+    def reserve_sliding_window(
+        self, key: str, limit: int, expiry: int, amount: int
+    ) -> tuple[bool, int, tuple[int, float, int, float]]:
+        """Add `amount` if it fits under `limit`: (admitted, the window's index, the window after)."""
+        now = self._now()
+        current_key, previous_count, previous_ttl, current_count, current_ttl = self._sliding_window(key, expiry, now)
+        weighted = previous_count * previous_ttl / expiry
+        admitted = floor(weighted + current_count) + amount <= limit
+        if admitted and amount:
+            current_count = self._incr(current_key, 2 * expiry, amount, now)
+        return admitted, int(now / expiry), (previous_count, previous_ttl, current_count, current_ttl)
+
+    def settle_sliding_window(self, key: str, expiry: int, window: int, delta: int, actual: int) -> None:
+        """Add `delta` to window `window`'s counter (never below 0) if it is still counted (this window
+        or the previous one); otherwise charge `actual` into the current window."""
+        now = self._now()
+        current = int(now / expiry)
+        counter = f"{key}/{window}"
+        if window in (current, current - 1) and self._get(counter, now) > 0:
+            if delta > 0:
+                self._incr(counter, 2 * expiry, delta, now)
+            elif delta < 0:
+                self._decr(counter, -delta, now)
+        elif actual > 0:
+            self._incr(f"{key}/{current}", 2 * expiry, actual, now)
+
     async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         return self._sliding_window(key, expiry, self._now())[1:]
 

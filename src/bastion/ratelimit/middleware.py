@@ -1,21 +1,20 @@
 """`RateLimitMiddleware`: plain ASGI around the proxy.
 
-Before: admit or refuse (429/503 answered here, nothing forwarded). During: the
-`x-ratelimit-*` headers, computed once at admission, are appended to
-`http.response.start`; body messages pass through untouched. After (always, in
-`finally`): the concurrency slot is released and the tokens are charged.
+Before: admit or refuse (429/503 answered here, nothing forwarded); admission reserves
+the request's prompt estimate plus its completion cap (read from the body by the stage
+before, `request_body.InspectBody`) against tokens/min. During: the `x-ratelimit-*`
+headers, computed once at admission, go out with the proxy's response. After (always,
+in `finally`): the concurrency slot is released and the reservation is settled to what
+the request is charged (`accounting.charge`: its usage, or a conservative estimate).
 """
 
 from __future__ import annotations
 
-from ..asgi import ASGIApp, Receive, Scope, Send, header
+from ..accounting import charge
+from ..asgi import ASGIApp, Receive, Scope, Send
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import send_error
 from .limiter import Admission, RateLimited, RateLimiter
-
-# A prompt's tokens are estimated from the request body at this many bytes per token
-# when the response gave no usage (client disconnect, upstream crash mid-response).
-BYTES_PER_TOKEN = 4
 
 
 class RateLimitMiddleware:
@@ -25,8 +24,9 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
+        tokens = exchange.prompt_estimate + exchange.completion_cap
         try:
-            admission = await self.limiter.admit(exchange.principal, exchange.client_ip)
+            admission = await self.limiter.admit(exchange.principal, exchange.client_ip, tokens)
         except RateLimited as refusal:
             exchange.status = refusal.status
             exchange.outcome = Outcome.REJECTED
@@ -38,29 +38,11 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            await self._finish(admission, exchange, scope)
+            await self._finish(admission, exchange)
 
-    async def _finish(self, admission: Admission, exchange: Exchange, scope: Scope) -> None:
-        tokens = tokens_used(exchange, scope) if admission.tpm > 0 else 0
+    async def _finish(self, admission: Admission, exchange: Exchange) -> None:
+        tokens, exchange.usage_estimated = charge(exchange)
         try:
             await self.limiter.release(admission)
         finally:
-            await self.limiter.charge(admission, tokens)
-
-
-def tokens_used(exchange: Exchange, scope: Scope) -> int:
-    """Tokens to charge: the response's usage, or an estimate when it ended without one.
-
-    The estimate applies when the client disconnected or the upstream broke mid-response:
-    prompt ~ request body bytes / 4; completion = the stream events forwarded so far
-    (vLLM sends one token per event) or, for a non-streamed request, its `max_tokens`
-    (the most it could have generated; nothing if it set none).
-    """
-    if exchange.usage is not None:
-        return exchange.usage.total_tokens
-    if exchange.outcome is not Outcome.CLIENT_DISCONNECT and exchange.reason != "midstream":
-        return 0  # refused, or failed before the upstream produced anything
-    length = header(scope, b"content-length")
-    prompt = int(length) // BYTES_PER_TOKEN if length is not None and length.isdigit() else 0
-    completion = exchange.events if exchange.stream else (exchange.max_tokens or 0)
-    return prompt + completion
+            await self.limiter.settle(admission, tokens)

@@ -1,0 +1,38 @@
+"""What a finished request is charged: the usage the engine reported, or a conservative estimate.
+
+Accounting follows what the engine did, never what the request claims:
+
+- a response that carried usage is charged exactly that;
+- a 2xx that ended without usage (an upstream that ignores `include_usage`, a shape no
+  reader knows) is charged what was reserved for it: the prompt estimate plus the
+  completion cap (or the stream events forwarded, if more), and counted as estimated;
+- a response cut short (the client went away, the upstream broke mid-stream) is charged
+  the prompt estimate plus the stream events forwarded (one token each), or, not
+  streamed, the completion cap: what the engine may have generated;
+- anything refused, or failed before the upstream answered, is charged nothing.
+"""
+
+from __future__ import annotations
+
+from .context import Exchange, Outcome
+
+
+def charge(exchange: Exchange) -> tuple[int, bool]:
+    """(tokens to charge, whether a 2xx ended without usage and so was charged an estimate)."""
+    usage = exchange.usage
+    if usage is not None:
+        return usage.total_tokens, False
+    if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
+        completion = exchange.events if exchange.stream else exchange.completion_cap
+        return _at_least_one(exchange, exchange.prompt_estimate + completion), False
+    if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
+        tokens = _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))
+        return tokens, tokens > 0
+    return 0, False
+
+
+def _at_least_one(exchange: Exchange, tokens: int) -> int:
+    """A request with a body never costs 0 once the engine had it; one without (a GET) costs what it reported."""
+    if exchange.prompt_estimate == 0 and exchange.completion_cap == 0:
+        return tokens
+    return max(1, tokens)

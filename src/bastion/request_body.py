@@ -1,0 +1,314 @@
+"""What policy reads from a request body, at a bounded cost, and the stage that reads it.
+
+Policy needs a few top-level fields (`model`, `stream`, `stream_options`, the
+`max_*tokens` caps, `n`, `best_of`, `priority`), read the way the model server reads
+them: vLLM's request models are pydantic in lax mode, so `"stream": "yes"` streams
+and `"max_tokens": "64"` caps at 64. Reading them must not cost what the body's size
+allows a client to make it cost:
+
+- a body up to `full_parse_limit` (64 KiB) is `json.loads`-ed: exact, ~5 µs for a
+  typical chat body, at worst a few ms and MBs;
+- a larger one is walked by `jsonscan.Members` (a step per string, in bursts between
+  event-loop turns, refused past a step budget) and only the wanted values are decoded.
+
+When the request will stream on a route that takes `stream_options` and the client did
+not ask for usage, `"include_usage": true` is written into the bytes (inserted, or
+merged into the client's `stream_options`), and the proxy hides that usage event again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .asgi import ASGIApp, BodyTimeout, BodyTooLarge, ClientGone, Message, Receive, Scope, Send, header, read_body
+from .auth.errors import refusal
+from .context import Exchange, Outcome, exchange_of
+from .errors import GatewayError, send_error
+from .jsonscan import Malformed, Members, Span, TooComplex
+
+WANTED = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+        "priority",
+    }
+)
+# Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
+USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
+PROMPT_ONLY_ROUTES = frozenset(
+    {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
+)
+# A prompt's tokens are estimated from the request's bytes at this many bytes per token.
+BYTES_PER_TOKEN = 4
+FULL_PARSE_LIMIT = 64 * 1024
+STEP_BUDGET = 200_000  # strings of a large body (and KiB between them), ~0.7 µs each: OpenAI caps inputs at 2048
+STEPS_PER_TURN = 2_000  # then the event loop gets a turn (a millisecond or so)
+_VALUE_LIMIT = 64 * 1024  # a wanted value larger than this is not decoded (no policy value is that large)
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+_TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
+_INTEGRAL_TEXT = re.compile(r"\s*[+-]?\d[\d_]*(\.0*)?\s*")
+
+
+class _Unread:
+    """A wanted value too large to decode: policy treats it as no valid value."""
+
+
+UNREAD = _Unread()
+
+
+def lax_bool(value: object) -> bool | None:
+    """`value` as pydantic v2 validates a lax `bool` (vLLM's `stream`, `include_usage`); None if refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return True if value == 1 else False if value == 0 else None
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    return None
+
+
+def lax_int(value: object) -> int | None:
+    """`value` as pydantic v2 validates a lax `int` (`max_tokens`, `n`); None if refused."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() and abs(value) < 2**63 else None
+    if isinstance(value, str) and len(value) <= 64 and _INTEGRAL_TEXT.fullmatch(value):
+        try:
+            return int(value.strip().split(".")[0])
+        except ValueError:  # misplaced underscores
+            return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What a request asks for, as the model server will read it."""
+
+    model: str | None = None
+    stream: bool = False  # it will stream (the response's content type decides in the end)
+    usage_added: bool = False  # the gateway asked for usage: the usage event is not the client's
+    prompt_estimate: int = 0  # prompt tokens, estimated from the bytes received
+    completion_cap: int = 0  # the most completion tokens it may generate (all choices)
+    priority: int | None = None
+
+
+class RequestInspector:
+    """Reads the facts of a request body and makes the edits policy needs (`include_usage`)."""
+
+    def __init__(
+        self,
+        *,
+        default_max_tokens: int,
+        full_parse_limit: int = FULL_PARSE_LIMIT,
+        step_budget: int = STEP_BUDGET,
+        steps_per_turn: int = STEPS_PER_TURN,
+    ) -> None:
+        self.default_max_tokens = default_max_tokens
+        self.full_parse_limit = full_parse_limit
+        self.step_budget = step_budget
+        self.steps_per_turn = steps_per_turn
+
+    async def inspect(self, path: str, body: bytes, *, json_body: bool = True) -> tuple[bytes, RequestFacts]:
+        """(bytes to forward, facts) of a POST body; GatewayError 400 for a body that is not a JSON object."""
+        generates = path not in PROMPT_ONLY_ROUTES
+        cap = self.default_max_tokens if generates else 0
+        if not json_body:  # a form upload (audio): nothing to read, the prompt is not text
+            return body, RequestFacts(completion_cap=cap)
+        if not body:
+            return body, RequestFacts(completion_cap=cap)
+        prompt = max(1, len(body) // BYTES_PER_TOKEN)
+        spans: dict[str, Span] | None = None
+        if len(body) <= self.full_parse_limit:
+            fields = _parse(body)
+        else:
+            spans = await self._spans(body)
+            fields = _decode_values(body, spans)
+        model = fields.get("model")
+        stream = lax_bool(fields.get("stream")) is True
+        if generates:
+            asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))
+            choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
+            cap = (self.default_max_tokens if asked is None else asked) * choices
+        facts = RequestFacts(
+            model=model if isinstance(model, str) else None,
+            stream=stream,
+            prompt_estimate=prompt,
+            completion_cap=cap,
+            priority=lax_int(fields.get("priority")),
+        )
+        if not stream or path not in USAGE_OPTION_ROUTES:
+            return body, facts
+        if "stream_options" not in fields:
+            opening = body.index(b"{") + 1  # the body is an object with at least `stream` in it
+            edited = body[:opening] + _INCLUDE_USAGE + body[opening:]
+        else:
+            options = fields["stream_options"]
+            if not _without_usage(options):
+                return body, facts
+            if spans is None:
+                spans = await self._spans(body)
+            span = spans["stream_options"]
+            merged = json.dumps({**(options or {}), "include_usage": True}, separators=(",", ":")).encode()
+            edited = body[: span.start] + merged + body[span.end :]
+        return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
+
+    async def _spans(self, body: bytes) -> dict[str, Span]:
+        try:
+            members = Members(body, WANTED, self.step_budget)
+            while not members.run(self.steps_per_turn):  # noqa: ASYNC110 (a turn for others, not a wait)
+                await asyncio.sleep(0)  # a large body never holds the event loop for long
+            return members.spans()
+        except Malformed:
+            raise _invalid("The request body must be a JSON object.") from None
+        except TooComplex:
+            raise GatewayError(
+                400,
+                f"The request body has more than {self.step_budget} strings and arrays to inspect.",
+                code="request_too_complex",
+            ) from None
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _invalid("The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise _invalid("The request body must be a JSON object.")
+    return payload
+
+
+def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
+    """The wanted values of a large body, each decoded alone (one too large to be a policy value is UNREAD)."""
+    fields: dict[str, Any] = {}
+    for key, span in spans.items():
+        if span.end - span.start > _VALUE_LIMIT:
+            fields[key] = UNREAD
+            continue
+        try:
+            fields[key] = json.loads(body[span.start : span.end])
+        except (ValueError, RecursionError):
+            raise _invalid("The request body is not valid JSON.") from None
+    return fields
+
+
+def _without_usage(options: object) -> bool:
+    """Whether `stream_options` (present) leaves usage off, so that the gateway may merge it in."""
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        return False  # not an object: the model server refuses the request anyway
+    asked = options.get("include_usage")
+    # Asked in any form vLLM accepts: the client's to see; a value vLLM refuses: left for vLLM to refuse.
+    return asked is None or lax_bool(asked) is False
+
+
+def _first_positive(fields: dict[str, Any], names: tuple[str, ...]) -> int | None:
+    """The first of `names` holding a positive integer (vLLM: `max_completion_tokens or max_tokens`)."""
+    for name in names:
+        value = lax_int(fields.get(name))
+        if value is not None and value > 0:
+            return value
+    return None
+
+
+def _invalid(message: str) -> GatewayError:
+    return GatewayError(400, message, code="invalid_json")
+
+
+class InspectBody:
+    """The `/v1` stage between authentication and the limits: reads the body once, records its facts.
+
+    The limiter reserves from the facts (prompt estimate + completion cap) before anything is
+    forwarded; the proxy gets the body (edited or not) through `receive`, as if from the client.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        inspector: RequestInspector,
+        *,
+        max_body: int,
+        body_timeout: float,
+        model_routes: frozenset[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.inspector = inspector
+        self.max_body = max_body
+        self.body_timeout = body_timeout
+        # Routes whose body names the model (None: every POST). A restricted principal must name one of its
+        # own there; elsewhere (the token endpoint) the route table already decided.
+        self.model_routes = model_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        try:
+            body = await self._read(scope, receive, exchange)
+        except GatewayError as error:
+            exchange.status, exchange.outcome = error.status, Outcome.REJECTED
+            exchange.reason = exchange.reason or error.resolved_code
+            await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
+            return
+        except ClientGone:
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, scope: Scope, receive: Receive, exchange: Exchange) -> bytes:
+        try:
+            body = await read_body(receive, self.max_body, header(scope, b"content-length"), self.body_timeout)
+        except BodyTooLarge:
+            raise GatewayError(413, f"The request body exceeds {self.max_body} bytes.") from None
+        except BodyTimeout:
+            raise GatewayError(408, "The request body was not received in time.") from None
+        if scope["method"] != "POST":
+            return body
+        content_type = header(scope, b"content-type")
+        form = content_type is not None and content_type.startswith(b"multipart/")
+        principal = exchange.principal
+        scoped = self.model_routes is None or exchange.route in self.model_routes
+        restricted = principal if scoped and principal is not None and principal.models is not None else None
+        if form and restricted is not None:
+            raise refusal("model_not_allowed")  # the model is inside the form: a restricted key may not upload
+        body, facts = await self.inspector.inspect(exchange.path, body, json_body=not form)
+        if facts.model is not None:
+            exchange.model = facts.model
+        if restricted is not None and not restricted.allows(facts.model):  # no model, or not one of its own
+            raise refusal("model_not_allowed")
+        exchange.stream = facts.stream
+        exchange.usage_added = facts.usage_added
+        exchange.prompt_estimate = facts.prompt_estimate
+        exchange.completion_cap = facts.completion_cap
+        exchange.priority = facts.priority
+        return body
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the next stage: the body already read, then the client's own messages (disconnect)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay

@@ -1,0 +1,424 @@
+"""Accounting that no request shape slips past, through a real gateway process and a vLLM-like upstream.
+
+The upstream (`vllm_like.py`) reads requests as vLLM does (pydantic lax coercion) and answers as
+each test plans. What the gateway charged is read from outside, the way a client sees it: a fresh
+principal (a JWT with its own subject) per case, then `GET /v1/models` (which reserves nothing)
+reports `x-ratelimit-limit-tokens - x-ratelimit-remaining-tokens` = the tokens charged in this minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bastion.auth.jwt import mint
+from tests.integration.vllm_like import Received, vllm_like
+from tests.support import Proc, gateway, redis_server
+
+JWT_SECRET = "accounting-jwt-secret-0123456789abcdef"
+TPM = 1_000_000_000
+DEFAULT_MAX_TOKENS = 64
+CHAT = "/v1/chat/completions"
+ENV = {
+    "BASTION_JWT_SECRET": JWT_SECRET,
+    "BASTION_RATE_LIMIT_RPM": "0",
+    "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0",
+    "BASTION_RATE_LIMIT_TPM": str(TPM),
+    "BASTION_DEFAULT_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
+    "BASTION_AUDIT_LOG": "off",
+}
+
+
+def token(tpm: int = TPM, models: list[str] | None = None) -> str:
+    """A fresh principal: its own subject, so its own (empty) tokens window."""
+    return mint(JWT_SECRET, "acct-" + os.urandom(6).hex(), 600, limits={"tpm": tpm}, models=models)
+
+
+def auth(credential: str, plan: dict[str, Any] | None = None) -> dict[str, str]:
+    headers = {"authorization": f"Bearer {credential}"}
+    if plan is not None:
+        headers["x-plan"] = json.dumps(plan)
+    return headers
+
+
+def charged(base: str, credential: str, expected: int | None = None) -> int:
+    """Tokens charged to `credential` this minute; waits (briefly) for `expected` (a Redis charge lands late)."""
+    deadline = time.monotonic() + 3
+    while True:
+        reply = httpx.get(base + "/v1/models", headers=auth(credential), timeout=10)
+        assert reply.status_code == 200, reply.text
+        value = int(reply.headers["x-ratelimit-limit-tokens"]) - int(reply.headers["x-ratelimit-remaining-tokens"])
+        if expected is None or value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
+def fresh_minute(margin: float = 3.0) -> None:
+    """Memory windows are epoch minutes: keep a request and the check of its charge inside one."""
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
+def estimate(body: bytes, completion_cap: int) -> int:
+    return len(body) // 4 + completion_cap
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[str, list[Received]]]:
+    with vllm_like() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
+    with gateway("--upstream-url", upstream[0], env=ENV) as pair:
+        yield pair
+
+
+def post(base: str, path: str, body: dict[str, Any] | bytes, credential: str, plan: dict[str, Any]) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(base + path, content=content, headers=auth(credential, plan), timeout=20)
+
+
+# --- every shape is charged its usage ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", ["true", 1, "yes", "on", "True", "t", "Y", 1.0])
+def test_stream_in_any_form_vllm_accepts_is_charged(gw: tuple[Proc, str], stream: object) -> None:
+    """vLLM streams `"stream": "true"`: the gateway asks for usage anyway, charges it and hides it."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8}
+    reply = post(base, CHAT, body, who, {"prompt": 11, "completion": 5})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    assert '"usage"' not in reply.text.replace('"usage":{', "")  # the gateway's own usage event is hidden
+    assert charged(base, who, 16) == 16
+
+
+@pytest.mark.parametrize("asked", [True, 1, "true", "on"])
+def test_a_client_that_asked_for_usage_in_any_form_gets_it(gw: tuple[Proc, str], asked: object) -> None:
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "prompt": "hi", "stream": "1", "stream_options": {"include_usage": asked}}
+    reply = post(base, "/v1/completions", body, who, {"prompt": 3, "completion": 2})
+    assert '"usage": {"prompt_tokens": 3' in reply.text
+    assert charged(base, who, 5) == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_is_charged(gw: tuple[Proc, str], stream: bool) -> None:
+    _, base = gw
+    who = token()
+    fresh_minute()
+    reply = post(
+        base, "/v1/responses", {"model": "m", "input": "hi", "stream": stream}, who, {"prompt": 13, "completion": 4}
+    )
+    assert reply.status_code == 200
+    assert ("response.completed" in reply.text) is stream
+    assert charged(base, who, 17) == 17
+
+
+def test_embeddings_are_charged_their_prompt(gw: tuple[Proc, str]) -> None:
+    _, base = gw
+    who = token()
+    fresh_minute()
+    assert post(base, "/v1/embeddings", {"model": "m", "input": ["a", "b"]}, who, {"prompt": 9}).status_code == 200
+    assert charged(base, who, 9) == 9
+
+
+@pytest.mark.parametrize("position", ["before_trailing", "first"])
+def test_usage_anywhere_in_a_body_read_in_small_pieces(gw: tuple[Proc, str], position: str) -> None:
+    """vLLM writes prompt_logprobs, prompt_token_ids, kv_transfer_params after usage: not in the last reads."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    plan = {"prompt": 21, "completion": 8, "position": position, "chunks": [4096, 1000, 7]}
+    reply = post(base, CHAT, {"model": "m", "messages": [], "max_tokens": 8}, who, plan)
+    assert reply.status_code == 200
+    assert len(reply.content) - reply.content.index(b'"usage"') > (20_000 if position == "before_trailing" else 100)
+    assert charged(base, who, 29) == 29
+
+
+# --- no usage: a conservative estimate, never 0 ---------------------------------------------------
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    line = next((line for line in text.splitlines() if line.startswith(f"{name}{{{selector}}} ")), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+@pytest.mark.parametrize(("path", "stream"), [(CHAT, False), ("/v1/completions", True)])
+def test_a_2xx_without_usage_is_charged_an_estimate_and_counted(gw: tuple[Proc, str], path: str, stream: bool) -> None:
+    _, base = gw
+    who = token()
+    before = metric(base, "bastion_usage_estimated_total", route=path)
+    fresh_minute()
+    body = json.dumps({"model": "m", "prompt": "x" * 400, "max_tokens": 30, "stream": stream}).encode()
+    reply = post(base, path, body, who, {"report": False, "events": 3})
+    assert reply.status_code == 200
+    assert charged(base, who) == estimate(body, 30)  # what was reserved: the prompt estimate and max_tokens
+    assert metric(base, "bastion_usage_estimated_total", route=path) == before + 1
+
+
+def raw_request(base: str, path: str, head: dict[str, str], chunks: list[bytes]) -> socket.socket:
+    """A request with a chunked body on a raw socket (httpx would send a Content-Length)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    lines = [f"POST {path} HTTP/1.1", "host: x", "content-type: application/json", "transfer-encoding: chunked"]
+    lines += [f"{k}: {v}" for k, v in head.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    for chunk in chunks:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    sock.sendall(b"0\r\n\r\n")
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_with_a_chunked_body_is_charged_from_the_bytes_received(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]], stream: bool
+) -> None:
+    """No Content-Length to estimate from: the bytes actually received are; no max_tokens: the default cap."""
+    (_, base), (_, received) = gw, upstream
+    who = token()
+    fresh_minute(6)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "y" * 300}], "stream": stream}).encode()
+    seen = len(received)
+    sock = raw_request(base, CHAT, auth(who, {"delay": 2.0}), [body[:100], body[100:]])
+    deadline = time.monotonic() + 5
+    while len(received) == seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sock.close()  # gone before the first byte of the answer
+    expected = estimate(body, 0 if stream else DEFAULT_MAX_TOKENS)  # a stream: no event was forwarded
+    assert charged(base, who, expected) == expected > 0
+
+
+# --- reserve at admission, settle at the end -------------------------------------------------------
+
+
+def test_reservation_refused_when_it_does_not_fit_and_refunded_after(gw: tuple[Proc, str]) -> None:
+    _, base = gw
+    who = token(tpm=400)
+    fresh_minute(8)
+    body = {"model": "m", "messages": [], "max_tokens": 150}  # reserves 150 + its bytes / 4
+    holder = threading.Thread(target=post, args=(base, CHAT, body, who, {"delay": 1.5, "prompt": 10, "completion": 10}))
+    holder.start()
+    time.sleep(0.5)  # the first request is in flight, its reservation held
+    assert post(base, CHAT, {**body, "max_tokens": 300}, who, {}).status_code == 429
+    refused = post(base, CHAT, {**body, "max_tokens": 300}, who, {})
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "tokens per minute" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert int(refused.headers["x-ratelimit-remaining-tokens"]) < 300
+    assert refused.headers["x-ratelimit-limit-tokens"] == "400"
+    holder.join()
+    assert charged(base, who, 20) == 20  # settled to its usage: the rest of the reservation came back
+    assert post(base, CHAT, {**body, "max_tokens": 300}, who, {"prompt": 1, "completion": 1}).status_code == 200
+
+
+def parallel(bases: list[str], count: int, who: str, body: dict[str, Any], plan: dict[str, Any]) -> list[int]:
+    statuses: list[int] = [0] * count
+    start = threading.Barrier(count)
+
+    def one(i: int) -> None:
+        with httpx.Client(timeout=20) as client:
+            client.get(bases[i % len(bases)] + "/health")  # connected: the requests leave together
+            start.wait()
+            reply = client.post(bases[i % len(bases)] + CHAT, json=body, headers=auth(who, plan))
+            statuses[i] = reply.status_code
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_tokens_per_minute_under_30_parallel_requests(gw: tuple[Proc, str]) -> None:
+    """Overshoot by at most one request's reservation (each uses a little more than it reserved)."""
+    _, base = gw
+    body = {"model": "m", "messages": [{"role": "user", "content": "z" * 100}], "max_tokens": 100}
+    reservation = estimate(json.dumps(body).encode(), 100)
+    used = reservation + 5  # the prompt estimate was low
+    who = token(tpm=8 * reservation + 50)  # room for 8 reservations, and for what 8 really use (to read it back)
+    fresh_minute(10)
+    statuses = parallel([base], 30, who, body, {"delay": 2.0, "prompt": used - 100, "completion": 100})
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 30 - admitted
+    assert admitted == 8  # all in flight together: exactly as many reservations as fit
+    total = charged(base, who, admitted * used)
+    assert total == admitted * used <= 8 * reservation + 50 + reservation
+
+
+def test_two_gateways_on_one_redis_reserve_and_refund_exactly(upstream: tuple[str, list[Received]]) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "z" * 100}], "max_tokens": 100}
+    reservation = estimate(json.dumps(body).encode(), 100)
+    with redis_server() as (_, url):
+        env = {**ENV, "BASTION_REDIS_URL": url}
+        with (
+            gateway("--upstream-url", upstream[0], env=env) as (_, one),
+            gateway("--upstream-url", upstream[0], env=env) as (_, two),
+        ):
+            who = token(tpm=8 * reservation)
+            statuses = parallel([one, two], 30, who, body, {"delay": 2.0, "prompt": 10, "completion": 20})
+            assert statuses.count(200) == 8 and statuses.count(429) == 22
+            # Both gateways settled their 8 reservations down to 30 tokens each, in the shared window.
+            assert charged(two, who, 8 * 30) == charged(one, who, 8 * 30) == 8 * 30
+            # So there is room again: as many as fit in what the refunds gave back.
+            again = parallel([one, two], 10, who, body, {"delay": 2.0, "prompt": 10, "completion": 20})
+            assert again.count(200) == (8 * reservation - 8 * 30) // reservation, again
+
+
+# --- the model allowlist -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"messages":[]}', b'{"model":null}', b'{"model":"other"}'])
+def test_restricted_principal_without_its_model_is_refused(gw: tuple[Proc, str], body: bytes) -> None:
+    _, base = gw
+    reply = post(base, CHAT, body, token(models=["m"]), {})
+    assert reply.status_code == 403
+    assert reply.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_restricted_principal_with_its_model_is_served(gw: tuple[Proc, str]) -> None:
+    _, base = gw
+    assert post(base, CHAT, {"model": "m", "messages": []}, token(models=["m"]), {}).status_code == 200
+
+
+def test_form_uploads_pass_untouched_and_are_charged(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]]
+) -> None:
+    (_, base), (_, received) = gw, upstream
+    form = httpx.Request("POST", base, files={"file": ("a.wav", b"RIFF" + bytes(range(256)) * 40)}, data={"model": "m"})
+    body, content_type = form.read(), form.headers["content-type"]
+    for report, expected in ((True, 12), (False, DEFAULT_MAX_TOKENS)):  # no usage: the completion cap
+        who = token()
+        fresh_minute()
+        headers = {**auth(who, {"prompt": 9, "completion": 3, "report": report}), "content-type": content_type}
+        reply = httpx.post(base + "/v1/audio/transcriptions", content=body, headers=headers, timeout=10)
+        assert reply.status_code == 200 and reply.json()["text"] == "hi"
+        assert received[-1].body == body  # forwarded byte for byte
+        assert charged(base, who, expected) == expected
+    restricted = {**auth(token(models=["m"])), "content-type": content_type}
+    refused = httpx.post(base + "/v1/audio/transcriptions", content=body, headers=restricted, timeout=10)
+    assert refused.status_code == 403  # its model is inside the form: a restricted key may not upload
+
+
+# --- bounded inspection ---------------------------------------------------------------------------------
+
+
+def rss(proc: Proc) -> int:
+    with open(f"/proc/{proc.pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("shape", ["deep", "wide"])
+def test_health_answers_while_a_16_mib_hostile_body_is_refused(gw: tuple[Proc, str], shape: str) -> None:
+    """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts."""
+    proc, base = gw
+    size = 16 * 1024 * 1024 - 100
+    nested = b"[" * (size // 2) + b"]" * (size // 2) if shape == "deep" else b"[" + b"[]," * (size // 3) + b"[]]"
+    body = b'{"messages":' + nested + b',"model":"other"}'
+    before = rss(proc)
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(post(base, CHAT, body, token(models=["m"]), {})))
+    latencies: list[float] = []
+    with httpx.Client(base_url=base, timeout=5) as client:
+        client.get("/health")
+        sender.start()
+        while sender.is_alive():
+            started = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.005)
+    assert answer[0].status_code in (400, 403), answer[0].text
+    assert len(latencies) >= 5
+    slow = [latency for latency in latencies if latency >= 0.05]
+    assert len(slow) <= 1 and max(latencies) < 0.25, latencies  # (one slow answer may be the machine's doing)
+    assert rss(proc) - before < 100 * 1024 * 1024
+
+
+# --- the property ---------------------------------------------------------------------------------------
+
+STREAM_FORMS = [True, 1, "true", "yes", "on", "True", "t", "Y", False, 0, "false", "no", "off", "n", None]
+OPTION_FORMS = [None, {}, {"include_usage": True}, {"include_usage": 1}, {"include_usage": "true"},
+                {"include_usage": False}, {"include_usage": "off"}, {"continuous_usage_stats": True}]  # fmt: skip
+
+
+def _cap(request: dict[str, Any], path: str) -> int:
+    if path == "/v1/embeddings":
+        return 0
+    asked = next(
+        (request[k] for k in ("max_completion_tokens", "max_output_tokens", "max_tokens") if request.get(k)), None
+    )
+    return (asked or DEFAULT_MAX_TOKENS) * max(1, request.get("n") or 1, request.get("best_of") or 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from([CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]),
+    stream=st.sampled_from(STREAM_FORMS),
+    options=st.sampled_from(OPTION_FORMS),
+    caps=st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.integers(1, 50),
+            "max_completion_tokens": st.integers(1, 50),
+            "n": st.integers(1, 3),
+            "best_of": st.integers(1, 3),
+        },
+    ),
+    pad=st.sampled_from([0, 70_000]),  # past 64 KiB the body is read by the scanner, not json.loads
+    plan=st.fixed_dictionaries(
+        {
+            "prompt": st.integers(1, 500),
+            "completion": st.integers(0, 500),
+            "report": st.booleans(),
+            "position": st.sampled_from(["end", "first", "before_trailing"]),
+            "events": st.integers(0, 5),
+            "chunks": st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+        }
+    ),
+)
+def test_charged_tokens_are_the_usage_reported_or_the_estimate_never_zero(
+    gw: tuple[Proc, str], path: str, stream: object, options: object, caps: dict[str, int], pad: int,
+    plan: dict[str, Any],
+) -> None:  # fmt: skip
+    _, base = gw
+    request: dict[str, Any] = {"model": "m", "input" if path == "/v1/embeddings" else "prompt": "p" * pad, **caps}
+    if stream is not None:
+        request["stream"] = stream
+    if options is not None and path in (CHAT, "/v1/completions") and request.get("stream") not in (None, False, 0):
+        request["stream_options"] = options
+    body = json.dumps(request).encode()
+    who = token()
+    fresh_minute()
+    reply = post(base, path, body, who, plan)
+    assert reply.status_code == 200, reply.text
+    streams = reply.headers["content-type"].startswith("text/event-stream")
+    usage_event = '"choices": [], "usage"' in reply.text
+    client_asked = isinstance(options, dict) and options.get("include_usage") in (True, 1, "true")
+    if streams and path in (CHAT, "/v1/completions"):
+        assert usage_event is (client_asked and plan["report"]), "usage shown only to a client that asked"
+    if plan["report"]:
+        expected = plan["prompt"] + (0 if path == "/v1/embeddings" else plan["completion"])
+    else:  # what was reserved, or the events forwarded (one token each) if more: never 0
+        events = plan["events"] + (2 if path == "/v1/responses" else 1) if streams else 0
+        expected = estimate(body, max(_cap(request, path), events))
+    assert expected > 0
+    assert charged(base, who, expected) == expected

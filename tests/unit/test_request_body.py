@@ -1,0 +1,167 @@
+"""Request inspection: lax coercion against pydantic itself, the facts, the byte edits, both parse paths."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
+
+from bastion.errors import GatewayError
+from bastion.request_body import RequestFacts, RequestInspector, lax_bool, lax_int
+
+BOOL = TypeAdapter(bool | None)
+INT = TypeAdapter(int | None)
+SMALL = RequestInspector(default_max_tokens=100)
+LARGE = RequestInspector(default_max_tokens=100, full_parse_limit=0, steps_per_turn=3)  # always the scanner
+CHAT = "/v1/chat/completions"
+
+
+def pydantic(adapter: TypeAdapter[Any], value: object) -> object:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return "refused"
+
+
+coercible = st.sampled_from(
+    ["true", "True", "TRUE", "false", "1", "0", "yes", "No", "on", "OFF", "t", "F", "y", "n", " true", "2", "", "1.0",
+     "5", " 7 ", "+3", "-2", "1_000", "1__0", "5.0", "5.5", "1e3", "0x10"]
+)  # fmt: skip
+json_scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats() | st.text(max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=coercible | json_scalars)
+def test_lax_coercion_is_pydantics(value: object) -> None:
+    """vLLM's request models are pydantic v2 in lax mode: `stream`, `include_usage`, `max_tokens`, `n`."""
+    expected_bool = pydantic(BOOL, value)
+    assert (lax_bool(value) if value is not None else None) == (None if expected_bool == "refused" else expected_bool)
+    expected_int = pydantic(INT, value)
+    assert lax_int(value) == (None if expected_int == "refused" else expected_int)
+
+
+async def inspect(body: dict[str, Any] | bytes, path: str = CHAT, inspector: RequestInspector = SMALL) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await inspector.inspect(path, raw)
+
+
+@pytest.mark.parametrize("inspector", [SMALL, LARGE], ids=["json.loads", "scanner"])
+async def test_facts(inspector: RequestInspector) -> None:
+    body = {"model": "m", "messages": [], "max_tokens": "64", "n": 2, "best_of": 3, "priority": -1}
+    _, facts = await inspect(body, inspector=inspector)
+    raw = json.dumps(body).encode()
+    assert facts == RequestFacts("m", False, False, len(raw) // 4, 64 * 3, -1)
+    _, facts = await inspect({"model": "m", "input": "x" * 400}, "/v1/embeddings", inspector)
+    assert (facts.completion_cap, facts.prompt_estimate) == (0, 106)  # embeddings generate nothing (426 bytes)
+    _, facts = await inspect({"model": "m", "max_completion_tokens": 0, "max_tokens": 9}, inspector=inspector)
+    assert facts.completion_cap == 9  # vLLM: max_completion_tokens or max_tokens
+    _, facts = await inspect({"model": "m", "max_output_tokens": 30}, "/v1/responses", inspector)
+    assert facts.completion_cap == 30
+    _, facts = await inspect({"model": 7, "max_tokens": "lots"}, inspector=inspector)
+    assert (facts.model, facts.completion_cap) == (None, 100)  # the default cap when absent or unreadable
+
+
+@pytest.mark.parametrize("inspector", [SMALL, LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize("stream", [True, 1, "true", "yes", "on", "True", "t", "Y", 1.0])
+async def test_usage_is_asked_for_whatever_the_form_of_stream(inspector: RequestInspector, stream: object) -> None:
+    body = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": '"stream_options":{}'}]}
+    sent, facts = await inspect(body, inspector=inspector)
+    assert facts.stream and facts.usage_added
+    assert json.loads(sent) == {**body, "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("inspector", [SMALL, LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize(
+    ("options", "added"),
+    [
+        (None, True),
+        ({}, True),
+        ({"continuous_usage_stats": True}, True),
+        ({"include_usage": False}, True),
+        ({"include_usage": "off"}, True),
+        ({"include_usage": None}, True),
+        ({"include_usage": 1}, False),  # asked, in a form vLLM accepts: not the gateway's to hide
+        ({"include_usage": "true"}, False),
+        ({"include_usage": "maybe"}, False),  # vLLM refuses it: left for vLLM to refuse
+        ("yes", False),
+    ],
+)
+async def test_stream_options_merged_in_place(inspector: RequestInspector, options: object, added: bool) -> None:
+    raw = b'{"model":"m", "stream_options" : ' + json.dumps(options).encode() + b' ,"stream":"1" , "n":1}'
+    sent, facts = await inspect(raw, inspector=inspector)
+    assert facts.usage_added is added
+    if added:
+        merged = {**(options or {}), "include_usage": True}  # type: ignore[dict-item]
+        assert json.loads(sent) == {"model": "m", "stream_options": merged, "stream": "1", "n": 1}
+        assert sent.startswith(b'{"model":"m", "stream_options" : {') and sent.endswith(b' ,"stream":"1" , "n":1}')
+    else:
+        assert sent == raw
+
+
+@pytest.mark.parametrize("stream", [False, 0, "false", "no", "off", "f", "n", None, "maybe", 2])
+async def test_no_stream_no_edit(stream: object) -> None:
+    raw = json.dumps({"model": "m", "stream": stream}).encode()
+    assert await inspect(raw) == (raw, RequestFacts("m", False, False, len(raw) // 4, 100, None))
+
+
+async def test_routes_without_stream_options_are_not_edited() -> None:
+    for path in ("/v1/responses", "/v1/embeddings", "/v1/other"):
+        raw = json.dumps({"model": "m", "stream": True}).encode()
+        sent, facts = await inspect(raw, path)
+        assert sent == raw and facts.stream and not facts.usage_added
+
+
+@pytest.mark.parametrize("inspector", [SMALL, LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize(
+    "body", [b"[]", b"{", b'{"a":1} {"model":"x"}', b'{"model":"\xff"}', b'{"max_tokens":' + b"9" * 5000 + b"}"]
+)
+async def test_not_a_json_object_is_400(inspector: RequestInspector, body: bytes) -> None:
+    with pytest.raises(GatewayError) as refused:
+        await inspect(body, inspector=inspector)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_json")
+
+
+async def test_too_complex_is_400() -> None:
+    body = b'{"model":"m","messages":[' + b'"a",' * 1000 + b'"a"]}'
+    strict = RequestInspector(default_max_tokens=1, full_parse_limit=0, step_budget=500)
+    with pytest.raises(GatewayError) as refused:
+        await strict.inspect(CHAT, body)
+    assert (refused.value.status, refused.value.code) == (400, "request_too_complex")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+lax = st.sampled_from([True, False, 1, 0, "true", "no", "On", "t", "n", None, "x", 2])
+requests = st.fixed_dictionaries(
+    {"model": st.text(max_size=8) | json_values},
+    optional={
+        "messages": json_values,
+        "stream": lax | json_values,
+        "stream_options": st.none() | st.fixed_dictionaries({}, optional={"include_usage": lax}) | json_values,
+        "max_tokens": st.integers(-2, 500) | st.sampled_from(["12", "1.0", None]) | json_values,
+        "n": st.integers(-1, 4) | json_values,
+        "best_of": st.integers(-1, 4),
+        "priority": st.integers(-5, 5) | json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=requests, path=st.sampled_from([CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]))
+async def test_both_paths_read_and_edit_alike(payload: dict[str, Any], path: str) -> None:
+    raw = json.dumps(payload, indent=1).encode()
+    small_sent, small = await SMALL.inspect(path, raw)
+    large_sent, large = await LARGE.inspect(path, raw)
+    assert small == large
+    assert json.loads(small_sent) == json.loads(large_sent)
+    if small.usage_added:
+        assert json.loads(small_sent)["stream_options"]["include_usage"] is True
+    else:
+        assert small_sent == raw
