@@ -80,8 +80,11 @@ async def stage_cost(ledger: Ledger, n: int) -> float:
         for _ in range(n // batch):
             exchanges = [Exchange("r", "POST", "/v1/chat/completions") for _ in range(batch)]
             for i, exchange in enumerate(exchanges):
-                exchange.principal, exchange.model, exchange.reserved_tokens = principals[i % 100], "qwen", 600
-            scopes = [{"bastion.exchange": exchange} for exchange in exchanges]
+                exchange.principal, exchange.model = principals[i % 100], "qwen"
+                exchange.prompt_estimate, exchange.completion_cap = 100, 500
+            scopes: list[dict[str, object]] = [{} for _ in exchanges]
+            for scope, exchange in zip(scopes, exchanges, strict=True):
+                exchange.attach(scope)
             started = time.process_time()
             for scope in scopes:
                 await stage(scope, receive, send)

@@ -27,6 +27,10 @@ from .auth.jwt import JWTConfig, JWTVerifier
 from .auth.keys import KeyStore
 from .auth.middleware import Auth
 from .auth.token_endpoint import TokenConfig, TokenEndpoint
+from .budget.endpoint import UsageEndpoint
+from .budget.metrics import BudgetMetrics
+from .budget.middleware import BudgetStage, Resolver
+from .budget.options import open_ledger
 from .budget.policy import parse_budget, unique
 from .config import Settings
 from .context import Exchange, Listener
@@ -44,7 +48,7 @@ from .metrics_http import ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
 from .request_body import InspectBody, RequestInspector
-from .routes import TOKEN_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
+from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -167,14 +171,33 @@ def create_app(
         state = {"status": upstream.phase.value, "detail": upstream.detail, "restarts": upstream.restarts}
         return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
 
+    # Observability: metrics and audit are listeners on every finished exchange.
+    metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
+    # Token budgets and usage: a ledger of hour roll-ups (memory, SQLite beside the key file, or Redis).
+    budget_options = settings.budget_options()
+    ledger = open_ledger(budget_options)
+    services.append(ledger.running())
+    budgets = Resolver(budget_options.defaults)
+    budget_metrics = (
+        BudgetMetrics(metrics.registry, by_principal=settings.metrics_principal_label) if metrics is not None else None
+    )
+
     # The /v1 path, outermost first: who (auth) -> which route -> read and inspect the body (bounded) ->
-    # how much (limits: reserve tokens) -> the token endpoint or the proxy (forward; the limits stage settles
-    # when it returns). Minting a token is a request like any other: routed, and counted against the key's limits.
-    inner: ASGIApp = Proxy(upstream, client, methods=settings.passthrough_methods)
-    routes = parse_routes(settings.routes)
+    # how much (limits: reserve tokens) -> the usage or token endpoint, or budgets (reserve) -> the proxy
+    # (forward; budgets and limits settle as it returns). Minting a token or asking for usage is a request like
+    # any other: routed, and counted against the key's limits.
+    inner: ASGIApp = BudgetStage(
+        Proxy(upstream, client, methods=settings.passthrough_methods),
+        ledger,
+        budgets,
+        fail_open=budget_options.fail_open,
+        metrics=budget_metrics,
+    )
+    routes = (*parse_routes(settings.routes), USAGE_ROUTE)
     if settings.token_endpoint:
         inner = TokenEndpoint(inner, token_config(settings))
         routes += (TOKEN_ROUTE,)
+    inner = UsageEndpoint(inner, ledger, budgets)
     inspect = InspectBody(
         RateLimitMiddleware(inner, limiter),
         RequestInspector(default_max_tokens=settings.default_max_tokens),
@@ -184,8 +207,6 @@ def create_app(
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
-    # Observability: metrics and audit are listeners on every finished exchange.
-    metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
     secrets = [s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token) if s]
     if upstream.api_key:
         secrets.append(upstream.api_key)

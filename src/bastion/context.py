@@ -54,9 +54,6 @@ class Exchange:
     completion_cap: int = 0
     priority: int | None = None
     events: int = 0
-    # Tokens held at admission (prompt estimate + max_tokens x n), set by the accounting stage: budgets
-    # reserve this much and settle it from `usage` (or keep it, when a started response gives no usage).
-    reserved_tokens: int = 0
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)

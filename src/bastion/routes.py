@@ -97,6 +97,7 @@ DEFAULT_ROUTES: tuple[str, ...] = (
 )
 _UNSCOPED_REFUSAL = "This credential is limited to some models and may not use this endpoint."
 TOKEN_ROUTE = _route("/v1/auth/token", "POST", ModelScope.GATEWAY)
+USAGE_ROUTE = _route("/v1/usage", "GET", ModelScope.GATEWAY)  # the caller's own usage and budgets
 
 
 def parse_routes(entries: Iterable[str]) -> tuple[Route, ...]:

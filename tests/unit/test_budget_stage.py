@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
+from bastion.accounting import charge
 from bastion.app import Gateway, build_auth
 from bastion.asgi import Message, Receive, Scope, Send, read_body
 from bastion.auth.keys import KeyFile, create_key, write_key_file
@@ -45,6 +46,11 @@ COMPLETION = json.dumps(
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 
 
+def held(exchange: Exchange) -> int:
+    """What a request reserved: its prompt estimate plus its completion cap."""
+    return exchange.prompt_estimate + exchange.completion_cap
+
+
 class Estimate:
     """Stands in for the accounting stage (being built elsewhere): it sets the model and the reservation
     (prompt ~ body bytes / 4, plus max_tokens) from the body, then replays the body to the proxy."""
@@ -58,7 +64,8 @@ class Estimate:
         if body:
             payload = json.loads(body)
             exchange.model = payload.get("model", "")
-            exchange.reserved_tokens = len(body) // 4 + payload.get("max_tokens", 0)
+            exchange.prompt_estimate = len(body) // 4
+            exchange.completion_cap = payload.get("max_tokens", 0)
         pending = [body]
 
         async def replay() -> Message:
@@ -90,7 +97,9 @@ class Harness:
         self.client = Client(
             timeouts=Timeouts(connect=2, read=5, write=5, pool=2), max_connections=8, keepalive_expiry=5
         )
-        proxy = Proxy(settings, Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL), self.client)
+        proxy = Proxy(
+            Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL), self.client, methods=("GET", "POST")
+        )
         resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
         self.ledger = ledger
         self.now = clock
@@ -123,7 +132,7 @@ async def test_admitted_requests_carry_budget_headers_and_settle_real_usage(
     async with h.http(h.key_a) as client:
         response = await client.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 200
-        reserved = h.seen[0].reserved_tokens
+        reserved = held(h.seen[0])
         assert response.headers["x-budget-remaining-tokens"] == str(100 - reserved)
         midnight = datetime.fromisoformat("2030-06-05T00:00:00+00:00")
         assert response.headers["x-budget-reset"] == midnight.isoformat()
@@ -188,7 +197,7 @@ async def test_failures_release_and_broken_streams_keep_the_reservation(tmp_path
             await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
             day = (await client.get("/v1/usage")).json()["periods"][0]
     assert h.seen[0].reason == "midstream"
-    assert (day["used"], day["reserved"]) == (h.seen[0].reserved_tokens, 0)  # no usage: charged what it held
+    assert (day["used"], day["reserved"]) == (charge(h.seen[0])[0], 0)  # no usage: charged as the limits charge it
 
 
 async def test_usage_shows_the_callers_principal_only(tmp_path: Path, upstream: ScriptedUpstream) -> None:
@@ -218,7 +227,7 @@ async def test_metrics_follow_the_principal_label_setting(tmp_path: Path, upstre
                 await client.post("/v1/chat/completions", json=CHAT)
         text = generate_latest(registry).decode()
         assert 'bastion_budget_refused_total{period="day"} 1.0' in text
-        left = 100 - 35 - h.seen[1].reserved_tokens  # as of the last admitted request, its reservation held
+        left = 100 - 35 - held(h.seen[1])  # as of the last admitted request, its reservation held
         assert (f'bastion_budget_remaining_tokens{{period="day",principal="alice"}} {left}.0' in text) is by_principal
         assert ("bastion_budget_remaining_tokens" in text) is by_principal
 

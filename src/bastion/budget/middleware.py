@@ -1,16 +1,17 @@
 """`BudgetStage`: plain ASGI, between the accounting stage and the proxy.
 
-Before: reserve `exchange.reserved_tokens` against the principal's budgets, or
+Before: reserve the request's prompt estimate plus its completion cap (what the limits reserve too)
+against the principal's budgets, or
 answer 429 `budget_exceeded` (Retry-After = seconds to the reset, which the
 message also gives in ISO 8601; `x-should-retry: false` when the reset is over a
 minute away, since an SDK retrying within seconds cannot succeed). During: `x-budget-remaining-tokens` and
 `x-budget-reset` (the tightest budget) ride on `exchange.response_headers`.
-After (always, in `finally`): settle with the engine's usage, keep the
-reservation when a started response gave none (a disconnect, a broken stream,
-a 2xx without usage: never 0), or release it when nothing was generated.
+After (always, in `finally`): settle to what the request is charged, by the same
+rule as the limits (`accounting.charge`: the engine's usage, or a conservative
+estimate when a started response gave none), or release it when nothing was generated.
 
-Expects `exchange.model` and `exchange.reserved_tokens` to be set by the stage
-before it (the accounting stage that reads the request body).
+Expects `exchange.model`, `exchange.prompt_estimate` and `exchange.completion_cap`
+from the stage that reads the request body (`request_body.InspectBody`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 
+from ..accounting import charge
 from ..asgi import ASGIApp, Receive, Scope, Send
 from ..auth.identity import Principal
 from ..context import Exchange, Outcome, exchange_of
@@ -91,7 +93,11 @@ class BudgetStage:
         now = self._clock()
         try:
             verdict = await self.ledger.reserve(
-                principal.id, exchange.model, exchange.reserved_tokens, self.budgets(principal), now
+                principal.id,
+                exchange.model,
+                exchange.prompt_estimate + exchange.completion_cap,
+                self.budgets(principal),
+                now,
             )
         except LedgerUnavailable as exc:
             if not self._degraded:
@@ -121,8 +127,8 @@ class BudgetStage:
         try:
             await self.app(scope, receive, send)
         finally:
-            used = tokens_to_charge(exchange)
-            if used is None:
+            used, _ = charge(exchange)
+            if used == 0:
                 await self.ledger.release(verdict.reservation)
             else:
                 await self.ledger.settle(verdict.reservation, used)
@@ -164,20 +170,3 @@ def refusal(refused: Refused, now: float) -> GatewayError:
     if wait > SDK_MAX_WAIT:
         headers.append((b"x-should-retry", b"false"))
     return GatewayError(429, message, code="budget_exceeded", headers=headers)
-
-
-def tokens_to_charge(exchange: Exchange) -> int | None:
-    """Tokens a finished request used, from the engine's usage when it gave one; None: release it all.
-
-    Without usage, a response that started (a 2xx, a client gone mid-response, a stream
-    broken mid-way) keeps its whole reservation: the engine may have generated up to it.
-    A request refused or failed before the engine answered, or answered with an error
-    status, generated nothing.
-    """
-    if exchange.usage is not None:
-        return exchange.usage.total_tokens
-    if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
-        return exchange.reserved_tokens
-    if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
-        return exchange.reserved_tokens
-    return None

@@ -1,0 +1,68 @@
+"""Budgets through the real gateway: a key with a daily budget, a supervised simulator, the SQLite ledger
+beside the key file. Spent → 429 `budget_exceeded` with the reset; `GET /v1/usage`, `bastion usage` and the
+responses' own usage agree; the state survives a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support import PYTHON, gateway
+
+SIM = "{python} -m bastion simulate --host {host} --port {port} --tokens 16"
+CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+ENV = {"BASTION_AUDIT_LOG": "off", "BASTION_AUTH_FAILURE_LIMIT": "0"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    return subprocess.run([PYTHON, "-m", "bastion", *args], env=inherited, capture_output=True, text=True, timeout=60)
+
+
+def wait_for_key(base: str, key: str) -> None:
+    deadline = time.monotonic() + 10
+    while httpx.get(base + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway loaded the new key"
+        time.sleep(0.1)
+
+
+def test_a_daily_budget_is_spent_refused_reported_and_kept_across_a_restart(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    created = cli("keys", "create", "--name", "team", "--budget", "day=600", "--keys-file", str(keys))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    key_id = key[4:].split("_", 1)[0]
+    auth = {"authorization": f"Bearer {key}"}
+    args = ("--upstream-command", SIM, "--keys-file", str(keys))
+    used = 0
+    with gateway(*args, env=ENV) as (_, base), httpx.Client(base_url=base, headers=auth, timeout=10) as http:
+        wait_for_key(base, key)
+        for _ in range(50):
+            reply = http.post("/v1/chat/completions", json=CHAT)
+            if reply.status_code != 200:
+                break
+            assert int(reply.headers["x-budget-remaining-tokens"]) >= 0 and reply.headers["x-budget-reset"]
+            used += reply.json()["usage"]["total_tokens"]
+        else:
+            raise AssertionError("the budget never ran out")
+        assert reply.status_code == 429, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "budget_exceeded" and "T00:00:00+00:00" in error["message"]
+        assert 0 < int(reply.headers["retry-after"]) <= 86_400
+        # the reservation (prompt estimate + max_tokens) is refused once it does not fit: never more than 600 spent
+        assert 0 < used <= 600
+        day = http.get("/v1/usage").json()["periods"][0]
+        assert (day["period"], day["used"], day["limit"], day["reserved"]) == ("day", used, 600, 0)
+        time.sleep(1.5)  # the ledger writes its hour roll-ups every second
+        report = cli("usage", "--key", key_id, "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["total"] == used, report.stdout
+    with gateway(*args, env=ENV) as (_, base), httpx.Client(base_url=base, headers=auth, timeout=10) as http:
+        wait_for_key(base, key)
+        assert http.get("/v1/usage").json()["periods"][0]["used"] == used, "usage survives a restart"
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 429
