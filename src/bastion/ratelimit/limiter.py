@@ -179,9 +179,9 @@ class RateLimiter:
                 connect_timeout=redis_timeout,
                 stream_timeout=redis_timeout,
                 key_prefix=REDIS_PREFIX,
-                # coredis re-sends a command whose connection was lost after it was sent (under concurrency:
-                # seen on ~1 in 100 calls), applying a reservation, a settlement or a hit twice. A call either
-                # counts once or fails (fail open/closed) instead.
+                # coredis re-sends a call whose connection was lost after it was sent (seen when a burst of calls
+                # missed the script cache), applying a reservation, a settlement or a hit twice. A call counts
+                # once or fails (fail open/closed) instead.
                 retry_policy=cast(Any, NoRetryPolicy()),
             )
             bridge = cast(Any, redis.bridge)
@@ -191,8 +191,9 @@ class RateLimiter:
             self.slots, self.token_windows = slots, tokens
             self.storage: Storage = redis
             self._redis = connection
-            scripts = ("lua_moving_window", "lua_acquire_moving_window", "lua_sliding_window", "lua_incr_expire")
-            self._scripts = [getattr(bridge, name) for name in scripts] + slots.scripts() + tokens.scripts()
+            # The library's scripts for the requests window (by their attribute names in its coredis bridge).
+            theirs = [getattr(bridge, name, None) for name in ("lua_moving_window", "lua_acquire_moving_window")]
+            self._scripts = [script for script in theirs if script is not None] + slots.scripts() + tokens.scripts()
         else:
             self._redis = None
             self._scripts = []
