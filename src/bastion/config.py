@@ -43,6 +43,7 @@ from .budget.calendar import zone
 from .budget.options import BudgetOptions
 from .budget.policy import Budget, Period, parse_budget, unique
 from .engine.command import CommandError, check_template
+from .routes import DEFAULT_ROUTES, parse_routes
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -129,14 +130,10 @@ def _networks(values: list[str]) -> list[str]:
 
 
 def _default_routes() -> list[str]:
-    from .routes import DEFAULT_ROUTES
-
     return list(DEFAULT_ROUTES)
 
 
 def _routes(values: list[str]) -> list[str]:
-    from .routes import parse_routes
-
     parse_routes(values)
     return values
 

@@ -22,10 +22,10 @@ from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
-from .engine.state import Upstream
+from .engine.state import Phase, Upstream
 from .errors import GatewayError, send_error, upstream_failure
 from .http.client import Client
-from .http.http1 import HTTPError, Response
+from .http.http1 import ConnectError, HTTPError, Response
 from .usage import BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
@@ -132,6 +132,12 @@ class Proxy:
                 response = await self._client.open(
                     scope["method"], self._upstream.base_url, target, self._upstream_headers(scope, exchange), content
                 )
+            except ConnectError as exc:
+                if self._upstream.phase is Phase.EXTERNAL:
+                    raise upstream_failure(exc) from exc
+                # Our own child refuses connections: it died (its exit is being noticed) or is restarting.
+                # That is "not ready, retry shortly", the same 503 the next request will get, not a 502.
+                raise self._upstream.not_ready_error() from exc
             except HTTPError as exc:
                 raise upstream_failure(exc) from exc
             if restricted and scope["path"] == "/v1/models":

@@ -217,8 +217,9 @@ def _without_usage(options: object) -> bool:
         return True
     if not isinstance(options, dict):
         return False  # not an object: the model server refuses the request anyway
-    asked = options.get("include_usage")
+    # vLLM's `include_usage` defaults to true once `stream_options` is given: absent, the client asked.
     # Asked in any form vLLM accepts: the client's to see; a value vLLM refuses: left for vLLM to refuse.
+    asked = options.get("include_usage", True)
     return asked is None or lax_bool(asked) is False
 
 

@@ -70,6 +70,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small pieces leave as they are written
         buffer = b""
         with contextlib.suppress(OSError):
             while True:
@@ -117,33 +118,34 @@ class _Server(socketserver.ThreadingTCPServer):
             payload = json.loads(request.body)
             if not isinstance(payload, dict):
                 raise Refused("not an object")
-            kind, stream, include_usage = _read(request.path, payload)
+            kind, stream, include_usage, continuous = _read(request.path, payload)
         except (ValueError, Refused) as exc:
             error = json.dumps({"object": "error", "message": str(exc), "type": "BadRequestError", "code": 400})
             _send(sock, 400, "application/json", error.encode(), Plan())
             return
         time.sleep(plan.delay)
         if stream:
-            _send_stream(sock, _events(kind, plan, include_usage), plan)
+            _send_stream(sock, _events(kind, plan, include_usage, continuous), plan)
         else:
             _send(sock, 200, "application/json", _body(kind, plan), plan)
 
 
-def _read(path: str, payload: dict[str, Any]) -> tuple[str, bool, bool]:
-    """(route kind, streams, include_usage) as vLLM's request models read them."""
+def _read(path: str, payload: dict[str, Any]) -> tuple[str, bool, bool, bool]:
+    """(route kind, streams, include_usage, continuous_usage_stats) as vLLM's request models read them."""
     kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses"}.get(
         path, "embeddings" if path == "/v1/embeddings" else "other"
     )
     stream = lax(payload.get("stream", False)) if kind != "embeddings" else False
     options = payload.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if kind in ("chat", "completion") and options is not None:
         if not isinstance(options, dict):
             raise Refused("stream_options must be an object")
         if options and not payload.get("stream"):  # vLLM's check, on the raw value
             raise Refused("Stream options can only be defined when `stream=True`.")
         include_usage = lax(options.get("include_usage", True))  # vLLM's StreamOptions default
-    return kind, stream, include_usage
+        continuous = include_usage and lax(options.get("continuous_usage_stats", False))
+    return kind, stream, include_usage, continuous
 
 
 def _usage(kind: str, plan: Plan) -> dict[str, int]:
@@ -189,7 +191,7 @@ def _body(kind: str, plan: Plan) -> bytes:
     return json.dumps(ordered).encode()
 
 
-def _events(kind: str, plan: Plan, include_usage: bool) -> list[bytes]:
+def _events(kind: str, plan: Plan, include_usage: bool, continuous: bool) -> list[bytes]:
     def event(data: dict[str, Any], name: str | None = None) -> bytes:
         prefix = f"event: {name}\n" if name else ""
         return f"{prefix}data: {json.dumps(data)}\n\n".encode()
@@ -204,9 +206,13 @@ def _events(kind: str, plan: Plan, include_usage: bool) -> list[bytes]:
             event({"response": done, "sequence_number": 9, "type": "response.completed"}, "response.completed")
         )
         return events
-    events = [
-        event({"id": "c", "choices": [{"index": 0, "delta": {"content": '"usage":{'}}]}) for _ in range(plan.events)
-    ]
+    events = []
+    for i in range(plan.events):
+        chunk: dict[str, Any] = {"id": "c", "choices": [{"index": 0, "delta": {"content": '"usage":{'}}]}
+        if continuous and plan.report:  # vLLM's continuous_usage_stats: the running count in every chunk
+            running = {"prompt_tokens": plan.prompt, "completion_tokens": i + 1, "total_tokens": plan.prompt + i + 1}
+            chunk["usage"] = running
+        events.append(event(chunk))
     if include_usage and plan.report:
         events.append(event({"id": "c", "choices": [], "usage": _usage(kind, plan)}))
     return [*events, b"data: [DONE]\n\n"]
@@ -221,20 +227,24 @@ def _pieces(data: bytes, plan: Plan) -> Iterator[bytes]:
         index += 1
 
 
+PAUSED_PIECES = 200  # the first pieces leave 1 ms apart (separate reads on the other side); the rest at once
+
+
 def _send(sock: socket.socket, status: int, content_type: str, body: bytes, plan: Plan) -> None:
     head = f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
     sock.sendall(head)
-    for piece in _pieces(body, plan):
+    for index, piece in enumerate(_pieces(body, plan)):
         sock.sendall(piece)
-        if len(plan.chunks) > 1 or plan.chunks[0] < len(body):
-            time.sleep(0.001)  # separate reads on the other side, most of the time
+        if index < PAUSED_PIECES and len(piece) < len(body):
+            time.sleep(0.001)
 
 
 def _send_stream(sock: socket.socket, events: list[bytes], plan: Plan) -> None:
     sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-    for piece in _pieces(b"".join(events), plan):
+    for index, piece in enumerate(_pieces(b"".join(events), plan)):
         sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-        time.sleep(0.001)
+        if index < PAUSED_PIECES:
+            time.sleep(0.001)
     sock.sendall(b"0\r\n\r\n")
 
 

@@ -182,7 +182,7 @@ def test_wrong_types_unicode_and_nul_in_known_fields(rig: Rig, payload: dict[str
     assert rig.forwarded() == before + 1
     sent = json.loads(rig.upstream.requests[-1].partition(b"\r\n\r\n")[2])
     options = payload.get("stream_options")
-    asked = options.get("include_usage") if isinstance(options, dict) else None
+    asked = options.get("include_usage", True) if isinstance(options, dict) else None  # vLLM's default: true
     if (
         lax_bool(payload.get("stream")) is True
         and (options is None or isinstance(options, dict))

@@ -79,8 +79,9 @@ async def test_usage_is_asked_for_whatever_the_form_of_stream(inspector: Request
     ("options", "added"),
     [
         (None, True),
-        ({}, True),
-        ({"continuous_usage_stats": True}, True),
+        ({}, False),  # vLLM's include_usage defaults to true in stream_options: the client asked
+        ({"continuous_usage_stats": True}, False),
+        ({"continuous_usage_stats": True, "include_usage": None}, True),
         ({"include_usage": False}, True),
         ({"include_usage": "off"}, True),
         ({"include_usage": None}, True),

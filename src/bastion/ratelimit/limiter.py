@@ -32,6 +32,7 @@ from functools import lru_cache
 from typing import Any, Protocol, cast
 
 import coredis.exceptions
+from coredis.retry import NoRetryPolicy
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -196,15 +197,28 @@ class RateLimiter:
         if redis_url is not None:
             redis = RedisStorage(
                 redis_storage_uri(redis_url),
+                implementation="coredis",
                 connect_timeout=redis_timeout,
                 stream_timeout=redis_timeout,
                 key_prefix=REDIS_PREFIX,
+                # coredis re-sends a call whose connection was lost after it was sent (seen when a burst of calls
+                # missed the script cache), applying a reservation, a settlement or a hit twice. A call counts
+                # once or fails (fail open/closed) instead.
+                retry_policy=cast(Any, NoRetryPolicy()),
             )
-            connection = cast(Any, redis.bridge).get_connection()
-            self.slots = RedisSlots(connection, slot_ttl)
-            self.token_windows = RedisTokens(connection, REDIS_PREFIX)
+            bridge = cast(Any, redis.bridge)
+            connection = bridge.get_connection()
+            slots = RedisSlots(connection, slot_ttl)
+            tokens = RedisTokens(connection, REDIS_PREFIX)
+            self.slots, self.token_windows = slots, tokens
             self.storage: Storage = redis
+            self._redis = connection
+            # The library's scripts for the requests window (by their attribute names in its coredis bridge).
+            theirs = [getattr(bridge, name, None) for name in ("lua_moving_window", "lua_acquire_moving_window")]
+            self._scripts = [script for script in theirs if script is not None] + slots.scripts() + tokens.scripts()
         else:
+            self._redis = None
+            self._scripts = []
             memory = MemoryStorage()
             self.slots = MemorySlots()
             self.token_windows = MemoryTokens(memory)
@@ -222,8 +236,20 @@ class RateLimiter:
 
     @contextlib.asynccontextmanager
     async def _service(self) -> AsyncIterator[None]:
+        await self._load_scripts()
         async with self.slots.running():
             yield
+
+    async def _load_scripts(self) -> None:
+        """Redis: load every script before the first request. Left to the client, the first burst of concurrent
+        calls all miss the script cache, and coredis drops connections while it loads it (calls fail)."""
+        if self._redis is None:
+            return
+        try:
+            for script in self._scripts:
+                await self._redis.script_load(script.script)
+        except Exception as exc:  # unreachable: the fail mode applies until it answers (scripts load on use)
+            self._storage_failed(exc)
 
     # --- per request ------------------------------------------------------------------
     def limits_for(self, principal: LimitedPrincipal | None, client_ip: str) -> tuple[str, int, int, int]:

@@ -100,6 +100,9 @@ class RedisSlots:
         self._next = 0
         self._tag = os.urandom(6).hex()
 
+    def scripts(self) -> list[Any]:
+        return [self._acquire, self._refresh]
+
     async def acquire(self, key: str, limit: int) -> str | None:
         self._next += 1
         slot = f"{self._tag}:{self._next}"

@@ -173,6 +173,9 @@ class RedisTokens:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
 
+    def scripts(self) -> list[Any]:
+        return [self._reserve, self._settle]
+
     def _keys(self, key: str) -> list[str]:
         current = f"{self._prefix}:{{{key}}}"
         return [current + "/-1", current]
