@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import coredis.exceptions
 import pytest
 from limits import RateLimitItemPerMinute
-from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from bastion.accounting import charge
 from bastion.context import Exchange, Outcome
@@ -241,11 +241,24 @@ class _BrokenStorage(MemoryStorage):
         raise self.error
 
 
-def _broken(error: BaseException, **values: object) -> RateLimiter:
-    limits = limiter(rate_limit_rpm=10, rate_limit_tpm=100, **values)
+class _BrokenTokens:
+    """Token windows whose storage fails with `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def reserve(self, *args: object) -> object:
+        raise self.error
+
+    async def settle(self, *args: object) -> None:
+        raise self.error
+
+
+def _broken(error: BaseException, *, fail_open: bool = True) -> RateLimiter:
+    limits = RateLimiter(rpm=10, tpm=100, max_concurrent=0, fail_open=fail_open)
     limits.storage = _BrokenStorage(error)
     limits.requests = MovingWindowRateLimiter(limits.storage)
-    limits.tokens = SlidingWindowCounterRateLimiter(limits.storage)
+    limits.token_windows = _BrokenTokens(error)  # type: ignore[assignment]
     return limits
 
 
@@ -259,7 +272,7 @@ async def test_storage_outage_fails_open_counted_and_exported(error: BaseExcepti
     assert (limits.storage_errors, limits.fail_open_admissions) == (1, 1)
     samples = {s.name: s.value for family in limits.collector().collect() for s in family.samples}
     assert samples == {"bastion_ratelimit_storage_errors_total": 1, "bastion_ratelimit_fail_open_total": 1}
-    closed = _broken(error, redis_fail_mode="closed")
+    closed = _broken(error, fail_open=False)
     with pytest.raises(RateLimited) as refused:
         await closed.admit(None, "10.0.0.1")
     assert refused.value.status == 503 and closed.fail_open_admissions == 0
