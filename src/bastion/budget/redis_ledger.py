@@ -27,7 +27,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import coredis
@@ -35,6 +35,7 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
+from ..background import background
 from .calendar import Calendar, Windows
 from .ledger import (
     PRUNE_EVERY,
@@ -252,17 +253,7 @@ class RedisLedger:
             raise LedgerUnavailable(f"budget storage (Redis) unreachable: {type(exc).__name__}") from exc
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return self._running()
-
-    @contextlib.asynccontextmanager
-    async def _running(self) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(self._maintain())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return background(self._maintain)
 
     async def _maintain(self) -> None:
         while True:

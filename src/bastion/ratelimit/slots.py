@@ -18,6 +18,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from ..background import background
+
 log = logging.getLogger("bastion.ratelimit")
 
 # KEYS[1]: the slot set; ARGV: limit, ttl seconds, slot id. 1 = taken, 0 = full.
@@ -138,17 +140,7 @@ class RedisSlots:
                 await self._refresh.execute(keys=[full_key], args=[self._ttl, *live])
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return self._running()
-
-    @contextlib.asynccontextmanager
-    async def _running(self) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(self._refresher())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return background(self._refresher)
 
     async def _refresher(self) -> None:
         while True:
