@@ -27,7 +27,7 @@ from enum import StrEnum
 
 from .classes import ClassTable, PriorityClass
 
-QUANTUM = 4096  # tokens a principal of weight 1 may take per round of its class
+QUANTUM = 64  # tokens a principal of weight 1 earns per (computed) round of its class
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _RATE_SAMPLES = 64  # departures the Retry-After estimate looks back over
 
@@ -98,26 +98,38 @@ class _ClassQueue:
         return waiter
 
     def pop(self) -> _Waiter | None:
-        """The next waiter by deficit round robin (skipping those that left), or None."""
+        """The next waiter by deficit round robin (skipping those that left), or None.
+
+        The rounds of DRR are computed rather than looped: every flow with waiters earns
+        `QUANTUM x weight` a round, and the first flow (in ring order) whose deficit covers its
+        head's tokens after the fewest rounds is served, then goes to the back of the ring.
+        """
         ring = self.ring
-        while ring:
-            flow = ring[0]
+        best: _Flow | None = None
+        best_rounds = 0
+        for flow in list(ring):
             waiters = flow.waiters
             while waiters and waiters[0].future.done():
                 waiters.popleft()
             if not waiters:
-                ring.popleft()
+                ring.remove(flow)
                 del self.flows[flow.key]
                 continue
-            head = waiters[0]
-            if flow.deficit >= head.cost:
-                flow.deficit -= head.cost
-                waiters.popleft()
-                self.stats.depth -= 1
-                return head
-            flow.deficit += QUANTUM * flow.weight
-            ring.rotate(-1)
-        return None
+            short = waiters[0].cost - flow.deficit
+            rounds = 0 if short <= 0 else math.ceil(short / (QUANTUM * flow.weight))
+            if best is None or rounds < best_rounds:
+                best, best_rounds = flow, rounds
+        if best is None:
+            return None
+        if best_rounds:
+            for flow in ring:
+                flow.deficit += best_rounds * QUANTUM * flow.weight
+        head = best.waiters.popleft()
+        best.deficit -= head.cost
+        ring.remove(best)
+        ring.append(best)
+        self.stats.depth -= 1
+        return head
 
     def newest(self) -> _Waiter | None:
         """The most recently queued live waiter (the one shed to make room for a higher class)."""
