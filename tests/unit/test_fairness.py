@@ -183,3 +183,17 @@ def test_the_unsaturated_path_costs_little() -> None:
             gate.leave()
         best = min(best, (time.perf_counter() - start) / rounds)
     assert best < 3e-6, f"{best * 1e6:.2f} µs"
+
+
+async def test_a_waiter_that_left_is_counted_out_once_even_when_the_queue_finds_it_first() -> None:
+    gate = Gate("e", CLASSES, capacity=1)
+    assert gate.enter(BATCH)
+    gone = asyncio.create_task(gate.wait(BATCH, "a", 10))
+    stays = asyncio.create_task(gate.wait(BATCH, "b", 10))
+    await asyncio.sleep(0)
+    gone.cancel()  # its future is cancelled at once; its own handler runs later than the gate looks
+    gate.leave()
+    await asyncio.gather(gone, return_exceptions=True)
+    await stays
+    assert (gate.outstanding, gate.queued, gate.stats["batch"].depth) == (1, 0, 0)
+    assert gate.enter(BATCH) is False and gate.queued == 0  # still accurate: full, nobody waiting

@@ -53,6 +53,7 @@ class _Waiter:
     cost: int
     flow: _Flow
     queued: float
+    live: bool = True  # counted in its queue's depth and the gate's `queued`
 
 
 @dataclass(slots=True, eq=False)
@@ -79,13 +80,14 @@ class ClassStats:
 
 
 class _ClassQueue:
-    __slots__ = ("cls", "flows", "ring", "stats")
+    __slots__ = ("cls", "discarded", "flows", "ring", "stats")
 
     def __init__(self, cls: PriorityClass) -> None:
         self.cls = cls
         self.flows: dict[str, _Flow] = {}
         self.ring: collections.deque[_Flow] = collections.deque()  # flows with waiters, in round-robin order
         self.stats = ClassStats()
+        self.discarded = 0  # waiters found gone by `pop` since the gate last looked (its `queued` to correct)
 
     def push(self, principal: str, cost: int, future: asyncio.Future[None]) -> _Waiter:
         flow = self.flows.get(principal)
@@ -110,7 +112,7 @@ class _ClassQueue:
         for flow in list(ring):
             waiters = flow.waiters
             while waiters and waiters[0].future.done():
-                waiters.popleft()
+                self._drop(waiters.popleft())
             if not waiters:
                 ring.remove(flow)
                 del self.flows[flow.key]
@@ -128,8 +130,25 @@ class _ClassQueue:
         best.deficit -= head.cost
         ring.remove(best)
         ring.append(best)
+        head.live = False
         self.stats.depth -= 1
         return head
+
+    def _drop(self, waiter: _Waiter) -> None:
+        if waiter.live:
+            waiter.live = False
+            self.stats.depth -= 1
+            self.discarded += 1
+
+    def remove(self, waiter: _Waiter) -> bool:
+        """Take a waiter out (it left, timed out or is shed); False if it was no longer counted."""
+        if not waiter.live:
+            return False
+        waiter.live = False
+        self.stats.depth -= 1
+        if waiter in waiter.flow.waiters:
+            waiter.flow.waiters.remove(waiter)
+        return True
 
     def newest(self) -> _Waiter | None:
         """The most recently queued live waiter (the one shed to make room for a higher class)."""
@@ -245,6 +264,8 @@ class Gate:
         for queue in self._ordered:
             while queue.stats.depth and self._room(queue.cls):
                 waiter = queue.pop()
+                self.queued -= queue.discarded
+                queue.discarded = 0
                 if waiter is None:
                     break
                 self.queued -= 1
@@ -256,9 +277,7 @@ class Gate:
     def _forget(self, queue: _ClassQueue, waiter: _Waiter) -> None:
         if not waiter.future.done():
             waiter.future.cancel()
-        if waiter in waiter.flow.waiters:
-            waiter.flow.waiters.remove(waiter)
-            queue.stats.depth -= 1
+        if queue.remove(waiter):
             self.queued -= 1
         if not self.queued:
             return
@@ -270,9 +289,7 @@ class Gate:
             if queue.cls.order <= cls.order:
                 return False
             victim = queue.newest()
-            if victim is not None:
-                victim.flow.waiters.remove(victim)
-                queue.stats.depth -= 1
+            if victim is not None and queue.remove(victim):
                 self.queued -= 1
                 queue.stats.shed[Shed.EVICTED] += 1
                 victim.future.set_exception(Refused(Shed.EVICTED, self._retry_after()))
