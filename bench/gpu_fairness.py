@@ -87,7 +87,8 @@ class Bench:
         self.engine = f"http://127.0.0.1:{port}"
         if self.simulate:  # a GPU-like engine: one token rate shared by the batch
             argv = [sys.executable, "-m", "bastion", "simulate", "--port", str(port), "--max-num-seqs", str(SEQS)]
-            argv += ["--scheduling-policy", "priority", "--ttft", "0.02", "--itl", "0.002", "--itl-per-seq", "0.0005"]
+            argv += ["--scheduling-policy", "priority", "--tokens", "64", "--ttft", "0.02"]
+            argv += ["--itl", "0.001", "--itl-per-seq", "0.0005"]
             env = dict(os.environ)
         else:
             argv = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", os.environ["QWEN_DIR"]]
@@ -165,12 +166,16 @@ class Bench:
                                 ttfts.append(time.monotonic() - start)
                             first = False
 
-        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        # Two clients: the chat never waits behind the flood in the load generator's own pool.
+        async with (
+            httpx.AsyncClient(timeout=300, limits=limits) as client,
+            httpx.AsyncClient(timeout=300) as chatter,
+        ):
             tasks = [asyncio.create_task(flood(client)) for _ in range(256 if batch else 0)]
             if batch:
                 await asyncio.sleep(self.warmup)  # the engine fills; the gateway's queue forms
             counting, t0 = True, time.monotonic()
-            tasks += [asyncio.create_task(chat(client)) for _ in range(2 if interactive else 0)]
+            tasks += [asyncio.create_task(chat(chatter)) for _ in range(2 if interactive else 0)]
             await asyncio.sleep(max(0.0, stop - time.monotonic()))
             elapsed = time.monotonic() - t0
             counting = False
