@@ -42,6 +42,11 @@ from .engine.state import Phase, Upstream
 from .engine.supervisor import supervise
 from .engine.vllm import VllmArgs
 from .errors import error_body
+from .fairness.classes import ClassTable
+from .fairness.gate import Gate
+from .fairness.metrics import QueueCollector
+from .fairness.scrape import watch_waiting
+from .fairness.stage import FairShare, single_engine
 from .http import Client, Timeouts
 from .metrics import Metrics
 from .metrics_http import ScrapeGuard, metrics_routes
@@ -183,16 +188,15 @@ def create_app(
     )
 
     # The /v1 path, outermost first: who (auth) -> which route -> read and inspect the body (bounded) ->
-    # how much (limits: reserve tokens) -> the usage or token endpoint, or budgets (reserve) -> the proxy
-    # (forward; budgets and limits settle as it returns). Minting a token or asking for usage is a request like
-    # any other: routed, and counted against the key's limits.
-    inner: ASGIApp = BudgetStage(
-        Proxy(upstream, client, methods=settings.passthrough_methods),
-        ledger,
-        budgets,
-        fail_open=budget_options.fail_open,
-        metrics=budget_metrics,
-    )
+    # how much (limits: reserve tokens) -> the usage or token endpoint, or budgets (reserve) -> the fair queue
+    # (when classes are on) -> the proxy (forward; budgets and limits settle as it returns). Minting a token or
+    # asking for usage is a request like any other: routed, and counted against the key's limits.
+    inner: ASGIApp = Proxy(upstream, client, methods=settings.passthrough_methods)
+    classes = settings.class_table() if settings.fairness else None
+    gates: dict[str, Gate] = {}
+    if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)
+        inner = _fair_share(settings, inner, classes, upstream, scrapes, services, gates)
+    inner = BudgetStage(inner, ledger, budgets, fail_open=budget_options.fail_open, metrics=budget_metrics)
     routes = (*parse_routes(settings.routes), USAGE_ROUTE)
     if settings.token_endpoint:
         inner = TokenEndpoint(inner, token_config(settings))
@@ -204,6 +208,7 @@ def create_app(
         max_body=settings.max_body_bytes,
         body_timeout=settings.client_body_timeout,
         model_routes=frozenset(route.path for route in routes if route.scope is ModelScope.BODY),
+        classes=classes,
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
@@ -218,6 +223,8 @@ def create_app(
     mounts: dict[str, ASGIApp] = {}
     if metrics is not None:
         metrics.registry.register(limiter.collector())
+        if gates:
+            metrics.registry.register(QueueCollector(gates))
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         probe = watch.up if watch is not None else _never_asked
         guard = ScrapeGuard(token, settings.metrics_allow, auth.policy.trusted_proxies)
@@ -235,6 +242,33 @@ def create_app(
         openers=[metrics.open] if metrics is not None else [],
         mounts=mounts,
     )
+
+
+def _fair_share(
+    settings: Settings,
+    proxy: ASGIApp,
+    classes: ClassTable,
+    upstream: Upstream,
+    scrapes: ProbeChannel,
+    services: list[AbstractAsyncContextManager[object]],
+    gates: dict[str, Gate],
+) -> ASGIApp:
+    """The engine's gate in front of the proxy, and the scrape of its waiting queue when a threshold is set."""
+    name = settings.served_model_name or settings.model
+    gate = Gate(
+        name,
+        classes,
+        capacity=settings.engine_capacity,
+        reserve=settings.engine_reserve,
+        waiting_threshold=settings.engine_waiting_threshold,
+        queue_size=settings.queue_size,
+    )
+    gates[name] = gate
+    if settings.engine_waiting_threshold is not None:
+        services.append(
+            watch_waiting(scrapes.http, lambda: upstream.base_url, lambda: upstream.api_key, gate.set_engine_waiting)
+        )
+    return FairShare(proxy, gates, classes, single_engine(name))
 
 
 def engine_spec(settings: Settings) -> EngineSpec:
@@ -260,6 +294,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
             extra_args=settings.vllm_extra_args,
+            scheduling_policy="priority" if settings.fairness else None,
         ),
     )
     command = build_command(source, host=host, port=port, port_fixed=bool(settings.upstream_port), path=env.get("PATH"))
@@ -330,6 +365,9 @@ def jwt_config(settings: Settings) -> JWTConfig:
         max_concurrent=settings.jwt_max_concurrent,
         budgets_claim=settings.jwt_budgets_claim,
         max_budgets=unique(parse_budget(text) for text in settings.jwt_max_budgets),
+        priority_class_claim=settings.jwt_priority_class_claim,
+        class_orders={c.name: c.order for c in settings.class_table().classes},
+        max_priority_class=settings.jwt_max_priority_class or settings.default_priority_class,
     )
 
 

@@ -33,6 +33,7 @@ from pydantic import (
     IPvAnyNetwork,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic.fields import FieldInfo
@@ -43,6 +44,7 @@ from .budget.calendar import zone
 from .budget.options import BudgetOptions
 from .budget.policy import Budget, Period, parse_budget, unique
 from .engine.command import CommandError, check_template
+from .fairness.classes import DEFAULT_CLASSES, ClassTable, parse_classes
 from .routes import DEFAULT_ROUTES, parse_routes
 
 S = TypeVar("S", bound=BaseSettings)
@@ -644,6 +646,71 @@ class Settings(BaseSettings):
             retention_days=self.usage_retention_days,
             fail_open=self.redis_fail_mode == "open",
         )
+
+    # --- fairness: priority classes and the gateway queue (bastion.fairness; docs/fairness.md) ---------
+    fairness: bool = Field(
+        False,
+        description="Priority classes and fair queueing: each forwarded request carries its principal's class "
+        "as vLLM's integer `priority` (a supervised vLLM starts with --scheduling-policy priority), and when "
+        "the engine is saturated requests wait at the gateway, higher classes first, principals sharing fairly.",
+    )
+    priority_classes: str = Field(
+        DEFAULT_CLASSES,
+        description="The classes, a JSON object name -> {order, weight, deadline}: order 0 goes first (and is "
+        "the priority vLLM sees), weight is each principal's share within its class, deadline the seconds a "
+        "request may wait at the gateway before a 429.",
+    )
+    default_priority_class: Text = Field(
+        "standard", description="The class of a key or token that names none (bootstrap keys included)."
+    )
+    jwt_priority_class_claim: Text = Field(
+        "priority_class", description="JWT claim naming the token's priority class (held to the ceiling below)."
+    )
+    jwt_max_priority_class: Text | None = Field(
+        None,
+        description="The highest class a JWT from an issuer may claim (a higher claim gets this one). "
+        "Default: BASTION_DEFAULT_PRIORITY_CLASS.",
+    )
+    engine_capacity: int = Field(
+        0,
+        ge=0,
+        description="Requests the gateway keeps outstanding at the engine at most (about vLLM's --max-num-seqs); "
+        "more wait in the gateway's fair queue. 0 = no cap (only BASTION_ENGINE_WAITING_THRESHOLD).",
+    )
+    engine_reserve: int = Field(
+        0,
+        ge=0,
+        description="Of BASTION_ENGINE_CAPACITY, slots only the highest class may fill, so that its requests "
+        "find room at once beside a flood of lower classes.",
+    )
+    engine_waiting_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="Queue at the gateway while the engine's own waiting queue (vllm:num_requests_waiting, "
+        "scraped about once a second) is above this. Unset = not scraped.",
+    )
+    queue_size: int = Field(
+        1024, ge=1, description="Requests waiting at the gateway at most; beyond, the lowest class is shed first."
+    )
+
+    @field_validator("priority_classes")
+    @classmethod
+    def _check_classes(cls, value: str) -> str:
+        parse_classes(value, None)
+        return value
+
+    @field_validator("default_priority_class", "jwt_max_priority_class")
+    @classmethod
+    def _check_class_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        classes = info.data.get("priority_classes")
+        if value is not None and classes is not None:
+            names = [c.name for c in parse_classes(classes, None).classes]
+            if value not in names:
+                raise ValueError(f"{value!r} is not a class of BASTION_PRIORITY_CLASSES ({', '.join(names)})")
+        return value
+
+    def class_table(self) -> ClassTable:
+        return parse_classes(self.priority_classes, self.default_priority_class)
 
 
 class ConfigError(Exception):

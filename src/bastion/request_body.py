@@ -29,6 +29,7 @@ from .asgi import ASGIApp, BodyTimeout, BodyTooLarge, ClientGone, Message, Recei
 from .auth.errors import refusal
 from .context import Exchange, Outcome, exchange_of
 from .errors import GatewayError, send_error
+from .fairness.classes import ClassTable
 from .jsonscan import Malformed, Members, Span, TooComplex
 
 WANTED = frozenset(
@@ -46,6 +47,8 @@ WANTED = frozenset(
 )
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
+PRIORITY_ROUTES = USAGE_OPTION_ROUTES
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
@@ -127,8 +130,15 @@ class RequestInspector:
         self.step_budget = step_budget
         self.steps_per_turn = steps_per_turn
 
-    async def inspect(self, path: str, body: bytes, *, json_body: bool = True) -> tuple[bytes, RequestFacts]:
-        """(bytes to forward, facts) of a POST body; GatewayError 400 for a body that is not a JSON object."""
+    async def inspect(
+        self, path: str, body: bytes, *, json_body: bool = True, priority: int = 0, assign_priority: bool = False
+    ) -> tuple[bytes, RequestFacts]:
+        """(bytes to forward, facts) of a POST body; GatewayError 400 for a body that is not a JSON object.
+
+        `priority` is the most urgent vLLM priority the principal may use: a client's own `priority`
+        is clamped to it (a client may lower its urgency, never raise it); with `assign_priority` a
+        body without one gets it written in (fairness on: every request carries its class).
+        """
         generates = path not in PROMPT_ONLY_ROUTES
         cap = self.default_max_tokens if generates else 0
         if not json_body:  # a form upload (audio): nothing to read, the prompt is not text
@@ -155,6 +165,8 @@ class RequestInspector:
             completion_cap=cap,
             priority=lax_int(fields.get("priority")),
         )
+        if path in PRIORITY_ROUTES:
+            body, spans, facts = await self._clamp_priority(body, fields, spans, facts, priority, assign_priority)
         if not stream or path not in USAGE_OPTION_ROUTES:
             return body, facts
         if "stream_options" not in fields:
@@ -171,6 +183,34 @@ class RequestInspector:
             edited = body[: span.start] + merged + body[span.end :]
         return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
 
+    async def _clamp_priority(
+        self,
+        body: bytes,
+        fields: dict[str, Any],
+        spans: dict[str, Span] | None,
+        facts: RequestFacts,
+        floor: int,
+        assign: bool,
+    ) -> tuple[bytes, dict[str, Span] | None, RequestFacts]:
+        """The body with `priority` held to `floor` (or written in); spans None once the bytes moved."""
+        if "priority" not in fields:
+            if not assign or floor == 0:  # vLLM's default is 0: nothing to write
+                return body, spans, facts
+            opening = body.index(b"{") + 1
+            edited = body[:opening] + b'"priority":%d,' % floor + body[opening:]
+            return edited, None, _with_priority(facts, floor)
+        claimed = facts.priority
+        if claimed is None:  # not an integer: vLLM refuses the request itself
+            return body, spans, facts
+        wanted = max(claimed, floor)
+        if wanted == claimed and fields["priority"] == claimed:
+            return body, spans, facts
+        if spans is None:
+            spans = await self._spans(body)
+        span = spans["priority"]
+        edited = body[: span.start] + b"%d" % wanted + body[span.end :]
+        return edited, None, _with_priority(facts, wanted)
+
     async def _spans(self, body: bytes) -> dict[str, Span]:
         try:
             members = Members(body, WANTED, self.step_budget)
@@ -185,6 +225,12 @@ class RequestInspector:
                 f"The request body has more than {self.step_budget} strings and arrays to inspect.",
                 code="request_too_complex",
             ) from None
+
+
+def _with_priority(facts: RequestFacts, priority: int) -> RequestFacts:
+    return RequestFacts(
+        facts.model, facts.stream, facts.usage_added, facts.prompt_estimate, facts.completion_cap, priority
+    )
 
 
 def _parse(body: bytes) -> dict[str, Any]:
@@ -251,8 +297,12 @@ class InspectBody:
         max_body: int,
         body_timeout: float,
         model_routes: frozenset[str] | None = None,
+        classes: ClassTable | None = None,
     ) -> None:
         self.app = app
+        # Priority classes (fairness on): every request carries its principal's class as vLLM's priority.
+        # Off: a client's own `priority` is still held to 0, so it cannot jump an engine's queue.
+        self.classes = classes
         self.inspector = inspector
         self.max_body = max_body
         self.body_timeout = body_timeout
@@ -290,7 +340,11 @@ class InspectBody:
         restricted = principal if scoped and principal is not None and principal.models is not None else None
         if form and restricted is not None:
             raise refusal("model_not_allowed")  # the model is inside the form: a restricted key may not upload
-        body, facts = await self.inspector.inspect(exchange.path, body, json_body=not form)
+        classes = self.classes
+        floor = classes.of(principal).order if classes is not None else 0
+        body, facts = await self.inspector.inspect(
+            exchange.path, body, json_body=not form, priority=floor, assign_priority=classes is not None
+        )
         if facts.model is not None:
             exchange.model = facts.model
         if restricted is not None and not restricted.allows(facts.model):  # no model, or not one of its own

@@ -110,6 +110,10 @@ WRONG = {
     "budget_db": "/",
     "jwt_budgets_claim": "   ",
     "jwt_max_budgets": "year=5",
+    "priority_classes": '{"gold": {"order": "first"}}',
+    "default_priority_class": "platinum",
+    "jwt_priority_class_claim": "   ",
+    "jwt_max_priority_class": "platinum",
 }
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from bastion.errors import GatewayError
-from bastion.request_body import RequestFacts, RequestInspector, lax_bool, lax_int
+from bastion.request_body import PRIORITY_ROUTES, RequestFacts, RequestInspector, lax_bool, lax_int
 
 BOOL = TypeAdapter(bool | None)
 INT = TypeAdapter(int | None)
@@ -54,7 +54,8 @@ async def test_facts(inspector: RequestInspector) -> None:
     body = {"model": "m", "messages": [], "max_tokens": "64", "n": 2, "best_of": 3, "priority": -1}
     _, facts = await inspect(body, inspector=inspector)
     raw = json.dumps(body).encode()
-    assert facts == RequestFacts("m", False, False, len(raw) // 4, 64 * 3, -1)
+    # A client's priority more urgent than its own (0 without classes) is clamped: the facts hold what is forwarded.
+    assert facts == RequestFacts("m", False, False, len(raw) // 4, 64 * 3, 0)
     _, facts = await inspect({"model": "m", "input": "x" * 400}, "/v1/embeddings", inspector)
     assert (facts.completion_cap, facts.prompt_estimate) == (0, 106)  # embeddings generate nothing (426 bytes)
     _, facts = await inspect({"model": "m", "max_completion_tokens": 0, "max_tokens": 9}, inspector=inspector)
@@ -162,7 +163,12 @@ async def test_both_paths_read_and_edit_alike(payload: dict[str, Any], path: str
     large_sent, large = await LARGE.inspect(path, raw)
     assert small == large
     assert json.loads(small_sent) == json.loads(large_sent)
+    sent = json.loads(small_sent)
     if small.usage_added:
-        assert json.loads(small_sent)["stream_options"]["include_usage"] is True
-    else:
+        assert sent["stream_options"]["include_usage"] is True
+    claimed = lax_int(payload.get("priority"))
+    clamped = path in PRIORITY_ROUTES and claimed is not None and small.priority != payload["priority"]
+    if clamped:  # held to the principal's own (0 without classes) and written as an integer; the rest untouched
+        assert small.priority == sent["priority"] == max(claimed or 0, 0)
+    if not small.usage_added and not clamped:
         assert small_sent == raw

@@ -106,6 +106,12 @@ def register(commands: Any) -> None:
     )
     create.add_argument("--name", required=True, help="who or what the key is for (shown in logs and metrics)")
     create.add_argument("--allow-ip", action="append", metavar="CIDR", help="only from these networks (repeatable)")
+    create.add_argument(
+        "--priority-class",
+        metavar="CLASS",
+        help="its priority class when the engine is saturated, e.g. interactive or batch "
+        "(default: BASTION_DEFAULT_PRIORITY_CLASS; see docs/fairness.md)",
+    )
     create.add_argument("--expires", type=duration, metavar="DURATION", help="lifetime, e.g. 30d (default: none)")
     create.add_argument(
         "--allow-duplicate-name",
@@ -209,6 +215,7 @@ def _change(data: KeyFile, args: dict[str, Any], path: Path) -> str | None:
             tpm=args["tpm"],
             max_concurrent=args["max_concurrent"],
             budgets=_budgets(args["budget"]),
+            priority_class=args["priority_class"],
         )
         _say(f"created key {record.id} ({record.name}) in {path}; it is printed once, on stdout")
         return key
@@ -279,6 +286,7 @@ def _row(record: KeyRecord, now: datetime) -> dict[str, Any]:
         "tpm": record.tpm,
         "max_concurrent": record.max_concurrent,
         "budgets": record.budgets,
+        "priority_class": record.priority_class,
         "secrets": len(record.secrets),
     }
 

@@ -32,6 +32,8 @@ class Principal:
     max_concurrent: int | None = None
     # Token budgets of its own (bastion.budget); periods it does not set get the gateway's defaults.
     budgets: Budgets = ()
+    # Its priority class (bastion.fairness): None = the gateway's default class.
+    priority_class: str | None = None
 
     def allows(self, model: str | None) -> bool:
         """May this principal use `model`? A restricted principal must name an allowed one."""

@@ -22,8 +22,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from jose import jwt as jose_jwt
 from jose.exceptions import ExpiredSignatureError, JOSEError
 
 from ..budget.policy import Budgets, capped, from_mapping
+from ..fairness.classes import capped as capped_class
 from .errors import AuthFailure
 from .identity import Principal
 from .ipfilter import IPNetwork, parse_networks
@@ -114,6 +115,9 @@ class JWTConfig:
     max_concurrent: int | None = None
     budgets_claim: str = "budgets"
     max_budgets: Budgets = ()  # ceilings on an issuer's budget claims
+    priority_class_claim: str = "priority_class"
+    class_orders: Mapping[str, int] = field(default_factory=dict)  # the configured classes (name -> order)
+    max_priority_class: str | None = None  # the highest class an issuer's token may claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,9 @@ class JWTVerifier:
         self._ceiling_limits = {"rpm": config.max_rpm, "tpm": config.max_tpm, "max_concurrent": config.max_concurrent}
         self._budgets_claim = config.budgets_claim
         self._budget_ceiling = config.max_budgets
+        self._class_claim = config.priority_class_claim
+        self._class_orders = dict(config.class_orders)
+        self._class_ceiling = config.max_priority_class
 
         self._warn_unusable()
 
@@ -216,6 +223,7 @@ class JWTVerifier:
             tpm=key.tpm,
             max_concurrent=key.max_concurrent,
             budgets=key.budgets,
+            priority_class=key.priority_class,
         )
         if len(self._bound) >= CACHE_SIZE:
             del self._bound[next(iter(self._bound))]
@@ -295,6 +303,7 @@ class JWTVerifier:
             tpm=tpm,
             max_concurrent=concurrent,
             budgets=budgets,
+            priority_class=capped_class(claims.get(self._class_claim), self._class_ceiling, self._class_orders),
         )
 
 
@@ -344,6 +353,8 @@ def mint(
     budgets: dict[str, int] | None = None,
     budgets_claim: str = "budgets",
     key_id: str | None = None,
+    priority_class: str | None = None,
+    priority_class_claim: str = "priority_class",
 ) -> str:
     """A short-lived HS256 token, for `bastion token mint` and the token endpoint (`key_id`: bound to that key)."""
     now = int(time.time())
@@ -362,5 +373,7 @@ def mint(
         claims[ALLOW_IPS_CLAIM] = allow_ips
     if budgets:
         claims[budgets_claim] = budgets
+    if priority_class:
+        claims[priority_class_claim] = priority_class
     token: str = jose_jwt.encode(claims, secret, algorithm="HS256")
     return token

@@ -73,6 +73,8 @@ class KeyRecord(_Strict):
     max_concurrent: Limit | None = None
     # Token budgets, e.g. {"day": 2000000, "day:qwen": 100000}; 0 lifts a default (bastion.budget.policy).
     budgets: dict[str, int] | None = None
+    # Its priority class (BASTION_PRIORITY_CLASSES); None = BASTION_DEFAULT_PRIORITY_CLASS.
+    priority_class: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     secrets: list[SecretHash] = Field(min_length=1)
 
     @field_validator("allow_ips")
@@ -99,6 +101,7 @@ class KeyRecord(_Strict):
             tpm=self.tpm,
             max_concurrent=self.max_concurrent,
             budgets=from_mapping(self.budgets) if self.budgets else (),
+            priority_class=self.priority_class,
         )
 
 
@@ -332,6 +335,7 @@ def create_key(
     tpm: int | None = None,
     max_concurrent: int | None = None,
     budgets: list[Budget] | None = None,
+    priority_class: str | None = None,
 ) -> tuple[KeyRecord, str]:
     """Add a key; returns its record and the secret key (shown once, never stored)."""
     taken = {r.id for r in data.keys}
@@ -352,6 +356,7 @@ def create_key(
             tpm=tpm,
             max_concurrent=max_concurrent,
             budgets=to_mapping(budgets) if budgets else None,
+            priority_class=priority_class,
             secrets=[SecretHash(sha256=hash_key(key), created=now)],
         )
     except ValidationError as exc:

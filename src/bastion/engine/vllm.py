@@ -25,6 +25,8 @@ class VllmArgs:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     extra_args: str = ""  # shell-quoted; split here (a bad quote: ValueError)
+    # "priority" when priority classes are on (BASTION_FAIRNESS): vLLM refuses a nonzero `priority` otherwise.
+    scheduling_policy: str | None = None
 
 
 def vllm_command(python: str, host: str, port: int, args: VllmArgs) -> list[str]:
@@ -41,7 +43,10 @@ def vllm_command(python: str, host: str, port: int, args: VllmArgs) -> list[str]
         command += ["--served-model-name", args.served_model_name]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
-    return command + shlex.split(args.extra_args)
+    extra = shlex.split(args.extra_args)
+    if args.scheduling_policy and not any(a.split("=")[0] == "--scheduling-policy" for a in extra):
+        command += ["--scheduling-policy", args.scheduling_policy]
+    return command + extra
 
 
 def vllm_unavailable() -> str | None:

@@ -1,0 +1,250 @@
+"""Tenants sharing a saturated GPU (issue 20), measured on real vLLM; `--simulate` runs it here.
+
+On the GPU machine (after `source .gpu/pN/device_setup.sh`, see ../shared/gpu/README.md):
+
+    python3 bench/gpu_fairness.py --out "$OUT"
+
+One vLLM (`--max-num-seqs 64 --scheduling-policy priority`, Qwen2.5-7B geometry, dummy weights) is
+started once, by this script; two bastion gateways in external mode sit in front of it: one with
+priority classes and the fair queue (BASTION_FAIRNESS, capacity 64, reserve 2), one without. Then:
+an interactive key at c=2 (16 tokens, streamed: TTFT) alone; a batch key at c=256 (256 tokens)
+alone through the plain gateway (the engine's batch tokens/s); and both together through the fair
+gateway (interactive TTFT p50 beside the flood, batch tokens/s). Two alternated rounds. Targets: TTFT
+within 2x idle, batch tokens/s >= 95 % of the flood alone. results.json is rewritten after each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODEL = "qwen2.5-7b-instruct"
+SEQS = 64
+
+
+def say(message: str) -> None:
+    print(f"[fairness {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Bench:
+    def __init__(self, out: Path, simulate: bool, window: float, warmup: float) -> None:
+        self.out = out
+        self.simulate = simulate
+        self.window = window
+        self.warmup = warmup
+        self.work = Path(tempfile.mkdtemp(prefix="bastion-fair-"))
+        self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "simulated": simulate, "rounds": []}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.keys: dict[str, str] = {}
+        self.engine = ""
+
+    def write(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
+
+    def spawn(self, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+        handle = (self.out / log).open("wb")
+        proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=handle, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
+        started = time.monotonic()
+        note = started + 15
+        while time.monotonic() - started < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            if time.monotonic() > note:
+                say(f"waiting for {url}: {time.monotonic() - started:.0f} s")
+                note += 15
+            time.sleep(0.5)
+        raise TimeoutError(url)
+
+    def start_engine(self) -> None:
+        port = free_port()
+        self.engine = f"http://127.0.0.1:{port}"
+        if self.simulate:  # a GPU-like engine: one token rate shared by the batch
+            argv = [sys.executable, "-m", "bastion", "simulate", "--port", str(port), "--max-num-seqs", str(SEQS)]
+            argv += ["--scheduling-policy", "priority", "--tokens", "64", "--ttft", "0.02"]
+            argv += ["--itl", "0.001", "--itl-per-seq", "0.0005"]
+            env = dict(os.environ)
+        else:
+            argv = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", os.environ["QWEN_DIR"]]
+            argv += ["--load-format", "dummy", "--served-model-name", MODEL, "--max-model-len", "4096"]
+            argv += ["--port", str(port), "--max-num-seqs", str(SEQS), "--scheduling-policy", "priority"]
+            env = {**os.environ, "PYTHONPATH": os.environ["VLLM_PYTHONPATH"]}
+        proc = self.spawn(argv, env, "engine.log")
+        say(f"engine starting (pid {proc.pid})")
+        self.results["engine_start_s"] = round(self.wait(self.engine + "/health", proc, 900), 1)
+        say(f"engine ready after {self.results['engine_start_s']} s")
+
+    def env(self, fair: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        if "APP_PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["APP_PYTHONPATH"]
+        env |= {
+            "BASTION_UPSTREAM_URL": self.engine,
+            "BASTION_KEYS_FILE": str(self.work / "keys.json"),
+            "BASTION_AUDIT_LOG": "off",
+            "BASTION_RATE_LIMIT_RPM": "0",
+            "BASTION_RATE_LIMIT_TPM": "0",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0",
+            "BASTION_LOG_LEVEL": "warning",
+        }
+        if fair:
+            env |= {"BASTION_FAIRNESS": "1", "BASTION_ENGINE_CAPACITY": str(SEQS), "BASTION_ENGINE_RESERVE": "2"}
+        return env
+
+    def start_gateways(self) -> dict[bool, str]:
+        for name, cls in (("chat", "interactive"), ("flood", "batch")):
+            self.keys[name] = subprocess.run(
+                [sys.executable, "-m", "bastion", "keys", "create", "--name", name, "--priority-class", cls],
+                env=self.env(False), capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+        bases = {}
+        for fair in (True, False):
+            port = free_port()
+            argv = [sys.executable, "-m", "bastion", "serve", "--port", str(port)]
+            proc = self.spawn(argv, self.env(fair), f"bastion-{'fair' if fair else 'plain'}.log")
+            bases[fair] = f"http://127.0.0.1:{port}"
+            self.wait(bases[fair] + "/ready", proc, 60)
+        return bases
+
+    async def measure(self, base: str, *, interactive: bool, batch: bool) -> dict[str, Any]:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        ttfts: list[float] = []
+        statuses: dict[str, int] = {}
+        tokens = 0
+        counting = False
+        stop = time.monotonic() + self.warmup + self.window if batch else time.monotonic() + self.window
+
+        async def flood(client: httpx.AsyncClient) -> None:
+            nonlocal tokens
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Write."}], "max_tokens": 256}
+            body |= {"ignore_eos": True}
+            headers = {"authorization": f"Bearer {self.keys['flood']}"}
+            while time.monotonic() < stop:
+                response = await client.post(base + "/v1/chat/completions", json=body, headers=headers)
+                statuses[f"batch {response.status_code}"] = statuses.get(f"batch {response.status_code}", 0) + 1
+                if response.status_code == 200 and counting and time.monotonic() < stop:
+                    tokens += response.json()["usage"]["completion_tokens"]
+
+        async def chat(client: httpx.AsyncClient) -> None:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 16, "stream": True}
+            body |= {"ignore_eos": True}
+            headers = {"authorization": f"Bearer {self.keys['chat']}"}
+            while time.monotonic() < stop:
+                start = time.monotonic()
+                async with client.stream("POST", base + "/v1/chat/completions", json=body, headers=headers) as r:
+                    statuses[f"chat {r.status_code}"] = statuses.get(f"chat {r.status_code}", 0) + 1
+                    first = True
+                    async for _ in r.aiter_raw():
+                        if first and r.status_code == 200:
+                            if counting:
+                                ttfts.append(time.monotonic() - start)
+                            first = False
+
+        # Two clients: the chat never waits behind the flood in the load generator's own pool.
+        async with (
+            httpx.AsyncClient(timeout=300, limits=limits) as client,
+            httpx.AsyncClient(timeout=300) as chatter,
+        ):
+            tasks = [asyncio.create_task(flood(client)) for _ in range(256 if batch else 0)]
+            if batch:
+                await asyncio.sleep(self.warmup)  # the engine fills; the gateway's queue forms
+            counting, t0 = True, time.monotonic()
+            tasks += [asyncio.create_task(chat(chatter)) for _ in range(2 if interactive else 0)]
+            await asyncio.sleep(max(0.0, stop - time.monotonic()))
+            elapsed = time.monotonic() - t0
+            counting = False
+            for task in tasks:
+                task.cancel()
+            failures = [r for r in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(r, Exception)]
+        result: dict[str, Any] = {"statuses": statuses}
+        if failures:
+            result["client_errors"] = sorted({repr(f)[:200] for f in failures})
+        if interactive:
+            result["ttft_p50_ms"] = round(statistics.median(ttfts) * 1000, 1) if ttfts else None
+            result["interactive_requests"] = len(ttfts)
+        if batch:
+            result["batch_tokens_per_s"] = round(tokens / elapsed, 1)
+        return result
+
+    def run(self, rounds: int) -> None:
+        self.start_engine()
+        bases = self.start_gateways()
+        say("interactive alone (c=2, 16 tokens)")
+        self.results["idle"] = asyncio.run(self.measure(bases[True], interactive=True, batch=False))
+        say(f"idle: {self.results['idle']}")
+        self.write()
+        for number in range(rounds):
+            steps = [("flood_alone", False), ("classes_on", True)]
+            if number % 2:
+                steps.reverse()
+            entry: dict[str, Any] = {}
+            for name, fair in steps:
+                say(f"round {number + 1}: {name}")
+                entry[name] = asyncio.run(self.measure(bases[fair], interactive=fair, batch=True))
+                say(f"round {number + 1}: {name}: {entry[name]}")
+                self.results["rounds"] = [*self.results["rounds"][:number], entry]
+                self.write()
+            alone = entry["flood_alone"]["batch_tokens_per_s"]
+            on = entry["classes_on"]
+            entry["batch_share"] = round(on["batch_tokens_per_s"] / alone, 3) if alone else None
+            idle = self.results["idle"]["ttft_p50_ms"]
+            entry["ttft_vs_idle"] = round(on["ttft_p50_ms"] / idle, 2) if idle and on["ttft_p50_ms"] else None
+            self.write()
+            say(f"round {number + 1}: batch {entry['batch_share']} of alone, TTFT {entry['ttft_vs_idle']}x idle")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="tenants sharing a saturated GPU (see the module docstring)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bastion-fairness")))
+    parser.add_argument("--simulate", action="store_true", help="the simulator as the engine (no GPU)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--window", type=float, default=45.0, help="seconds measured per step")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of flood before measuring")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.out, args.simulate, args.window, args.warmup)
+    try:
+        bench.run(args.rounds)
+    finally:
+        bench.write()
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()

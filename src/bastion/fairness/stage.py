@@ -1,0 +1,90 @@
+"""`FairShare`: the plain-ASGI stage just before the proxy forwards, holding a request while its engine is full.
+
+The request's engine group is `engine_name_for(exchange)` (today the single engine's
+served model name; the router of several engines supplies its own). A request that finds
+room goes straight on (no task, no future: a counter); one that does not waits in its
+engine's `Gate`, watched for a client that leaves (it leaves the queue at once), and gets
+an OpenAI-shaped 429 with Retry-After if its class's deadline passes or a higher class
+needs its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+from ..asgi import CONNECTION_HOOK, ASGIApp, DisconnectWatch, Receive, Scope, Send
+from ..context import Exchange, Outcome, exchange_of
+from ..errors import GatewayError, send_error
+from .classes import ClassTable
+from .gate import Gate, Refused, Shed
+
+EngineName = Callable[[Exchange], str]
+_MESSAGES = {
+    Shed.DEADLINE: "The model server is saturated and this request waited its priority class's limit; retry later.",
+    Shed.FULL: "The model server is saturated and the gateway's queue is full; retry later.",
+    Shed.EVICTED: "The model server is saturated and higher-priority requests took this request's place; retry later.",
+}
+
+
+def single_engine(name: str) -> EngineName:
+    """`engine_name_for` with one engine: every request goes to `name`."""
+
+    def engine_name_for(_: Exchange) -> str:
+        return name
+
+    return engine_name_for
+
+
+class FairShare:
+    def __init__(
+        self, app: ASGIApp, gates: Mapping[str, Gate], classes: ClassTable, engine_name_for: EngineName
+    ) -> None:
+        self.app = app
+        self.gates = gates
+        self.classes = classes
+        self.engine_name_for = engine_name_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        gate = self.gates.get(self.engine_name_for(exchange)) if scope["method"] == "POST" else None
+        if gate is None:  # GETs (the model list) take no sequence of the engine's
+            await self.app(scope, receive, send)
+            return
+        cls = self.classes.of(exchange.principal)
+        if not gate.enter(cls) and not await self._queue(scope, receive, send, exchange, gate):
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            gate.leave()
+
+    async def _queue(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, gate: Gate) -> bool:
+        """Wait in the gate; True once admitted, False if answered here (refused) or the client left."""
+        cls = self.classes.of(exchange.principal)
+        principal = exchange.principal.id if exchange.principal is not None else exchange.client_ip
+        cost = exchange.prompt_estimate + exchange.completion_cap  # what the limits and budgets reserved
+        # Under bastion's own server a lost connection cancels this task at once; elsewhere the class deadline
+        # bounds the wait (reading `receive` here would take the body from the proxy).
+        watch = DisconnectWatch(scope, receive) if scope.get(CONNECTION_HOOK) is not None else None
+        try:
+            await gate.wait(cls, principal, cost)
+        except Refused as refused:
+            exchange.status, exchange.outcome, exchange.reason = 429, Outcome.REJECTED, f"queue_{refused.reason.value}"
+            error = GatewayError(
+                429,
+                _MESSAGES[refused.reason],
+                code="engine_saturated",
+                headers=[(b"retry-after", b"%d" % refused.retry_after)],
+            )
+            await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
+            return False
+        except asyncio.CancelledError:
+            if watch is None or not watch.absorb():
+                raise
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
+            return False
+        finally:
+            if watch is not None:
+                watch.finish()
+        return True
