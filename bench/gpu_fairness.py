@@ -113,6 +113,7 @@ class Bench:
             "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0",
             "BASTION_LOG_LEVEL": "warning",
         }
+        env["BASTION_BUDGET_DB"] = str(self.work / f"usage-{'fair' if fair else 'plain'}.sqlite3")  # one per process
         if fair:
             env |= {"BASTION_FAIRNESS": "1", "BASTION_ENGINE_CAPACITY": str(SEQS), "BASTION_ENGINE_RESERVE": "2"}
         return env

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .app import Gateway, create_app, engine_problem
 from .auth.keys import KeyStoreError, read_key_file
+from .budget.sqlite import UsageDBError, check_free
 from .config import ConfigError, Settings, problem
 from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .listen import bind
@@ -44,6 +45,8 @@ def problems(settings: Settings) -> list[str]:
         *_audit_log(settings.audit_log),
         *_budget_db(settings.budget_db),
     ]
+    if not found:
+        found += _usage_db_free(settings)
     if settings.token_endpoint and (settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms):
         found.append(
             problem(Settings, "token_endpoint", "needs BASTION_JWT_SECRET and HS256 in BASTION_JWT_ALGORITHMS")
@@ -123,6 +126,18 @@ def _budget_db(path: Path | None) -> list[str]:
         return [problem(Settings, "budget_db", f"{path} is a directory; name a file in it")]
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         return [problem(Settings, "budget_db", f"cannot create {path}: its directory is missing or not writable")]
+    return []
+
+
+def _usage_db_free(settings: Settings) -> list[str]:
+    """The SQLite usage file belongs to one gateway process: a second one is refused in one line."""
+    options = settings.budget_options()
+    if options.redis_url is not None or options.db is None or not options.db.parent.is_dir():
+        return []
+    try:
+        check_free(options.db)
+    except UsageDBError as exc:
+        return [problem(Settings, "budget_db", str(exc))]
     return []
 
 

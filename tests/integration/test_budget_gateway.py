@@ -19,9 +19,11 @@ CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content":
 ENV = {"BASTION_AUDIT_LOG": "off", "BASTION_AUTH_FAILURE_LIMIT": "0"}
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-    return subprocess.run([PYTHON, "-m", "bastion", *args], env=inherited, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [PYTHON, "-m", "bastion", *args], env={**inherited, **(env or {})}, capture_output=True, text=True, timeout=60
+    )
 
 
 def wait_for_key(base: str, key: str) -> None:
@@ -66,3 +68,14 @@ def test_a_daily_budget_is_spent_refused_reported_and_kept_across_a_restart(tmp_
         wait_for_key(base, key)
         assert http.get("/v1/usage").json()["periods"][0]["used"] == used, "usage survives a restart"
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 429
+
+
+def test_a_second_gateway_on_the_same_usage_file_is_one_line(tmp_path: Path) -> None:
+    """The SQLite usage file is one process's: a second gateway (no Redis) is refused before it starts."""
+    keys = tmp_path / "keys.json"
+    assert cli("keys", "create", "--name", "a", "--keys-file", str(keys)).returncode == 0
+    with gateway("--upstream-command", SIM, "--keys-file", str(keys), env=ENV):
+        second = cli("check-config", env={"BASTION_KEYS_FILE": str(keys), "BASTION_UPSTREAM_COMMAND": SIM})
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    [line] = [ln for ln in second.stderr.splitlines() if ln.startswith("bastion: invalid")]
+    assert "BASTION_BUDGET_DB" in line and "in use by another gateway process" in line

@@ -162,6 +162,11 @@ class SQLiteJournal:
         return self._db
 
 
+def check_free(path: Path) -> None:
+    """Raise UsageDBError (one line) if another gateway process holds `path`: checked before `serve` starts."""
+    os.close(_lock(path))
+
+
 def _lock(path: Path) -> int:
     """An exclusive lock beside the file for this process's lifetime; UsageDBError if another holds it."""
     lock_path = path.with_name(path.name + ".lock")
