@@ -110,6 +110,11 @@ WRONG = {
     "budget_db": "/",
     "jwt_budgets_claim": "   ",
     "jwt_max_budgets": "year=5",
+    "engines": '[{"model": "chat"}]',
+    "engines_file": "/nonexistent-engines.json",
+    "session_header": "x session",
+    "admin_token": "has a space",
+    "admin_allow": "10.0.0.0/33",
 }
 
 
