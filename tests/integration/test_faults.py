@@ -29,7 +29,8 @@ def audit_lines(output: str) -> list[dict[str, object]]:
 
 def metric(base: str, name: str) -> float:
     for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
+        # `name{a="x"}` also matches a sample with more labels after those (e.g. engine="...").
+        if line.startswith(name + " ") or (name.endswith("}") and line.startswith(name[:-1] + ",")):
             return float(line.split()[-1])
     return 0.0
 
