@@ -163,9 +163,14 @@ class Fleet:
     # --- restarts -----------------------------------------------------------------------
 
     async def restart(self, model: str | None) -> list[RestartReport]:
-        """Restart `model`'s replicas (every engine's when None), one at a time; LookupError if unknown."""
-        plans = [p for p in self._plans if model is None or self.group_of(p).name == model]
-        if not plans and model is not None and self.router.group(model) is None:
+        """Restart `model`'s replicas (every engine's when None; one replica when named `<model>/<index>`),
+        one at a time; LookupError if unknown."""
+        plans = [
+            p
+            for p in self._plans
+            if model is None or self.group_of(p).name == model or p.replica.backend.label == model
+        ]
+        if not plans and model is not None and (self.router.named or self.router.group(model) is None):
             raise LookupError(model)
         reports = []
         async with self._lock:  # one restart at a time, whoever asked (CLI, SIGHUP)
