@@ -49,6 +49,14 @@ def audit_lines(path: Path) -> list[dict[str, object]]:
     return lines
 
 
+def wait_replicas(base: str, model: str, count: int, timeout: float = 20) -> None:
+    """/ready is 200 once every model has one ready replica: wait until `count` of `model`'s are."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(base + "/ready").json()["engines"][model]["ready"] < count:
+        assert time.monotonic() < deadline, httpx.get(base + "/ready").text
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def audit() -> Path:
     fd, name = tempfile.mkstemp(prefix="bastion-engines-audit-", suffix=".jsonl")
@@ -86,6 +94,7 @@ async def _stream(client: httpx.AsyncClient, base: str, tokens: int = 20) -> tup
 def test_two_replicas_share_64_streams_within_10_percent(audit: Path) -> None:
     engines = [{"model": "chat", "command": SIM + " --model chat --itl 0.01", "replicas": 2}]
     with gateway(env=engines_env(engines, audit)) as (_, base):
+        wait_replicas(base, "chat", 2)
 
         async def load() -> list[tuple[int, str]]:
             async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
@@ -101,18 +110,10 @@ def test_two_replicas_share_64_streams_within_10_percent(audit: Path) -> None:
     assert abs(counts["chat/0"] - counts["chat/1"]) <= 0.1 * 128, counts
 
 
-def _replica_pids(gw_output: str, label: str) -> list[int]:
-    """Pids of a replica's children, from the supervisor's log lines ("upstream pid=N started: ... --port P")."""
-    pids = []
-    for line in gw_output.splitlines():
-        if "started:" in line and "pid=" in line and f"--model {label}" in line:
-            pids.append(int(line.split("pid=")[1].split()[0]))
-    return pids
-
-
 def test_kill_9_of_a_replica_under_load_loses_no_request_that_had_not_streamed(audit: Path) -> None:
     engines = [{"model": "chat", "command": SIM + " --model chat --itl 0.02", "replicas": 2}]
     with gateway(env=engines_env(engines, audit)) as (gw, base):
+        wait_replicas(base, "chat", 2)
         pids = [int(line.split("pid=")[1].split()[0]) for line in gw.output().splitlines() if " started: " in line]
         assert len(pids) == 2
         victim = pids[0]
@@ -136,7 +137,7 @@ def test_kill_9_of_a_replica_under_load_loses_no_request_that_had_not_streamed(a
             assert "[DONE]" in text or '"error"' in text, text
         broken = [text for _, text in results if "[DONE]" not in text]
         assert len(broken) < 64  # only streams in flight on the victim
-        wait_http(base + "/ready", timeout=20)  # the replica comes back
+        wait_replicas(base, "chat", 2)  # the replica comes back
         ready = httpx.get(base + "/ready").json()["engines"]["chat"]
         assert ready["ready"] == 2 and ready["replicas"][0]["restarts"] >= 1
 
@@ -144,6 +145,7 @@ def test_kill_9_of_a_replica_under_load_loses_no_request_that_had_not_streamed(a
 def test_rolling_restart_under_load_fails_no_request(audit: Path) -> None:
     engines = [{"model": "chat", "command": SIM + " --model chat --itl 0.01", "replicas": 2}]
     with gateway(env=engines_env(engines, audit, BASTION_DRAIN_TIMEOUT="20")) as (gw, base):
+        wait_replicas(base, "chat", 2)
         before = [line for line in gw.output().splitlines() if " started: " in line]
 
         async def load() -> tuple[list[tuple[int, str]], httpx.Response]:
@@ -189,3 +191,19 @@ def test_admin_route_is_denied_by_default_and_needs_the_token(audit: Path) -> No
             base + "/admin/engines/restart", params={"model": "nope"}, headers={"authorization": f"Bearer {ADMIN}"}
         )
         assert unknown.status_code == 404
+
+
+def test_sigusr1_restarts_a_single_replica_with_downtime_said_clearly(audit: Path) -> None:
+    engines = [{"model": "chat", "command": SIM + " --model chat"}]
+    with gateway(env=engines_env(engines, audit)) as (gw, base):
+        gw.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while "restarted_with_downtime" not in gw.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "this restart has downtime" in gw.output()
+        assert "restarted_with_downtime" in gw.output()
+        wait_http(base + "/ready", timeout=20)
+        reply = httpx.post(
+            base + "/v1/chat/completions", headers=AUTH, json={"model": "chat", "messages": []}, timeout=10
+        )
+        assert reply.status_code == 200

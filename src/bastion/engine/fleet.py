@@ -34,6 +34,9 @@ from .supervisor import Supervisor, supervise
 
 log = logging.getLogger("bastion.engines")
 SCRAPE_INTERVAL = 1.0
+# SIGHUP already reloads the key file (auth/keys.py): a key rotation must never restart every GPU server,
+# so the rolling restart of every engine has a signal of its own.
+RESTART_SIGNAL = signal.SIGUSR1
 _SCRAPE_TIMEOUT = 2.0
 _READY_POLL = 0.1
 _WAITING = b"vllm:num_requests_waiting"
@@ -84,7 +87,7 @@ class Fleet:
         self._lock = asyncio.Lock()
         self._scraper: ProbeChannel | None = None
         self._tasks: set[asyncio.Task[object]] = set()
-        self._hup = False
+        self._signal = False
 
     def group_of(self, plan: ReplicaPlan) -> EngineGroup:
         groups: list[EngineGroup] = list(self.router.groups)
@@ -113,16 +116,16 @@ class Fleet:
             self._scraper = await stack.enter_async_context(ProbeChannel(_SCRAPE_TIMEOUT, max_connections=4))
             self._spawn(self._scrape_loop(), "bastion-engines-scrape")
         with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
-            self._hup = True
+            asyncio.get_running_loop().add_signal_handler(RESTART_SIGNAL, self._on_restart_signal)
+            self._signal = True
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._hup:
+        if self._signal:
             with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                asyncio.get_running_loop().remove_signal_handler(RESTART_SIGNAL)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -137,8 +140,8 @@ class Fleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_sighup(self) -> None:
-        log.info("SIGHUP: rolling restart of every engine")
+    def _on_restart_signal(self) -> None:
+        log.info("SIGUSR1: rolling restart of every engine")
         self._spawn(self.restart(None), "bastion-engines-restart")
 
     # --- waiting queues -----------------------------------------------------------------
@@ -173,7 +176,7 @@ class Fleet:
         if not plans and model is not None and (self.router.named or self.router.group(model) is None):
             raise LookupError(model)
         reports = []
-        async with self._lock:  # one restart at a time, whoever asked (CLI, SIGHUP)
+        async with self._lock:  # one restart at a time, whoever asked (CLI, SIGUSR1)
             for plan in plans:
                 report = await self._restart_one(plan)
                 log.info("engine %s: %s (%s)", report.engine, report.outcome.value, report.detail)
