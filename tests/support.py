@@ -36,6 +36,7 @@ AUDIT_FIELDS = {
     "method",
     "path",
     "model",
+    "engine",
     "stream",
     "status",
     "outcome",

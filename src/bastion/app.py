@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from .admin import RESTART_PATH, RestartEndpoint
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .audit import audit_log
 from .auth.ipfilter import IPPolicy, parse_ip, parse_networks
@@ -35,11 +36,14 @@ from .budget.policy import parse_budget, unique
 from .config import Settings
 from .context import Exchange, Listener
 from .engine.command import CommandError, CommandSource, build_command
+from .engine.engines import EngineEntry, load_engines_json, parse_engines
 from .engine.external import ExternalWatch, status_of
+from .engine.fleet import Fleet, ReplicaPlan
 from .engine.probe import ProbeChannel
+from .engine.router import Backend, EngineGroup, Replica, Router
 from .engine.spec import EngineSpec, free_port
 from .engine.state import Phase, Upstream
-from .engine.supervisor import supervise
+from .engine.supervisor import Supervisor, supervise
 from .engine.vllm import VllmArgs
 from .errors import error_body
 from .fairness.classes import ClassTable
@@ -139,17 +143,30 @@ def create_app(
     probes = ProbeChannel(settings.health_timeout)
     scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
-    if upstream is None:
-        if settings.upstream_url is not None:
-            key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-            upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
-        else:
-            upstream, supervisor = supervise(engine_spec(settings), probes)
-            services.append(supervisor)
     watch: ExternalWatch | None = None
-    if upstream.phase is Phase.EXTERNAL:
-        watch = ExternalWatch(upstream, probes, settings.health_interval)
-        services.append(watch)
+    entries = engine_entries(settings) if upstream is None else ()
+    if entries:
+        router, fleet = build_engines(settings, entries)
+        upstream = router.groups[0].replicas[0].backend.upstream  # what the one-engine metrics describe
+    else:
+        supervisor: Supervisor | None = None
+        if upstream is None:
+            if settings.upstream_url is not None:
+                key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+                upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
+            else:
+                upstream, supervisor = supervise(engine_spec(settings), probes)
+        if upstream.phase is Phase.EXTERNAL:
+            watch = ExternalWatch(upstream, probes, settings.health_interval)
+            services.append(watch)
+        name = settings.served_model_name or settings.model
+        only = Replica(0, Backend(upstream, f"{name}/0"))
+        router = Router((), default=EngineGroup(name, [only]), session_header=settings.session_header.encode())
+        plans = []
+        if supervisor is not None:  # restartable in place (`bastion engines restart`): a fresh spec each time
+            plans.append(ReplicaPlan(only, lambda: engine_spec(settings), supervisor=supervisor))
+        fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=False)
+    services.append(fleet)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +186,8 @@ def create_app(
     @api.get("/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
         """Ready: requests would reach a model that answers; if not, `detail` says why."""
+        if router.named:
+            return _engines_ready(router)
         if watch is not None:  # external: the latest check over the probe channel (at most 1 s old)
             probe = await watch.current()
             external = {"status": status_of(probe), "detail": probe.detail}
@@ -191,7 +210,7 @@ def create_app(
     # how much (limits: reserve tokens) -> the usage or token endpoint, or budgets (reserve) -> the fair queue
     # (when classes are on) -> the proxy (forward; budgets and limits settle as it returns). Minting a token or
     # asking for usage is a request like any other: routed, and counted against the key's limits.
-    inner: ASGIApp = Proxy(upstream, client, methods=settings.passthrough_methods)
+    inner: ASGIApp = Proxy(router, client, methods=settings.passthrough_methods)
     classes = settings.class_table() if settings.fairness else None
     gates: dict[str, Gate] = {}
     if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)
@@ -212,7 +231,10 @@ def create_app(
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
-    secrets = [s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token) if s]
+    secrets = [
+        s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
+    ]
+    secrets += [entry.api_key for entry in entries if entry.api_key]
     if upstream.api_key:
         secrets.append(upstream.api_key)
     audit = audit_log(settings.audit_log, secrets)
@@ -221,6 +243,9 @@ def create_app(
     observers = [listener for listener in (metrics, audit) if listener is not None]
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
     mounts: dict[str, ASGIApp] = {}
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    trusted = parse_networks(settings.trusted_proxies)
+    mounts[RESTART_PATH] = RestartEndpoint(fleet, admin_token, parse_networks(settings.admin_allow), trusted)
     if metrics is not None:
         metrics.registry.register(limiter.collector())
         if gates:
@@ -317,14 +342,135 @@ def engine_spec(settings: Settings) -> EngineSpec:
     )
 
 
+def engine_entries(settings: Settings) -> tuple[EngineEntry, ...]:
+    """BASTION_ENGINES (or the file BASTION_ENGINES_FILE names), checked; () for the one engine of the
+    BASTION_UPSTREAM_* settings. Raises ValueError/OSError (preflight says which setting, in one line)."""
+    items = settings.engines
+    if not items and settings.engines_file is not None:
+        items = load_engines_json(settings.engines_file.read_text())
+    return parse_engines(items, os.environ)
+
+
+def replica_spec(settings: Settings, entry: EngineEntry, index: int) -> EngineSpec:
+    """One replica of a configured engine, on a port of its own (a new one per start); raises `CommandError`."""
+    host = settings.upstream_host
+    port = free_port(host)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTION_")}
+    env.update(entry.env)
+    gpus = entry.gpus_of(index)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+    source = CommandSource(
+        template=entry.command,
+        python=entry.python or settings.vllm_python,
+        vllm=VllmArgs(
+            model=entry.vllm_model or entry.model,
+            served_model_name=entry.model,
+            dtype=entry.dtype,
+            max_model_len=entry.max_model_len,
+            gpu_memory_utilization=entry.gpu_memory_utilization,
+            tensor_parallel_size=entry.tensor_parallel_size,
+            extra_args=entry.extra_args,
+        ),
+    )
+    try:
+        command = build_command(source, host=host, port=port, port_fixed=False, path=env.get("PATH"))
+    except CommandError as exc:
+        raise CommandError(f"BASTION_ENGINES: {entry.model!r}: {exc.reason}") from None
+    return EngineSpec(
+        name=entry.label(index),
+        command=command.argv,
+        host=host,
+        port=port,
+        env=env,
+        command_setting="BASTION_ENGINES",
+        startup_timeout=settings.startup_timeout,
+        health_interval=settings.health_interval,
+        health_timeout=settings.health_timeout,
+        health_failures=settings.health_failures,
+        backoff=settings.restart_backoff,
+        backoff_max=settings.restart_backoff_max,
+        max_restarts=settings.max_restarts,
+        restart_window=settings.restart_window,
+        stop_timeout=settings.stop_timeout,
+    )
+
+
+def build_engines(settings: Settings, entries: Sequence[EngineEntry]) -> tuple[Router, Fleet]:
+    """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan)."""
+    groups: list[EngineGroup] = []
+    plans: list[ReplicaPlan] = []
+    for entry in entries:
+        replicas = []
+        for index in range(entry.replicas):
+            if entry.url is not None:
+                upstream = Upstream(entry.url, entry.api_key, Phase.EXTERNAL)
+                replica = Replica(index, Backend(upstream, entry.label(index)))
+                plans.append(ReplicaPlan(replica, None, settings.health_timeout, settings.health_interval))
+            else:
+
+                def make(entry: EngineEntry = entry, index: int = index) -> EngineSpec:
+                    return replica_spec(settings, entry, index)
+
+                spec = make()
+                channel = ProbeChannel(settings.health_timeout)
+                upstream, supervisor = supervise(spec, channel)
+                replica = Replica(index, Backend(upstream, entry.label(index)))
+                plans.append(ReplicaPlan(replica, make, supervisor=supervisor, channel=channel))
+            replicas.append(replica)
+        groups.append(EngineGroup(entry.model, replicas, entry.capacity))
+    router = Router(
+        groups, session_header=settings.session_header.encode(), prefix_bytes=settings.prefix_affinity_bytes
+    )
+    scrape = any(len(group.replicas) > 1 for group in groups)
+    return router, Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=scrape)
+
+
+def _engines_ready(router: Router) -> JSONResponse:
+    """/ready with several engines: 200 when every model has a ready replica; each replica's state."""
+    engines: dict[str, object] = {}
+    missing = []
+    for group in router.groups:
+        replicas = [
+            {
+                "replica": replica.index,
+                "status": replica.backend.upstream.phase.value if not replica.backend.draining else "draining",
+                "detail": replica.backend.upstream.detail,
+                "restarts": replica.backend.upstream.restarts,
+                "outstanding": replica.backend.outstanding,
+            }
+            for replica in group.replicas
+        ]
+        ready = sum(1 for replica in group.replicas if replica.backend.usable)
+        engines[group.name] = {"ready": ready, "replicas": replicas}
+        if not ready:
+            missing.append(group.name)
+    body: dict[str, object] = {"status": "ready" if not missing else "not_ready", "engines": engines}
+    if missing:
+        body["detail"] = "no ready replica for: " + ", ".join(missing)
+    return JSONResponse(body, status_code=200 if not missing else 503)
+
+
 def engine_problem(settings: Settings) -> str | None:
     """For `bastion check-config`: why the supervised engine's command cannot work (one line), or None.
 
     None too in external mode (BASTION_UPSTREAM_URL), where bastion runs nothing.
     """
-    if settings.upstream_url is not None:
-        return None
     try:
+        entries = engine_entries(settings)
+    except OSError as exc:
+        return f"invalid BASTION_ENGINES_FILE: cannot read {settings.engines_file}: {exc.strerror or exc}"
+    except ValueError as exc:
+        where = "BASTION_ENGINES_FILE" if not settings.engines else "BASTION_ENGINES"
+        return f"invalid {where}: {exc}"
+    try:
+        if entries:
+            for entry in entries:
+                if entry.url is None:
+                    replica_spec(settings, entry, 0)
+            return None
+        if settings.upstream_url is not None:
+            return None
         engine_spec(settings)
     except CommandError as exc:
         return f"invalid {exc.setting}: {exc.reason}"  # the shape of every other invalid setting's line

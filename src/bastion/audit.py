@@ -201,6 +201,7 @@ class AuditLog:
             f',"method":{_json_str(exchange.method)}'
             f',"path":{_json_str(self._client_field(exchange.path))}'
             f',"model":{_json_str(self._client_field(exchange.model))}'
+            f',"engine":{_json_str(exchange.engine)}'
             f',"stream":{"true" if exchange.stream else "false"}'
             f',"status":{exchange.status:d}'
             f',"outcome":{_json_str(exchange.outcome)}'

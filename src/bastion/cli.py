@@ -26,6 +26,7 @@ from . import __version__
 from .auth import cli as auth_cli
 from .budget import cli as budget_cli
 from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
+from .engine import cli as engine_cli
 from .listen import Server, bind, urls
 from .logs import RedactingFilter, configure_logging
 from .simulator.settings import SimulatorSettings
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     auth_cli.register(commands)  # keys create|list|revoke|rotate, token mint
     budget_cli.register(commands)  # usage
+    engine_cli.register(commands)  # engines restart
 
     check = commands.add_parser(
         "check-config",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import shlex
 import textwrap
@@ -44,6 +45,7 @@ from .budget.calendar import zone
 from .budget.options import BudgetOptions
 from .budget.policy import Budget, Period, parse_budget, unique
 from .engine.command import CommandError, check_template
+from .engine.engines import load_engines_json, parse_engines
 from .fairness.classes import DEFAULT_CLASSES, ClassTable, parse_classes
 from .routes import DEFAULT_ROUTES, parse_routes
 
@@ -169,6 +171,25 @@ def _command_template(value: str | None) -> str | None:
         check_template(value)
     except CommandError as exc:
         raise ValueError(exc.reason) from None
+    return value
+
+
+def _engines_json(value: Any) -> Any:
+    """BASTION_ENGINES: a JSON list of engine objects (engine/engines.py checks each entry)."""
+    if isinstance(value, str):
+        return load_engines_json(value) if value.strip() else []
+    return value
+
+
+def _engines(value: list[Any]) -> list[Any]:
+    parse_engines(value, os.environ)
+    return value
+
+
+def _session_header(value: str) -> str:
+    value = value.strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError("must be an HTTP header name, e.g. x-session-id")
     return value
 
 
@@ -353,6 +374,46 @@ class Settings(BaseSettings):
     stop_timeout: Seconds = Field(30.0, description="Seconds the child gets to exit after SIGTERM before SIGKILL.")
     shutdown_grace: Seconds = Field(
         30.0, description="On SIGTERM, seconds in-flight requests get to finish before the child is stopped."
+    )
+
+    # --- several engines (docs/engines.md) -------------------------------------------
+    engines: Annotated[list[Any], NoDecode, BeforeValidator(_engines_json), AfterValidator(_engines)] = Field(
+        default_factory=list,
+        description="Several engines behind one gateway, a JSON list: each entry has `model` (the name clients use), "
+        "one of `url` (external; `api_key_env` names the variable holding its key), `vllm_model` (+ `extra_args`, "
+        "`gpus`, `max_model_len`, `gpu_memory_utilization`, `python`, `env`) or `command` (with {host}/{port}/"
+        "{python}), and `replicas` (default 1). Unset: one engine from the BASTION_UPSTREAM_*/vLLM settings.",
+        examples=['\'[{"model": "chat", "command": "{python} -m bastion simulate --port {port}", "replicas": 2}]\''],
+    )
+    engines_file: Path | None = Field(
+        None,
+        description="A JSON file holding the BASTION_ENGINES list (instead of the variable).",
+        examples=["/etc/bastion/engines.json"],
+    )
+    drain_timeout: Seconds = Field(
+        60.0, description="Rolling restart: seconds an old replica gets to finish its requests before it is stopped."
+    )
+    session_header: Annotated[str, AfterValidator(_session_header)] = Field(
+        "x-session-id", description="Request header whose value keeps a client on one replica (session affinity)."
+    )
+    prefix_affinity_bytes: int = Field(
+        0,
+        ge=0,
+        le=1 << 20,
+        description="Send requests whose bodies start with the same N bytes to the same replica while it is not "
+        "25 % busier than the least loaded one (warm prefix caches); 0 turns it off.",
+    )
+    admin_token: Annotated[SecretStr | None, AfterValidator(_header_safe)] = Field(
+        None,
+        description="Bearer token for the admin routes (`bastion engines restart`). Unset: the admin routes refuse "
+        "everything. Peers must also be in BASTION_ADMIN_ALLOW (default: loopback only).",
+        examples=["$(openssl rand -hex 24)"],
+    )
+    admin_allow: NetworkList = Field(
+        default_factory=list,
+        description="CIDRs of peers allowed to call the admin routes (TCP peer, never X-Forwarded-For); "
+        "default: loopback only.",
+        examples=["10.0.0.0/8"],
     )
 
     # --- request handling ----------------------------------------------------------

@@ -38,6 +38,7 @@ class Exchange:
     client_ip: str = ""
     principal: Principal | None = None
     model: str = ""
+    engine: str = ""  # the replica the proxy forwarded to last, "<model>/<index>" (engine.router.Backend.label)
     stream: bool = False  # the response is a stream (its content type); until then, whether the request asks
     status: int = 0
     outcome: Outcome = Outcome.OK

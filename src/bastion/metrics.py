@@ -144,8 +144,8 @@ class Metrics:
 
         self.requests = Counter(
             "bastion_requests",
-            "Finished /v1 requests.",
-            ("model", "route", "status", "principal"),
+            "Finished /v1 requests (engine: the replica that answered, <model>/<index>; empty if none did).",
+            ("model", "route", "status", "principal", "engine"),
             registry=registry,
         )
         self.duration = Histogram(
@@ -173,8 +173,9 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "bastion_upstream_errors",
-            "Requests the upstream failed: unreachable, timeout, broken mid-stream, not ready, or a 5xx it sent.",
-            ("kind",),
+            "Requests the upstream failed: unreachable, timeout, broken mid-stream, not ready, or a 5xx it sent "
+            "(engine: the replica, <model>/<index>; empty when none was chosen).",
+            ("kind", "engine"),
             registry=registry,
         )
         self.usage_estimated = Counter(
@@ -191,13 +192,13 @@ class Metrics:
         self._models = set(settings.metrics_models)
         self._learned = 0
         # Label children, keyed by their label values: filled on first use, then plain dict hits.
-        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, int, str, str], Counter] = {}
         self._duration_children: dict[tuple[str, str], Histogram] = {}
         self._ttft_children: dict[tuple[str, str], Histogram] = {}
         self._token_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self._auth_failures = _Children(self.auth_failures)
         self._rate_limited = _Children(self.rate_limited)
-        self._upstream_errors = _Children(self.upstream_errors)
+        self._upstream_errors: dict[tuple[str, str], Counter] = {}
         self._usage_estimated = _Children(self.usage_estimated)
 
     def open(self, exchange: Exchange) -> None:
@@ -210,10 +211,11 @@ class Metrics:
         route = route_of(exchange.path)
         principal = exchange.principal_name if self._principal_label else ""
 
-        key = (model, route, status, principal)
+        engine = exchange.engine
+        key = (model, route, status, principal, engine)
         counter = self._request_children.get(key)
         if counter is None:
-            counter = self._request_children[key] = self.requests.labels(model, route, str(status), principal)
+            counter = self._request_children[key] = self.requests.labels(model, route, str(status), principal, engine)
         counter.inc()
 
         latency = exchange.latency
@@ -252,9 +254,15 @@ class Metrics:
         elif outcome is Outcome.REJECTED and status == 429:
             self._rate_limited(reason.removeprefix("rate_limit_") or "unknown").inc()
         elif reason in _UPSTREAM_REASONS:
-            self._upstream_errors(reason).inc()
+            self._upstream_error(reason, exchange.engine).inc()
         elif outcome is Outcome.OK and status >= 500:
-            self._upstream_errors("upstream_5xx").inc()
+            self._upstream_error("upstream_5xx", exchange.engine).inc()
+
+    def _upstream_error(self, kind: str, engine: str) -> Counter:
+        child = self._upstream_errors.get((kind, engine))
+        if child is None:
+            child = self._upstream_errors[(kind, engine)] = self.upstream_errors.labels(kind, engine)
+        return child
 
     def _model_label(self, model: str, status: int) -> str:
         if not model or model in self._models:

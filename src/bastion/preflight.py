@@ -56,6 +56,9 @@ def problems(settings: Settings) -> list[str]:
 
 def _child(settings: Settings) -> list[str]:
     """The supervised child's interpreter, command line and loopback address (nothing of it in external mode)."""
+    if settings.engines or settings.engines_file is not None:  # each engine's entry and command (app.engine_problem)
+        engines_problem = engine_problem(settings)
+        return [engines_problem] if engines_problem is not None else []
     if settings.upstream_url is not None:
         return []
     command_problem = engine_problem(settings)  # placeholders, {port}, the program on PATH (engine/command.py)

@@ -22,10 +22,11 @@ from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
-from .engine.state import Phase, Upstream
+from .engine.router import Backend, EngineGroup, Router
+from .engine.state import Phase
 from .errors import GatewayError, send_error, upstream_failure
 from .http.client import Client
-from .http.http1 import ConnectError, HTTPError, Response
+from .http.http1 import ConnectError, HTTPError, ReadTimeout, Response, WriteTimeout
 from .usage import BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
@@ -78,6 +79,8 @@ _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})  # what clients send;
 _DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 _SSE = b"text/event-stream"
 _FORBIDDEN_IN_PATH = (b"%2e", b"%2f", b"%5c", b"\\")
+# Failures that may have reached the engine and cost it time: not sent again elsewhere.
+_NOT_RETRIED = (ReadTimeout, WriteTimeout)
 
 
 class UpstreamBroke(Exception):
@@ -85,9 +88,10 @@ class UpstreamBroke(Exception):
 
 
 class Proxy:
-    def __init__(self, upstream: Upstream, client: Client, *, methods: Iterable[str]) -> None:
-        self._upstream = upstream
+    def __init__(self, router: Router, client: Client, *, methods: Iterable[str]) -> None:
+        self._router = router
         self._client = client
+        self._created = int(time.time())
         self._methods = frozenset(m.upper() for m in methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,8 +111,11 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not _safe_path(scope["path"], raw_path):
             raise GatewayError(404, "Unknown route.")
-        if not self._upstream.accepting:
-            raise self._upstream.not_ready_error()
+        group = self._router.group(exchange.model)
+        if group is None:
+            raise GatewayError(404, f"The model {exchange.model!r} does not exist.", code="model_not_found")
+        if not group.ready:
+            raise group.not_ready_error()
         try:
             # Read, bounded and inspected, by the stage before the limits (request_body.InspectBody).
             content = await read_body(receive, sys.maxsize)
@@ -121,25 +128,18 @@ class Proxy:
             assert principal is not None
             if not principal.allows(scope["path"][len("/v1/models/") :]):
                 raise refusal("model_not_allowed")
+        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
+            await self._send_model_list(send, exchange, principal, _our_headers(scope, exchange))
+            return
 
         target = raw_path + b"?" + scope["query_string"] if scope.get("query_string") else raw_path
         ours = _our_headers(scope, exchange)
         watch = DisconnectWatch(scope, receive)
         response: Response | None = None
+        backend: Backend | None = None
         completed = False
         try:
-            try:
-                response = await self._client.open(
-                    scope["method"], self._upstream.base_url, target, self._upstream_headers(scope, exchange), content
-                )
-            except ConnectError as exc:
-                if self._upstream.phase is Phase.EXTERNAL:
-                    raise upstream_failure(exc) from exc
-                # Our own child refuses connections: it died (its exit is being noticed) or is restarting.
-                # That is "not ready, retry shortly", the same 503 the next request will get, not a 502.
-                raise self._upstream.not_ready_error() from exc
-            except HTTPError as exc:
-                raise upstream_failure(exc) from exc
+            backend, response = await self._open(scope, exchange, group, target, content)
             if restricted and scope["path"] == "/v1/models":
                 completed = await self._relay_model_list(response, send, exchange, principal, ours)
             else:
@@ -157,6 +157,51 @@ class Proxy:
                     response.release()
                 else:
                     response.close()
+            if backend is not None:
+                backend.release()
+
+    async def _open(
+        self, scope: Scope, exchange: Exchange, group: EngineGroup, target: bytes, content: bytes
+    ) -> tuple[Backend, Response]:
+        """The forward step: choose a replica, open the request there; a failure before the response's
+        first byte (refused, the engine died, a 503 from a replica that is not ready) is retried once on
+        another replica. The returned backend is counted in: the caller releases it."""
+        router = self._router
+        affinity = router.affinity(scope["headers"], content) if len(group.replicas) > 1 else None
+        backend = router.acquire(group, affinity)
+        if backend is None:
+            raise group.not_ready_error()
+        headers = self._upstream_headers(scope, exchange)
+        for attempt in (0, 1):
+            exchange.engine = backend.label
+            upstream = backend.upstream
+            sent = headers
+            if upstream.api_key:
+                sent = [*headers, (b"authorization", b"Bearer " + upstream.api_key.encode())]
+            try:
+                response = await self._client.open(scope["method"], upstream.base_url, target, sent, content)
+            except HTTPError as exc:
+                other = None if attempt or isinstance(exc, _NOT_RETRIED) else router.acquire(group, affinity, backend)
+                backend.release()
+                if other is None:
+                    if isinstance(exc, ConnectError) and upstream.phase is not Phase.EXTERNAL:
+                        # Our own child refuses connections: it died (its exit is being noticed) or is
+                        # restarting. That is "not ready, retry shortly", the 503 the next request gets, not a 502.
+                        raise upstream.not_ready_error() from exc
+                    raise upstream_failure(exc) from exc
+                log.info("request %s: %s failed before a byte (%s); retried on %s", exchange.request_id,
+                         backend.label, exc, other.label)  # fmt: skip
+                backend = other
+                continue
+            if response.status == 503 and not attempt:
+                other = router.acquire(group, affinity, backend)
+                if other is not None:  # a replica that is not ready (yet): the other one answers
+                    response.close()
+                    backend.release()
+                    backend = other
+                    continue
+            return backend, response
+        raise AssertionError("unreachable")  # the second attempt returns or raises
 
     def _upstream_headers(self, scope: Scope, exchange: Exchange) -> list[tuple[bytes, bytes]]:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
@@ -170,8 +215,6 @@ class Proxy:
         if exchange.client_ip:
             headers.append((b"x-forwarded-for", exchange.client_ip.encode()))
         headers.append((b"x-request-id", exchange.request_id.encode()))
-        if self._upstream.api_key:
-            headers.append((b"authorization", b"Bearer " + self._upstream.api_key.encode()))
         return headers
 
     async def _relay(
@@ -269,6 +312,19 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return True
+
+    async def _send_model_list(
+        self, send: Send, exchange: Exchange, principal: Principal | None, ours: list[tuple[bytes, bytes]]
+    ) -> None:
+        """`GET /v1/models` with several engines: bastion answers it from the engines it knows,
+        OpenAI-shaped, filtered for the principal (each engine serves the one model it is named for)."""
+        names = [g.name for g in self._router.groups if principal is None or principal.allows(g.name)]
+        data = [{"id": name, "object": "model", "created": self._created, "owned_by": "bastion"} for name in names]
+        body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+        exchange.status = 200
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _end_stream_with_error(
         self, send: Send, tap: StreamTap, watch: DisconnectWatch, error: GatewayError

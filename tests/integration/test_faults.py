@@ -29,7 +29,11 @@ def audit_lines(output: str) -> list[dict[str, object]]:
 
 def metric(base: str, name: str) -> float:
     for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
+        # `name{a="x"}` also matches a sample with more labels (e.g. engine="..."): the labels it names are in it.
+        family, _, labels = name.partition("{")
+        if line.startswith(name + " ") or (
+            labels and line.startswith(family + "{") and all(part in line for part in labels.rstrip("}").split(","))
+        ):
             return float(line.split()[-1])
     return 0.0
 

@@ -84,6 +84,7 @@ def _as_json_dumps_would(exchange: Exchange, time_field: str) -> str:
         "method": exchange.method,
         "path": exchange.path[:256],
         "model": exchange.model[:256],
+        "engine": exchange.engine,
         "stream": exchange.stream,
         "status": exchange.status,
         "outcome": exchange.outcome,

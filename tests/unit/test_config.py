@@ -114,6 +114,11 @@ WRONG = {
     "default_priority_class": "platinum",
     "jwt_priority_class_claim": "   ",
     "jwt_max_priority_class": "platinum",
+    "engines": '[{"model": "chat"}]',
+    "engines_file": "/nonexistent-engines.json",
+    "session_header": "x session",
+    "admin_token": "has a space",
+    "admin_allow": "10.0.0.0/33",
 }
 
 

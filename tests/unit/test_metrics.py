@@ -43,12 +43,15 @@ def _exchange(status: int, **fields: Any) -> Exchange:
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    if name == "bastion_upstream_errors_total":
+        labels.setdefault("engine", "")
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
-def _requests(metrics: Metrics, status: str, model: str = MODEL, principal: str = "") -> float:
+def _requests(metrics: Metrics, status: str, model: str = MODEL, principal: str = "", engine: str = "") -> float:
     labels = {"model": model, "route": "/v1/chat/completions", "status": status, "principal": principal}
+    labels["engine"] = engine
     return _value(metrics, "bastion_requests_total", **labels)
 
 
