@@ -28,6 +28,7 @@ from bastion.budget.policy import Budget, Period
 from bastion.budget.redis_ledger import RedisLedger, connect
 from bastion.config import Settings
 from bastion.context import Exchange, exchange_of
+from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
 from bastion.http import Client, Timeouts
 from bastion.proxy import Proxy
@@ -97,9 +98,9 @@ class Harness:
         self.client = Client(
             timeouts=Timeouts(connect=2, read=5, write=5, pool=2), max_connections=8, keepalive_expiry=5
         )
-        proxy = Proxy(
-            Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL), self.client, methods=("GET", "POST")
-        )
+        upstream = Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL)
+        engine = EngineGroup("qwen2.5-7b-instruct", [Replica(0, Backend(upstream, "qwen2.5-7b-instruct/0"))])
+        proxy = Proxy(Router((), default=engine), self.client, methods=("GET", "POST"))
         resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
         self.ledger = ledger
         self.now = clock
