@@ -118,6 +118,10 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not _safe_path(scope["path"], raw_path):
             raise GatewayError(404, "Unknown route.")
+        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
+            # Every model's entry, whichever engines are ready: never a 503 because the first one is not.
+            await self._send_model_list(send, exchange, exchange.principal, _our_headers(scope, exchange))
+            return
         group = self._router.group(exchange.model)
         if group is None:
             raise GatewayError(404, f"The model {exchange.model!r} does not exist.", code="model_not_found")
@@ -135,9 +139,6 @@ class Proxy:
             assert principal is not None
             if not principal.allows(scope["path"][len("/v1/models/") :]):
                 raise refusal("model_not_allowed")
-        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
-            await self._send_model_list(send, exchange, principal, _our_headers(scope, exchange))
-            return
 
         target = raw_path + b"?" + scope["query_string"] if scope.get("query_string") else raw_path
         ours = _our_headers(scope, exchange)

@@ -1,7 +1,7 @@
 """What a gateway with several engines shows of them: `/metrics/upstream` and `/v1/models`.
 
-One gateway, three engines: two simulators serving different model names (`chat`, `code`) and
-one that never starts listening (`dead`, a child that sleeps), so both views are checked with a
+One gateway, three engines: one that never starts listening (`dead`, a child that sleeps) and two
+simulators serving different model names (`chat`, `code`), so both views are checked with a
 replica that does not answer. The answers are parsed with the clients people use
 (prometheus_client's text parser, the openai SDK).
 """
@@ -28,9 +28,9 @@ JWT_SECRET = "engines-views-jwt-secret-0123456789abcdef"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     engines = [
+        {"model": "dead", "command": DEAD},  # first: a request naming no model would go there
         {"model": "chat", "command": SIM + " --model chat"},
         {"model": "code", "command": SIM + " --model code"},
-        {"model": "dead", "command": DEAD},
     ]
     audit = tmp_path_factory.mktemp("views") / "audit.jsonl"
     env = engines_env(engines, audit, BASTION_JWT_SECRET=JWT_SECRET)
@@ -63,7 +63,7 @@ def test_upstream_metrics_relay_every_engine_with_an_engine_label(base: str) -> 
 def test_models_list_is_each_engines_own_card_filtered_per_principal(base: str) -> None:
     everyone = openai.OpenAI(base_url=base + "/v1", api_key=TEST_KEY, max_retries=0)
     cards = {model.id: model.model_dump() for model in everyone.models.list()}
-    assert list(cards) == ["chat", "code", "dead"]
+    assert list(cards) == ["dead", "chat", "code"]  # in configuration order, the first one not ready
     for name in ("chat", "code"):  # the simulator's card, as vLLM writes it
         assert cards[name]["owned_by"] == "vllm" and cards[name]["max_model_len"] == 32768
         assert cards[name]["root"] == name
