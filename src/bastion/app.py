@@ -35,6 +35,7 @@ from .budget.options import open_ledger
 from .budget.policy import parse_budget, unique
 from .config import Settings
 from .context import Exchange, Listener
+from .engine.catalog import ModelCatalog
 from .engine.command import CommandError, CommandSource, build_command
 from .engine.engines import EngineEntry, load_engines_json, parse_engines
 from .engine.external import ExternalWatch, status_of
@@ -62,6 +63,7 @@ from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _UPSTREAM_METRICS_TIMEOUT = 5.0  # relaying the engine's own /metrics
+_ENGINE_MODELS_TIMEOUT = 2.0  # asking an engine for its /v1/models card (a client waits for it)
 
 # Deny by default: every path needs an API key or JWT except these two probes and the
 # `mounts` given to Gateway (/metrics, /metrics/upstream), which check a credential of their own.
@@ -210,7 +212,12 @@ def create_app(
     # how much (limits: reserve tokens) -> the usage or token endpoint, or budgets (reserve) -> the fair queue
     # (when classes are on) -> the proxy (forward; budgets and limits settle as it returns). Minting a token or
     # asking for usage is a request like any other: routed, and counted against the key's limits.
-    inner: ASGIApp = Proxy(router, client, methods=settings.passthrough_methods)
+    catalog: ModelCatalog | None = None
+    if router.named:  # GET /v1/models: each engine's own card, asked over a channel of its own
+        models = ProbeChannel(_ENGINE_MODELS_TIMEOUT, max_connections=1)
+        services.append(models)
+        catalog = ModelCatalog(router, models.http, timeout=_ENGINE_MODELS_TIMEOUT)
+    inner: ASGIApp = Proxy(router, client, methods=settings.passthrough_methods, catalog=catalog)
     classes = settings.class_table() if settings.fairness else None
     gates: dict[str, Gate] = {}
     if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)
@@ -258,7 +265,8 @@ def create_app(
                 "BASTION_TRUSTED_PROXIES is set and BASTION_METRICS_TOKEN is not: /metrics refuses every scrape "
                 "(behind a proxy a loopback peer is not a local scraper); set BASTION_METRICS_TOKEN"
             )
-        mounts.update(metrics_routes(guard, metrics, upstream, scrapes.http, probe))
+        engines = router.backends if router.named else None  # several engines: every replica's page, merged
+        mounts.update(metrics_routes(guard, metrics, upstream, scrapes.http, probe, engines))
     return Gateway(
         api,
         v1,

@@ -184,6 +184,13 @@ class Metrics:
             ("route",),
             registry=registry,
         )
+        self.upstream_scrape_errors = Counter(
+            "bastion_upstream_scrape_errors",
+            "Scrapes of /metrics/upstream that an engine replica did not answer (with several engines; engine: "
+            "<model>/<index>). It is left out of that page and shown there as bastion_upstream_scrape_up 0.",
+            ("engine",),
+            registry=registry,
+        )
         self.inflight = Gauge("bastion_inflight_requests", "/v1 requests in progress.", registry=registry)
         self._inflight_inc = self.inflight.inc
         self._inflight_dec = self.inflight.dec
@@ -200,6 +207,10 @@ class Metrics:
         self._rate_limited = _Children(self.rate_limited)
         self._upstream_errors: dict[tuple[str, str], Counter] = {}
         self._usage_estimated = _Children(self.usage_estimated)
+
+    def scrape_failed(self, engine: str) -> None:
+        """A replica did not answer the relay of its /metrics (engine: a configured, bounded label)."""
+        self.upstream_scrape_errors.labels(engine).inc()
 
     def open(self, exchange: Exchange) -> None:
         self._inflight_inc()

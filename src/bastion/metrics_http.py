@@ -19,25 +19,32 @@ they are protected separately by `ScrapeGuard`:
 `/metrics/upstream` relays the upstream's own `/metrics` (vLLM's `vllm:*` series:
 queue length, KV-cache usage, token throughput) over a small client of its own (never
 the pool client traffic fills, so it answers under full load), so one scraper with one
-credential sees both and the raw vLLM port stays private. In external mode `/metrics`
+credential sees both and the raw vLLM port stays private. With several engines
+(BASTION_ENGINES) it asks every replica at once, each bounded by its own timeout, and
+answers one page with an `engine` label on every sample (`metrics_relay.py`); a replica
+that does not answer is left out, shown as `bastion_upstream_scrape_up{engine} 0` and
+counted in `bastion_upstream_scrape_errors_total{engine}`. In external mode `/metrics`
 asks the engine's `ExternalWatch` (a check at most a second old) for `bastion_upstream_up`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .auth.ipfilter import IPAddress, IPNetwork, in_networks, normalise_network, parse_ip
 from .engine.probe import HTTP_FAILURES
+from .engine.router import Backend
 from .engine.state import Phase, Upstream
 from .errors import GatewayError, send_error
 from .metrics import Metrics
+from .metrics_relay import MergedPages
 
 LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _UPSTREAM_METRICS_TIMEOUT = 5.0
@@ -171,15 +178,83 @@ class UpstreamMetricsEndpoint(_Protected):
         await _answer(send, 200, response.content, content_type, head)
 
 
+class EnginesMetricsEndpoint(_Protected):
+    """Every engine replica's `/metrics` as one page (several engines): asked concurrently, merged.
+
+    The replicas are read from `backends` at each scrape, so a rolling restart's new child
+    is the one asked. The merge (parsing and writing a few hundred kB of text for a large
+    fleet) runs in a worker thread: the event loop keeps serving requests meanwhile.
+    """
+
+    def __init__(
+        self,
+        guard: ScrapeGuard,
+        backends: Callable[[], Sequence[Backend]],
+        client: httpx.AsyncClient,
+        *,
+        timeout: float,
+        failed: Callable[[str], None],
+    ) -> None:
+        super().__init__(guard)
+        self._backends = backends
+        self._client = client
+        self._timeout = timeout
+        self._failed = failed  # counts a replica that did not answer, by its engine label
+
+    async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
+        backends = list(self._backends())
+        pages = await asyncio.gather(*(self._page(backend.upstream) for backend in backends))
+        labelled = [(backend.label, page) for backend, page in zip(backends, pages, strict=True)]
+        body, missing = await asyncio.to_thread(_merge, labelled)
+        for label in missing:
+            self._failed(label)
+        if len(missing) == len(backends):
+            await send_error(send, GatewayError(502, "No model server's metrics could be read."))
+            return
+        await _answer(send, 200, body, CONTENT_TYPE_LATEST, head)
+
+    async def _page(self, upstream: Upstream) -> str | None:
+        headers = {"accept": "text/plain"}  # Prometheus text: what the merge parses
+        if upstream.api_key:
+            headers["authorization"] = "Bearer " + upstream.api_key
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.get(upstream.base_url + "/metrics", headers=headers)
+        except HTTP_FAILURES:
+            return None
+        return response.text if response.status_code == 200 else None
+
+
+def _merge(pages: Sequence[tuple[str, str | None]]) -> tuple[bytes, list[str]]:
+    """The merged page, and the engines left out of it (no answer, or not Prometheus text)."""
+    merged = MergedPages()
+    missing = []
+    for label, page in pages:
+        try:
+            if page is None:
+                raise ValueError(label)
+            merged.add(label, page)
+        except ValueError:
+            merged.missing(label)
+            missing.append(label)
+    return merged.render(), missing
+
+
 def metrics_routes(
     guard: ScrapeGuard,
     metrics: Metrics,
     upstream: Upstream,
     client: httpx.AsyncClient,
     probe: Callable[[], Awaitable[bool]],
+    engines: Callable[[], Sequence[Backend]] | None = None,
 ) -> dict[str, ASGIApp]:
-    """The exact paths to mount in front of FastAPI, all behind one `ScrapeGuard`."""
-    return {
-        "/metrics": MetricsEndpoint(guard, metrics, upstream, probe),
-        "/metrics/upstream": UpstreamMetricsEndpoint(guard, upstream, client),
-    }
+    """The exact paths to mount in front of FastAPI, all behind one `ScrapeGuard`.
+
+    `engines` (several engines configured): `/metrics/upstream` merges every replica's page.
+    """
+    relay: ASGIApp = UpstreamMetricsEndpoint(guard, upstream, client)
+    if engines is not None:
+        relay = EnginesMetricsEndpoint(
+            guard, engines, client, timeout=_UPSTREAM_METRICS_TIMEOUT, failed=metrics.scrape_failed
+        )
+    return {"/metrics": MetricsEndpoint(guard, metrics, upstream, probe), "/metrics/upstream": relay}

@@ -22,6 +22,7 @@ from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
+from .engine.catalog import ModelCatalog
 from .engine.router import Backend, EngineGroup, Router
 from .engine.state import Phase
 from .errors import GatewayError, send_error, upstream_failure
@@ -88,9 +89,15 @@ class UpstreamBroke(Exception):
 
 
 class Proxy:
-    def __init__(self, router: Router, client: Client, *, methods: Iterable[str]) -> None:
+    """`catalog` answers `GET /v1/models` when engines are named (BASTION_ENGINES); without one,
+    bastion lists the engines' names itself (tests that build a proxy by hand)."""
+
+    def __init__(
+        self, router: Router, client: Client, *, methods: Iterable[str], catalog: ModelCatalog | None = None
+    ) -> None:
         self._router = router
         self._client = client
+        self._catalog = catalog
         self._created = int(time.time())
         self._methods = frozenset(m.upper() for m in methods)
 
@@ -111,6 +118,10 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not _safe_path(scope["path"], raw_path):
             raise GatewayError(404, "Unknown route.")
+        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
+            # Every model's entry, whichever engines are ready: never a 503 because the first one is not.
+            await self._send_model_list(send, exchange, exchange.principal, _our_headers(scope, exchange))
+            return
         group = self._router.group(exchange.model)
         if group is None:
             raise GatewayError(404, f"The model {exchange.model!r} does not exist.", code="model_not_found")
@@ -128,9 +139,6 @@ class Proxy:
             assert principal is not None
             if not principal.allows(scope["path"][len("/v1/models/") :]):
                 raise refusal("model_not_allowed")
-        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
-            await self._send_model_list(send, exchange, principal, _our_headers(scope, exchange))
-            return
 
         target = raw_path + b"?" + scope["query_string"] if scope.get("query_string") else raw_path
         ours = _our_headers(scope, exchange)
@@ -316,10 +324,16 @@ class Proxy:
     async def _send_model_list(
         self, send: Send, exchange: Exchange, principal: Principal | None, ours: list[tuple[bytes, bytes]]
     ) -> None:
-        """`GET /v1/models` with several engines: bastion answers it from the engines it knows,
-        OpenAI-shaped, filtered for the principal (each engine serves the one model it is named for)."""
-        names = [g.name for g in self._router.groups if principal is None or principal.allows(g.name)]
-        data = [{"id": name, "object": "model", "created": self._created, "owned_by": "bastion"} for name in names]
+        """`GET /v1/models` with several engines: one card per model group, as its engine wrote it
+        (`engine.catalog`), filtered for the principal (each engine serves the one model it is named for)."""
+        if self._catalog is not None:
+            cards = await self._catalog.cards()
+        else:
+            cards = [
+                {"id": g.name, "object": "model", "created": self._created, "owned_by": "bastion"}
+                for g in self._router.groups
+            ]
+        data = [card for card in cards if principal is None or principal.allows(card["id"])]
         body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
         exchange.status = 200
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
