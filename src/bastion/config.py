@@ -744,6 +744,16 @@ class Settings(BaseSettings):
         description="Of BASTION_ENGINE_CAPACITY, slots only the highest class may fill, so that its requests "
         "find room at once beside a flood of lower classes.",
     )
+    engine_backlog: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Requests let past BASTION_ENGINE_CAPACITY to wait in the engine's own queue (per replica), so "
+        "a finished sequence's slot is refilled in the engine's next step rather than after a round trip through "
+        "the gateway. Above BASTION_ENGINE_RESERVE it keeps every slot busy under a flood; a top-class request then "
+        "waits for the next sequence to finish (vLLM's priority scheduler puts it first). Only for engines run "
+        "with --scheduling-policy priority. 0 = none.",
+    )
     engine_waiting_threshold: int | None = Field(
         None,
         ge=0,
@@ -758,6 +768,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_classes(cls, value: str) -> str:
         parse_classes(value, None)
+        return value
+
+    @field_validator("engine_backlog")
+    @classmethod
+    def _check_backlog(cls, value: int, info: ValidationInfo) -> int:
+        engines = info.data.get("engines") or info.data.get("engines_file")  # their entries may carry a capacity
+        if value and not info.data.get("engine_capacity") and not engines:
+            raise ValueError(
+                "a backlog is counted beyond BASTION_ENGINE_CAPACITY, which is 0 (no cap); set the capacity "
+                "(vLLM's --max-num-seqs) or set the backlog to 0"
+            )
         return value
 
     @field_validator("default_priority_class", "jwt_max_priority_class")

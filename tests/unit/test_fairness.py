@@ -10,9 +10,13 @@ import pytest
 
 from bastion.auth.identity import Principal
 from bastion.auth.jwt import JWTConfig, JWTVerifier, mint
+from bastion.context import Exchange
+from bastion.engine.router import Backend, EngineGroup, Replica, Router
+from bastion.engine.state import Phase, Upstream
 from bastion.engine.vllm import VllmArgs, vllm_command
 from bastion.fairness.classes import DEFAULT_CLASSES, parse_classes
 from bastion.fairness.gate import Gate, Refused, Shed
+from bastion.fairness.groups import GateLimits, follow_groups, group_gates, group_of
 from bastion.fairness.scrape import waiting_of
 from bastion.request_body import RequestInspector
 
@@ -197,3 +201,55 @@ async def test_a_waiter_that_left_is_counted_out_once_even_when_the_queue_finds_
     await stays
     assert (gate.outstanding, gate.queued, gate.stats["batch"].depth) == (1, 0, 0)
     assert gate.enter(BATCH) is False and gate.queued == 0  # still accurate: full, nobody waiting
+
+
+async def test_a_backlog_past_the_reserve_lets_lower_classes_wait_inside_the_engine() -> None:
+    """capacity 4, reserve 1, backlog 2: lower classes up to 5 outstanding (one waits in the engine's own
+    queue beyond the engine's 4 slots), the top class up to 6."""
+    gate = Gate("e", CLASSES, capacity=4, reserve=1, backlog=2)
+    assert all(gate.enter(BATCH) for _ in range(5))
+    assert not gate.enter(STANDARD)
+    assert gate.enter(INTERACTIVE) and not gate.enter(INTERACTIVE)
+    assert gate.limit == 6
+    without = Gate("e", CLASSES, capacity=4, reserve=1)  # today's default: never past the engine's slots
+    assert sum(without.enter(BATCH) for _ in range(10)) == 3 and without.limit == 4
+
+
+async def test_a_groups_room_follows_its_ready_replicas() -> None:
+    """Per-replica capacity and backlog times the ready replicas; room that grows goes to the queue at once."""
+    gate = Gate("e", CLASSES, capacity=2, backlog=1, replicas=2)
+    assert gate.limit == 6
+    gate.set_replicas(1)
+    assert gate.limit == 3 and all(gate.enter(BATCH) for _ in range(3)) and not gate.enter(BATCH)
+    waiter = asyncio.create_task(gate.wait(BATCH, "a", 1))
+    await asyncio.sleep(0)
+    assert gate.queued == 1
+    gate.set_replicas(0)  # no replica ready: one replica's room, never "no cap"
+    assert gate.limit == 3
+    gate.set_replicas(2)
+    async with asyncio.timeout(5):
+        await waiter
+    assert (gate.outstanding, gate.queued) == (4, 0)
+
+
+async def test_one_gate_per_engine_group_keyed_by_the_routers_group_for_the_model() -> None:
+    def group(name: str, count: int, capacity: int | None) -> EngineGroup:
+        backends = [Backend(Upstream("http://127.0.0.1:1", None, Phase.READY), f"{name}/{i}") for i in range(count)]
+        return EngineGroup(name, [Replica(i, b) for i, b in enumerate(backends)], capacity)
+
+    chat, code = group("chat", 2, 8), group("code", 1, None)
+    router = Router([chat, code])
+    gates = group_gates(router, CLASSES, GateLimits(capacity=4, reserve=2, backlog=1))
+    assert (gates["chat"].limit, gates["code"].limit) == (18, 5)  # chat: (8 + 1) x 2 replicas; code: the default
+    name_of = group_of(router)
+    assert [name_of(Exchange("r", "POST", "/", model=m)) for m in ("chat", "code", "nope", "")] == [
+        "chat",
+        "code",
+        "",
+        "chat",  # no model named: the first engine, as the router does
+    ]
+    chat.replicas[1].backend.draining = True  # a rolling restart takes one out
+    code.replicas[0].backend.waiting = 7
+    async with follow_groups(router, gates, waiting=True, interval=0.01):
+        await asyncio.sleep(0.05)
+    assert gates["chat"].limit == 9 and gates["code"].engine_waiting == 7

@@ -1,9 +1,14 @@
 """One engine's admission gate: forward at once while it has room, else queue fairly.
 
-Saturated means the gateway's outstanding requests to the engine reached its capacity
-(`capacity`, about vLLM's --max-num-seqs; classes below the top one stop `reserve` short
-of it, so the top class finds room at once), or the engine's own waiting queue (scraped)
-is above `waiting_threshold`. Then requests wait here instead of in vLLM's queue:
+Saturated means the gateway's outstanding requests to the engine reached its limit, or the
+engine's own waiting queue (scraped) is above `waiting_threshold`. The limit is `capacity`
+(about vLLM's --max-num-seqs) plus `backlog`; classes below the top one stop `reserve` short
+of it, so a top-class request is always forwarded at once. With `backlog` above `reserve`, a
+few lower-class requests wait inside the engine's own queue: a finished sequence's slot is
+refilled in the engine's next step instead of after the round trip through the gateway
+(tens of ms on a busy vLLM), and vLLM's priority scheduler still puts a top-class request
+ahead of them (it waits for the next sequence to finish, not for the gateway). Then requests
+wait here instead of in vLLM's queue:
 
 - strict order between classes: a queued request of a lower class is admitted only when
   none of a higher class waits;
@@ -172,12 +177,18 @@ class Gate:
         *,
         capacity: int = 0,
         reserve: int = 0,
+        backlog: int = 0,
+        replicas: int = 1,
         waiting_threshold: int | None = None,
         queue_size: int = 1024,
     ) -> None:
         self.name = name
-        self.capacity = capacity
-        self.reserve = min(reserve, max(0, capacity - 1))
+        self.capacity = capacity  # per replica, like `backlog`; `reserve` is the group's
+        self.reserve = reserve
+        self.backlog = backlog
+        self.replicas = max(1, replicas)
+        self.limit = self._lower_limit = 0
+        self._limits()
         self.waiting_threshold = waiting_threshold
         self.queue_size = queue_size
         self.outstanding = 0
@@ -192,11 +203,23 @@ class Gate:
     def stats(self) -> dict[str, ClassStats]:
         return {name: queue.stats for name, queue in self._queues.items()}
 
-    def _limit(self, cls: PriorityClass) -> int:
-        return self.capacity if cls.order == self._top else self.capacity - self.reserve
+    def _limits(self) -> None:
+        self.limit = (self.capacity + self.backlog) * self.replicas  # what the top class may fill
+        self._lower_limit = max(1, self.limit - self.reserve)  # a reserve as large as the room still lets one in
+
+    def set_replicas(self, replicas: int) -> None:
+        """The group's ready replicas changed: its room follows (never below one replica's), and grown room
+        goes to the queue at once."""
+        replicas = max(1, replicas)
+        if replicas == self.replicas:
+            return
+        self.replicas = replicas
+        self._limits()
+        if self.queued:
+            self._dispatch()
 
     def _room(self, cls: PriorityClass) -> bool:
-        if self.capacity and self.outstanding >= self._limit(cls):
+        if self.capacity and self.outstanding >= (self.limit if cls.order == self._top else self._lower_limit):
             return False
         threshold = self.waiting_threshold
         return threshold is None or self.engine_waiting <= threshold

@@ -1,7 +1,7 @@
 """`FairShare`: the plain-ASGI stage just before the proxy forwards, holding a request while its engine is full.
 
-The request's engine group is `engine_name_for(exchange)` (today the single engine's
-served model name; the router of several engines supplies its own). A request that finds
+The request's engine group is `engine_name_for(exchange)`: the router's group for its model
+(`groups.group_of`), so each model has a gate of its own. A request that finds
 room goes straight on (no task, no future: a counter); one that does not waits in its
 engine's `Gate`, watched for a client that leaves (it leaves the queue at once), and gets
 an OpenAI-shaped 429 with Retry-After if its class's deadline passes or a higher class
@@ -25,15 +25,6 @@ _MESSAGES = {
     Shed.FULL: "The model server is saturated and the gateway's queue is full; retry later.",
     Shed.EVICTED: "The model server is saturated and higher-priority requests took this request's place; retry later.",
 }
-
-
-def single_engine(name: str) -> EngineName:
-    """`engine_name_for` with one engine: every request goes to `name`."""
-
-    def engine_name_for(_: Exchange) -> str:
-        return name
-
-    return engine_name_for
 
 
 class FairShare:
