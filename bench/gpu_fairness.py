@@ -2,13 +2,13 @@
 
 On the GPU machine (after `source .gpu/pN/device_setup.sh`, see ../shared/gpu/README.md):
 
-    python3 bench/gpu_fairness.py --out "$OUT" --configs "reserve=2;reserve=2,backlog=8;reserve=2,backlog=16"
+    python3 bench/gpu_fairness.py --out "$OUT" --configs "reserve=2;reserve=2,backlog=64,lead=0.1;backlog=8,lead=0"
 
 One vLLM (`--max-num-seqs 64 --scheduling-policy priority`, Qwen2.5-7B geometry, dummy weights) is
 started once, by this script. In front of it, in external mode: one plain bastion gateway (no
 classes) and one gateway with priority classes and the fair queue per gate configuration
 (`--configs`: `;` between configurations, `,` between `key=value`: capacity (default 64), reserve,
-backlog, threshold; each its own process). Then: an interactive key at c=2 (16 tokens, streamed:
+backlog, lead (seconds), threshold; each its own process). Then: an interactive key at c=2 (16 tokens, streamed:
 TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256
 tokens) alone through the plain gateway (the engine's batch tokens/s) and, through each
 configuration, both together (interactive TTFT p50 beside the flood, batch tokens/s). Targets:
@@ -37,11 +37,12 @@ import httpx
 
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
-DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=8;reserve=2,backlog=16"
+DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.1;reserve=2,backlog=64,lead=0.25"
 _KNOBS = {
     "capacity": "BASTION_ENGINE_CAPACITY",
     "reserve": "BASTION_ENGINE_RESERVE",
     "backlog": "BASTION_ENGINE_BACKLOG",
+    "lead": "BASTION_ENGINE_BACKLOG_LEAD",
     "threshold": "BASTION_ENGINE_WAITING_THRESHOLD",
 }
 
@@ -58,18 +59,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def parse_configs(text: str) -> dict[str, dict[str, int]]:
-    """`reserve=2;reserve=2,backlog=8` -> {name: knobs}; the name is the text of the configuration."""
-    configs: dict[str, dict[str, int]] = {}
+def parse_configs(text: str) -> dict[str, dict[str, float]]:
+    """`reserve=2;reserve=2,backlog=64,lead=0.1` -> {name: knobs}; the name is the text of the configuration."""
+    configs: dict[str, dict[str, float]] = {}
     for part in (p.strip() for p in text.split(";")):
         if not part:
             continue
-        knobs = {"capacity": SEQS}
+        knobs: dict[str, float] = {"capacity": SEQS}
         for item in part.split(","):
             key, sep, value = item.strip().partition("=")
-            if not sep or key not in _KNOBS or not value.strip().isdigit():
+            try:
+                number = float(value) if key == "lead" else int(value)
+            except ValueError:
+                number = -1
+            if not sep or key not in _KNOBS or number < 0:
                 raise SystemExit(f"--configs: {item!r} is not one of {', '.join(k + '=N' for k in _KNOBS)}")
-            knobs[key] = int(value)
+            knobs[key] = number
         configs[part] = knobs
     if not configs:
         raise SystemExit("--configs: no configuration given")
@@ -78,7 +83,7 @@ def parse_configs(text: str) -> dict[str, dict[str, int]]:
 
 class Bench:
     def __init__(
-        self, out: Path, simulate: bool, window: float, warmup: float, idle: float, configs: dict[str, dict[str, int]]
+        self, out: Path, simulate: bool, window: float, warmup: float, idle: float, configs: dict[str, dict[str, float]]
     ) -> None:
         self.out = out
         self.simulate = simulate
@@ -141,7 +146,7 @@ class Bench:
         self.results["engine_start_s"] = round(self.wait(self.engine + "/health", proc, 900), 1)
         say(f"engine ready after {self.results['engine_start_s']} s")
 
-    def env(self, name: str, knobs: dict[str, int] | None) -> dict[str, str]:
+    def env(self, name: str, knobs: dict[str, float] | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
         if "APP_PYTHONPATH" in os.environ:
             env["PYTHONPATH"] = os.environ["APP_PYTHONPATH"]

@@ -286,6 +286,7 @@ def _fair_share(
         capacity=settings.engine_capacity,
         reserve=settings.engine_reserve,
         backlog=settings.engine_backlog,
+        lead=settings.engine_backlog_lead,
         waiting_threshold=settings.engine_waiting_threshold,
         queue_size=settings.queue_size,
     )

@@ -750,9 +750,18 @@ class Settings(BaseSettings):
         le=4096,
         description="Requests let past BASTION_ENGINE_CAPACITY to wait in the engine's own queue (per replica), so "
         "a finished sequence's slot is refilled in the engine's next step rather than after a round trip through "
-        "the gateway. Above BASTION_ENGINE_RESERVE it keeps every slot busy under a flood; a top-class request then "
-        "waits for the next sequence to finish (vLLM's priority scheduler puts it first). Only for engines run "
-        "with --scheduling-policy priority. 0 = none.",
+        "the gateway and the engine's API server (see BASTION_ENGINE_BACKLOG_LEAD for when). A top-class request "
+        "that finds every slot busy then waits for the next to end (vLLM's priority scheduler puts it first). Only "
+        "for engines run with --scheduling-policy priority. About the capacity with a lead; 0 = none.",
+    )
+    engine_backlog_lead: float = Field(
+        0.15,
+        ge=0,
+        le=60,
+        description="With BASTION_ENGINE_BACKLOG: a lower-class request is forwarded past the capacity only this "
+        "many seconds before an outstanding one is predicted to end (from the fastest recent requests' seconds per "
+        "token), so it waits inside the engine only around a slot's release, not for a whole request. About the "
+        "engine's refill gap (vLLM's API server: ~0.1 s at 64 busy sequences). 0 = the backlog is always open.",
     )
     engine_waiting_threshold: int | None = Field(
         None,

@@ -253,3 +253,29 @@ async def test_one_gate_per_engine_group_keyed_by_the_routers_group_for_the_mode
     async with follow_groups(router, gates, waiting=True, interval=0.01):
         await asyncio.sleep(0.05)
     assert gates["chat"].limit == 9 and gates["code"].engine_waiting == 7
+
+
+async def test_with_a_lead_the_backlog_opens_only_near_a_predicted_end() -> None:
+    """A lower-class request goes past the capacity only `lead` seconds before an outstanding one is predicted
+    to end (seconds per token, learned from finished requests), so it waits in the engine only that long."""
+    gate = Gate("e", CLASSES, capacity=2, backlog=2, lead=0.05)
+    assert gate.enter(BATCH)
+    first = gate.forwarded(BATCH, 10)  # nothing learned yet: no prediction
+    await asyncio.sleep(0.01)
+    gate.leave(first, 10)
+    assert gate.per_token >= 0.001  # 10 tokens in >= 10 ms
+    holds = []
+    for _ in range(2):
+        assert gate.enter(BATCH)
+        holds.append(gate.forwarded(BATCH, 100))  # predicted to end in >= 0.1 s: due >= 0.05 s from now
+    assert gate.forwarded(INTERACTIVE, 100) is None  # the top class is never held back by a prediction
+    assert not gate.enter(BATCH)  # full, and nothing near its end: the backlog is closed
+    waiter = asyncio.create_task(gate.wait(BATCH, "b", 1))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()
+    async with asyncio.timeout(2):
+        await waiter  # both due: the backlog opens (up to 2)
+    assert (gate.due, gate.outstanding) == (2, 3)
+    for hold in holds:
+        gate.leave(hold, 100)
+    assert gate.due == 0

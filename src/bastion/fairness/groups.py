@@ -31,6 +31,7 @@ class GateLimits:
     capacity: int = 0
     reserve: int = 0
     backlog: int = 0
+    lead: float = 0.0
     waiting_threshold: int | None = None
     queue_size: int = 1024
 
@@ -45,6 +46,7 @@ def group_gates(router: Router, classes: ClassTable, limits: GateLimits) -> dict
             capacity=group.capacity_per_replica or limits.capacity,
             reserve=limits.reserve,
             backlog=limits.backlog,
+            lead=limits.lead,
             replicas=_ready(group),
             waiting_threshold=limits.waiting_threshold,
             queue_size=limits.queue_size,

@@ -45,10 +45,12 @@ class FairShare:
         cls = self.classes.of(exchange.principal)
         if not gate.enter(cls) and not await self._queue(scope, receive, send, exchange, gate):
             return
+        hold = gate.forwarded(cls, exchange.completion_cap)
         try:
             await self.app(scope, receive, send)
         finally:
-            gate.leave()
+            usage = exchange.usage  # what the engine generated: how fast it goes, for the backlog's lead
+            gate.leave(hold, usage.completion_tokens if usage is not None else 0)
 
     async def _queue(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, gate: Gate) -> bool:
         """Wait in the gate; True once admitted, False if answered here (refused) or the client left."""
