@@ -175,11 +175,14 @@ def test_interactive_ttft_engine_share_and_fair_share_beside_a_flood(keys: tuple
         with gateway(env=_env(path, port, gate)) as (_, base):
             results[name] = asyncio.run(_run(base, f"http://127.0.0.1:{port}", secrets, fair=gate is not None))
     off, reserve, backlog = results["off"], results["reserve"], results["backlog"]
-    alone = max(off["alone_engine_tps"], off["engine_tps"])  # the engine without a gate: always full
+    # The engine with every slot busy, as under the flood alone (measured there at ~98.5 % of this when the
+    # machine is quiet; the computed value keeps a busy neighbour's noise out of the reference).
+    capacity = SEQS * BATCH_TOKENS / (TTFT + ITL * (BATCH_TOKENS - 1))
     for result in (reserve, backlog):
-        result["engine_share"] = result["engine_tps"] / alone
-        result["batch_share"] = result["batch_tps"] / off["alone_batch_tps"]
+        result["engine_share"] = result["engine_tps"] / capacity
+        result["batch_share_vs_alone"] = result["batch_tps"] / off["alone_batch_tps"]
     print(f"\nfairness: classes off {off}\nfairness: reserve {reserve}\nfairness: reserve + backlog {backlog}")
+    print(f"fairness: engine capacity {capacity:.0f} tokens/s, flood alone: {off['alone_engine_tps'] / capacity:.3f}")
     assert off["ttft"] > 5 * reserve["ttft"], (reserve, off)  # what the gate buys: FCFS puts the chat behind the flood
     for result in (reserve, backlog):
         assert result["ttft"] <= 2 * result["idle_ttft"], result
