@@ -37,7 +37,7 @@ import httpx
 
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
-DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.1;reserve=2,backlog=64,lead=0.25"
+DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.15;reserve=2,backlog=64,lead=0.3"
 _KNOBS = {
     "capacity": "BASTION_ENGINE_CAPACITY",
     "reserve": "BASTION_ENGINE_RESERVE",
