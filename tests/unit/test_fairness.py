@@ -10,6 +10,7 @@ import pytest
 
 from bastion.auth.identity import Principal
 from bastion.auth.jwt import JWTConfig, JWTVerifier, mint
+from bastion.config import ConfigError, Settings, load
 from bastion.context import Exchange
 from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
@@ -279,3 +280,13 @@ async def test_with_a_lead_the_backlog_opens_only_near_a_predicted_end() -> None
     for hold in holds:
         gate.leave(hold, 100)
     assert gate.due == 0
+
+
+def test_a_backlog_without_a_capacity_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASTION_ENGINE_BACKLOG", "4")
+    with pytest.raises(ConfigError) as raised:
+        load(Settings, env_file=None)
+    (line,) = raised.value.lines
+    assert line.startswith("invalid BASTION_ENGINE_BACKLOG: a backlog is counted beyond BASTION_ENGINE_CAPACITY"), line
+    monkeypatch.setenv("BASTION_ENGINE_CAPACITY", "64")
+    assert load(Settings, env_file=None).engine_backlog == 4
