@@ -2,15 +2,20 @@
 
 On the GPU machine (after `source .gpu/pN/device_setup.sh`, see ../shared/gpu/README.md):
 
-    python3 bench/gpu_fairness.py --out "$OUT"
+    python3 bench/gpu_fairness.py --out "$OUT" --configs "reserve=2;reserve=2,backlog=64,lead=0.1;backlog=8,lead=0"
 
 One vLLM (`--max-num-seqs 64 --scheduling-policy priority`, Qwen2.5-7B geometry, dummy weights) is
-started once, by this script; two bastion gateways in external mode sit in front of it: one with
-priority classes and the fair queue (BASTION_FAIRNESS, capacity 64, reserve 2), one without. Then:
-an interactive key at c=2 (16 tokens, streamed: TTFT) alone; a batch key at c=256 (256 tokens)
-alone through the plain gateway (the engine's batch tokens/s); and both together through the fair
-gateway (interactive TTFT p50 beside the flood, batch tokens/s). Two alternated rounds. Targets: TTFT
-within 2x idle, batch tokens/s >= 95 % of the flood alone. results.json is rewritten after each step.
+started once, by this script. In front of it, in external mode: one plain bastion gateway (no
+classes) and one gateway with priority classes and the fair queue per gate configuration
+(`--configs`: `;` between configurations, `,` between `key=value`: capacity (default 64), reserve,
+backlog, lead (seconds), threshold; each its own process). Then: an interactive key at c=2 (16 tokens, streamed:
+TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256
+tokens) alone through the plain gateway (the engine's batch tokens/s) and, through each
+configuration, both together (interactive TTFT p50 beside the flood, batch tokens/s). Targets:
+TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone. results.json is rewritten after
+each step, with each configuration's share and TTFT ratio per round; progress goes to stderr.
+Budget: vLLM starts in ~220 s; the defaults (3 configurations, 2 rounds, 5 s warm-up + 20 s
+windows) measure for ~230 s more.
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ import httpx
 
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
+DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.15;reserve=2,backlog=64,lead=0.3"
+_KNOBS = {
+    "capacity": "BASTION_ENGINE_CAPACITY",
+    "reserve": "BASTION_ENGINE_RESERVE",
+    "backlog": "BASTION_ENGINE_BACKLOG",
+    "lead": "BASTION_ENGINE_BACKLOG_LEAD",
+    "threshold": "BASTION_ENGINE_WAITING_THRESHOLD",
+}
 
 
 def say(message: str) -> None:
@@ -46,14 +59,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def parse_configs(text: str) -> dict[str, dict[str, float]]:
+    """`reserve=2;reserve=2,backlog=64,lead=0.1` -> {name: knobs}; the name is the text of the configuration."""
+    configs: dict[str, dict[str, float]] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        knobs: dict[str, float] = {"capacity": SEQS}
+        for item in part.split(","):
+            key, sep, value = item.strip().partition("=")
+            try:
+                number = float(value) if key == "lead" else int(value)
+            except ValueError:
+                number = -1
+            if not sep or key not in _KNOBS or number < 0:
+                raise SystemExit(f"--configs: {item!r} is not one of {', '.join(k + '=N' for k in _KNOBS)}")
+            knobs[key] = number
+        configs[part] = knobs
+    if not configs:
+        raise SystemExit("--configs: no configuration given")
+    return configs
+
+
 class Bench:
-    def __init__(self, out: Path, simulate: bool, window: float, warmup: float) -> None:
+    def __init__(
+        self, out: Path, simulate: bool, window: float, warmup: float, idle: float, configs: dict[str, dict[str, float]]
+    ) -> None:
         self.out = out
         self.simulate = simulate
         self.window = window
         self.warmup = warmup
+        self.idle = idle
+        self.configs = configs
         self.work = Path(tempfile.mkdtemp(prefix="bastion-fair-"))
-        self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "simulated": simulate, "rounds": []}
+        self.results: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "simulated": simulate,
+            "window_s": window,
+            "warmup_s": warmup,
+            "configs": configs,
+            "rounds": [],
+        }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.keys: dict[str, str] = {}
         self.engine = ""
@@ -79,16 +125,16 @@ class Bench:
             if time.monotonic() > note:
                 say(f"waiting for {url}: {time.monotonic() - started:.0f} s")
                 note += 15
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise TimeoutError(url)
 
     def start_engine(self) -> None:
         port = free_port()
         self.engine = f"http://127.0.0.1:{port}"
-        if self.simulate:  # a GPU-like engine: one token rate shared by the batch
+        if self.simulate:  # a GPU-like engine (a step time that grows a little with the batch), slowed for 2 cores
             argv = [sys.executable, "-m", "bastion", "simulate", "--port", str(port), "--max-num-seqs", str(SEQS)]
-            argv += ["--scheduling-policy", "priority", "--tokens", "64", "--ttft", "0.02"]
-            argv += ["--itl", "0.001", "--itl-per-seq", "0.0005"]
+            argv += ["--scheduling-policy", "priority", "--tokens", "32", "--ttft", "0.02"]
+            argv += ["--itl", "0.05", "--itl-per-seq", "0.0002", "--admission-delay", "0.02"]
             env = dict(os.environ)
         else:
             argv = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", os.environ["QWEN_DIR"]]
@@ -100,7 +146,7 @@ class Bench:
         self.results["engine_start_s"] = round(self.wait(self.engine + "/health", proc, 900), 1)
         say(f"engine ready after {self.results['engine_start_s']} s")
 
-    def env(self, fair: bool) -> dict[str, str]:
+    def env(self, name: str, knobs: dict[str, float] | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
         if "APP_PYTHONPATH" in os.environ:
             env["PYTHONPATH"] = os.environ["APP_PYTHONPATH"]
@@ -112,34 +158,40 @@ class Bench:
             "BASTION_RATE_LIMIT_TPM": "0",
             "BASTION_RATE_LIMIT_MAX_CONCURRENT": "0",
             "BASTION_LOG_LEVEL": "warning",
+            "BASTION_BUDGET_DB": str(self.work / f"usage-{name}.sqlite3"),  # one per process
         }
-        env["BASTION_BUDGET_DB"] = str(self.work / f"usage-{'fair' if fair else 'plain'}.sqlite3")  # one per process
-        if fair:
-            env |= {"BASTION_FAIRNESS": "1", "BASTION_ENGINE_CAPACITY": str(SEQS), "BASTION_ENGINE_RESERVE": "2"}
+        if knobs is not None:
+            env["BASTION_FAIRNESS"] = "1"
+            env |= {_KNOBS[key]: str(value) for key, value in knobs.items()}
         return env
 
-    def start_gateways(self) -> dict[bool, str]:
+    def start_gateways(self) -> dict[str, str]:
+        """The plain gateway ("plain") and one per configuration, started together."""
         for name, cls in (("chat", "interactive"), ("flood", "batch")):
             self.keys[name] = subprocess.run(
                 [sys.executable, "-m", "bastion", "keys", "create", "--name", name, "--priority-class", cls],
-                env=self.env(False), capture_output=True, text=True, check=True,
+                env=self.env("keys", None), capture_output=True, text=True, check=True,
             ).stdout.strip()  # fmt: skip
-        bases = {}
-        for fair in (True, False):
+        bases: dict[str, str] = {}
+        started = []
+        for number, (name, knobs) in enumerate([("plain", None), *self.configs.items()]):
             port = free_port()
+            label = "plain" if knobs is None else f"fair{number}"
             argv = [sys.executable, "-m", "bastion", "serve", "--port", str(port)]
-            proc = self.spawn(argv, self.env(fair), f"bastion-{'fair' if fair else 'plain'}.log")
-            bases[fair] = f"http://127.0.0.1:{port}"
-            self.wait(bases[fair] + "/ready", proc, 60)
+            started.append((self.spawn(argv, self.env(label, knobs), f"bastion-{label}.log"), port))
+            bases[name] = f"http://127.0.0.1:{port}"
+        for proc, port in started:
+            self.wait(f"http://127.0.0.1:{port}/ready", proc, 60)
+        say(f"gateways ready: {', '.join(bases)}")
         return bases
 
-    async def measure(self, base: str, *, interactive: bool, batch: bool) -> dict[str, Any]:
+    async def measure(self, base: str, *, interactive: bool, batch: bool, window: float) -> dict[str, Any]:
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
         ttfts: list[float] = []
         statuses: dict[str, int] = {}
         tokens = 0
         counting = False
-        stop = time.monotonic() + self.warmup + self.window if batch else time.monotonic() + self.window
+        stop = time.monotonic() + (self.warmup if batch else 0.0) + window
 
         async def flood(client: httpx.AsyncClient) -> None:
             nonlocal tokens
@@ -185,7 +237,9 @@ class Bench:
             failures = [r for r in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(r, Exception)]
         result: dict[str, Any] = {"statuses": statuses}
         if failures:
-            result["client_errors"] = sorted({repr(f)[:200] for f in failures})
+            result["client_errors"] = sorted(
+                {repr(f)[:200] for f in failures if not isinstance(f, asyncio.CancelledError)}
+            )
         if interactive:
             result["ttft_p50_ms"] = round(statistics.median(ttfts) * 1000, 1) if ttfts else None
             result["interactive_requests"] = len(ttfts)
@@ -196,38 +250,58 @@ class Bench:
     def run(self, rounds: int) -> None:
         self.start_engine()
         bases = self.start_gateways()
-        say("interactive alone (c=2, 16 tokens)")
-        self.results["idle"] = asyncio.run(self.measure(bases[True], interactive=True, batch=False))
+        first = next(iter(self.configs))
+        say(f"interactive alone (c=2, 16 tokens, {self.idle:g} s, through {first!r})")
+        self.results["idle"] = asyncio.run(self.measure(bases[first], interactive=True, batch=False, window=self.idle))
         say(f"idle: {self.results['idle']}")
         self.write()
+        idle = self.results["idle"]["ttft_p50_ms"]
         for number in range(rounds):
-            steps = [("flood_alone", False), ("classes_on", True)]
+            steps = ["flood_alone", *self.configs]
             if number % 2:
                 steps.reverse()
-            entry: dict[str, Any] = {}
-            for name, fair in steps:
-                say(f"round {number + 1}: {name}")
-                entry[name] = asyncio.run(self.measure(bases[fair], interactive=fair, batch=True))
-                say(f"round {number + 1}: {name}: {entry[name]}")
-                self.results["rounds"] = [*self.results["rounds"][:number], entry]
+            entry: dict[str, Any] = {"configs": {}}
+            self.results["rounds"].append(entry)
+            for name in steps:
+                alone = name == "flood_alone"
+                result = asyncio.run(
+                    self.measure(
+                        bases["plain" if alone else name], interactive=not alone, batch=True, window=self.window
+                    )
+                )
+                if alone:
+                    entry["flood_alone"] = result
+                else:
+                    entry["configs"][name] = result
+                say(f"round {number + 1}: {name}: {result}")
                 self.write()
-            alone = entry["flood_alone"]["batch_tokens_per_s"]
-            on = entry["classes_on"]
-            entry["batch_share"] = round(on["batch_tokens_per_s"] / alone, 3) if alone else None
-            idle = self.results["idle"]["ttft_p50_ms"]
-            entry["ttft_vs_idle"] = round(on["ttft_p50_ms"] / idle, 2) if idle and on["ttft_p50_ms"] else None
+            base_tps = entry["flood_alone"]["batch_tokens_per_s"]
+            for name, result in entry["configs"].items():
+                result["batch_share"] = round(result["batch_tokens_per_s"] / base_tps, 3) if base_tps else None
+                ttft = result.get("ttft_p50_ms")
+                result["ttft_vs_idle"] = round(ttft / idle, 2) if idle and ttft else None
+                share, ratio = result["batch_share"], result["ttft_vs_idle"]
+                say(f"round {number + 1}: {name}: batch {share} of alone, TTFT {ratio}x idle")
             self.write()
-            say(f"round {number + 1}: batch {entry['batch_share']} of alone, TTFT {entry['ttft_vs_idle']}x idle")
+        self.results["summary"] = {
+            name: {
+                "batch_share": [r["configs"][name]["batch_share"] for r in self.results["rounds"]],
+                "ttft_vs_idle": [r["configs"][name]["ttft_vs_idle"] for r in self.results["rounds"]],
+            }
+            for name in self.configs
+        }
+        say(f"summary: {self.results['summary']}")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def main() -> None:
@@ -235,11 +309,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bastion-fairness")))
     parser.add_argument("--simulate", action="store_true", help="the simulator as the engine (no GPU)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--window", type=float, default=45.0, help="seconds measured per step")
-    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of flood before measuring")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="gate configurations, e.g. " + DEFAULT_CONFIGS)
+    parser.add_argument("--window", type=float, default=20.0, help="seconds measured per step")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before measuring")
+    parser.add_argument("--idle-window", type=float, default=8.0, help="seconds of the interactive-alone step")
     args = parser.parse_args()
+    configs = parse_configs(args.configs)
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.out, args.simulate, args.window, args.warmup)
+    bench = Bench(args.out, args.simulate, args.window, args.warmup, args.idle_window, configs)
     try:
         bench.run(args.rounds)
     finally:

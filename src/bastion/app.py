@@ -49,9 +49,10 @@ from .engine.vllm import VllmArgs
 from .errors import error_body
 from .fairness.classes import ClassTable
 from .fairness.gate import Gate
+from .fairness.groups import GateLimits, follow_groups, group_gates, group_of
 from .fairness.metrics import QueueCollector
 from .fairness.scrape import watch_waiting
-from .fairness.stage import FairShare, single_engine
+from .fairness.stage import FairShare
 from .http import Client, Timeouts
 from .metrics import Metrics
 from .metrics_http import ScrapeGuard, metrics_routes
@@ -221,7 +222,7 @@ def create_app(
     classes = settings.class_table() if settings.fairness else None
     gates: dict[str, Gate] = {}
     if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)
-        inner = _fair_share(settings, inner, classes, upstream, scrapes, services, gates)
+        inner = _fair_share(settings, inner, classes, router, upstream, scrapes, services, gates)
     inner = BudgetStage(inner, ledger, budgets, fail_open=budget_options.fail_open, metrics=budget_metrics)
     routes = (*parse_routes(settings.routes), USAGE_ROUTE)
     if settings.token_endpoint:
@@ -281,27 +282,32 @@ def _fair_share(
     settings: Settings,
     proxy: ASGIApp,
     classes: ClassTable,
+    router: Router,
     upstream: Upstream,
     scrapes: ProbeChannel,
     services: list[AbstractAsyncContextManager[object]],
     gates: dict[str, Gate],
 ) -> ASGIApp:
-    """The engine's gate in front of the proxy, and the scrape of its waiting queue when a threshold is set."""
-    name = settings.served_model_name or settings.model
-    gate = Gate(
-        name,
-        classes,
+    """A gate per engine group in front of the proxy; the scrape of the engine's waiting queue when a threshold
+    is set (one engine here; with several, the fleet scrapes and `follow_groups` sums per group)."""
+    limits = GateLimits(
         capacity=settings.engine_capacity,
         reserve=settings.engine_reserve,
+        backlog=settings.engine_backlog,
+        lead=settings.engine_backlog_lead,
         waiting_threshold=settings.engine_waiting_threshold,
         queue_size=settings.queue_size,
     )
-    gates[name] = gate
-    if settings.engine_waiting_threshold is not None:
+    gates.update(group_gates(router, classes, limits))
+    threshold = settings.engine_waiting_threshold is not None
+    if router.named:
+        services.append(follow_groups(router, gates, waiting=threshold))
+    elif threshold:
+        (gate,) = gates.values()
         services.append(
             watch_waiting(scrapes.http, lambda: upstream.base_url, lambda: upstream.api_key, gate.set_engine_waiting)
         )
-    return FairShare(proxy, gates, classes, single_engine(name))
+    return FairShare(proxy, gates, classes, group_of(router))
 
 
 def engine_spec(settings: Settings) -> EngineSpec:
@@ -379,6 +385,7 @@ def replica_spec(settings: Settings, entry: EngineEntry, index: int) -> EngineSp
             gpu_memory_utilization=entry.gpu_memory_utilization,
             tensor_parallel_size=entry.tensor_parallel_size,
             extra_args=entry.extra_args,
+            scheduling_policy="priority" if settings.fairness else None,
         ),
     )
     try:
@@ -430,7 +437,9 @@ def build_engines(settings: Settings, entries: Sequence[EngineEntry]) -> tuple[R
     router = Router(
         groups, session_header=settings.session_header.encode(), prefix_bytes=settings.prefix_affinity_bytes
     )
-    scrape = any(len(group.replicas) > 1 for group in groups)
+    # The router's tie-breaker between replicas, and the fair queue's waiting threshold, read the engines' queues.
+    threshold = settings.fairness and settings.engine_waiting_threshold is not None
+    scrape = threshold or any(len(group.replicas) > 1 for group in groups)
     return router, Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=scrape)
 
 

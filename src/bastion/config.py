@@ -744,6 +744,25 @@ class Settings(BaseSettings):
         description="Of BASTION_ENGINE_CAPACITY, slots only the highest class may fill, so that its requests "
         "find room at once beside a flood of lower classes.",
     )
+    engine_backlog: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Requests let past BASTION_ENGINE_CAPACITY to wait in the engine's own queue (per replica), so "
+        "a finished sequence's slot is refilled in the engine's next step rather than after a round trip through "
+        "the gateway and the engine's API server (see BASTION_ENGINE_BACKLOG_LEAD for when). A top-class request "
+        "that finds every slot busy then waits for the next to end (vLLM's priority scheduler puts it first). Only "
+        "for engines run with --scheduling-policy priority. About the capacity with a lead; 0 = none.",
+    )
+    engine_backlog_lead: float = Field(
+        0.15,
+        ge=0,
+        le=60,
+        description="With BASTION_ENGINE_BACKLOG: a lower-class request is forwarded past the capacity only this "
+        "many seconds before an outstanding one is predicted to end (from the fastest recent requests' seconds per "
+        "token), so it waits inside the engine only around a slot's release, not for a whole request. About the "
+        "engine's refill gap (vLLM's API server: ~0.1 s at 64 busy sequences). 0 = the backlog is always open.",
+    )
     engine_waiting_threshold: int | None = Field(
         None,
         ge=0,
@@ -758,6 +777,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_classes(cls, value: str) -> str:
         parse_classes(value, None)
+        return value
+
+    @field_validator("engine_backlog")
+    @classmethod
+    def _check_backlog(cls, value: int, info: ValidationInfo) -> int:
+        engines = info.data.get("engines") or info.data.get("engines_file")  # their entries may carry a capacity
+        if value and not info.data.get("engine_capacity") and not engines:
+            raise ValueError(
+                "a backlog is counted beyond BASTION_ENGINE_CAPACITY, which is 0 (no cap); set the capacity "
+                "(vLLM's --max-num-seqs) or set the backlog to 0"
+            )
         return value
 
     @field_validator("default_priority_class", "jwt_max_priority_class")

@@ -13,12 +13,17 @@ DRIVER = Path(__file__).parents[2] / "bench" / "gpu_fairness.py"
 
 def test_driver_against_the_simulator(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-    argv = [sys.executable, str(DRIVER), "--simulate", "--out", str(tmp_path), "--window", "4", "--warmup", "2"]
-    subprocess.run(argv, env=env, check=True, timeout=150, cwd="/tmp")
+    argv = [sys.executable, str(DRIVER), "--simulate", "--out", str(tmp_path), "--window", "2", "--warmup", "1"]
+    argv += ["--idle-window", "1", "--configs", "reserve=2;reserve=2,backlog=64,lead=0.1"]
+    subprocess.run(argv, env=env, check=True, timeout=120, cwd="/tmp")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["simulated"] is True and results["idle"]["ttft_p50_ms"] > 0
     assert len(results["rounds"]) == 2
     for entry in results["rounds"]:
-        assert entry["flood_alone"]["batch_tokens_per_s"] > 0 and entry["classes_on"]["batch_tokens_per_s"] > 0
-        assert entry["classes_on"]["interactive_requests"] > 0 and entry["batch_share"] > 0
-    assert {"engine.log", "bastion-fair.log", "bastion-plain.log"} <= {p.name for p in tmp_path.iterdir()}
+        assert entry["flood_alone"]["batch_tokens_per_s"] > 0
+        assert set(entry["configs"]) == {"reserve=2", "reserve=2,backlog=64,lead=0.1"}
+        for result in entry["configs"].values():
+            assert result["batch_tokens_per_s"] > 0 and result["interactive_requests"] > 0 and result["batch_share"] > 0
+    assert set(results["summary"]) == {"reserve=2", "reserve=2,backlog=64,lead=0.1"}
+    logs = {p.name for p in tmp_path.iterdir()}
+    assert {"engine.log", "bastion-plain.log", "bastion-fair1.log", "bastion-fair2.log"} <= logs

@@ -10,9 +10,14 @@ import pytest
 
 from bastion.auth.identity import Principal
 from bastion.auth.jwt import JWTConfig, JWTVerifier, mint
+from bastion.config import ConfigError, Settings, load
+from bastion.context import Exchange
+from bastion.engine.router import Backend, EngineGroup, Replica, Router
+from bastion.engine.state import Phase, Upstream
 from bastion.engine.vllm import VllmArgs, vllm_command
 from bastion.fairness.classes import DEFAULT_CLASSES, parse_classes
 from bastion.fairness.gate import Gate, Refused, Shed
+from bastion.fairness.groups import GateLimits, follow_groups, group_gates, group_of
 from bastion.fairness.scrape import waiting_of
 from bastion.request_body import RequestInspector
 
@@ -197,3 +202,91 @@ async def test_a_waiter_that_left_is_counted_out_once_even_when_the_queue_finds_
     await stays
     assert (gate.outstanding, gate.queued, gate.stats["batch"].depth) == (1, 0, 0)
     assert gate.enter(BATCH) is False and gate.queued == 0  # still accurate: full, nobody waiting
+
+
+async def test_a_backlog_past_the_reserve_lets_lower_classes_wait_inside_the_engine() -> None:
+    """capacity 4, reserve 1, backlog 2: lower classes up to 5 outstanding (one waits in the engine's own
+    queue beyond the engine's 4 slots), the top class up to 6."""
+    gate = Gate("e", CLASSES, capacity=4, reserve=1, backlog=2)
+    assert all(gate.enter(BATCH) for _ in range(5))
+    assert not gate.enter(STANDARD)
+    assert gate.enter(INTERACTIVE) and not gate.enter(INTERACTIVE)
+    assert gate.limit == 6
+    without = Gate("e", CLASSES, capacity=4, reserve=1)  # today's default: never past the engine's slots
+    assert sum(without.enter(BATCH) for _ in range(10)) == 3 and without.limit == 4
+
+
+async def test_a_groups_room_follows_its_ready_replicas() -> None:
+    """Per-replica capacity and backlog times the ready replicas; room that grows goes to the queue at once."""
+    gate = Gate("e", CLASSES, capacity=2, backlog=1, replicas=2)
+    assert gate.limit == 6
+    gate.set_replicas(1)
+    assert gate.limit == 3 and all(gate.enter(BATCH) for _ in range(3)) and not gate.enter(BATCH)
+    waiter = asyncio.create_task(gate.wait(BATCH, "a", 1))
+    await asyncio.sleep(0)
+    assert gate.queued == 1
+    gate.set_replicas(0)  # no replica ready: one replica's room, never "no cap"
+    assert gate.limit == 3
+    gate.set_replicas(2)
+    async with asyncio.timeout(5):
+        await waiter
+    assert (gate.outstanding, gate.queued) == (4, 0)
+
+
+async def test_one_gate_per_engine_group_keyed_by_the_routers_group_for_the_model() -> None:
+    def group(name: str, count: int, capacity: int | None) -> EngineGroup:
+        backends = [Backend(Upstream("http://127.0.0.1:1", None, Phase.READY), f"{name}/{i}") for i in range(count)]
+        return EngineGroup(name, [Replica(i, b) for i, b in enumerate(backends)], capacity)
+
+    chat, code = group("chat", 2, 8), group("code", 1, None)
+    router = Router([chat, code])
+    gates = group_gates(router, CLASSES, GateLimits(capacity=4, reserve=2, backlog=1))
+    assert (gates["chat"].limit, gates["code"].limit) == (18, 5)  # chat: (8 + 1) x 2 replicas; code: the default
+    name_of = group_of(router)
+    assert [name_of(Exchange("r", "POST", "/", model=m)) for m in ("chat", "code", "nope", "")] == [
+        "chat",
+        "code",
+        "",
+        "chat",  # no model named: the first engine, as the router does
+    ]
+    chat.replicas[1].backend.draining = True  # a rolling restart takes one out
+    code.replicas[0].backend.waiting = 7
+    async with follow_groups(router, gates, waiting=True, interval=0.01):
+        await asyncio.sleep(0.05)
+    assert gates["chat"].limit == 9 and gates["code"].engine_waiting == 7
+
+
+async def test_with_a_lead_the_backlog_opens_only_near_a_predicted_end() -> None:
+    """A lower-class request goes past the capacity only `lead` seconds before an outstanding one is predicted
+    to end (seconds per token, learned from finished requests), so it waits in the engine only that long."""
+    gate = Gate("e", CLASSES, capacity=2, backlog=2, lead=0.05)
+    assert gate.enter(BATCH)
+    first = gate.forwarded(BATCH, 10)  # nothing learned yet: no prediction
+    await asyncio.sleep(0.01)
+    gate.leave(first, 10)
+    assert gate.per_token >= 0.001  # 10 tokens in >= 10 ms
+    holds = []
+    for _ in range(2):
+        assert gate.enter(BATCH)
+        holds.append(gate.forwarded(BATCH, 100))  # predicted to end in >= 0.1 s: due >= 0.05 s from now
+    assert gate.forwarded(INTERACTIVE, 100) is None  # the top class is never held back by a prediction
+    assert not gate.enter(BATCH)  # full, and nothing near its end: the backlog is closed
+    waiter = asyncio.create_task(gate.wait(BATCH, "b", 1))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()
+    async with asyncio.timeout(2):
+        await waiter  # both due: the backlog opens (up to 2)
+    assert (gate.due, gate.outstanding) == (2, 3)
+    for hold in holds:
+        gate.leave(hold, 100)
+    assert gate.due == 0
+
+
+def test_a_backlog_without_a_capacity_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASTION_ENGINE_BACKLOG", "4")
+    with pytest.raises(ConfigError) as raised:
+        load(Settings, env_file=None)
+    (line,) = raised.value.lines
+    assert line.startswith("invalid BASTION_ENGINE_BACKLOG: a backlog is counted beyond BASTION_ENGINE_CAPACITY"), line
+    monkeypatch.setenv("BASTION_ENGINE_CAPACITY", "64")
+    assert load(Settings, env_file=None).engine_backlog == 4

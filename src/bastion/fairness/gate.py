@@ -1,9 +1,14 @@
 """One engine's admission gate: forward at once while it has room, else queue fairly.
 
-Saturated means the gateway's outstanding requests to the engine reached its capacity
-(`capacity`, about vLLM's --max-num-seqs; classes below the top one stop `reserve` short
-of it, so the top class finds room at once), or the engine's own waiting queue (scraped)
-is above `waiting_threshold`. Then requests wait here instead of in vLLM's queue:
+Saturated means the gateway's outstanding requests to the engine reached its limit, or the
+engine's own waiting queue (scraped) is above `waiting_threshold`. The limit is `capacity`
+(about vLLM's --max-num-seqs) plus `backlog`; classes below the top one stop `reserve` short
+of it, so a top-class request is always forwarded at once. With `backlog` above `reserve`, a
+few lower-class requests wait inside the engine's own queue: a finished sequence's slot is
+refilled in the engine's next step instead of after the round trip through the gateway
+(tens of ms on a busy vLLM), and vLLM's priority scheduler still puts a top-class request
+ahead of them (it waits for the next sequence to finish, not for the gateway). Then requests
+wait here instead of in vLLM's queue:
 
 - strict order between classes: a queued request of a lower class is admitted only when
   none of a higher class waits;
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -54,6 +61,15 @@ class _Waiter:
     flow: _Flow
     queued: float
     live: bool = True  # counted in its queue's depth and the gate's `queued`
+
+
+@dataclass(slots=True, eq=False)
+class Hold:
+    """A forwarded lower-class request whose end the gate predicts (a backlog with a lead)."""
+
+    start: float  # loop time it was forwarded
+    due: bool = False  # within `lead` of its predicted end: its successor may be forwarded
+    done: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -172,12 +188,28 @@ class Gate:
         *,
         capacity: int = 0,
         reserve: int = 0,
+        backlog: int = 0,
+        lead: float = 0.0,
+        replicas: int = 1,
         waiting_threshold: int | None = None,
         queue_size: int = 1024,
     ) -> None:
         self.name = name
-        self.capacity = capacity
-        self.reserve = min(reserve, max(0, capacity - 1))
+        self.capacity = capacity  # per replica, like `backlog`; `reserve` is the group's
+        self.reserve = reserve
+        self.backlog = backlog
+        self.lead = lead  # 0: the backlog is always open; else only for requests predicted to end within it
+        self.replicas = max(1, replicas)
+        self.limit = self._lower_limit = self._backlog_room = 0
+        self._limits()
+        self.due = 0  # outstanding lower-class requests within `lead` of their predicted end
+        self.per_token = 0.0  # seconds per completion token, forward to end: the fastest recently seen
+        self._rates: collections.deque[float] = collections.deque(maxlen=_RATE_SAMPLES)
+        self._learned = 0
+        self._dues: list[tuple[float, int, Hold]] = []  # (loop time a hold becomes due, tie-breaker, hold)
+        self._numbers = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self.waiting_threshold = waiting_threshold
         self.queue_size = queue_size
         self.outstanding = 0
@@ -192,12 +224,33 @@ class Gate:
     def stats(self) -> dict[str, ClassStats]:
         return {name: queue.stats for name, queue in self._queues.items()}
 
-    def _limit(self, cls: PriorityClass) -> int:
-        return self.capacity if cls.order == self._top else self.capacity - self.reserve
+    def _limits(self) -> None:
+        room, backlog = self.capacity * self.replicas, self.backlog * self.replicas
+        self.limit = room + backlog  # what the top class may fill
+        # Lower classes: the room less the reserve (a reserve as large as the room still lets one in), plus the
+        # backlog: all of it, or with a lead as many as outstanding requests are due to end (see `_room`).
+        self._lower_limit = max(1, room - self.reserve + (0 if self.lead else backlog))
+        self._backlog_room = backlog if self.lead else 0
+
+    def set_replicas(self, replicas: int) -> None:
+        """The group's ready replicas changed: its room follows (never below one replica's), and grown room
+        goes to the queue at once."""
+        replicas = max(1, replicas)
+        if replicas == self.replicas:
+            return
+        self.replicas = replicas
+        self._limits()
+        if self.queued:
+            self._dispatch()
 
     def _room(self, cls: PriorityClass) -> bool:
-        if self.capacity and self.outstanding >= self._limit(cls):
-            return False
+        if self.capacity:
+            if cls.order == self._top:
+                limit = self.limit
+            else:
+                limit = self._lower_limit + (min(self.due, self._backlog_room) if self.due else 0)
+            if self.outstanding >= limit:
+                return False
         threshold = self.waiting_threshold
         return threshold is None or self.engine_waiting <= threshold
 
@@ -247,12 +300,57 @@ class Gate:
                 stats.wait_buckets[index] += 1
                 break
 
-    def leave(self) -> None:
-        """A forwarded request finished: its room goes to the queue."""
+    def forwarded(self, cls: PriorityClass, tokens: int) -> Hold | None:
+        """With a backlog lead: a lower-class request is on its way with at most `tokens` to generate. Its end
+        is predicted from the fastest recent requests; `lead` seconds before it, its successor may be forwarded
+        (it then waits inside the engine, ready for the slot). None when nothing is predicted."""
+        if not self._backlog_room or cls.order == self._top:
+            return None
+        loop = asyncio.get_running_loop()
+        hold = Hold(loop.time())
+        if self.per_token and tokens > 0:
+            at = hold.start + self.per_token * tokens - self.lead
+            heapq.heappush(self._dues, (at, next(self._numbers), hold))
+            if at < self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer, self._timer_at = loop.call_at(at, self._on_due), at
+        return hold
+
+    def _on_due(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, dues = loop.time(), self._dues
+        while dues and dues[0][0] <= now:
+            hold = heapq.heappop(dues)[2]
+            if not hold.done:
+                hold.due = True
+                self.due += 1
+        if dues:
+            self._timer_at = dues[0][0]
+            self._timer = loop.call_at(self._timer_at, self._on_due)
+        if self.queued:
+            self._dispatch()
+
+    def leave(self, hold: Hold | None = None, tokens: int = 0) -> None:
+        """A forwarded request finished (having generated `tokens`): its room goes to the queue."""
         self.outstanding -= 1
+        if hold is not None:
+            hold.done = True
+            if hold.due:
+                self.due -= 1
+            if tokens > 0:
+                self._learn((asyncio.get_running_loop().time() - hold.start) / tokens)
         if self.queued:
             self._departures.append(time.monotonic())
             self._dispatch()
+
+    def _learn(self, rate: float) -> None:
+        """The fastest of the recent requests is one that started at once: the others waited in the engine."""
+        self._rates.append(rate)
+        self._learned += 1
+        if not self.per_token or rate < self.per_token or self._learned % 16 == 0:
+            self.per_token = min(self._rates)
 
     def set_engine_waiting(self, waiting: int) -> None:
         """The engine's own waiting queue, scraped: dispatch if it fell below the threshold."""

@@ -1,7 +1,7 @@
 """`FairShare`: the plain-ASGI stage just before the proxy forwards, holding a request while its engine is full.
 
-The request's engine group is `engine_name_for(exchange)` (today the single engine's
-served model name; the router of several engines supplies its own). A request that finds
+The request's engine group is `engine_name_for(exchange)`: the router's group for its model
+(`groups.group_of`), so each model has a gate of its own. A request that finds
 room goes straight on (no task, no future: a counter); one that does not waits in its
 engine's `Gate`, watched for a client that leaves (it leaves the queue at once), and gets
 an OpenAI-shaped 429 with Retry-After if its class's deadline passes or a higher class
@@ -27,15 +27,6 @@ _MESSAGES = {
 }
 
 
-def single_engine(name: str) -> EngineName:
-    """`engine_name_for` with one engine: every request goes to `name`."""
-
-    def engine_name_for(_: Exchange) -> str:
-        return name
-
-    return engine_name_for
-
-
 class FairShare:
     def __init__(
         self, app: ASGIApp, gates: Mapping[str, Gate], classes: ClassTable, engine_name_for: EngineName
@@ -54,10 +45,12 @@ class FairShare:
         cls = self.classes.of(exchange.principal)
         if not gate.enter(cls) and not await self._queue(scope, receive, send, exchange, gate):
             return
+        hold = gate.forwarded(cls, exchange.completion_cap)
         try:
             await self.app(scope, receive, send)
         finally:
-            gate.leave()
+            usage = exchange.usage  # what the engine generated: how fast it goes, for the backlog's lead
+            gate.leave(hold, usage.completion_tokens if usage is not None else 0)
 
     async def _queue(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, gate: Gate) -> bool:
         """Wait in the gate; True once admitted, False if answered here (refused) or the client left."""

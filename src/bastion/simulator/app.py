@@ -152,7 +152,9 @@ class Simulator:
         watch = DisconnectWatch(scope, receive, delay=0.0)  # like vLLM: stop generating the moment the client goes
         running = False
         try:
-            if job.stream:  # like vLLM, the head goes out at once and the first token once scheduled
+            if self.settings.admission_delay:  # vLLM's API server: parse, tokenize, hand to the engine core
+                await asyncio.sleep(self.settings.admission_delay)
+            if job.stream:  # like vLLM, the head goes out once admitted and the first token once scheduled
                 await send({"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM]})
             waited = await self.scheduler.acquire(job.seqs, job.priority)
             running = True

@@ -46,6 +46,13 @@ class SimulatorSettings(BaseSettings):
         "request's priority is ignored, as vLLM V1 does) or priority (the request's integer "
         "`priority`, lower first, ties by arrival). Running sequences are never preempted.",
     )
+    admission_delay: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds from a request's arrival to its joining the waiting queue, as vLLM's API server "
+        "parses and tokenizes it before its engine core sees it: the gap before a slot is refilled when "
+        "nothing waits inside the engine (0: none).",
+    )
     startup_delay: float = Field(0.0, ge=0, description="Seconds to 'load the model' before listening.")
     error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of requests answered with a 500.")
     crash_after: int = Field(0, ge=0, description="Exit abruptly on the request after this many (0: never).")
