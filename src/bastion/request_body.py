@@ -63,7 +63,10 @@ _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 _TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
-_INTEGRAL_TEXT = re.compile(r"\s*[+-]?\d[\d_]*(\.0*)?\s*")
+# Unicode White_Space, what pydantic-core (Rust's `trim`) strips; Python's `\s` and `str.strip` also take
+# U+001C..U+001F, which pydantic refuses. Digits are ASCII only (`\d` would take "٣").
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
+_INTEGRAL_TEXT = re.compile(f"[{_WHITE_SPACE}]*[+-]?[0-9][0-9_]*(\\.0+)?[{_WHITE_SPACE}]*")
 
 
 class _Unread:
@@ -96,7 +99,7 @@ def lax_int(value: object) -> int | None:
         return int(value) if math.isfinite(value) and value.is_integer() and abs(value) < 2**63 else None
     if isinstance(value, str) and len(value) <= 64 and _INTEGRAL_TEXT.fullmatch(value):
         try:
-            return int(value.strip().split(".")[0])
+            return int(value.strip(_WHITE_SPACE).split(".")[0])
         except ValueError:  # misplaced underscores
             return None
     return None

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
@@ -36,6 +36,10 @@ json_scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | 
 
 @settings(max_examples=500, deadline=None)
 @given(value=coercible | json_scalars)
+@example(value="0\x1f")  # Python's whitespace, not pydantic's (U+001C..U+001F)
+@example(value="0.")  # a point needs a zero after it
+@example(value="\u0663")  # a non-ASCII digit
+@example(value="7\u3000")  # Unicode White_Space is stripped
 def test_lax_coercion_is_pydantics(value: object) -> None:
     """vLLM's request models are pydantic v2 in lax mode: `stream`, `include_usage`, `max_tokens`, `n`."""
     expected_bool = pydantic(BOOL, value)
