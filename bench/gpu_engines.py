@@ -228,11 +228,17 @@ class _Stream:
             return {"status": 0, "started": started, "done": False, "tokens": 0, "error": type(exc).__name__}
         body = b"".join(parts)
         tokens = 0
+        cut = False  # a stream ended by an error event (vLLM's, or bastion's when the engine broke) is not a success
         for line in body.splitlines():
             if line.startswith(b"data: {") and b'"usage"' in line:
                 usage = json.loads(line[6:]).get("usage") or {}
                 tokens = usage.get("completion_tokens") or tokens
-        return {"status": status, "started": started, "done": b"[DONE]" in body, "tokens": tokens}
+            elif line.startswith(b'data: {"error"'):
+                cut = True
+        result = {"status": status, "started": started, "done": b"[DONE]" in body and not cut, "tokens": tokens}
+        if cut:
+            result["error"] = "error event"
+        return result
 
     def close(self) -> None:
         if self.conn is not None:

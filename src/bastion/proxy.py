@@ -82,6 +82,10 @@ _SSE = b"text/event-stream"
 _FORBIDDEN_IN_PATH = (b"%2e", b"%2f", b"%5c", b"\\")
 # Failures that may have reached the engine and cost it time: not sent again elsewhere.
 _NOT_RETRIED = (ReadTimeout, WriteTimeout)
+# A server error's head, before any byte went to the client, is tried once on another replica: a 503 from a
+# replica not ready (yet), and the 500 vLLM's API server answers for the second or so between its engine core
+# dying (EngineDeadError) and its own exit. Once is the bound: a request that itself makes engines fail costs two.
+_RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class UpstreamBroke(Exception):
@@ -172,7 +176,7 @@ class Proxy:
         self, scope: Scope, exchange: Exchange, group: EngineGroup, target: bytes, content: bytes
     ) -> tuple[Backend, Response]:
         """The forward step: choose a replica, open the request there; a failure before the response's
-        first byte (refused, the engine died, a 503 from a replica that is not ready) is retried once on
+        first byte (refused, the engine died, a 5xx head: not ready, or its engine core dead) is retried once on
         another replica. The returned backend is counted in: the caller releases it."""
         router = self._router
         affinity = router.affinity(scope["headers"], content) if len(group.replicas) > 1 else None
@@ -201,9 +205,11 @@ class Proxy:
                          backend.label, exc, other.label)  # fmt: skip
                 backend = other
                 continue
-            if response.status == 503 and not attempt:
+            if response.status in _RETRIED_STATUSES and not attempt:
                 other = router.acquire(group, affinity, backend)
-                if other is not None:  # a replica that is not ready (yet): the other one answers
+                if other is not None:  # not ready (yet), or its engine died under its API server: the other answers
+                    log.info("request %s: %s answered %d before a byte; retried on %s", exchange.request_id,
+                             backend.label, response.status, other.label)  # fmt: skip
                     response.close()
                     backend.release()
                     backend = other

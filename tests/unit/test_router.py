@@ -132,16 +132,22 @@ async def _call(proxy: Proxy, model: str) -> tuple[int, bytes, Exchange]:
     return status, b"".join(m.get("body", b"") for m in sent[1:]), exchange
 
 
-def test_a_refused_or_not_ready_replica_is_retried_once_on_another() -> None:
+def test_a_refused_not_ready_or_dead_engine_replica_is_retried_once_on_another() -> None:
     async def run() -> None:
         ok = respond(200, b'{"ok":true}')
-        async with ScriptedUpstream(ok) as good, ScriptedUpstream(respond(503, b'{"x":1}')) as unready:
+        # vLLM's API server answers 500 (EngineDeadError) between its engine core's death and its own exit.
+        dead_core = respond(500, b'{"error":{"message":"EngineCore encountered an issue.","code":500}}')
+        async with (
+            ScriptedUpstream(ok) as good,
+            ScriptedUpstream(respond(503, b'{"x":1}')) as unready,
+            ScriptedUpstream(dead_core) as dying,
+        ):
             dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
             client = Client(
                 timeouts=Timeouts(connect=2, read=5, write=5, pool=2), max_connections=8, keepalive_expiry=5
             )
             async with client:
-                for first in (dead, f"http://127.0.0.1:{unready.port}"):
+                for first in (dead, f"http://127.0.0.1:{unready.port}", f"http://127.0.0.1:{dying.port}"):
                     chat = EngineGroup(
                         "chat",
                         [
@@ -161,5 +167,16 @@ def test_a_refused_or_not_ready_replica_is_retried_once_on_another() -> None:
                 assert (status, body) == (503, b'{"x":1}')
                 status, body, _ = await _call(Proxy(Router([solo]), client, methods=["POST"]), "other")
                 assert status == 404 and b"model_not_found" in body
+                # Both replicas failing: tried twice, then the second answer is the client's.
+                both = EngineGroup(
+                    "chat",
+                    [
+                        Replica(i, Backend(Upstream(f"http://127.0.0.1:{dying.port}", None, Phase.READY), f"chat/{i}"))
+                        for i in range(2)
+                    ],
+                )
+                status, body, _ = await _call(Proxy(Router([both]), client, methods=["POST"]), "chat")
+                assert status == 500 and b"EngineCore" in body
+                assert all(r.backend.outstanding == 0 for r in both.replicas)
 
     asyncio.run(run())
