@@ -11,7 +11,8 @@ Here, without a GPU, the same steps run against the simulator (to check the scri
 Steps: start `bastion serve` with its default vLLM command; wait for ready (progress
 shown); check the openai SDK and curl, streaming and not, a wrong key, /metrics and
 vLLM's own series through /metrics/upstream, the audit log, and that the internal key
-is in no argv; measure direct vs through bastion (c=1 and c=64, 64 tokens); check that a
+is in no argv; measure direct vs through bastion (c=1, 64, 256 and 512, 64 tokens, alternating,
+the gateway's CPU per chunk at c >= 256); check that a
 client disconnect aborts generation in vLLM; kill vLLM's engine and time the recovery;
 SIGTERM bastion during a stream and check it drains and leaves no vLLM process or GPU
 memory behind. Writes results.json and results.md under --out.
@@ -156,8 +157,9 @@ class Run:
         metrics = httpx.get(self.base + "/metrics", headers=auth).text
         checks["metrics_has_requests"] = "bastion_requests_total" in metrics
         upstream_metrics = httpx.get(self.base + "/metrics/upstream", headers=auth).text
+        # A metric name is [a-zA-Z_:][a-zA-Z0-9_:]* (vllm:e2e_request_latency_seconds has digits).
         checks["vllm_series_through_gateway"] = sorted(
-            {m for m in re.findall(r"^(vllm:[a-z_]+)", upstream_metrics, re.M)}
+            {m for m in re.findall(r"^(vllm:[a-zA-Z0-9_:]+)", upstream_metrics, re.M)}
         )[:8]
         audit = Path(self.env["BASTION_AUDIT_LOG"])
         lines = audit.read_text().splitlines() if audit.exists() else []
@@ -185,18 +187,35 @@ class Run:
     def overhead(self) -> None:
         direct_url, internal_key = self.internal()
         table = {}
-        # c=64 twice, alternating direct and bastion: vLLM's own throughput drifts between runs by a few %.
-        for concurrency, requests, rounds in ((1, 60, 1), (64, 1280, 2)):
+        # Alternating direct and bastion, twice from c=64 up: vLLM's own throughput drifts between runs by a few %.
+        # c=256 and 512: the issue-18 measurement (~40 µs of gateway CPU per chunk at c=256 on a GPU host).
+        waves = 2 if self.simulate else 4  # requests per connection at c >= 256
+        plan = ((1, 60, 1), (64, 1280, 2), (256, 256 * waves, 2), (512, 512 * waves, 2))
+        pid = self.proc.pid if self.proc is not None else None
+        for concurrency, requests, rounds in plan:
             for round_ in range(1, rounds + 1):
                 for name, url, key in (("direct", direct_url, internal_key), ("bastion", self.base, self.key)):
+                    before = _cpu_seconds(pid) if pid and name == "bastion" else None
                     result = self.load(url, key, concurrency, requests)
+                    if before is not None and pid:
+                        chunks = result["requests"] * result["chunks_per_stream"]
+                        result["gateway_cpu_s"] = round(_cpu_seconds(pid) - before, 3)
+                        result["gateway_cpu_us_per_chunk"] = round(result["gateway_cpu_s"] / max(1, chunks) * 1e6, 2)
                     table[f"{name}_c{concurrency}" + (f"_round{round_}" if round_ > 1 else "")] = result
                     say(f"{name} c={concurrency} round {round_}: {result}")
         self.results["overhead"] = table
-        pairs = [("direct_c64", "bastion_c64"), ("direct_c64_round2", "bastion_c64_round2")]
-        ratios = [table[b]["tokens_per_s"] / table[a]["tokens_per_s"] for a, b in pairs]
-        self.results["tokens_per_s_ratio_c64_rounds"] = [round(r, 4) for r in ratios]
-        self.results["tokens_per_s_ratio_c64"] = round(sum(ratios) / len(ratios), 4)
+        for concurrency in (64, 256, 512):
+            pairs = [(f"direct_c{concurrency}", f"bastion_c{concurrency}"),
+                     (f"direct_c{concurrency}_round2", f"bastion_c{concurrency}_round2")]  # fmt: skip
+            ratios = [table[b]["tokens_per_s"] / table[a]["tokens_per_s"] for a, b in pairs]
+            added = [table[b]["ttft_p50_ms"] - table[a]["ttft_p50_ms"] for a, b in pairs]
+            self.results[f"tokens_per_s_ratio_c{concurrency}_rounds"] = [round(r, 4) for r in ratios]
+            self.results[f"tokens_per_s_ratio_c{concurrency}"] = round(sum(ratios) / len(ratios), 4)
+            self.results[f"ttft_p50_added_ms_c{concurrency}_rounds"] = [round(a, 2) for a in added]
+            if concurrency >= 256:
+                self.results[f"gateway_cpu_us_per_chunk_c{concurrency}_rounds"] = [
+                    table[b].get("gateway_cpu_us_per_chunk") for _, b in pairs
+                ]
         self.results["ttft_p50_added_ms_c1"] = round(
             table["bastion_c1"]["ttft_p50_ms"] - table["direct_c1"]["ttft_p50_ms"], 2
         )
@@ -290,6 +309,12 @@ class Run:
     def write(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
         say(f"results in {self.out}/results.json")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (the gateway's, for CPU per chunk)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(pid: int) -> list[int]:
