@@ -15,7 +15,9 @@ gateway's cost per event looks far lower than behind a GPU. `--paced` sends them
 does: the role event and the first token at once, each its own write, then one token per
 stream at every step of one engine clock (`--itl` apart, default 10 ms), every running
 stream's token written in the same burst, as vLLM's output handler wakes every request's
-generator after each engine step.
+generator after each engine step; a non-streaming answer goes out whole at the next step.
+`--reuse-port` lets several of these share one port (bench/ceiling.py: one upstream process
+would be the bottleneck before a gateway is).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class EngineClock:
     def __init__(self, itl: float) -> None:
         self.itl = itl
         self.streams: dict[Stream, None] = {}
+        self.pending: list[tuple[asyncio.Transport, bytes]] = []  # non-streaming answers due at the next step
         self._next = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -125,16 +128,28 @@ class EngineClock:
         if stream.begin():
             return
         self.streams[stream] = None
+        self._run()
+
+    def later(self, transport: asyncio.Transport, answer: bytes) -> None:
+        """A non-streaming answer: whole, at the next step (a short generation ends with one)."""
+        self.pending.append((transport, answer))
+        self._run()
+
+    def _run(self) -> None:
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._next = loop.time() + self.itl
             self._timer = loop.call_at(self._next, self._step)
 
     def _step(self) -> None:
+        pending, self.pending = self.pending, []
+        for transport, answer in pending:
+            if not transport.is_closing():
+                transport.write(answer)
         done = [stream for stream in self.streams if stream.next()]
         for stream in done:
             del self.streams[stream]
-        if not self.streams:
+        if not self.streams and not self.pending:
             self._timer = None
             return
         loop = asyncio.get_running_loop()
@@ -155,6 +170,9 @@ class OwnClocks:
         loop = asyncio.get_running_loop()
         stream.due = loop.time() + self.itl
         stream.timer = loop.call_at(stream.due, self._tick, stream)
+
+    def later(self, transport: asyncio.Transport, answer: bytes) -> None:
+        asyncio.get_running_loop().call_later(self.itl, transport.write, answer)
 
     def _tick(self, stream: Stream) -> None:
         if stream.next():
@@ -208,6 +226,8 @@ class Server(asyncio.Protocol):
                     self.clock.start(Stream(answers, self.transport, tokens, include_usage))
                 else:
                     asyncio.get_running_loop().create_task(self.stream(tokens, include_usage))
+            elif self.clock is not None:
+                self.clock.later(self.transport, answers.completion(tokens))
             else:
                 self.transport.write(answers.completion(tokens))
         else:
@@ -226,11 +246,11 @@ class Server(asyncio.Protocol):
         transport.write(answers.tail(tokens, include_usage))
 
 
-async def serve(host: str, port: int, tokens: int, itl: float, paced: str | None) -> None:
+async def serve(host: str, port: int, tokens: int, itl: float, paced: str | None, reuse_port: bool) -> None:
     answers = Answers(tokens)
     clock = EngineClock(itl) if paced == "engine" else OwnClocks(itl) if paced == "stream" else None
     server = await asyncio.get_running_loop().create_server(
-        lambda: Server(answers, itl, clock), host, port, backlog=4096
+        lambda: Server(answers, itl, clock), host, port, backlog=4096, reuse_port=reuse_port
     )
     mode = {"engine": "paced by one engine clock", "stream": "each stream paced on its own"}.get(paced or "", "bursty")
     print(f"fast upstream on http://{host}:{port} ({tokens} tokens per stream, itl {itl}s, {mode})", flush=True)
@@ -248,11 +268,15 @@ def main() -> None:
         "--paced", nargs="?", const="engine", choices=("engine", "stream"),
         help="first token at once, then one per engine step (or, `stream`, on each stream's own clock)",
     )  # fmt: skip
+    parser.add_argument(
+        "--reuse-port", action="store_true",
+        help="share the port with other upstreams started so (the kernel spreads connections among them)",
+    )  # fmt: skip
     args = parser.parse_args()
     itl = args.itl if args.itl is not None else (0.01 if args.paced else 0.0)
     if args.paced and itl <= 0:
         parser.error("--paced needs --itl > 0")
-    uvloop.run(serve(args.host, args.port, args.tokens, itl, args.paced))
+    uvloop.run(serve(args.host, args.port, args.tokens, itl, args.paced, args.reuse_port))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ Three choices keep the numbers honest:
   two reads that carried content tokens of one stream, from its second token on (the first
   gap depends on where in the engine's step a stream started, the same on every path).
 
+`--plain` sends non-streaming requests instead (their TTFT is the whole answer's latency).
+`--rate R` makes it an open loop: R requests/s fall due on a schedule and go out on whichever of
+the `-c` connections is free (queued when none is), and latency counts from when a request was
+due, so a server that falls behind shows it as latency and a lower delivered rate, not as a
+politely slower client.
 Prints one JSON object.
 """
 
@@ -35,6 +40,7 @@ import os
 import resource
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -71,6 +77,7 @@ class Stats:
     def __init__(self) -> None:
         self.start = self.end = float("inf")
         self.ttft: list[float] = []
+        self.latency: list[float] = []
         self.gaps: list[float] = []
         self.chunks = 0  # content tokens read in the window
         self.coalesced = 0  # tokens that arrived in the same read as an earlier one of their stream
@@ -100,12 +107,13 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.closed = asyncio.get_running_loop().create_future()
 
-    def send(self) -> None:
+    def send(self, due: float = 0.0) -> None:
+        """The next request; `due` is when an open-loop schedule wanted it sent (latency counts from there)."""
         assert self.transport is not None
         self.first = self.last = 0.0
         self.events = 0
         self.usage = b""
-        self.sent = time.perf_counter()
+        self.sent = due or time.perf_counter()
         self.transport.write(self.run.request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,10 +160,17 @@ class Connection(asyncio.Protocol):
         elif stats.inside(now):
             stats.finished += 1
             stats.tokens += _completion_tokens(self.usage)
-        if self.status == 200 and self.events < run.max_tokens and stats.inside(self.sent):
-            stats.short += 1
+        if stats.inside(self.sent):
+            stats.latency.append(now - self.sent)
+            if run.plain:
+                stats.ttft.append(now - self.sent)  # a whole answer: its first token is its last
+            elif self.status == 200 and self.events < run.max_tokens:
+                stats.short += 1
         if now < stats.end and not run.stopping:
-            self.send()
+            if run.rate:
+                run.ready(self)
+            else:
+                self.send()
         else:
             assert self.transport is not None
             self.transport.close()
@@ -163,6 +178,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sent and not self.run.stopping and time.perf_counter() < self.stats.end:
             self.stats.errors.append(f"connection lost: {exc}")
+        if self in self.run.idle:
+            self.run.idle.remove(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -179,17 +196,16 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         url = urlsplit(args.url)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        body = json.dumps(
-            {
-                "model": args.model,
-                "messages": [{"role": "user", "content": args.prompt}],
-                "max_tokens": args.max_tokens,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            },
-            separators=(",", ":"),
-        ).encode()
+        request: dict[str, object] = {
+            "model": args.model,
+            "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+        }
+        if not args.plain:
+            request |= {"stream": True, "stream_options": {"include_usage": True}}
+        body = json.dumps(request, separators=(",", ":")).encode()
+        self.plain = args.plain
         auth = f"authorization: Bearer {args.key}\r\n".encode() if args.key else b""
         self.request = (
             b"POST %s/v1/chat/completions HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
@@ -199,6 +215,41 @@ class Run:
         self.max_tokens = args.max_tokens
         self.stats = Stats()
         self.stopping = False
+        # Open loop (--rate): requests are due on a schedule, sent on whichever connection is free.
+        self.rate: float = args.rate
+        self.idle: deque[Connection] = deque()  # first in, first out: every connection stays in use
+        self.due: deque[float] = deque()
+        self.dropped = 0  # due requests given up on: more waited than a bound (the server fell far behind)
+
+    def ready(self, connection: Connection) -> None:
+        if self.due:
+            connection.send(self.due.popleft())
+        else:
+            self.idle.append(connection)
+
+    def schedule(self, started: float, bound: int) -> None:
+        """Every millisecond: the requests due since the last call, each on a free connection or queued."""
+        loop = asyncio.get_running_loop()
+        issued = 0
+
+        def tick() -> None:
+            nonlocal issued
+            now = time.perf_counter()
+            if now >= self.stats.end or self.stopping:
+                return
+            target = int((now - started) * self.rate)
+            while issued < target:
+                issued += 1
+                due = started + issued / self.rate
+                if self.idle:
+                    self.idle.popleft().send(due)
+                elif len(self.due) < bound:
+                    self.due.append(due)
+                else:
+                    self.dropped += 1
+            loop.call_later(0.001, tick)
+
+        tick()
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -210,6 +261,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         name, _, pid = item.partition("=")
         pids.setdefault(name, []).append(int(pid))
     begin = time.perf_counter()
+    if args.at:  # several clients share one window: it opens at this wall-clock time
+        begin += args.at - args.ramp - args.warmup - time.time()
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
     stats.start = begin + args.ramp + args.warmup
     stats.end = stats.start + args.seconds
     connections: list[Connection] = []
@@ -220,7 +274,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.sleep(delay)
         _, connection = await loop.create_connection(lambda: Connection(state), state.host, state.port)
         connections.append(connection)
-        connection.send()
+        if state.rate:
+            state.idle.append(connection)
+        else:
+            connection.send()
+    if state.rate:
+        state.schedule(time.perf_counter(), bound=10 * args.concurrency)
     await asyncio.sleep(max(0.0, stats.start - time.perf_counter()))
     cpu_before = {name: [cpu_seconds(p) for p in group] for name, group in pids.items()}
     self_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -230,6 +289,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     cpu_after = {name: [cpu_seconds(p) for p in group] for name, group in pids.items()}
     self_after = resource.getrusage(resource.RUSAGE_SELF)
     # The window is over: no new requests; streams in flight may finish (bounded), then every connection closes.
+    for connection in state.idle:
+        assert connection.transport is not None
+        connection.transport.close()
     try:
         async with asyncio.timeout(args.drain):
             await asyncio.gather(*(c.closed for c in connections))
@@ -268,8 +330,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "concurrency": args.concurrency,
         "seconds": args.seconds,
         "requests": stats.finished,
-        "errors": len(stats.errors),
-        "error_examples": sorted(set(stats.errors))[:3],
+        "errors": len(stats.errors) + state.dropped,
+        "error_examples": sorted(set(stats.errors))[:3] + ([f"{state.dropped} dropped"] if state.dropped else []),
         "short_streams": stats.short,
         "requests_per_s": round(stats.finished / args.seconds, 1),
         "chunks": stats.chunks,
@@ -278,6 +340,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "ttft_p50_ms": round(percentile(stats.ttft, 0.5) * 1000, 3),
         "ttft_p90_ms": round(percentile(stats.ttft, 0.9) * 1000, 3),
         "ttft_p99_ms": round(percentile(stats.ttft, 0.99) * 1000, 3),
+        "latency_p50_ms": round(percentile(stats.latency, 0.5) * 1000, 3),
+        "latency_p99_ms": round(percentile(stats.latency, 0.99) * 1000, 3),
         "gap_p50_ms": round(percentile(stats.gaps, 0.5) * 1000, 3),
         "gap_p99_ms": round(percentile(stats.gaps, 0.99) * 1000, 3),
         "gap_max_ms": round(max(stats.gaps, default=float("nan")) * 1000, 3),
@@ -286,6 +350,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # Cores busy with anything not measured here (other users of the machine, the kernel's own threads):
         # a round where this is high measured them too.
         "others_cores": round(max(0.0, busy - ours) / args.seconds, 3),
+        **({"ttft_samples_ms": [round(t * 1000, 3) for t in stats.ttft]} if args.raw else {}),
     }
 
 
@@ -302,6 +367,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="the measured window")
     parser.add_argument("--drain", type=float, default=2.0, help="seconds streams in flight get after the window")
     parser.add_argument("--pid", action="append", default=[], help="NAME=PID whose CPU to measure (repeatable)")
+    parser.add_argument("--at", type=float, default=0.0, help="wall-clock time (epoch s) the window opens at")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s due, on -c connections")
+    parser.add_argument("--plain", action="store_true", help="non-streaming requests (TTFT is then the latency)")
+    parser.add_argument("--raw", action="store_true", help="include every TTFT sample (to merge several clients)")
     args = parser.parse_args()
     print(json.dumps(uvloop.run(run(args))), flush=True)
     sys.exit(0)
