@@ -76,18 +76,25 @@ CONNECTION_HOOK = "bastion.connection_hook"
 
 
 class ConnectionHook:
-    """What ASGI lacks, from bastion's server: news of a lost client, and a way to end a broken response.
+    """What ASGI lacks, from bastion's server: news of a lost client, a way to end a broken response,
+    and a direct way to write a streamed body.
 
     The server calls `on_lost` the moment the client's connection is lost before its
     response ended, and gives `abort`, which closes the connection quietly (the app
-    logged why) when a response that has started cannot be finished.
+    logged why) when a response that has started cannot be finished. `writable()` says
+    whether `write(data)` can send `data` now as one chunk of the started chunked response,
+    straight to the connection (the client is there and reading, the response is neither
+    done nor a HEAD): the proxy relays a stream's chunks so, from the upstream's
+    `data_received`, without a task switch and an ASGI `send` per chunk.
     """
 
-    __slots__ = ("abort", "on_lost")
+    __slots__ = ("abort", "on_lost", "writable", "write")
 
     def __init__(self) -> None:
         self.on_lost: Callable[[], None] | None = None
         self.abort: Callable[[], None] | None = None
+        self.writable: Callable[[], bool] | None = None
+        self.write: Callable[[bytes], None] | None = None
 
 
 class DisconnectWatch:
@@ -145,6 +152,13 @@ class DisconnectWatch:
             self._timer = None
         if self._watcher is not None:
             self._watcher.cancel()
+
+    def body_writer(self) -> tuple[Callable[[], bool], Callable[[bytes], None]] | None:
+        """The server's direct writer for a chunked body (`ConnectionHook.writable`, `.write`), if it offers one."""
+        hook = self._hook
+        if hook is None or hook.writable is None or hook.write is None:
+            return None
+        return hook.writable, hook.write
 
     def abort_connection(self) -> bool:
         """End the watch and close the client's connection; False where the server offers no way to."""
