@@ -13,8 +13,11 @@ user-space cost remains, and splits it:
   `server.HeadHoldingTransport`;
 - wake: resuming a task parked on a future at the depth of the /v1 chain (12 coroutines) and
   parking it again, as every chunk does;
-- relay: all of it as the gateway runs it: the bytes fed to the connection in one loop
-  iteration, `Proxy._relay` (with its StreamTap) woken in the next, sending through uvicorn.
+- relay: all of it as the gateway ran it before pushing: the bytes fed to the connection in
+  one loop iteration, `Proxy._relay` (with its StreamTap) woken in the next, sending through
+  uvicorn's `send`;
+- relay pushed: as the gateway runs it now, the hook offering the server's direct writer
+  (`Response.push_to`): the tap and the write happen in `data_received`, no task wakes.
 
 Each piece is timed with `time.process_time` over `--chunks`, `--runs` times; the median is
 printed with the range. The loop is uvloop's, as in the gateway.
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import statistics
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +39,7 @@ import uvloop
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from bastion import server
 from bastion.asgi import CONNECTION_HOOK, ConnectionHook, DisconnectWatch
 from bastion.context import Exchange
 from bastion.http.http1 import Connection, Response
@@ -175,11 +181,13 @@ async def idle(iterations: int) -> float:
     return time.process_time() - start
 
 
-async def relay(chunks: int, streams: int = 1) -> float:
+async def relay(chunks: int, streams: int = 1, push: bool = False) -> float:
     """The whole path: bytes in one iteration, Proxy._relay woken in the next, out through uvicorn.
 
     With `streams` > 1, that many relays run at once and every step feeds each of them one chunk
     in the same iteration, as an engine step's burst arrives (a larger working set per step).
+    With `push`, the hook offers bastion's server's direct writer, as in the gateway: the chunk
+    goes from `data_received` to the client's transport, and the relay task sleeps to the end.
     """
     loop = asyncio.get_running_loop()
     proxy = object.__new__(Proxy)
@@ -197,7 +205,12 @@ async def relay(chunks: int, streams: int = 1) -> float:
             loop.call_soon(pump)
 
     async def run(response: Response, cycle: RequestResponseCycle, exchange: Exchange) -> None:
-        watch = DisconnectWatch({CONNECTION_HOOK: ConnectionHook()}, cycle.receive)
+        hook = ConnectionHook()
+        if push:
+            ref = weakref.ref(cycle)
+            hook.writable = functools.partial(server._writable, ref)
+            hook.write = functools.partial(server._write_chunk, ref)
+        watch = DisconnectWatch({CONNECTION_HOOK: hook}, cycle.receive)
         await proxy._relay(response, cycle.send, exchange, False, watch, [])
 
     tasks = [
@@ -224,6 +237,8 @@ def main() -> None:
         (f"wake (task resumed and parked, depth {DEPTH})", wake),
         ("relay (all of it: feed, wake, Proxy._relay, send)", relay),
         ("relay, 128 streams fed in one step", lambda chunks: relay(chunks, 128)),
+        ("relay pushed (the gateway's path: hook.write)", lambda chunks: relay(chunks, 1, push=True)),
+        ("relay pushed, 128 streams fed in one step", lambda chunks: relay(chunks, 128, push=True)),
     ]
     print("| piece | µs per chunk (median, range) |")
     print("|---|---|")
