@@ -49,6 +49,7 @@ from harness import (
     gateway_env,
     process,
     say,
+    stop_children_on_sigterm,
     wait_for_quiet,
 )
 
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--patience", type=float, default=120.0, help="seconds to wait for it")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    stop_children_on_sigterm()
     args.max_load *= max(1, (os.cpu_count() or 2) // 2)  # the limit is for 2 cores; scale it on a larger host
     work = Path(tempfile.mkdtemp(prefix="bastion-ceiling-"))
     env = gateway_env(work)

@@ -57,6 +57,7 @@ from harness import (
     nginx,
     rss_mib,
     say,
+    stop_children_on_sigterm,
     upstream,
     wait_for_quiet,
 )
@@ -349,6 +350,7 @@ def main() -> None:
     parser.add_argument("--patience", type=float, default=None, help="seconds to wait for it (default 120, quick 0)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    stop_children_on_sigterm()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is missing (apt-get install {tool}; `make sysdeps` installs both)")
