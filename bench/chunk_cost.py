@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import statistics
 import time
@@ -207,9 +206,7 @@ async def relay(chunks: int, streams: int = 1, push: bool = False) -> float:
     async def run(response: Response, cycle: RequestResponseCycle, exchange: Exchange) -> None:
         hook = ConnectionHook()
         if push:
-            ref = weakref.ref(cycle)
-            hook.writable = functools.partial(server._writable, ref)
-            hook.write = functools.partial(server._write_chunk, ref)
+            hook.writer = server.ChunkWriter(weakref.ref(cycle))
         watch = DisconnectWatch({CONNECTION_HOOK: hook}, cycle.receive)
         await proxy._relay(response, cycle.send, exchange, False, watch, [])
 
@@ -237,7 +234,7 @@ def main() -> None:
         (f"wake (task resumed and parked, depth {DEPTH})", wake),
         ("relay (all of it: feed, wake, Proxy._relay, send)", relay),
         ("relay, 128 streams fed in one step", lambda chunks: relay(chunks, 128)),
-        ("relay pushed (the gateway's path: hook.write)", lambda chunks: relay(chunks, 1, push=True)),
+        ("relay pushed (the gateway's path: hook.writer)", lambda chunks: relay(chunks, 1, push=True)),
         ("relay pushed, 128 streams fed in one step", lambda chunks: relay(chunks, 128, push=True)),
     ]
     print("| piece | µs per chunk (median, range) |")

@@ -64,11 +64,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent not idle so far (all cores), from /proc/stat."""
+def machine_busy() -> tuple[float, float, float]:
+    """CPU seconds the whole machine spent so far (all cores), from /proc/stat: in processes (user, nice,
+    system), in interrupts (irq, softirq: much of loopback TCP's receive path runs there, charged to no
+    process), and stolen by the hypervisor."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / TICKS
+    return sum(fields[0:3]) / TICKS, (fields[5] + fields[6]) / TICKS, fields[7] / TICKS
 
 
 class Stats:
@@ -285,7 +286,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     self_before = resource.getrusage(resource.RUSAGE_SELF)
     busy_before = machine_busy()
     await asyncio.sleep(max(0.0, stats.end - time.perf_counter()))
-    busy = machine_busy() - busy_before
+    busy = [after - before for after, before in zip(machine_busy(), busy_before, strict=True)]
     cpu_after = {name: [cpu_seconds(p) for p in group] for name, group in pids.items()}
     self_after = resource.getrusage(resource.RUSAGE_SELF)
     # The window is over: no new requests; streams in flight may finish (bounded), then every connection closes.
@@ -347,9 +348,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "gap_max_ms": round(max(stats.gaps, default=float("nan")) * 1000, 3),
         "coalesced_chunks": stats.coalesced,
         "cpu": cpu,
-        # Cores busy with anything not measured here (other users of the machine, the kernel's own threads):
-        # a round where this is high measured them too.
-        "others_cores": round(max(0.0, busy - ours) / args.seconds, 3),
+        # Cores busy in processes not measured here (other users of the machine, the kernel's threads): a round
+        # where this is high measured them too. Interrupt time (loopback's receive path, mostly ours) and time
+        # the hypervisor stole are apart.
+        "others_cores": round(max(0.0, busy[0] - ours) / args.seconds, 3),
+        "interrupt_cores": round(busy[1] / args.seconds, 3),
+        "stolen_cores": round(busy[2] / args.seconds, 3),
         **({"ttft_samples_ms": [round(t * 1000, 3) for t in stats.ttft]} if args.raw else {}),
     }
 

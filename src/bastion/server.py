@@ -20,8 +20,8 @@ returns uvicorn's httptools protocol with these additions:
   the moment its client goes (asgi.DisconnectWatch) without a watcher task per request;
   its `abort` ends a response that broke after it started with one closed connection
   and the proxy's own log line, not uvicorn's "Exception in ASGI application" traceback;
-  its `writable`/`write` put a chunk of a started chunked response straight on the
-  transport (the proxy's relay of a stream, with no ASGI `send` per chunk), whenever
+  its `writer` (`ChunkWriter`) puts a chunk of a started chunked response straight on
+  the transport (the proxy's relay of a stream, with no ASGI `send` per chunk), whenever
   uvicorn's own `send` would write it at once: not after the end, not for HEAD, never
   while the client's buffer is full (then the proxy falls back to `send`, which waits);
 - `HeadHoldingTransport`, so a response's head and body leave in one write.
@@ -219,8 +219,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # cycle, left for the garbage collector (measured: ~35 µs more CPU per request).
         cycle = weakref.ref(self.cycle)
         hook.abort = functools.partial(_abort, cycle)
-        hook.writable = functools.partial(_writable, cycle)
-        hook.write = functools.partial(_write_chunk, cycle)
+        hook.writer = ChunkWriter(cycle)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -236,23 +235,35 @@ def _abort(ref: weakref.ref[RequestResponseCycle]) -> None:
         cycle.transport.close()
 
 
-def _writable(ref: weakref.ref[RequestResponseCycle]) -> bool:
-    """Whether uvicorn's `send` would write a body chunk at once, framed as one chunk (see `_write_chunk`)."""
-    cycle = ref()
-    return (
-        cycle is not None
-        and cycle.chunked_encoding is True  # started, chunked, not HEAD
-        and not cycle.response_complete
-        and not cycle.disconnected
-        and not cycle.flow.write_paused
-    )
+class ChunkWriter:
+    """A streamed body's chunks straight onto the connection, framed as uvicorn's `send` frames them.
 
+    Only when `send` would write at once: the response started chunked (not HEAD), is not done,
+    the client is there and its write buffer is not full (then `send` waits, and so must the caller).
+    """
 
-def _write_chunk(ref: weakref.ref[RequestResponseCycle], data: bytes) -> None:
-    """One chunk of the body, framed as uvicorn's `send` frames it; only after `_writable` said yes."""
-    cycle = ref()
-    if cycle is not None:
-        cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: weakref.ref[RequestResponseCycle]) -> None:
+        self._cycle = cycle
+
+    def serves(self, send: Any) -> bool:
+        return getattr(send, "__self__", None) is self._cycle()
+
+    def writable(self) -> bool:
+        cycle = self._cycle()
+        return (
+            cycle is not None
+            and cycle.chunked_encoding is True  # started, chunked, not HEAD
+            and not cycle.response_complete
+            and not cycle.disconnected
+            and not cycle.flow.write_paused
+        )
+
+    def write(self, data: bytes) -> None:
+        cycle = self._cycle()
+        if cycle is not None:
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
 def guarded_protocol(

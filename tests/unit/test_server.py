@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ import uvicorn
 
 from bastion import proxy, server
 from bastion.app import create_app
-from bastion.asgi import DisconnectWatch
+from bastion.asgi import ConnectionHook, DisconnectWatch
 from bastion.config import Settings
 from bastion.http import http1
 from bastion.server import HeadHoldingTransport, server_config
@@ -283,13 +284,13 @@ async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatc
     """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
     and pushing resumes after: nothing lost, nothing reordered, across the switches."""
     answers: list[bool] = []
-    writable = server._writable
+    writable = server.ChunkWriter.writable
 
-    def recorded(ref: Any) -> bool:
-        answers.append(writable(ref))
+    def recorded(self: server.ChunkWriter) -> bool:
+        answers.append(writable(self))
         return answers[-1]
 
-    monkeypatch.setattr(server, "_writable", recorded)
+    monkeypatch.setattr(server.ChunkWriter, "writable", recorded)
     events = numbered_events(6000, size=1000)  # ~6 MB: more than the kernel buffers between us hold
     upstream = await asyncio.start_server(sse_upstream(events), "127.0.0.1", 0)
     async with real_server(upstream.sockets[0].getsockname()[1]) as port:
@@ -306,3 +307,22 @@ async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatc
     upstream.close()
     assert body == b"".join(events) + b"data: [DONE]\n\n"
     assert True in answers and False in answers, "both paths ran: pushed, and refused while the client was full"
+
+
+def test_pushing_is_only_for_the_servers_own_send() -> None:
+    """A stage that wrapped `send` (to see the body) must see every chunk: the writer is not offered then."""
+
+    class Cycle:
+        async def send(self, message: Any) -> None: ...
+
+    cycle = Cycle()
+    hook = ConnectionHook()
+    hook.writer = server.ChunkWriter(weakref.ref(cycle))  # type: ignore[arg-type]
+
+    async def wrapped(message: Any) -> None:
+        await cycle.send(message)
+
+    watch = object.__new__(DisconnectWatch)
+    watch._hook = hook
+    assert watch.body_writer(cycle.send) is hook.writer
+    assert watch.body_writer(wrapped) is None
