@@ -1,4 +1,5 @@
-"""server.HeadHoldingTransport: a response head and its body leave in one write, in order."""
+"""server.py: a response head and its body leave in one write, in order (HeadHoldingTransport); the
+connection hook (a lost client, a broken response, a streamed body written straight to the connection)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import contextlib
 import functools
 import gc
 import logging
+import socket
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 import uvicorn
 
-from bastion import proxy
+from bastion import proxy, server
 from bastion.app import create_app
-from bastion.asgi import DisconnectWatch
+from bastion.asgi import ConnectionHook, DisconnectWatch
 from bastion.config import Settings
+from bastion.http import http1
 from bastion.server import HeadHoldingTransport, server_config
 from tests.support import TEST_KEY, content_length, free_port
 
@@ -103,8 +107,13 @@ async def real_server(upstream_port: int) -> AsyncIterator[int]:
         await serving
 
 
-async def post_chat(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def post_chat(
+    port: int, limit: int = 2**16, sock: socket.socket | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if sock is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=limit)
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer %s\r\n"
@@ -156,7 +165,8 @@ async def test_a_body_that_breaks_after_the_head_closes_the_connection_with_one_
     assert not any("ASGI" in message for message in messages), messages  # uvicorn stayed quiet
 
 
-async def test_requests_leave_no_reference_cycles_behind() -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "pushed-stream"])
+async def test_requests_leave_no_reference_cycles_behind(stream: bool) -> None:
     """A per-request reference cycle on the hot path is garbage only the collector frees: it cost ~35 µs a request."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,6 +175,13 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
                 head = await reader.readuntil(b"\r\n\r\n")
                 await reader.readexactly(content_length(head))
                 body = b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+                if stream:  # the head first, the event a moment later: it is pushed, not read
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+                                 % (len(body) + 8))  # fmt: skip
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                    writer.write(b"data: %s\n\n" % body)
+                    continue
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
     upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -172,9 +189,12 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
 
         async def one() -> None:
             reader, writer = await post_chat(port)
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200")
-            await reader.readexactly(content_length(head))
+            if stream:
+                assert b'"usage"' in await read_events(reader)
+            else:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                await reader.readexactly(content_length(head))
             writer.close()
             await writer.wait_closed()
 
@@ -196,3 +216,113 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
     upstream.close()
     ours = {"RequestResponseCycle", "Exchange", "ConnectionHook", "DisconnectWatch", "Response", "Connection"}
     assert not kinds & ours, sorted(kinds)
+
+
+def numbered_events(count: int, size: int = 0) -> list[bytes]:
+    pad = b"x" * size
+    return [b'data: {"n":%d,"choices":[{"delta":{"content":"%s"}}]}\n\n' % (n, pad) for n in range(count)]
+
+
+def sse_upstream(events: list[bytes], pause: float = 0.0) -> Any:
+    """Chat completions stream `events`; anything else (the gateway's health probes) gets a small JSON answer."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(content_length(head))
+        if not head.startswith(b"POST /v1/chat/completions "):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in [*events, b"data: [DONE]\n\n"]:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+async def read_events(reader: asyncio.StreamReader) -> bytes:
+    """The decoded body of a chunked response, to its end."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    body = []
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        body.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readexactly(2)
+    return b"".join(body)
+
+
+async def test_a_stream_is_pushed_without_a_wake_up_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real server, an event stream goes from the upstream's data_received straight to the client:
+    the relaying task wakes a few times per response, not once per event, and the bytes are the upstream's."""
+    reads = 0
+    read_some = http1.Response.read_some
+
+    async def counted(self: http1.Response) -> bytes:
+        nonlocal reads
+        reads += 1
+        return await read_some(self)
+
+    monkeypatch.setattr(http1.Response, "read_some", counted)
+    events = numbered_events(40)
+    upstream = await asyncio.start_server(sse_upstream(events, pause=0.005), "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        reader, writer = await post_chat(port)
+        body = await asyncio.wait_for(read_events(reader), 10)
+        writer.close()
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert reads < 10, reads  # pulled: one read per event (41)
+
+
+async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
+    and pushing resumes after: nothing lost, nothing reordered, across the switches."""
+    answers: list[bool] = []
+    writable = server.ChunkWriter.writable
+
+    def recorded(self: server.ChunkWriter) -> bool:
+        answers.append(writable(self))
+        return answers[-1]
+
+    monkeypatch.setattr(server.ChunkWriter, "writable", recorded)
+    events = numbered_events(6000, size=1000)  # ~6 MB: more than the kernel buffers between us hold
+    upstream = await asyncio.start_server(sse_upstream(events), "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await post_chat(port, limit=2**23, sock=sock)
+        writer.transport.pause_reading()  # a client that reads nothing for a while
+        await asyncio.sleep(0.5)
+        writer.transport.resume_reading()
+        body = await asyncio.wait_for(read_events(reader), 20)
+        writer.close()
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert True in answers and False in answers, "both paths ran: pushed, and refused while the client was full"
+
+
+def test_pushing_is_only_for_the_servers_own_send() -> None:
+    """A stage that wrapped `send` (to see the body) must see every chunk: the writer is not offered then."""
+
+    class Cycle:
+        async def send(self, message: Any) -> None: ...
+
+    cycle = Cycle()
+    hook = ConnectionHook()
+    hook.writer = server.ChunkWriter(weakref.ref(cycle))  # type: ignore[arg-type]
+
+    async def wrapped(message: Any) -> None:
+        await cycle.send(message)
+
+    watch = object.__new__(DisconnectWatch)
+    watch._hook = hook
+    assert watch.body_writer(cycle.send) is hook.writer
+    assert watch.body_writer(wrapped) is None
