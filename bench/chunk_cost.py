@@ -208,7 +208,7 @@ async def relay(chunks: int, streams: int = 1, push: bool = False) -> float:
         if push:
             hook.writer = server.ChunkWriter(weakref.ref(cycle))
         watch = DisconnectWatch({CONNECTION_HOOK: hook}, cycle.receive)
-        await proxy._relay(response, cycle.send, exchange, False, watch, [])
+        await proxy._relay(response, cycle.send, exchange, watch, [])  # usage_added False: nothing stripped
 
     tasks = [
         loop.create_task(run(response, cycle, exchange))

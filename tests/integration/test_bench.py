@@ -1,4 +1,5 @@
-"""A smoke run of the benchmark harness (bench/run.py --quick): it runs and reports every metric.
+"""Smoke runs of the benchmark harness (bench/run.py --quick: it runs and reports every metric) and of
+bench/chunk_cost.py (its pieces still drive the current relay).
 
 A benchmark, not a timed test: nothing here asserts a speed. What it does assert is
 functional: no request failed, every stream arrived whole, paced tokens arrived through
@@ -53,3 +54,16 @@ def test_the_harness_runs_and_reports_every_metric(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text()
     assert "| CPU per request (µs) |" in table and "| bursty stream c=16 streams/s |" in table
     assert "| 128 | bastion |" in table and "| 128 | nginx |" in table and "TTFT added p50 ≤ 1 ms" in table
+
+
+@pytest.mark.timeout(120)
+def test_the_chunk_cost_pieces_run_against_the_current_relay() -> None:
+    """bench/chunk_cost.py drives `Proxy._relay` and the pushed path with real objects, and checks every chunk
+    arrived (each relay's events counted): a change of the relay's signature or of the push path breaks it here."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "chunk_cost.py"), "--chunks", "2000", "--runs", "1"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 7 and any("relay pushed" in row for row in rows), run.stdout
