@@ -57,7 +57,7 @@ test: sysdeps $(VENV)/.installed lint
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed
-	@command -v wrk >/dev/null || $(MAKE) sysdeps SYSDEPS=wrk:wrk
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || $(MAKE) sysdeps SYSDEPS="wrk:wrk nginx:nginx"
 	$(BIN)/python bench/run.py
 
 clean:

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import HERE, cpu_seconds, free_port, process, say, wrk
+from harness import HERE, cpu_seconds, free_port, process, say
+from run import wrk
 
 HIGH = {
     "BASTION_RATE_LIMIT_RPM": "100000000",

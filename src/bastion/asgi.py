@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,19 +75,37 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 CONNECTION_HOOK = "bastion.connection_hook"
 
 
+class BodyWriter(Protocol):
+    """A direct way to write a streamed body, from bastion's server (server.ChunkWriter)."""
+
+    def serves(self, send: Send) -> bool:
+        """Whether `send` is the server's own, unwrapped: only then may chunks bypass it."""
+
+    def writable(self) -> bool:
+        """Whether `write` can send a chunk now, as `send` would at once."""
+
+    def write(self, data: bytes) -> None:
+        """One chunk of the started chunked response, straight to the connection (after `writable`)."""
+
+
 class ConnectionHook:
-    """What ASGI lacks, from bastion's server: news of a lost client, and a way to end a broken response.
+    """What ASGI lacks, from bastion's server: news of a lost client, a way to end a broken response,
+    and a direct way to write a streamed body.
 
     The server calls `on_lost` the moment the client's connection is lost before its
     response ended, and gives `abort`, which closes the connection quietly (the app
-    logged why) when a response that has started cannot be finished.
+    logged why) when a response that has started cannot be finished. `writer` writes
+    a chunk of the started chunked response straight to the connection whenever the
+    server's `send` would write it at once: the proxy relays a stream's chunks so, from
+    the upstream's `data_received`, without a task switch and an ASGI `send` per chunk.
     """
 
-    __slots__ = ("abort", "on_lost")
+    __slots__ = ("abort", "on_lost", "writer")
 
     def __init__(self) -> None:
         self.on_lost: Callable[[], None] | None = None
         self.abort: Callable[[], None] | None = None
+        self.writer: BodyWriter | None = None
 
 
 class DisconnectWatch:
@@ -145,6 +163,14 @@ class DisconnectWatch:
             self._timer = None
         if self._watcher is not None:
             self._watcher.cancel()
+
+    def body_writer(self, send: Send) -> BodyWriter | None:
+        """The server's direct writer for this response's body, if it offers one and `send` is its own.
+
+        A stage that wrapped `send` (to see the body) turns pushing off: every chunk then goes through it.
+        """
+        writer = self._hook.writer if self._hook is not None else None
+        return writer if writer is not None and writer.serves(send) else None
 
     def abort_connection(self) -> bool:
         """End the watch and close the client's connection; False where the server offers no way to."""

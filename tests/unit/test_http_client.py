@@ -56,6 +56,106 @@ async def test_chunks_are_handed_over_as_they_arrive() -> None:
         pool.close()
 
 
+async def test_pushed_bytes_go_to_the_sink_while_the_reader_waits() -> None:
+    """`push_to`: chunks arriving while the reader is parked go to the sink, in order, and the reader
+    wakes only at the end (one wake-up per response instead of one per chunk)."""
+    gate = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await gate.wait()
+        for index in range(5):
+            writer.write(b"1\r\n%d\r\n" % index)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        pushed: list[bytes] = []
+        response.push_to(lambda data: pushed.append(data) is None)
+        reader = asyncio.ensure_future(response.read_some())
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await reader == b""  # woken once: by the end
+        assert b"".join(pushed) == b"01234" and len(pushed) == 5
+        response.release()
+        pool.close()
+
+
+async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_them() -> None:
+    """A refused chunk (say the client's buffer is full) is buffered and wakes the reader; chunks behind it
+    queue after it, and nothing is pushed while the reader is away (it may hold bytes), so order holds."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for data in (b"1\r\na\r\n", b"1\r\nb\r\n1\r\nc\r\n", b"1\r\nd\r\n", b"1\r\ne\r\n0\r\n\r\n"):
+            await step.wait()
+            step.clear()
+            writer.write(data)  # b and c in one segment: c arrives while b waits unread
+            await writer.drain()
+        return True
+
+    async def next_write() -> None:
+        step.set()
+        await asyncio.sleep(0.05)
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        accept = True
+        pushed: list[bytes] = []
+
+        def sink(data: bytes) -> bool:
+            if accept:
+                pushed.append(data)
+            return accept
+
+        response.push_to(sink)
+        reader = asyncio.ensure_future(response.read_some())
+        await asyncio.sleep(0.02)
+        await next_write()  # a: pushed, the reader stays parked
+        assert pushed == [b"a"] and not reader.done()
+        accept = False
+        await next_write()  # b refused: buffered, the reader woken; c queues behind it
+        accept = True
+        assert await reader == b"bc" and pushed == [b"a"]
+        await next_write()  # d arrives while nobody waits: buffered, not pushed
+        assert await response.read_some() == b"d" and pushed == [b"a"]
+        reader = asyncio.ensure_future(response.read_some())
+        await next_write()  # parked again: e is pushed, then the end wakes the reader
+        assert await reader == b"" and pushed == [b"a", b"e"]
+        response.release()
+        pool.close()
+
+
+async def test_pushed_bytes_count_as_activity_for_the_read_timeout() -> None:
+    """A pushed stream longer than the read timeout is not cut; silence after it still is."""
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s in all, never silent for 0.25 s
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+        await asyncio.sleep(0.5)  # then silent for longer than the read timeout
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool(timeouts=http1.Timeouts(connect=1, read=0.25, write=1, pool=1))
+        response = await pool.open(b"GET", b"/", [], b"")
+        pushed: list[bytes] = []
+        response.push_to(lambda data: pushed.append(data) is None)
+        with pytest.raises(http1.ReadTimeout):
+            await response.read_some()
+        assert b"".join(pushed) == b"x" * 6
+        response.close()
+        pool.close()
+
+
 async def test_a_body_that_ends_with_the_connection_is_complete() -> None:
     async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")

@@ -1,4 +1,5 @@
-"""server.HeadHoldingTransport: a response head and its body leave in one write, in order."""
+"""server.py: a response head and its body leave in one write, in order (HeadHoldingTransport); the
+connection hook (a lost client, a broken response, a streamed body written straight to the connection)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import contextlib
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator
+import socket
+import weakref
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
+import httpx
 import pytest
 import uvicorn
 
-from bastion import proxy
+from bastion import proxy, server
 from bastion.app import create_app
-from bastion.asgi import DisconnectWatch
+from bastion.asgi import ConnectionHook, DisconnectWatch
 from bastion.config import Settings
+from bastion.context import Exchange, Listener, Outcome
+from bastion.engine.router import Backend, Router
+from bastion.http import http1
 from bastion.server import HeadHoldingTransport, server_config
 from tests.support import TEST_KEY, content_length, free_port
 
@@ -84,15 +91,17 @@ async def test_body_bytes_are_never_held() -> None:
 
 
 @contextlib.asynccontextmanager
-async def real_server(upstream_port: int) -> AsyncIterator[int]:
+async def real_server(
+    upstream_port: int, *, listeners: Sequence[Listener] = (), **overrides: Any
+) -> AsyncIterator[int]:
     """The gateway under bastion's own server (server_config), in this event loop; yields its port."""
     port = free_port()
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         upstream_url=f"http://127.0.0.1:{upstream_port}", api_keys=TEST_KEY, port=port, audit_log="off",
-        shutdown_grace=2,
+        shutdown_grace=2, **overrides,
     )  # fmt: skip
-    server = uvicorn.Server(server_config(create_app(settings), settings))
+    server = uvicorn.Server(server_config(create_app(settings, listeners=listeners), settings))
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:  # noqa: ASYNC110 (uvicorn's Server has no event for it)
@@ -103,9 +112,17 @@ async def real_server(upstream_port: int) -> AsyncIterator[int]:
         await serving
 
 
-async def post_chat(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+STREAM_CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'  # the gateway adds usage
+
+
+async def post_chat(
+    port: int, limit: int = 2**16, sock: socket.socket | None = None, body: bytes = CHAT
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if sock is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=limit)
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer %s\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (TEST_KEY.encode(), len(body), body)
@@ -156,7 +173,8 @@ async def test_a_body_that_breaks_after_the_head_closes_the_connection_with_one_
     assert not any("ASGI" in message for message in messages), messages  # uvicorn stayed quiet
 
 
-async def test_requests_leave_no_reference_cycles_behind() -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "pushed-stream"])
+async def test_requests_leave_no_reference_cycles_behind(stream: bool) -> None:
     """A per-request reference cycle on the hot path is garbage only the collector frees: it cost ~35 µs a request."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,6 +183,13 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
                 head = await reader.readuntil(b"\r\n\r\n")
                 await reader.readexactly(content_length(head))
                 body = b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+                if stream:  # the head first, the event a moment later: it is pushed, not read
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+                                 % (len(body) + 8))  # fmt: skip
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                    writer.write(b"data: %s\n\n" % body)
+                    continue
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
     upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -172,9 +197,12 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
 
         async def one() -> None:
             reader, writer = await post_chat(port)
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200")
-            await reader.readexactly(content_length(head))
+            if stream:
+                assert b'"usage"' in await read_events(reader)
+            else:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                await reader.readexactly(content_length(head))
             writer.close()
             await writer.wait_closed()
 
@@ -196,3 +224,284 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
     upstream.close()
     ours = {"RequestResponseCycle", "Exchange", "ConnectionHook", "DisconnectWatch", "Response", "Connection"}
     assert not kinds & ours, sorted(kinds)
+
+
+def numbered_events(count: int, size: int = 0) -> list[bytes]:
+    pad = b"x" * size
+    return [b'data: {"n":%d,"choices":[{"delta":{"content":"%s"}}]}\n\n' % (n, pad) for n in range(count)]
+
+
+def sse_upstream(events: list[bytes], pause: float = 0.0) -> Any:
+    """Chat completions stream `events`; anything else (the gateway's health probes) gets a small JSON answer."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(content_length(head))
+        if not head.startswith(b"POST /v1/chat/completions "):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in [*events, b"data: [DONE]\n\n"]:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+async def read_events(reader: asyncio.StreamReader) -> bytes:
+    """The decoded body of a chunked response, to its end."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    body = []
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        body.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readexactly(2)
+    return b"".join(body)
+
+
+async def test_a_stream_is_pushed_without_a_wake_up_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real server, an event stream goes from the upstream's data_received straight to the client:
+    the relaying task wakes a few times per response, not once per event, and the bytes are the upstream's."""
+    reads = 0
+    read_some = http1.Response.read_some
+
+    async def counted(self: http1.Response) -> bytes:
+        nonlocal reads
+        reads += 1
+        return await read_some(self)
+
+    monkeypatch.setattr(http1.Response, "read_some", counted)
+    events = numbered_events(40)
+    upstream = await asyncio.start_server(sse_upstream(events, pause=0.005), "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        reader, writer = await post_chat(port)
+        body = await asyncio.wait_for(read_events(reader), 10)
+        writer.close()
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert reads < 10, reads  # pulled: one read per event (41)
+
+
+async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
+    and pushing resumes after: nothing lost, nothing reordered, across the switches."""
+    answers: list[bool] = []
+    writable = server.ChunkWriter.writable
+
+    def recorded(self: server.ChunkWriter) -> bool:
+        answers.append(writable(self))
+        return answers[-1]
+
+    monkeypatch.setattr(server.ChunkWriter, "writable", recorded)
+    events = numbered_events(6000, size=1000)  # ~6 MB: more than the kernel buffers between us hold
+    upstream = await asyncio.start_server(sse_upstream(events), "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await post_chat(port, limit=2**23, sock=sock)
+        writer.transport.pause_reading()  # a client that reads nothing for a while
+        await asyncio.sleep(0.5)
+        writer.transport.resume_reading()
+        body = await asyncio.wait_for(read_events(reader), 20)
+        writer.close()
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert True in answers and False in answers, "both paths ran: pushed, and refused while the client was full"
+
+
+def test_pushing_is_only_for_the_servers_own_send() -> None:
+    """A stage that wrapped `send` (to see the body) must see every chunk: the writer is not offered then."""
+
+    class Cycle:
+        async def send(self, message: Any) -> None: ...
+
+    cycle = Cycle()
+    hook = ConnectionHook()
+    hook.writer = server.ChunkWriter(weakref.ref(cycle))  # type: ignore[arg-type]
+
+    async def wrapped(message: Any) -> None:
+        await cycle.send(message)
+
+    watch = object.__new__(DisconnectWatch)
+    watch._hook = hook
+    assert watch.body_writer(cycle.send) is hook.writer
+    assert watch.body_writer(wrapped) is None
+
+
+# --- the pushed relay on today's request path: accounting, the router's count, slow and leaving clients -------
+
+
+class Watched:
+    """What a pushed stream must keep: the chunks pushed (and refused), every exchange as the gateway finished
+    it, and every backend the router counted a request in on (each must be counted out by the end)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pushed = 0
+        self.refused = 0
+        self.backends: list[Backend] = []
+        self._exchanges: asyncio.Queue[Exchange] = asyncio.Queue()
+        write, writable, acquire = server.ChunkWriter.write, server.ChunkWriter.writable, Router.acquire
+
+        def counted_write(writer: server.ChunkWriter, data: bytes) -> None:
+            self.pushed += 1
+            write(writer, data)
+
+        def counted_writable(writer: server.ChunkWriter) -> bool:
+            answer = writable(writer)
+            self.refused += not answer
+            return answer
+
+        def recorded_acquire(router: Router, *args: Any) -> Backend | None:
+            backend = acquire(router, *args)
+            if backend is not None:
+                self.backends.append(backend)
+            return backend
+
+        monkeypatch.setattr(server.ChunkWriter, "write", counted_write)
+        monkeypatch.setattr(server.ChunkWriter, "writable", counted_writable)
+        monkeypatch.setattr(Router, "acquire", recorded_acquire)
+
+    def listener(self, exchange: Exchange) -> None:
+        self._exchanges.put_nowait(exchange)
+
+    async def finished(self) -> Exchange:
+        return await asyncio.wait_for(self._exchanges.get(), 10)
+
+    @property
+    def released(self) -> bool:
+        return bool(self.backends) and all(backend.outstanding == 0 for backend in self.backends)
+
+
+def paced_upstream(events: list[bytes], closed: asyncio.Event, *, pause: float = 0.005, forever: bool = False) -> Any:
+    """Chat completions stream `events` one write each, `pause` apart (so they arrive while the relay waits:
+    pushed), then end; `forever` repeats them until the gateway closes the connection, which sets `closed`."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(content_length(head))
+        if not head.startswith(b"POST /v1/chat/completions "):  # the gateway's health probes
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        gone = asyncio.ensure_future(reader.read())  # returns at EOF: the gateway closed the connection
+        sent = 0
+        try:
+            while not gone.done():
+                if sent == len(events) and not forever:
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    break
+                event = events[sent % len(events)]
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                sent += 1
+                if pause:
+                    await asyncio.sleep(pause)
+            await gone
+        except ConnectionError:
+            pass
+        finally:
+            gone.cancel()
+            closed.set()
+            writer.close()
+
+    return answer
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":20,"total_tokens":27}}\n\n'
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["usage", "no-usage"])
+async def test_a_pushed_stream_is_read_for_usage_and_settled_like_a_pulled_one(
+    monkeypatch: pytest.MonkeyPatch, usage: bool
+) -> None:
+    """Pushed chunks go through the usage tap: the usage event the gateway asked for is read and removed, the
+    events are counted, a stream without usage is charged an estimate (and counted in the metric), and the
+    router's count is given back."""
+    watched = Watched(monkeypatch)
+    events = numbered_events(20)
+    closed = asyncio.Event()
+    upstream = await asyncio.start_server(
+        paced_upstream([*events, *([USAGE_EVENT] if usage else []), b"data: [DONE]\n\n"], closed), "127.0.0.1", 0
+    )
+    async with real_server(upstream.sockets[0].getsockname()[1], listeners=[watched.listener]) as port:
+        reader, writer = await post_chat(port, body=STREAM_CHAT)
+        body = await asyncio.wait_for(read_events(reader), 10)
+        exchange = await watched.finished()
+        writer.close()
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"  # the usage event the gateway asked for is not passed on
+    assert watched.pushed >= 15, watched.pushed  # pushed, not read: the seam under test
+    assert exchange.outcome is Outcome.OK and exchange.status == 200 and exchange.first_byte is not None
+    assert exchange.events == 21
+    estimated = 'bastion_usage_estimated_total{route="/v1/chat/completions"} 1.0'
+    if usage:
+        assert exchange.usage is not None and exchange.usage.total_tokens == 27
+        assert not exchange.usage_estimated and estimated not in metrics
+    else:
+        assert exchange.usage is None and exchange.usage_estimated and estimated in metrics
+    assert watched.released
+
+
+async def test_a_client_that_leaves_a_pushed_stream_stops_the_upstream_and_is_accounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The events pushed before the client left are counted (a disconnect is charged by them), the upstream
+    connection is closed at once (vLLM aborts the generation), and the router's count is given back."""
+    watched = Watched(monkeypatch)
+    closed = asyncio.Event()
+    upstream = await asyncio.start_server(paced_upstream(numbered_events(10), closed, forever=True), "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1], listeners=[watched.listener]) as port:
+        reader, writer = await post_chat(port, body=STREAM_CHAT)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        while watched.pushed < 20:  # noqa: ASYNC110 (counted by the writer, which has no event)
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+        await asyncio.wait_for(closed.wait(), 2)
+        exchange = await watched.finished()
+    upstream.close()
+    assert exchange.outcome is Outcome.CLIENT_DISCONNECT and exchange.status == 200
+    assert exchange.events >= 20 and exchange.usage is None
+    assert watched.released
+
+
+async def test_a_client_that_stops_reading_a_pushed_stream_is_cut_by_the_write_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pushing stops when the client's buffer is full; the relay then waits in `send` and the write timeout
+    still ends it: the connection aborted, the upstream closed, a client disconnect, the router's count back."""
+    watched = Watched(monkeypatch)
+    closed = asyncio.Event()
+    events = numbered_events(10, size=1000)
+    upstream = await asyncio.start_server(paced_upstream(events, closed, pause=0, forever=True), "127.0.0.1", 0)
+    async with real_server(
+        upstream.sockets[0].getsockname()[1], listeners=[watched.listener], client_write_timeout=0.5
+    ) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        _, writer = await post_chat(port, sock=sock, body=STREAM_CHAT)
+        writer.transport.pause_reading()  # a client that reads nothing
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(closed.wait(), 10)
+        exchange = await watched.finished()
+        waited = asyncio.get_running_loop().time() - started
+        writer.close()
+    upstream.close()
+    assert watched.pushed > 0 and watched.refused > 0, (watched.pushed, watched.refused)  # pushed, then refused
+    assert 0.5 <= waited < 5, waited
+    assert exchange.outcome is Outcome.CLIENT_DISCONNECT and exchange.status == 200
+    assert watched.released

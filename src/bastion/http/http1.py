@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -85,7 +86,7 @@ class Timeouts:
 
 
 class Response:
-    """A response whose head is in; the body is read with `read_some` or `read`.
+    """A response whose head is in; the body is read with `read_some` or `read` (or pushed: `push_to`).
 
     Ends with `release()` (a fully read response gives its connection back to the
     pool; anything else closes it) or `close()` (always closes: the upstream sees
@@ -101,6 +102,7 @@ class Response:
         "_error",
         "_quiet_since",
         "_read_timeout",
+        "_sink",
         "_timer",
         "_waiter",
         "headers",
@@ -123,7 +125,8 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         # One lazily re-armed timer per response, not one per wait: a stream waits once per chunk.
         self._timer: asyncio.TimerHandle | None = None
-        self._quiet_since = 0.0  # loop time the current wait began (each wait ends with data)
+        self._quiet_since = 0.0  # loop time the current wait began, or the last byte pushed to the sink arrived
+        self._sink: Callable[[bytes], bool] | None = None
 
     @property
     def complete(self) -> bool:
@@ -144,6 +147,18 @@ class Response:
             if self._complete:
                 return b""
             await self._wait()
+
+    def push_to(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on, hand body bytes to `sink` as they arrive, while the reader waits with nothing unread.
+
+        Relaying a stream through `read_some` costs a task wake-up per chunk. With a sink, bytes that
+        arrive while the reader is parked in `read_some` with nothing buffered go to `sink` straight
+        from `data_received`, and the reader stays parked until the end or an error. Bytes the sink
+        refuses (it returns False: say the client stopped reading) are buffered and wake the reader,
+        which reads them as usual. Order is kept: nothing is pushed while bytes wait unread, or
+        while the reader holds some (it is not parked then).
+        """
+        self._sink = sink
 
     async def read(self) -> bytes:
         parts = []
@@ -204,6 +219,10 @@ class Response:
         self._wake()
 
     def _feed(self, data: bytes) -> None:
+        sink, waiter = self._sink, self._waiter
+        if sink is not None and waiter is not None and not waiter.done() and not self._chunks and sink(data):
+            self._quiet_since = self._connection.loop.time()  # bytes arrived: the read timeout starts again
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
