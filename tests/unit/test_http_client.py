@@ -135,16 +135,7 @@ async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_th
 async def test_pushed_bytes_count_as_activity_for_the_read_timeout() -> None:
     """A pushed stream longer than the read timeout is not cut; silence after it still is."""
 
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for _ in range(6):  # 0.6 s in all, never silent for 0.25 s
-            await asyncio.sleep(0.1)
-            writer.write(b"1\r\nx\r\n")
-        await asyncio.sleep(0.5)  # then silent for longer than the read timeout
-        writer.write(b"0\r\n\r\n")
-        return True
-
-    async with KeepAliveServer(answer) as server:
+    async with KeepAliveServer(_trickle_then_silence) as server:
         pool = server.pool(timeouts=http1.Timeouts(connect=1, read=0.25, write=1, pool=1))
         response = await pool.open(b"GET", b"/", [], b"")
         pushed: list[bytes] = []
@@ -224,17 +215,19 @@ async def test_silence_is_a_read_timeout_and_closes_the_connection() -> None:
         pool.close()
 
 
-async def test_the_read_timeout_bounds_silence_not_the_whole_response() -> None:
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for _ in range(6):  # 0.6 s in all, never silent for 0.25 s
-            await asyncio.sleep(0.1)
-            writer.write(b"1\r\nx\r\n")
-        await asyncio.sleep(0.5)  # then silent for longer than the read timeout
-        writer.write(b"0\r\n\r\n")
-        return True
+async def _trickle_then_silence(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+    """A chunked answer never silent for 0.25 s during 0.6 s, then silent for 0.5 s before its end."""
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(6):
+        await asyncio.sleep(0.1)
+        writer.write(b"1\r\nx\r\n")
+    await asyncio.sleep(0.5)
+    writer.write(b"0\r\n\r\n")
+    return True
 
-    async with KeepAliveServer(answer) as server:
+
+async def test_the_read_timeout_bounds_silence_not_the_whole_response() -> None:
+    async with KeepAliveServer(_trickle_then_silence) as server:
         pool = server.pool(timeouts=http1.Timeouts(connect=1, read=0.25, write=1, pool=1))
         response = await pool.open(b"GET", b"/", [], b"")
         received = b""

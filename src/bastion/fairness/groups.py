@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+from ..background import background
 from ..context import Exchange
 from ..engine.router import EngineGroup, Router
 from .classes import ClassTable
@@ -85,10 +86,5 @@ async def follow_groups(
                     gate.set_engine_waiting(sum(replica.backend.waiting for replica in group.replicas))
             await asyncio.sleep(interval)
 
-    task = asyncio.get_running_loop().create_task(loop(), name="bastion-fairness-groups")
-    try:
+    async with background(loop):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from ..background import background
 from ..engine.probe import HTTP_FAILURES
 
 log = logging.getLogger("bastion.fairness")
@@ -63,10 +64,5 @@ async def watch_waiting(
                 report(0)
             await asyncio.sleep(interval)
 
-    task = asyncio.get_running_loop().create_task(loop())
-    try:
+    async with background(loop):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
