@@ -27,7 +27,7 @@ from .engine.router import Backend, EngineGroup, Router
 from .engine.state import Phase
 from .errors import GatewayError, send_error, upstream_failure
 from .http.client import Client
-from .http.http1 import ConnectError, HTTPError, ReadTimeout, Response, WriteTimeout
+from .http.http1 import ConnectError, ConnectionReset, HTTPError, ReadTimeout, Response, WriteTimeout
 from .usage import BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
@@ -82,6 +82,10 @@ _SSE = b"text/event-stream"
 _FORBIDDEN_IN_PATH = (b"%2e", b"%2f", b"%5c", b"\\")
 # Failures that may have reached the engine and cost it time: not sent again elsewhere.
 _NOT_RETRIED = (ReadTimeout, WriteTimeout)
+# Failures that say the upstream never took the request: refused, or reset unread. An exiting server's
+# connections can close before its listener does (Linux 6.18: 264 of 300 tries), so a request sent just
+# after the one that died with it is accepted into the dying listener's backlog, then reset.
+_NOT_TAKEN = (ConnectError, ConnectionReset)
 # A server error's head, before any byte went to the client, is tried once on another replica: a 503 from a
 # replica not ready (yet), and the 500 vLLM's API server answers for the second or so between its engine core
 # dying (EngineDeadError) and its own exit. Once is the bound: a request that itself makes engines fail costs two.
@@ -196,9 +200,10 @@ class Proxy:
                 other = None if attempt or isinstance(exc, _NOT_RETRIED) else router.acquire(group, affinity, backend)
                 backend.release()
                 if other is None:
-                    if isinstance(exc, ConnectError) and upstream.phase is not Phase.EXTERNAL:
-                        # Our own child refuses connections: it died (its exit is being noticed) or is
-                        # restarting. That is "not ready, retry shortly", the 503 the next request gets, not a 502.
+                    if isinstance(exc, _NOT_TAKEN) and upstream.phase is not Phase.EXTERNAL:
+                        # Our own child refuses connections, or resets them with the request unread: it is
+                        # exiting (its exit not noticed yet) or restarting, and never took this request.
+                        # That is "not ready, retry shortly", the 503 the next request gets, not a 502.
                         raise upstream.not_ready_error() from exc
                     raise upstream_failure(exc) from exc
                 log.info("request %s: %s failed before a byte (%s); retried on %s", exchange.request_id,

@@ -3,7 +3,8 @@ bench/chunk_cost.py (its pieces still drive the current relay).
 
 A benchmark, not a timed test: nothing here asserts a speed. What it does assert is
 functional: no request failed, every stream arrived whole, paced tokens arrived through
-bastion one per read, as sent (the gateway does not buffer), and
+bastion one per read, as sent (the gateway does not buffer: it merges at most a few more than the
+direct path in the same run, whose merges are the shared machine's stalls), and
 every path of the paced rounds (direct, bastion, nginx) reported its numbers.
 """
 
@@ -44,10 +45,15 @@ def test_the_harness_runs_and_reports_every_metric(tmp_path: Path) -> None:
             assert row["chunks_per_s"]["median"] > 0 and row["ttft_p50_ms"]["median"] > 0, (concurrency, path)
         for proxy in ("bastion", "nginx"):
             assert paths[proxy]["cpu_us_per_chunk"]["median"] > 0, (concurrency, proxy)
-    # A gateway that buffered would deliver most tokens two or more to a read; a stall of the shared box
-    # (>= 10 ms) may merge a few, never 1 %.
-    paced = results["paced"]["c32"]["bastion"]
-    assert paced["coalesced_chunks"] <= sum(r["chunks"] for r in paced["rounds"]) // 100, paced["coalesced_chunks"]
+    # A gateway that buffers delivers many tokens two or more to a read (measured: a relay 12 ms late per chunk
+    # at 10 ms gaps merged 23 % of them, 20 ms late 50 %). A stall of the shared box (>= 10 ms) merges a few
+    # in any path: under two busy loops, 0.8 % direct, 1.8 % bastion, 4.1 % nginx, in one run. So bastion may
+    # merge at most 10 % of its tokens more than the direct path did in the same run (they ran in turn).
+    paced = results["paced"]["c32"]
+    merged = {path: paced[path]["coalesced_chunks"] for path in ("direct", "bastion", "nginx")}
+    chunks = {path: sum(r["chunks"] for r in paced[path]["rounds"]) for path in ("direct", "bastion")}
+    allowed = chunks["bastion"] * (merged["direct"] / chunks["direct"] + 0.10)
+    assert merged["bastion"] <= allowed, (merged, chunks, paced["bastion"]["others_cores"])
     assert results["plain_c64_bastion"]["cpu_us_per_request"] > 0
     assert results["stream_c16_bastion"]["cpu_us_per_chunk"] > 0
     assert 0 < results["rss_idle_mib"] <= results["rss_load_mib"]

@@ -133,3 +133,61 @@ def unaccepting_port() -> Iterator[int]:
         finally:
             for filler in fillers:
                 filler.close()
+
+
+class UnreadReset:
+    """Takes each connection, waits until a request's head is in (peeking, never reading), then closes it.
+
+    Closed with the request unread, the socket sends a reset, not an orderly close: what a server's
+    connections do when it exits with a request not taken yet (the backlog of its closing listener
+    included; `dying_listener` shows that one). `resets` counts them.
+    """
+
+    def __init__(self) -> None:
+        self.resets = 0
+        self.port = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> UnreadReset:
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._task = asyncio.create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._listener.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(self._listener)
+            with connection:
+                connection.setblocking(False)
+                async with asyncio.timeout(5):
+                    # Polled: the bytes must stay unread, and a reader callback would fire again at once.
+                    while b"\r\n\r\n" not in _peek(connection):  # noqa: ASYNC110
+                        await asyncio.sleep(0.002)
+            self.resets += 1
+
+
+def _peek(connection: socket.socket) -> bytes:
+    try:
+        return connection.recv(65536, socket.MSG_PEEK)
+    except BlockingIOError:
+        return b""
+
+
+@contextlib.contextmanager
+def dying_listener() -> Iterator[socket.socket]:
+    """A listener that never accepts; closing it resets the connections waiting in its backlog.
+
+    The kernel completes their handshakes, so a client connects and writes its request; then the
+    listener closes (its server is exiting) and the connection is reset, the request never read.
+    """
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as listener:
+        yield listener

@@ -18,7 +18,7 @@ from bastion.errors import upstream_failure
 from bastion.http import Client, Timeouts, http1
 from bastion.http.pool import Pool
 from tests.support import make_cert
-from tests.unit.http_server import FAST, KeepAliveServer, ok
+from tests.unit.http_server import FAST, KeepAliveServer, UnreadReset, dying_listener, ok
 
 
 async def test_a_connection_is_reused_and_the_request_is_well_formed() -> None:
@@ -248,6 +248,49 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
             await pool.open(b"GET", b"/", [], b"")
         with pytest.raises(http1.ConnectError):  # the failed attempt gave its slot back
             await pool.open(b"GET", b"/", [], b"")
+
+
+async def test_a_reset_before_any_answer_is_connection_reset_an_orderly_close_is_not() -> None:
+    """A reset means the request was never read (the proxy answers 503 for its own child); a connection
+    closed after the request was read stays a plain `RemoteProtocolError` (502: it may have cost the engine)."""
+    async with UnreadReset() as server:
+        pool = Pool("127.0.0.1", server.port, ssl_context=None, timeouts=FAST, max_connections=1, keepalive_expiry=30)
+        with pytest.raises(http1.ConnectionReset, match="without reading the request"):
+            await pool.open(b"POST", b"/v1/chat/completions", [], b'{"a":1}')
+        assert server.resets == 1
+        pool.close()
+
+    async def read_then_close(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.transport.abort()  # read, then closed without a word
+        return False
+
+    async with KeepAliveServer(read_then_close) as server:
+        pool = server.pool()
+        with pytest.raises(http1.RemoteProtocolError, match="without answering") as caught:
+            await pool.open(b"POST", b"/", [], b"{}")
+        assert not isinstance(caught.value, http1.ConnectionReset)
+        pool.close()
+
+
+async def test_a_request_in_the_backlog_of_a_closing_listener_is_never_taken() -> None:
+    """What an exiting upstream does to the next request: its connections close before its listener does, so
+    a connect succeeds into the backlog, the request is written, and the listener's close resets it."""
+    with dying_listener() as listener:
+        pool = Pool("127.0.0.1", listener.getsockname()[1], ssl_context=None, timeouts=FAST, max_connections=1,
+                    keepalive_expiry=30)  # fmt: skip
+        opened = asyncio.create_task(pool.open(b"POST", b"/v1/chat/completions", [], b'{"a":1}'))
+        waiting = asyncio.get_running_loop().create_future()  # the handshake is done: it waits in the backlog
+        asyncio.get_running_loop().add_reader(listener.fileno(), lambda: waiting.done() or waiting.set_result(None))
+        try:
+            await asyncio.wait_for(waiting, 5)
+        finally:
+            asyncio.get_running_loop().remove_reader(listener.fileno())
+        await asyncio.sleep(0.05)  # the request is written (the same loop: the task ran meanwhile)
+        listener.close()
+        # Reset after the request was written (or, had the loop not written it yet, as it was opened): not taken.
+        with pytest.raises((http1.ConnectionReset, http1.ConnectError)):
+            await opened
+        pool.close()
 
 
 async def test_the_pool_waits_for_a_free_connection_then_times_out() -> None:

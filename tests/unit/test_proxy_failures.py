@@ -12,6 +12,7 @@ from bastion.config import Settings
 from bastion.context import Exchange
 from bastion.engine.state import Phase, Upstream
 from tests.support import AUTH, TEST_KEY, ScriptedUpstream, free_port, hang, respond, sse
+from tests.unit.http_server import UnreadReset
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -93,6 +94,41 @@ async def test_not_ready_is_503_with_retry_after() -> None:
     assert response.headers["retry-after"] == "5"
     assert response.json()["error"]["code"] == "model_loading"
     assert (ready.status_code, health.status_code) == (503, 200)
+
+
+@pytest.mark.parametrize(
+    ("phase", "status", "code"),
+    [(Phase.READY, 503, "upstream_not_ready"), (Phase.EXTERNAL, 502, "upstream_unavailable")],
+)
+async def test_a_request_reset_unread_by_our_own_child_is_503_not_ready(phase: Phase, status: int, code: str) -> None:
+    """Our child resets the connection with the request unread: it is exiting (its exit not noticed yet)
+    and never took the request, a 503 like a refused connection. It was a 502 (test_faults' crash test
+    saw it for the request after the crash). An upstream that is not ours keeps its 502."""
+    seen: list[Exchange] = []
+    async with UnreadReset() as server:
+        state = Upstream(f"http://127.0.0.1:{server.port}", None, phase)
+        async with gateway_client(server.port, seen, upstream=state) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    assert server.resets == 1
+    if status == 503:
+        assert response.headers["retry-after"] == "5"
+        assert (seen[0].outcome, seen[0].reason) == ("rejected", "upstream_not_ready")
+
+
+async def test_a_request_our_own_child_read_and_died_on_is_502() -> None:
+    """Read, then closed without an answer: the child took it (it may have cost the engine), so a 502."""
+
+    async def read_and_die(request: bytes, writer: asyncio.StreamWriter) -> None:
+        return None  # the connection closes after the request was read
+
+    seen: list[Exchange] = []
+    async with ScriptedUpstream(read_and_die) as server:
+        state = Upstream(f"http://127.0.0.1:{server.port}", None, Phase.READY)
+        async with gateway_client(server.port, seen, upstream=state) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+    assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_unavailable")
+    assert (seen[0].outcome, seen[0].reason) == ("upstream_error", "upstream_unavailable")
 
 
 async def test_stream_broken_mid_way_ends_with_error_event() -> None:

@@ -3,6 +3,7 @@
 from .client import Client
 from .http1 import (
     ConnectError,
+    ConnectionReset,
     ConnectTimeout,
     Headers,
     HTTPError,
@@ -19,6 +20,7 @@ __all__ = [
     "Client",
     "ConnectError",
     "ConnectTimeout",
+    "ConnectionReset",
     "HTTPError",
     "Headers",
     "PoolClosed",

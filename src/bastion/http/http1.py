@@ -62,6 +62,16 @@ class RemoteProtocolError(HTTPError):
     """The upstream closed the connection early or answered something that is not HTTP/1.1."""
 
 
+class ConnectionReset(RemoteProtocolError):
+    """The upstream reset the connection before any byte of an answer: the request was never read.
+
+    A reset (not an orderly close) is what the kernel sends for a connection still waiting in the
+    backlog of a listener that closes, or for a socket closed with the request unread: a server
+    that is exiting, whose connections can close before its listener does (so a connection opened
+    just after its last answer failed is accepted, then reset). The server never took the request.
+    """
+
+
 class PoolClosed(HTTPError):
     """The client was closed: waiting and in-flight requests end with this."""
 
@@ -290,7 +300,9 @@ class Connection(asyncio.Protocol):
         self.closed = True
         response = self.response
         if response is not None:
-            if not response.status:
+            if not response.status and isinstance(exc, ConnectionResetError | BrokenPipeError):
+                response._fail(ConnectionReset("the upstream reset the connection without reading the request"))
+            elif not response.status:
                 response._fail(RemoteProtocolError("the upstream closed the connection without answering"))
             elif exc is None and _ends_at_close(response.headers):
                 response._done()  # a body without length or chunking ends when the connection does
