@@ -27,7 +27,7 @@ from .auth import cli as auth_cli
 from .budget import cli as budget_cli
 from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
 from .engine import cli as engine_cli
-from .listen import Server, bind, freeze_startup_heap, urls
+from .listen import Server, bind, tune_collector, urls
 from .logs import RedactingFilter, configure_logging
 from .simulator.settings import SimulatorSettings
 from .simulator.settings import cli_flags as simulator_flags
@@ -161,7 +161,7 @@ def _serve(settings: Settings) -> int:
 
     def started() -> None:
         log.info("listening on %s", urls(sockets))
-        freeze_startup_heap()
+        tune_collector()
 
     server = Server(server_config(app, settings), started)
     server.run(sockets=sockets)

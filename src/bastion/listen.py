@@ -96,12 +96,22 @@ class Server(uvicorn.Server):
             self._on_started()
 
 
-def freeze_startup_heap() -> None:
-    """Move everything alive once serving starts (modules, settings, routes, pools) out of the collector's reach.
+YOUNG_THRESHOLD = 7_000  # container allocations (net) between young collections; Python's default is 700
 
-    Those ~100,000 objects live as long as the process, yet every full collection walked them all:
-    ~60 ms each, ~30 µs of CPU per request under load. Frozen, a full collection walks only what
-    requests created since. Garbage first, so none of it is kept.
+
+def tune_collector() -> None:
+    """Once serving starts: freeze what is alive, and collect the young generation less often.
+
+    The ~100,000 objects alive by then (modules, settings, routes, pools) live as long as the
+    process, yet every full collection walked them all: ~60 ms each, ~30 µs of CPU per request
+    under load. Frozen (after collecting the garbage, so none of it is kept), a full collection
+    walks only what requests created since.
+
+    A young collection walks the objects of the requests in flight, whatever the threshold, so at
+    Python's 700 it ran every ~25 requests for ~350 µs; at 7,000 it runs a tenth as often. Garbage
+    in cycles waits a little longer for it (a few thousand objects at most).
     """
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, older, oldest)
