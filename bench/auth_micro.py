@@ -66,12 +66,14 @@ async def main() -> None:
     lists = build_auth(
         Settings(**base, allow_ips="127.0.0.0/8,10.0.0.0/8,2001:db8::/32", trusted_proxies="127.0.0.1")
     ).guard(_noop)
+    allowlist = build_auth(Settings(**base, allow_ips="127.0.0.0/8")).guard(_noop)  # what bench/run.py sets
     token = mint(SECRET, "ci", 3600, models=["m"])
 
     baseline = await _per_call(_noop, _scope(keys[500]))
     cases = {
         "valid API key (1,001 keys in the store)": (plain, _scope(keys[500])),
         "valid API key with its own IP allowlist": (plain, _scope(restricted)),
+        "valid key + global allowlist (bench/run.py's)": (allowlist, _scope(keys[500])),
         "valid key + global allowlist + trusted-proxy XFF": (lists, _scope(keys[500], xff="10.1.2.3")),
         "valid HS256 JWT": (plain, _scope(token)),
         "refused: unknown key (401 written)": (plain, _scope("bst-00000000_" + "x" * 43)),

@@ -100,12 +100,20 @@ class ConnectionHook:
     the upstream's `data_received`, without a task switch and an ASGI `send` per chunk.
     """
 
-    __slots__ = ("abort", "on_lost", "writer")
+    __slots__ = ("abort", "body_received", "on_lost", "writer")
 
     def __init__(self) -> None:
         self.on_lost: Callable[[], None] | None = None
         self.abort: Callable[[], None] | None = None
         self.writer: BodyWriter | None = None
+        # Whether the whole request body is already here, so that reading it cannot wait: no read timer needed.
+        self.body_received: Callable[[], bool] | None = None
+
+
+def body_received(scope: Scope) -> bool:
+    """Whether the server says the request's whole body has arrived (reading it then returns at once)."""
+    hook: ConnectionHook | None = scope.get(CONNECTION_HOOK)
+    return hook is not None and hook.body_received is not None and hook.body_received()
 
 
 class DisconnectWatch:

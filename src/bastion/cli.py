@@ -27,7 +27,7 @@ from .auth import cli as auth_cli
 from .budget import cli as budget_cli
 from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
 from .engine import cli as engine_cli
-from .listen import Server, bind, urls
+from .listen import Server, bind, tune_collector, urls
 from .logs import RedactingFilter, configure_logging
 from .simulator.settings import SimulatorSettings
 from .simulator.settings import cli_flags as simulator_flags
@@ -158,7 +158,12 @@ def _serve(settings: Settings) -> int:
     app = build(settings)
     # Bound before the lifespan spawns the child: a busy port is one line, and no model starts for nothing.
     sockets = bind(settings.host, settings.port, host_setting="BASTION_HOST", port_setting="BASTION_PORT")
-    server = Server(server_config(app, settings), lambda: log.info("listening on %s", urls(sockets)))
+
+    def started() -> None:
+        log.info("listening on %s", urls(sockets))
+        tune_collector()
+
+    server = Server(server_config(app, settings), started)
     server.run(sockets=sockets)
     return 0
 

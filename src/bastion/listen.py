@@ -9,6 +9,7 @@ a busy port would start vLLM for nothing and end in a traceback-like error after
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
 from collections.abc import Callable
@@ -93,3 +94,24 @@ class Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             self._on_started()
+
+
+YOUNG_THRESHOLD = 7_000  # container allocations (net) between young collections; Python's default is 700
+
+
+def tune_collector() -> None:
+    """Once serving starts: freeze what is alive, and collect the young generation less often.
+
+    The ~100,000 objects alive by then (modules, settings, routes, pools) live as long as the
+    process, yet every full collection walked them all: ~60 ms each, ~30 µs of CPU per request
+    under load. Frozen (after collecting the garbage, so none of it is kept), a full collection
+    walks only what requests created since.
+
+    A young collection walks the objects of the requests in flight, whatever the threshold, so at
+    Python's 700 it ran every ~25 requests for ~350 µs; at 7,000 it runs a tenth as often. Garbage
+    in cycles waits a little longer for it (a few thousand objects at most).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, older, oldest)

@@ -220,6 +220,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = weakref.ref(self.cycle)
         hook.abort = functools.partial(_abort, cycle)
         hook.writer = ChunkWriter(cycle)
+        hook.body_received = functools.partial(_body_received, cycle)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -233,6 +234,12 @@ def _abort(ref: weakref.ref[RequestResponseCycle]) -> None:
     if cycle is not None:
         cycle.disconnected = True  # else: "ASGI callable returned without completing response."
         cycle.transport.close()
+
+
+def _body_received(ref: weakref.ref[RequestResponseCycle]) -> bool:
+    """The message is complete and not yet read, so `receive()` returns without waiting."""
+    cycle = ref()
+    return cycle is not None and not cycle.more_body and cycle.message_event.is_set()
 
 
 class ChunkWriter:

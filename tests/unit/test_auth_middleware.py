@@ -13,10 +13,13 @@ import httpx
 import pytest
 
 from bastion.app import create_app
-from bastion.auth.keys import KeyFile, create_key, revoke_key, write_key_file
+from bastion.asgi import Message, Receive, Scope, Send
+from bastion.auth import middleware
+from bastion.auth.ipfilter import IPPolicy, parse_networks
+from bastion.auth.keys import KeyFile, KeyStore, create_key, revoke_key, write_key_file
 from bastion.config import Settings
 from bastion.context import Exchange
-from tests.support import ScriptedUpstream, by_path, respond
+from tests.support import TEST_KEY, ScriptedUpstream, by_path, respond
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
 MODELS = {"object": "list", "data": [{"id": "m1", "object": "model"}, {"id": "m2", "object": "model"}]}
@@ -190,3 +193,48 @@ def test_token_endpoint_needs_a_secret(keys: Keys) -> None:
     config = Settings(_env_file=None, upstream_url="http://127.0.0.1:9", keys_file=keys.path, token_endpoint=True)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="BASTION_JWT_SECRET"):
         create_app(config)
+
+
+async def test_each_peer_keeps_its_own_address_and_verdict_and_the_memo_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Peers' addresses are worked out once each (no trusted proxies): requests from many peers, interleaved,
+    still get their own address and the global lists' verdict, and the memo is emptied when full."""
+    monkeypatch.setattr(middleware, "_PEER_MEMO", 4)
+    seen: list[tuple[str, str]] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    policy = IPPolicy(allow=parse_networks(["10.0.0.0/8"]), deny=parse_networks(["10.0.0.66"]))
+    guard = middleware.AuthMiddleware(inner, middleware.Authenticator(KeyStore(None, [TEST_KEY]), None), policy)
+    peers = ["10.0.0.1", "10.0.0.66", "192.0.2.7", "::ffff:10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.66"]
+    for peer in peers * 3:
+        exchange = Exchange("r", "POST", "/v1/chat/completions")
+        scope: Scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "client": (peer, 1),
+                        "headers": [(b"authorization", b"Bearer " + TEST_KEY.encode())]}  # fmt: skip
+        exchange.attach(scope)
+        statuses: list[int] = []
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])  # noqa: B023 (used at once)
+
+        await guard(scope, _no_body, send)
+        seen.append((exchange.client_ip, "ok" if statuses == [200] else exchange.reason))
+        assert len(guard._peers) <= 4
+    expected = [
+        ("10.0.0.1", "ok"),
+        ("10.0.0.66", "ip_denied"),
+        ("192.0.2.7", "ip_denied"),
+        ("10.0.0.2", "ok"),
+        ("10.0.0.3", "ok"),
+        ("10.0.0.4", "ok"),
+        ("10.0.0.66", "ip_denied"),
+    ]
+    assert seen == expected * 3
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -151,6 +151,17 @@ async def test_refusal_after_the_reservation_gives_it_back() -> None:
     assert remaining((await limits.admit(None, "ip", tokens=0)).headers) == 60
 
 
+async def test_requests_refusal_after_the_reservation_reports_the_tokens_without_it(clock: Clock) -> None:
+    limits = limiter(rpm=1, tpm=100)
+    await limits.admit(None, "ip", tokens=30)
+    with pytest.raises(RateLimited) as refused:
+        await limits.admit(None, "ip", tokens=40)
+    assert refused.value.reason == "rate_limit_requests"
+    headers = dict(refused.value.headers)
+    assert headers[b"x-ratelimit-remaining-requests"] == b"0"
+    assert (headers[b"x-ratelimit-limit-tokens"], headers[b"x-ratelimit-remaining-tokens"]) == (b"100", b"70")
+
+
 async def test_concurrency_refusal_carries_the_request_headers_and_takes_no_hit() -> None:
     limits = limiter(rpm=5, max_concurrent=2)
     await limits.admit(None, "ip")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -178,7 +179,7 @@ async def test_a_full_window_only_keeps_the_last_minute(monkeypatch: pytest.Monk
         clock.now += 0.1  # 10 hits per second
     start, count = await storage.get_moving_window("busy", 10**9, 60)
     assert count == 600 and start == pytest.approx(clock.now - 59.9)
-    assert len(storage._windows["busy"][1]) <= 601  # older hits were dropped, not just skipped
+    assert len(storage._windows["busy"]) <= 601  # older hits were dropped, not just skipped
 
 
 async def test_idle_keys_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,3 +213,19 @@ def test_rate_limiter_uses_it_in_memory_mode_only() -> None:
     assert isinstance(memory.storage, MemoryStorage) and isinstance(memory.failures.storage, MemoryStorage)
     shared = RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis_url="redis://127.0.0.1:1/0")
     assert isinstance(shared.storage, RedisStorage) and isinstance(shared.failures.storage, MemoryStorage)
+
+
+async def test_a_busy_window_is_compacted_and_holds_nothing_the_collector_walks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "time", clock)
+    storage = MemoryStorage()
+    for _ in range(20_000):
+        assert await storage.acquire_entry("busy", 10**9, 60)
+        clock.now += 0.01  # 100 hits per second: 6,000 in a minute
+    start, count = await storage.get_moving_window("busy", 10**9, 60)
+    assert count == 6000 and start == pytest.approx(clock.now - 59.99)
+    hits = storage._windows["busy"]
+    assert len(hits.times) <= 2 * 6001  # dropped hits are let go once they are half of the array
+    assert len(gc.get_referents(hits.times)) <= 1  # plain doubles: a full collection does not walk 6,000 floats

@@ -19,12 +19,12 @@ import uvicorn
 
 from bastion import proxy, server
 from bastion.app import create_app
-from bastion.asgi import ConnectionHook, DisconnectWatch
+from bastion.asgi import ConnectionHook, DisconnectWatch, Receive, Scope, Send, body_received, read_body
 from bastion.config import Settings
 from bastion.context import Exchange, Listener, Outcome
 from bastion.engine.router import Backend, Router
 from bastion.http import http1
-from bastion.server import HeadHoldingTransport, server_config
+from bastion.server import HeadHoldingTransport, guarded_protocol, server_config
 from tests.support import TEST_KEY, content_length, free_port
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
@@ -505,3 +505,37 @@ async def test_a_client_that_stops_reading_a_pushed_stream_is_cut_by_the_write_t
     assert 0.5 <= waited < 5, waited
     assert exchange.outcome is Outcome.CLIENT_DISCONNECT and exchange.status == 200
     assert watched.released
+
+
+async def test_the_server_says_when_a_body_is_already_whole_so_it_is_read_without_a_timer() -> None:
+    """A body that arrived with its head is read with no timer; one still arriving keeps the read timeout."""
+    seen: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(body_received(scope))
+        body = await read_body(receive, 1024, None, 5.0)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=guarded_protocol(5.0, 8192), lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 (uvicorn's Server has no event for it)
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\n"
+        writer.write(head + b"whol")
+        assert (await asyncio.wait_for(reader.readuntil(b"whol"), 5)).endswith(b"\r\n\r\nwhol")
+        writer.write(head + b"pa")  # half the body: reading it may wait, so the timer stays
+        await asyncio.sleep(0.05)
+        writer.write(b"rt")
+        assert (await asyncio.wait_for(reader.readuntil(b"part"), 5)).endswith(b"\r\n\r\npart")
+        writer.close()
+        assert seen == [True, False]
+    finally:
+        server.should_exit = True
+        await serving

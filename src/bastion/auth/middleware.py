@@ -34,6 +34,7 @@ from .keys import KeyStore
 
 log = logging.getLogger("bastion.auth")
 MAX_CREDENTIAL = 8192
+_PEER_MEMO = 4096  # peers whose address is remembered (emptied when full)
 
 
 class Authenticator:
@@ -97,6 +98,9 @@ class AuthMiddleware:
         self._policy = policy
         self._exempt = frozenset(exempt)
         self._failures = failures
+        # Without trusted proxies the client is the TCP peer: its address, written form and verdict under the
+        # global lists are the same for every request it makes (the policy is immutable), so worked out once.
+        self._peers: dict[str | None, tuple[IPAddress | None, str, bool]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -108,15 +112,15 @@ class AuthMiddleware:
             return
         exchange = find_exchange(scope)
         resolved = self._policy.needs_address
-        ip = self._client_ip(scope, exchange) if resolved else None
+        ip, admitted = self._address(scope, exchange) if resolved else (None, True)
         try:
-            principal = await self._admit(scope, exchange, ip, resolved)
+            principal = await self._admit(scope, exchange, ip, resolved, admitted)
         except AuthFailure as failure:
             error = failure.error()
             if self._failures is not None and error.status == 401 and failure.reason != "missing_credentials":
                 # Counted only now, for a credential that was presented and refused.
                 if not resolved:
-                    ip = self._client_ip(scope, exchange)
+                    ip = self._address(scope, exchange)[0]
                 error = await self._failures.hit_auth_failure(client_bucket(ip)) or error
             log.debug("refused %s %s: %s", scope["method"], scope["path"], failure.reason)
             await self._refuse_error(send, error, failure.reason, exchange)
@@ -125,24 +129,39 @@ class AuthMiddleware:
             exchange.principal = principal
         await self.app(scope, receive, send)
 
-    async def _admit(self, scope: Scope, exchange: Exchange | None, ip: IPAddress | None, resolved: bool) -> Principal:
-        if self._policy.needs_address and not self._policy.admits(ip):
+    async def _admit(
+        self, scope: Scope, exchange: Exchange | None, ip: IPAddress | None, resolved: bool, admitted: bool
+    ) -> Principal:
+        if not admitted:
             raise AuthFailure("ip_denied")
         principal = await self._auth.authenticate(_bearer(scope))
         if principal.networks:
             if not resolved:
-                ip = self._client_ip(scope, exchange)
+                ip = self._address(scope, exchange)[0]
             if not principal.allows_ip(ip):
                 raise AuthFailure("ip_denied")
         return principal
 
-    def _client_ip(self, scope: Scope, exchange: Exchange | None) -> IPAddress | None:
+    def _address(self, scope: Scope, exchange: Exchange | None) -> tuple[IPAddress | None, bool]:
+        """The client's address (recorded on the exchange) and whether the global lists admit it."""
         client = scope.get("client")
-        forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-for"] if self._policy.trusted_proxies else []
-        ip = self._policy.client_ip(client[0] if client else None, forwarded)
+        peer = client[0] if client else None
+        policy = self._policy
+        if policy.trusted_proxies:
+            forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-for"]
+            ip = policy.client_ip(peer, forwarded)
+            known = (ip, str(ip) if ip is not None else "", policy.admits(ip))
+        else:
+            known_peer = self._peers.get(peer)
+            if known_peer is None:
+                if len(self._peers) >= _PEER_MEMO:
+                    self._peers.clear()
+                ip = policy.client_ip(peer)
+                known_peer = self._peers[peer] = (ip, str(ip) if ip is not None else "", policy.admits(ip))
+            known = known_peer
         if exchange is not None:
-            exchange.client_ip = str(ip) if ip is not None else ""
-        return ip
+            exchange.client_ip = known[1]
+        return known[0], known[2]
 
     async def _refuse_error(self, send: Send, error: GatewayError, reason: str, exchange: Exchange | None) -> None:
         extra: list[tuple[bytes, bytes]] = []

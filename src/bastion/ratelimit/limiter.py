@@ -141,6 +141,11 @@ def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Hea
     ]
 
 
+def _tokens_left(tpm: int, left: int, reset_in: float) -> Headers:
+    """A refusal's tokens headers: what is left once its reservation is given back (none without a limit)."""
+    return limit_headers("tokens", tpm, left, reset_in) if tpm > 0 else []
+
+
 @dataclass(slots=True)
 class Admission:
     """An admitted request: what to release and settle when it ends, and its response headers."""
@@ -269,15 +274,16 @@ class RateLimiter:
         try:
             now = time.time()
             token_headers: Headers = []  # for a response: what is left with this request's reservation
-            refused_headers: Headers = []  # for a refusal: what is left without it (it is given back)
+            # For a refusal after the reservation: what is left without it (it is given back), made only then.
+            refused_left, reset = 0, 0.0
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
                 reservation = await self.token_windows.reserve(per_minute(tpm).key_for(key), tpm, MINUTE, amount)
                 window = reservation.window
                 left, reset = window.remaining(tpm, MINUTE), window.reset_in(MINUTE)
-                token_headers = refused_headers = limit_headers("tokens", tpm, left, reset)
+                token_headers = limit_headers("tokens", tpm, left, reset)
                 if reservation.admitted:
-                    refused_headers = limit_headers("tokens", tpm, min(tpm, left + amount), reset)
+                    refused_left = min(tpm, left + amount)
                 else:
                     wait = window.fits_in(amount, tpm, MINUTE)
                     raise self._refused(
@@ -298,7 +304,7 @@ class RateLimiter:
                         429,
                         f"Rate limit reached: at most {conc} concurrent {plural}; retry when one finishes.",
                         "rate_limit_concurrency",
-                        [(b"retry-after", b"1"), *request_headers, *refused_headers],
+                        [(b"retry-after", b"1"), *request_headers, *_tokens_left(tpm, refused_left, reset)],
                     )
             headers: Headers = []
             if rpm > 0:
@@ -308,7 +314,12 @@ class RateLimiter:
                 headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
                 if not admitted:
                     raise self._refused(
-                        "requests", f"{rpm} requests per minute", stats.reset_time, now, headers, refused_headers
+                        "requests",
+                        f"{rpm} requests per minute",
+                        stats.reset_time,
+                        now,
+                        headers,
+                        _tokens_left(tpm, refused_left, reset),
                     )
             self._recovered()
             admission.headers = headers + token_headers
