@@ -320,8 +320,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
     """
     host = settings.upstream_host
     port = settings.upstream_port or free_port(host)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTION_")}
-    env.update(settings.upstream_env)
+    env = _child_env(settings.upstream_env)
     source = CommandSource(
         template=settings.upstream_command,
         python=settings.vllm_python,
@@ -337,23 +336,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         ),
     )
     command = build_command(source, host=host, port=port, port_fixed=bool(settings.upstream_port), path=env.get("PATH"))
-    return EngineSpec(
-        name=settings.served_model_name or settings.model,
-        command=command.argv,
-        host=host,
-        port=port,
-        env=env,
-        command_setting=command.setting,
-        startup_timeout=settings.startup_timeout,
-        health_interval=settings.health_interval,
-        health_timeout=settings.health_timeout,
-        health_failures=settings.health_failures,
-        backoff=settings.restart_backoff,
-        backoff_max=settings.restart_backoff_max,
-        max_restarts=settings.max_restarts,
-        restart_window=settings.restart_window,
-        stop_timeout=settings.stop_timeout,
-    )
+    return _supervised(settings, settings.served_model_name or settings.model, command.argv, port, env, command.setting)
 
 
 def engine_entries(settings: Settings) -> tuple[EngineEntry, ...]:
@@ -369,8 +352,7 @@ def replica_spec(settings: Settings, entry: EngineEntry, index: int) -> EngineSp
     """One replica of a configured engine, on a port of its own (a new one per start); raises `CommandError`."""
     host = settings.upstream_host
     port = free_port(host)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTION_")}
-    env.update(entry.env)
+    env = _child_env(entry.env)
     gpus = entry.gpus_of(index)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
@@ -392,13 +374,27 @@ def replica_spec(settings: Settings, entry: EngineEntry, index: int) -> EngineSp
         command = build_command(source, host=host, port=port, port_fixed=False, path=env.get("PATH"))
     except CommandError as exc:
         raise CommandError(f"BASTION_ENGINES: {entry.model!r}: {exc.reason}") from None
+    return _supervised(settings, entry.label(index), command.argv, port, env, "BASTION_ENGINES")
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """A child's environment: bastion's minus every BASTION_* variable (they may hold secrets), plus `extra`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTION_")}
+    env.update(extra)
+    return env
+
+
+def _supervised(
+    settings: Settings, name: str, argv: tuple[str, ...], port: int, env: dict[str, str], command_setting: str
+) -> EngineSpec:
+    """An engine spec with the supervision settings (probes, backoff, restarts, stop) every child shares."""
     return EngineSpec(
-        name=entry.label(index),
-        command=command.argv,
-        host=host,
+        name=name,
+        command=argv,
+        host=settings.upstream_host,
         port=port,
         env=env,
-        command_setting="BASTION_ENGINES",
+        command_setting=command_setting,
         startup_timeout=settings.startup_timeout,
         health_interval=settings.health_interval,
         health_timeout=settings.health_timeout,
