@@ -12,7 +12,10 @@ backlog, lead (seconds), threshold; each its own process). Then: an interactive 
 TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256
 tokens) alone through the plain gateway (the engine's batch tokens/s) and, through each
 configuration, both together (interactive TTFT p50 beside the flood, batch tokens/s). Targets:
-TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone. results.json is rewritten after
+TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone. Batch tokens/s is the engine's
+own counter (vllm:generation_tokens_total) over the window less the interactive key's tokens: the
+tokens of requests that completed in the window (also recorded) swing by a whole wave of 256-token
+requests. The engine's running/waiting gauges are sampled every 0.2 s. results.json is rewritten after
 each step, with each configuration's share and TTFT ratio per round; progress goes to stderr.
 Budget: vLLM starts in ~220 s; the defaults (3 configurations, 2 rounds, 5 s warm-up + 20 s
 windows) measure for ~230 s more.
@@ -37,6 +40,8 @@ import httpx
 
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
+CHAT_TOKENS = 16
+ENGINE_SERIES = ("vllm:generation_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting")
 DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.15;reserve=2,backlog=64,lead=0.3"
 _KNOBS = {
     "capacity": "BASTION_ENGINE_CAPACITY",
@@ -57,6 +62,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def engine_series(client: httpx.AsyncClient, engine: str) -> dict[str, float]:
+    """The engine's counters and gauges this driver reads, each summed over its label sets."""
+    page = (await client.get(engine + "/metrics", timeout=5)).text
+    series = dict.fromkeys(ENGINE_SERIES, 0.0)
+    for line in page.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in series:
+            series[name] += float(line.rpartition(" ")[2])
+    return series
 
 
 def parse_configs(text: str) -> dict[str, dict[str, float]]:
@@ -189,7 +205,9 @@ class Bench:
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
         ttfts: list[float] = []
         statuses: dict[str, int] = {}
-        tokens = 0
+        tokens = chats_done = 0
+        running: list[float] = []
+        waiting: list[float] = []
         counting = False
         stop = time.monotonic() + (self.warmup if batch else 0.0) + window
 
@@ -204,9 +222,19 @@ class Bench:
                 if response.status_code == 200 and counting and time.monotonic() < stop:
                     tokens += response.json()["usage"]["completion_tokens"]
 
+        async def sample_engine(client: httpx.AsyncClient) -> None:
+            """The engine's own gauges while the window runs: how full its batch was and how much waited in it."""
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    page = await engine_series(client, self.engine)
+                    running.append(page["vllm:num_requests_running"])
+                    waiting.append(page["vllm:num_requests_waiting"])
+                await asyncio.sleep(0.2)
+
         async def chat(client: httpx.AsyncClient) -> None:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 16, "stream": True}
-            body |= {"ignore_eos": True}
+            nonlocal chats_done
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": CHAT_TOKENS}
+            body |= {"stream": True, "ignore_eos": True}
             headers = {"authorization": f"Bearer {self.keys['chat']}"}
             while time.monotonic() < stop:
                 start = time.monotonic()
@@ -218,6 +246,8 @@ class Bench:
                             if counting:
                                 ttfts.append(time.monotonic() - start)
                             first = False
+                if r.status_code == 200 and counting:
+                    chats_done += 1
 
         # Two clients: the chat never waits behind the flood in the load generator's own pool.
         async with (
@@ -227,9 +257,12 @@ class Bench:
             tasks = [asyncio.create_task(flood(client)) for _ in range(256 if batch else 0)]
             if batch:
                 await asyncio.sleep(self.warmup)  # the engine fills; the gateway's queue forms
+            generated = (await engine_series(chatter, self.engine))["vllm:generation_tokens_total"]
             counting, t0 = True, time.monotonic()
             tasks += [asyncio.create_task(chat(chatter)) for _ in range(2 if interactive else 0)]
+            tasks.append(asyncio.create_task(sample_engine(chatter)))
             await asyncio.sleep(max(0.0, stop - time.monotonic()))
+            generated = (await engine_series(chatter, self.engine))["vllm:generation_tokens_total"] - generated
             elapsed = time.monotonic() - t0
             counting = False
             for task in tasks:
@@ -244,7 +277,14 @@ class Bench:
             result["ttft_p50_ms"] = round(statistics.median(ttfts) * 1000, 1) if ttfts else None
             result["interactive_requests"] = len(ttfts)
         if batch:
-            result["batch_tokens_per_s"] = round(tokens / elapsed, 1)
+            # The engine's counter, less the interactive key's tokens: every token generated in the window. Tokens of
+            # requests that completed in the window (the client's count) swing with where 256-token waves end.
+            result["batch_tokens_per_s"] = round((generated - chats_done * CHAT_TOKENS) / elapsed, 1)
+            result["batch_completed_tokens_per_s"] = round(tokens / elapsed, 1)
+        if running:
+            result["engine_running_mean"] = round(statistics.fmean(running), 2)
+            result["engine_running_min"] = min(running)
+            result["engine_waiting_mean"] = round(statistics.fmean(waiting), 2)
         return result
 
     def run(self, rounds: int) -> None:

@@ -24,6 +24,8 @@ def test_driver_against_the_simulator(tmp_path: Path) -> None:
         assert set(entry["configs"]) == {"reserve=2", "reserve=2,backlog=64,lead=0.1"}
         for result in entry["configs"].values():
             assert result["batch_tokens_per_s"] > 0 and result["interactive_requests"] > 0 and result["batch_share"] > 0
+            # The engine's own view of the window: its batch held requests, never more than --max-num-seqs.
+            assert 0 < result["engine_running_mean"] <= 64
     assert set(results["summary"]) == {"reserve=2", "reserve=2,backlog=64,lead=0.1"}
     logs = {p.name for p in tmp_path.iterdir()}
     assert {"engine.log", "bastion-plain.log", "bastion-fair1.log", "bastion-fair2.log"} <= logs
