@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -41,7 +42,8 @@ import httpx
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
 CHAT_TOKENS = 16
-ENGINE_SERIES = ("vllm:generation_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting")
+STEPS = "vllm:iteration_tokens_total_count"  # one observation per engine step (absent from the simulator)
+ENGINE_SERIES = ("vllm:generation_tokens_total", STEPS, "vllm:num_requests_running", "vllm:num_requests_waiting")
 DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.15;reserve=2,backlog=64,lead=0.3"
 _KNOBS = {
     "capacity": "BASTION_ENGINE_CAPACITY",
@@ -207,6 +209,9 @@ class Bench:
         statuses: dict[str, int] = {}
         tokens = chats_done = 0
         running: list[float] = []
+        starts: list[float] = []  # when each measured interactive request was sent, from the window's start
+        ends: list[float] = []  # when each counted batch request completed
+        t0 = math.inf
         waiting: list[float] = []
         counting = False
         stop = time.monotonic() + (self.warmup if batch else 0.0) + window
@@ -221,6 +226,7 @@ class Bench:
                 statuses[f"batch {response.status_code}"] = statuses.get(f"batch {response.status_code}", 0) + 1
                 if response.status_code == 200 and counting and time.monotonic() < stop:
                     tokens += response.json()["usage"]["completion_tokens"]
+                    ends.append(round(time.monotonic() - t0, 4))
 
         async def sample_engine(client: httpx.AsyncClient) -> None:
             """The engine's own gauges while the window runs: how full its batch was and how much waited in it."""
@@ -245,6 +251,7 @@ class Bench:
                         if first and r.status_code == 200:
                             if counting:
                                 ttfts.append(time.monotonic() - start)
+                                starts.append(round(start - t0, 4))
                             first = False
                 if r.status_code == 200 and counting:
                     chats_done += 1
@@ -257,12 +264,12 @@ class Bench:
             tasks = [asyncio.create_task(flood(client)) for _ in range(256 if batch else 0)]
             if batch:
                 await asyncio.sleep(self.warmup)  # the engine fills; the gateway's queue forms
-            generated = (await engine_series(chatter, self.engine))["vllm:generation_tokens_total"]
+            before = await engine_series(chatter, self.engine)
             counting, t0 = True, time.monotonic()
             tasks += [asyncio.create_task(chat(chatter)) for _ in range(2 if interactive else 0)]
             tasks.append(asyncio.create_task(sample_engine(chatter)))
             await asyncio.sleep(max(0.0, stop - time.monotonic()))
-            generated = (await engine_series(chatter, self.engine))["vllm:generation_tokens_total"] - generated
+            after = await engine_series(chatter, self.engine)
             elapsed = time.monotonic() - t0
             counting = False
             for task in tasks:
@@ -275,12 +282,22 @@ class Bench:
             )
         if interactive:
             result["ttft_p50_ms"] = round(statistics.median(ttfts) * 1000, 1) if ttfts else None
+            result["ttft_p90_ms"] = round(statistics.quantiles(ttfts, n=10)[-1] * 1000, 1) if len(ttfts) > 1 else None
             result["interactive_requests"] = len(ttfts)
+            # For reading a TTFT against the batch's waves afterwards: (sent at, TTFT ms) and batch completions.
+            sent = [[at, round(ttft * 1000, 1)] for at, ttft in zip(starts, ttfts, strict=True)]
+            result["trace"] = {"chat": sent, "batch_ends": ends}
         if batch:
             # The engine's counter, less the interactive key's tokens: every token generated in the window. Tokens of
             # requests that completed in the window (the client's count) swing with where 256-token waves end.
-            result["batch_tokens_per_s"] = round((generated - chats_done * CHAT_TOKENS) / elapsed, 1)
+            batch_tokens = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+            batch_tokens -= chats_done * CHAT_TOKENS
+            result["batch_tokens_per_s"] = round(batch_tokens / elapsed, 1)
             result["batch_completed_tokens_per_s"] = round(tokens / elapsed, 1)
+            if steps := after[STEPS] - before[STEPS]:
+                # Per engine step: how many of the batch's slots produced a token, whatever the step's speed.
+                result["engine_steps_per_s"] = round(steps / elapsed, 1)
+                result["batch_tokens_per_step"] = round(batch_tokens / steps, 2)
         if running:
             result["engine_running_mean"] = round(statistics.fmean(running), 2)
             result["engine_running_min"] = min(running)
@@ -293,7 +310,7 @@ class Bench:
         first = next(iter(self.configs))
         say(f"interactive alone (c=2, 16 tokens, {self.idle:g} s, through {first!r})")
         self.results["idle"] = asyncio.run(self.measure(bases[first], interactive=True, batch=False, window=self.idle))
-        say(f"idle: {self.results['idle']}")
+        say(f"idle: { {k: v for k, v in self.results['idle'].items() if k != 'trace'} }")
         self.write()
         idle = self.results["idle"]["ttft_p50_ms"]
         for number in range(rounds):
@@ -313,20 +330,24 @@ class Bench:
                     entry["flood_alone"] = result
                 else:
                     entry["configs"][name] = result
-                say(f"round {number + 1}: {name}: {result}")
+                say(f"round {number + 1}: {name}: { {k: v for k, v in result.items() if k != 'trace'} }")
                 self.write()
             base_tps = entry["flood_alone"]["batch_tokens_per_s"]
             for name, result in entry["configs"].items():
                 result["batch_share"] = round(result["batch_tokens_per_s"] / base_tps, 3) if base_tps else None
+                if per_step := entry["flood_alone"].get("batch_tokens_per_step"):
+                    result["batch_step_share"] = round(result["batch_tokens_per_step"] / per_step, 3)
                 ttft = result.get("ttft_p50_ms")
                 result["ttft_vs_idle"] = round(ttft / idle, 2) if idle and ttft else None
                 share, ratio = result["batch_share"], result["ttft_vs_idle"]
-                say(f"round {number + 1}: {name}: batch {share} of alone, TTFT {ratio}x idle")
+                per_step = result.get("batch_step_share")
+                say(f"round {number + 1}: {name}: batch {share} of alone ({per_step} per step), TTFT {ratio}x idle")
             self.write()
         self.results["summary"] = {
             name: {
                 "batch_share": [r["configs"][name]["batch_share"] for r in self.results["rounds"]],
                 "ttft_vs_idle": [r["configs"][name]["ttft_vs_idle"] for r in self.results["rounds"]],
+                "batch_step_share": [r["configs"][name].get("batch_step_share") for r in self.results["rounds"]],
             }
             for name in self.configs
         }
