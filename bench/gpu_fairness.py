@@ -9,8 +9,8 @@ started once, by this script. In front of it, in external mode: one plain bastio
 classes) and one gateway with priority classes and the fair queue per gate configuration
 (`--configs`: `;` between configurations, `,` between `key=value`: capacity (default 64), reserve,
 backlog, lead (seconds), threshold; each its own process). Then: an interactive key at c=2 (16 tokens, streamed:
-TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256
-tokens) alone through the plain gateway (the engine's batch tokens/s) and, through each
+TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256 tokens
+each, or drawn from --batch-tokens LOW-HIGH) alone through the plain gateway (the engine's batch tokens/s) and, through each
 configuration, both together (interactive TTFT p50 beside the flood, batch tokens/s). Targets:
 TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone. Batch tokens/s is the engine's
 own counter (vllm:generation_tokens_total) over the window less the interactive key's tokens: the
@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -101,9 +102,17 @@ def parse_configs(text: str) -> dict[str, dict[str, float]]:
 
 class Bench:
     def __init__(
-        self, out: Path, simulate: bool, window: float, warmup: float, idle: float, configs: dict[str, dict[str, float]]
+        self,
+        out: Path,
+        simulate: bool,
+        window: float,
+        warmup: float,
+        idle: float,
+        configs: dict[str, dict[str, float]],
+        batch_tokens: tuple[int, int],
     ) -> None:
         self.out = out
+        self.batch_tokens = batch_tokens
         self.simulate = simulate
         self.window = window
         self.warmup = warmup
@@ -115,6 +124,7 @@ class Bench:
             "simulated": simulate,
             "window_s": window,
             "warmup_s": warmup,
+            "batch_tokens": list(batch_tokens),
             "configs": configs,
             "rounds": [],
         }
@@ -216,12 +226,14 @@ class Bench:
         counting = False
         stop = time.monotonic() + (self.warmup if batch else 0.0) + window
 
-        async def flood(client: httpx.AsyncClient) -> None:
+        async def flood(client: httpx.AsyncClient, seed: int) -> None:
             nonlocal tokens
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Write."}], "max_tokens": 256}
+            lengths = random.Random(seed)
+            body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Write."}]}
             body |= {"ignore_eos": True}
             headers = {"authorization": f"Bearer {self.keys['flood']}"}
             while time.monotonic() < stop:
+                body["max_tokens"] = lengths.randint(*self.batch_tokens)
                 response = await client.post(base + "/v1/chat/completions", json=body, headers=headers)
                 statuses[f"batch {response.status_code}"] = statuses.get(f"batch {response.status_code}", 0) + 1
                 if response.status_code == 200 and counting and time.monotonic() < stop:
@@ -261,7 +273,7 @@ class Bench:
             httpx.AsyncClient(timeout=300, limits=limits) as client,
             httpx.AsyncClient(timeout=300) as chatter,
         ):
-            tasks = [asyncio.create_task(flood(client)) for _ in range(256 if batch else 0)]
+            tasks = [asyncio.create_task(flood(client, seed)) for seed in range(256 if batch else 0)]
             if batch:
                 await asyncio.sleep(self.warmup)  # the engine fills; the gateway's queue forms
             before = await engine_series(chatter, self.engine)
@@ -371,13 +383,21 @@ def main() -> None:
     parser.add_argument("--simulate", action="store_true", help="the simulator as the engine (no GPU)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="gate configurations, e.g. " + DEFAULT_CONFIGS)
+    parser.add_argument(
+        "--batch-tokens",
+        default="256",
+        help="the batch requests' max_tokens: N (every request alike: the flood runs in lockstep waves) or LOW-HIGH "
+        "(each request's drawn uniformly, seeded: requests end spread out, as a real batch job's do)",
+    )
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured per step")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before measuring")
     parser.add_argument("--idle-window", type=float, default=8.0, help="seconds of the interactive-alone step")
     args = parser.parse_args()
     configs = parse_configs(args.configs)
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.out, args.simulate, args.window, args.warmup, args.idle_window, configs)
+    low, _, high = args.batch_tokens.partition("-")
+    batch_tokens = (int(low), int(high or low))
+    bench = Bench(args.out, args.simulate, args.window, args.warmup, args.idle_window, configs, batch_tokens)
     try:
         bench.run(args.rounds)
     finally:
