@@ -168,7 +168,13 @@ def test_sigterm_lets_a_stream_finish_then_stops_every_process(redis_url: str) -
 
 def test_a_rolling_restart_asked_of_any_worker_waits_for_streams_on_every_worker(redis_url: str) -> None:
     engines = [{"model": "m", "command": SIM + " --model m --itl 0.1 --tokens 40", "replicas": 2}]
-    env = workers_env(redis_url, BASTION_ENGINES=json.dumps(engines), BASTION_ADMIN_TOKEN="admin-" + "t" * 30)
+    # An old child gets 0.2 s after SIGTERM: one stopped before its streams end would cut them.
+    env = workers_env(
+        redis_url,
+        BASTION_ENGINES=json.dumps(engines),
+        BASTION_ADMIN_TOKEN="admin-" + "t" * 30,
+        BASTION_STOP_TIMEOUT="0.2",
+    )
     del env["BASTION_UPSTREAM_COMMAND"]
     with gateway("--workers", "2", env=env) as (proc, base):
         wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
