@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support import AUTH, PYTHON, Proc, TEST_KEY, free_port, gateway, redis_server, wait_http
+from tests.support import AUTH, PYTHON, TEST_KEY, Proc, free_port, gateway, redis_server, wait_http
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="worker processes share a socket the POSIX way")
 
@@ -145,9 +145,7 @@ def test_sigterm_lets_a_stream_finish_then_stops_every_process(redis_url: str) -
         [engine_pid] = [int(pid) for pid in _ENGINE.findall(proc.output())]
         body = {**CHAT, "stream": True, "max_tokens": 40}
         events: list[str] = []
-        with httpx.stream(
-            "POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=30
-        ) as response:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=30) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
             for line in lines:
