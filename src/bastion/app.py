@@ -249,7 +249,7 @@ def create_app(
     secrets += [entry.api_key for entry in entries if entry.api_key]
     if upstream.api_key:
         secrets.append(upstream.api_key)
-    audit = audit_log(settings.audit_log, secrets)
+    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
     if audit is not None:
         services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
     observers = [listener for listener in (metrics, audit) if listener is not None]
