@@ -10,11 +10,13 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,6 +52,14 @@ def worker_requests(base: str) -> dict[str, float]:
 def started_workers(proc: Proc) -> dict[int, int]:
     """index -> pid of the latest start of each worker, from the master's log."""
     return {int(index): int(pid) for index, pid in _STARTED.findall(proc.output())}
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def wait_for(condition: object, timeout: float, what: str, proc: Proc) -> None:
@@ -153,6 +163,8 @@ def test_sigterm_lets_a_stream_finish_then_stops_every_process(redis_url: str) -
                     events.append(line)
                     break
             proc.signal(signal.SIGTERM)  # mid-stream: ~2 s of tokens still to come
+            port = int(base.rsplit(":", 1)[1])
+            wait_for(lambda: refused(port), 1.5, "the port closed to new connections while draining", proc)
             events.extend(line for line in lines if line.startswith("data: "))
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e[6:]) for e in events[:-1]]
@@ -201,3 +213,25 @@ def test_a_rolling_restart_asked_of_any_worker_waits_for_streams_on_every_worker
         assert "cut after the drain timeout" not in proc.output()
         wait_http(base + "/ready", proc=proc)
         assert chat(base).status_code == 200
+
+
+def test_when_the_master_is_killed_its_workers_and_engine_stop_too(redis_url: str) -> None:
+    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, _):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        [engine_pid] = [int(pid) for pid in _ENGINE.findall(proc.output())]
+        pids = [*started_workers(proc).values(), engine_pid]
+        proc.popen.send_signal(signal.SIGKILL)  # the master only, not its process group
+        proc.popen.wait(5)
+
+        def gone() -> bool:
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    continue
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    return False
+            return True
+
+        wait_for(gone, 15, "workers and engine gone after the master's SIGKILL", proc)
+        assert "the master (pid" in proc.output() and "is gone; stopping" in proc.output()

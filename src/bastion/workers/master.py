@@ -151,8 +151,6 @@ class Master:
             await self._stop_workers()
             for task in list(self._tasks):
                 task.cancel()
-        for sock in self._sockets:
-            sock.close()
         log.info("master pid=%d: stopped", os.getpid())
         return 1 if self._failed else 0
 
@@ -172,6 +170,10 @@ class Master:
             if not worker.exited.is_set():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGTERM)
+        # The port closes once the workers close their copies too: new connections are refused at once
+        # (a load balancer moves on) instead of waiting in a queue nobody accepts from.
+        for sock in self._sockets:
+            sock.close()
         waits = [asyncio.create_task(worker.exited.wait()) for worker in workers]
         if waits:
             _, late = await asyncio.wait(waits, timeout=self._settings.shutdown_grace + STOP_MARGIN)
@@ -217,7 +219,7 @@ class Master:
             return
         if code == STARTUP_FAILURE and not worker.ready:
             log.error(
-                "worker %d (pid %d) could not build the gateway (see its line above): stopping",
+                "worker %d (pid %d) could not start the gateway (see its lines above): stopping",
                 worker.index,
                 worker.pid,
             )

@@ -41,4 +41,7 @@ def run_worker(settings: Settings, sockets: list[socket.socket], index: int, con
         link.started()
         tune_collector()
 
-    Server(server_config(app, settings), started).run(sockets=sockets)
+    server = Server(server_config(app, settings), started)
+    server.run(sockets=sockets)
+    if not server.started:  # the lifespan failed (its line is above): the master must not retry forever
+        sys.exit(STARTUP_FAILURE)
