@@ -48,7 +48,8 @@ class MasterLink:
         self._asks = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Message]] = {}
         self._page: Page | None = None
-        self._last_report: dict[str, int] | None = None
+        self._last_report: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
     @asynccontextmanager
     async def running(self, router: Router, page: Page | None) -> AsyncIterator[MasterLink]:
@@ -115,7 +116,9 @@ class MasterLink:
                 self._version = int(message.get("v", 0))
                 self._report(force=True)
             elif kind == "page":
-                asyncio.create_task(self._send_page(int(message["id"])))  # noqa: RUF006 (short, bounded)
+                task = asyncio.create_task(self._send_page(int(message.get("id", 0))), name="bastion-worker-page")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             elif kind in ("pages", "restarted"):
                 future = self._waiting.get(int(message.get("id", 0)))
                 if future is not None and not future.done():
@@ -136,14 +139,14 @@ class MasterLink:
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
-            if self.mirror.draining or self._last_report:
+            if self.mirror.draining or any(self._last_report.values()):  # the master may be waiting on a count
                 self._report(force=False)
 
     def _report(self, *, force: bool) -> None:
         counts = self.mirror.in_flight()
         if not force and counts == self._last_report:
             return
-        self._last_report = {url: n for url, n in counts.items() if n} or None
+        self._last_report = counts
         if self._channel is not None:
             self._channel.send({"t": "in_flight", "v": self._version, "counts": counts})
 
