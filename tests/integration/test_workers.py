@@ -235,3 +235,45 @@ def test_when_the_master_is_killed_its_workers_and_engine_stop_too(redis_url: st
 
         wait_for(gone, 15, "workers and engine gone after the master's SIGKILL", proc)
         assert "the master (pid" in proc.output() and "is gone; stopping" in proc.output()
+
+
+def test_sighup_to_the_master_reloads_the_key_file_in_every_worker(redis_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    env = workers_env(redis_url, BASTION_KEYS_FILE=str(path), BASTION_KEYS_RELOAD_INTERVAL="600")
+    with gateway("--workers", "2", env=env) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        create = subprocess.run(
+            [PYTHON, "-m", "bastion", "keys", "create", "--name", "late", "--keys-file", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
+        )
+        key = create.stdout.strip()
+        assert key.startswith("bst-"), create.stderr
+        late = {"authorization": f"Bearer {key}"}
+        assert httpx.get(base + "/v1/models", headers=late, timeout=10).status_code == 401
+        proc.signal(signal.SIGHUP)
+        time.sleep(1.0)
+        statuses: list[int] = []
+        while set(worker_requests(base)) != {"0", "1"} and len(statuses) < 200:  # until both workers answered
+            statuses += [httpx.get(base + "/v1/models", headers=late, timeout=10).status_code for _ in range(10)]
+        assert set(worker_requests(base)) == {"0", "1"}
+        assert statuses == [200] * len(statuses)  # whichever worker answered had reloaded
+        assert key not in proc.output()
+
+
+def test_sigusr1_to_the_master_restarts_the_engine_and_every_worker_follows(redis_url: str) -> None:
+    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        [first] = _ENGINE.findall(proc.output())
+        proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "restarted_with_downtime" in proc.output(), 30, "the engine restarted", proc)
+        [old, new] = _ENGINE.findall(proc.output())
+        assert old == first and new != first
+        wait_http(base + "/ready", proc=proc)
+        for _ in range(10):  # on fresh connections: both workers forward to the new child, and say it is ready
+            assert chat(base).status_code == 200
+            assert httpx.get(base + "/ready", timeout=5).json()["status"] == "ready"
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(old), 0)
