@@ -36,13 +36,13 @@ def chat(base: str, **kw: object) -> httpx.Response:
     return httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10, **kw)  # type: ignore[arg-type]
 
 
-def worker_requests(base: str) -> dict[str, float]:
-    """bastion_requests_total summed per worker label, from one scrape (which lands on one worker)."""
+def worker_requests(base: str, status: str = "") -> dict[str, float]:
+    """bastion_requests_total (of `status`, if given) summed per worker label, from one scrape (on one worker)."""
     page = httpx.get(base + "/metrics", timeout=10)
     assert page.status_code == 200, page.text
     totals: dict[str, float] = {}
     for line in page.text.splitlines():
-        if line.startswith("bastion_requests_total{"):
+        if line.startswith("bastion_requests_total{") and (not status or f'status="{status}"' in line):
             worker = re.search(r'worker="(\d+)"', line)
             assert worker is not None, line
             totals[worker.group(1)] = totals.get(worker.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
@@ -256,9 +256,9 @@ def test_sighup_to_the_master_reloads_the_key_file_in_every_worker(redis_url: st
         proc.signal(signal.SIGHUP)
         time.sleep(1.0)
         statuses: list[int] = []
-        while set(worker_requests(base)) != {"0", "1"} and len(statuses) < 200:  # until both workers answered
+        while set(worker_requests(base, "200")) != {"0", "1"} and len(statuses) < 200:  # both workers answered
             statuses += [httpx.get(base + "/v1/models", headers=late, timeout=10).status_code for _ in range(10)]
-        assert set(worker_requests(base)) == {"0", "1"}
+        assert set(worker_requests(base, "200")) == {"0", "1"}
         assert statuses == [200] * len(statuses)  # whichever worker answered had reloaded
         assert key not in proc.output()
 
