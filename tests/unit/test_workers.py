@@ -9,8 +9,10 @@ import socket
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.audit import AuditWriter
+from bastion.config import Settings, load
 from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase
+from bastion.preflight import problems
 from bastion.workers.channel import Channel
 from bastion.workers.engines import UNSET_URL, EngineMirror, ReplicaState, snapshot
 from bastion.workers.metrics import merge
@@ -129,3 +131,16 @@ def test_audit_lines_shared_by_workers_go_out_in_whole_lines_of_at_most_pipe_buf
 
     assert asyncio.run(written(100)).sizes == [90, 90, 90, 30]  # three lines per write, never a line cut
     assert asyncio.run(written(None)).sizes == [300]  # one process: one write per flush, as before
+
+
+def test_several_workers_refuse_what_one_process_alone_can_count() -> None:
+    base = {"upstream_url": "http://127.0.0.1:9", "audit_log": "off"}
+    alone = load(Settings, {**base, "workers": 1, "fairness": True}, env_file=None)
+    assert problems(alone) == []
+    shared = load(Settings, {**base, "workers": 3, "redis_url": "redis://127.0.0.1:6379/0"}, env_file=None)
+    assert problems(shared) == []
+    lines = problems(load(Settings, {**base, "workers": 3, "fairness": True}, env_file=None))
+    assert len(lines) == 2
+    assert lines[0].startswith("BASTION_WORKERS=3 needs BASTION_REDIS_URL") and "BASTION_WORKERS=1" in lines[0]
+    assert lines[1].startswith("BASTION_WORKERS=3 cannot run with BASTION_FAIRNESS")
+    assert "BASTION_FAIRNESS=false" in lines[1]
