@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workers", type=int, default=1, help="bastion worker processes (bastion serve --workers)")
     parser.add_argument("--redis", action="store_true", help="limits in Redis even with one worker (always with 2+)")
+    parser.add_argument("--redis-server", default="redis-server", help="the redis-server program to start")
     args = parser.parse_args()
     stop_children_on_sigterm()
     args.max_load *= max(1, (os.cpu_count() or 2) // 2)  # the limit is for 2 cores; scale it on a larger host
@@ -254,7 +255,7 @@ def main() -> None:
     try:
         with contextlib.ExitStack() as stack:
             if args.workers > 1 or args.redis:
-                env["BASTION_REDIS_URL"] = stack.enter_context(redis(free_port(), work))
+                env["BASTION_REDIS_URL"] = stack.enter_context(redis(free_port(), work, args.redis_server))
             health = f"http://127.0.0.1:{port}/health"
             stack.enter_context(process(upstream_args, clean_env(), health, work / "upstream.log"))
             gateway = stack.enter_context(bastion(gw_port, f"http://127.0.0.1:{port}", env, work, workers=args.workers))

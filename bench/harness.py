@@ -164,13 +164,15 @@ def descendants(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def redis(port: int, work: Path) -> Iterator[str]:
+def redis(port: int, work: Path, server: str = "redis-server") -> Iterator[str]:
     """A throwaway redis-server on 127.0.0.1:`port` (no persistence), stopped by its PID; yields its URL."""
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed: `--workers N` needs a Redis (apt-get install redis-server)")
+    if shutil.which(server) is None:
+        raise SystemExit(f"{server} not found: `--workers N` needs a Redis (apt-get install redis-server; on a "
+                         "machine without it: `dpkg -x` the redis-server, liblzf1 and libjemalloc2 .debs and pass "
+                         "--redis-server with LD_LIBRARY_PATH set)")  # fmt: skip
     with (work / "redis.log").open("wb") as sink:
         proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=sink, stderr=sink,
         )  # fmt: skip
         try:
