@@ -1,7 +1,8 @@
 """The ceiling of one gateway process: the paced chunks/s and requests/s one bastion carries at >= 98 % of direct.
 
     .venv/bin/python bench/ceiling.py [--upstreams 2] [--clients 1] [--seconds 5] [--rounds 1] \\
-        [--stream-steps 32,64,128,256,512,1024] [--request-rates 1000,2000,3000,4000,6000,8000] [--out DIR]
+        [--stream-steps 32,64,128,256,512,1024] [--request-rates 1000,2000,3000,4000,6000,8000] [--out DIR] \\
+        [--workers N] [--redis]
 
 `--upstreams` canned upstreams (bench/fast_upstream.py --paced --reuse-port: one port, the kernel
 spreads connections among the processes) behind one bastion with every feature on (as in
@@ -23,12 +24,18 @@ and the TTFT it added. Direct's rate is the offered load: where direct itself fa
 offer (upstreams or clients out of CPU), the step is marked and says nothing about bastion; give
 more `--upstreams` and `--clients` (on a 16-core host: e.g. 4 and 4).
 
+`--workers N` runs `bastion serve --workers N` (a master and N worker processes on one port) with
+a redis-server of its own (BASTION_REDIS_URL, which several workers need; `--redis` gives one worker
+the same Redis, for a like-for-like comparison). bastion's CPU is then the master's plus every
+worker's (every process below the `bastion serve` PID, read again at each step).
+
 Writes ceiling.json and ceiling.md under --out; waits for a quiet machine (--max-load) first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,15 +52,33 @@ from harness import (
     bastion,
     clean_env,
     create_key,
+    descendants,
     free_port,
     gateway_env,
     process,
+    redis,
     say,
     stop_children_on_sigterm,
     wait_for_quiet,
 )
 
 PASS = 0.98
+
+
+def wait_for_workers(pid: int, workers: int, timeout: float = 60.0) -> None:
+    """/ready answers once one worker does: wait until all of them run (the master spawns them at once)."""
+    deadline = time.monotonic() + timeout
+    while workers > 1 and len([p for p in descendants(pid) if b"spawn_main" in _cmdline(p)]) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bastion did not start {workers} workers in {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,7 +105,7 @@ def load(args: argparse.Namespace, url: str, key: str, step: int, plain: bool, g
             PYTHON, str(HERE / "streams.py"), "--url", url, "-c", str(share), "--max-tokens", str(args.tokens),
             "--ramp", str(ramp), "--warmup", str(warmup), "--seconds", str(args.seconds), "--at", str(opens), "--raw",
             *(["--plain", "--rate", str(step / clients)] if plain else []),
-            *([f"--pid=gateway={gateway}"] if gateway and index == 0 else []),
+            *([f"--pid=gateway={pid}" for pid in [gateway, *descendants(gateway)]] if gateway and index == 0 else []),
         ]  # fmt: skip
         procs.append(subprocess.Popen(command, env={**os.environ, "BENCH_KEY": key}, stdout=subprocess.PIPE, text=True))
     rows = []
@@ -209,6 +234,9 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-minute load average below this")
     parser.add_argument("--patience", type=float, default=120.0, help="seconds to wait for it")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--workers", type=int, default=1, help="bastion worker processes (bastion serve --workers)")
+    parser.add_argument("--redis", action="store_true", help="limits in Redis even with one worker (always with 2+)")
+    parser.add_argument("--redis-server", default="redis-server", help="the redis-server program to start")
     args = parser.parse_args()
     stop_children_on_sigterm()
     args.max_load *= max(1, (os.cpu_count() or 2) // 2)  # the limit is for 2 cores; scale it on a larger host
@@ -225,10 +253,13 @@ def main() -> None:
     results: dict[str, Any] = {}
     started = time.monotonic()
     try:
-        with (
-            process(upstream_args, clean_env(), f"http://127.0.0.1:{port}/health", work / "upstream.log"),
-            bastion(gw_port, f"http://127.0.0.1:{port}", env, work) as gateway,
-        ):
+        with contextlib.ExitStack() as stack:
+            if args.workers > 1 or args.redis:
+                env["BASTION_REDIS_URL"] = stack.enter_context(redis(free_port(), work, args.redis_server))
+            health = f"http://127.0.0.1:{port}/health"
+            stack.enter_context(process(upstream_args, clean_env(), health, work / "upstream.log"))
+            gateway = stack.enter_context(bastion(gw_port, f"http://127.0.0.1:{port}", env, work, workers=args.workers))
+            wait_for_workers(gateway.pid, args.workers)
             direct, through = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gw_port}"
             kinds = [args.only] if args.only else ["streams", "requests"]
             for kind in kinds:

@@ -140,12 +140,55 @@ def upstream(port: int, work: Path, *flags: str, name: str = "upstream") -> cont
 
 
 def bastion(
-    port: int, upstream_url: str, env: dict[str, str], work: Path, name: str = "gateway"
+    port: int, upstream_url: str, env: dict[str, str], work: Path, name: str = "gateway", workers: int = 1
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """`bastion serve` on `port` in external mode; `workers` > 1 needs BASTION_REDIS_URL in `env`."""
     return process(
-        [PYTHON, "-m", "bastion", "serve", "--port", str(port), "--upstream-url", upstream_url],
+        [PYTHON, "-m", "bastion", "serve", "--port", str(port), "--upstream-url", upstream_url,
+         *(["--workers", str(workers)] if workers > 1 else [])],
         env, f"http://127.0.0.1:{port}/ready", work / f"{name}.log",
     )  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), e.g. a bastion master's workers: their CPU is bastion's too."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+                found.append(int(child))
+                pending.append(int(child))
+    return found
+
+
+@contextlib.contextmanager
+def redis(port: int, work: Path, server: str = "redis-server") -> Iterator[str]:
+    """A throwaway redis-server on 127.0.0.1:`port` (no persistence), stopped by its PID; yields its URL."""
+    if shutil.which(server) is None:
+        raise SystemExit(f"{server} not found: `--workers N` needs a Redis (apt-get install redis-server; on a "
+                         "machine without it: `dpkg -x` the redis-server, liblzf1 and libjemalloc2 .debs and pass "
+                         "--redis-server with LD_LIBRARY_PATH set)")  # fmt: skip
+    with (work / "redis.log").open("wb") as sink:
+        proc = subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start; see {work / 'redis.log'}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 NGINX_CONF = """daemon off;

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Protocol
 from urllib.parse import parse_qs
 
 from .asgi import Receive, Scope, Send
 from .auth.ipfilter import IPNetwork
-from .engine.fleet import Fleet
+from .engine.fleet import RestartReport
 from .errors import GatewayError, send_error
 from .metrics_http import LOOPBACK, ScrapeGuard
 
 RESTART_PATH = "/admin/engines/restart"
 
 
+class Restarter(Protocol):
+    """The fleet (one process), or a worker's line to the master that runs the engines."""
+
+    async def restart(self, model: str | None) -> list[RestartReport]: ...
+
+
 class RestartEndpoint:
     def __init__(
-        self, fleet: Fleet, token: str | None, allow: Sequence[IPNetwork], trusted_proxies: Sequence[IPNetwork]
+        self, fleet: Restarter, token: str | None, allow: Sequence[IPNetwork], trusted_proxies: Sequence[IPNetwork]
     ) -> None:
         self._fleet = fleet
         self._guard = ScrapeGuard(token, allow or LOOPBACK, trusted_proxies) if token else None

@@ -11,8 +11,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import cast
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from .admin import RESTART_PATH, RestartEndpoint
+from .admin import RESTART_PATH, RestartEndpoint, Restarter
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .audit import audit_log
 from .auth.ipfilter import IPPolicy, parse_ip, parse_networks
@@ -55,11 +56,14 @@ from .fairness.scrape import watch_waiting
 from .fairness.stage import FairShare
 from .http import Client, Timeouts
 from .metrics import Metrics
-from .metrics_http import ScrapeGuard, metrics_routes
+from .metrics_http import MetricsEndpoint, ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
 from .request_body import InspectBody, RequestInspector
 from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
+from .workers.engines import EngineMirror
+from .workers.link import MasterLink
+from .workers.metrics import WorkersMetricsEndpoint
 
 log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -125,7 +129,10 @@ def create_app(
     *,
     upstream: Upstream | None = None,
     listeners: Sequence[Listener] = (),
+    link: MasterLink | None = None,
 ) -> Gateway:
+    """The gateway; `link` (a worker of `bastion serve --workers N`): the master runs the engines, this
+    process mirrors their state and asks the master for restarts and the other workers' metrics."""
     auth = build_auth(settings)
     client = Client(
         timeouts=Timeouts(
@@ -147,9 +154,10 @@ def create_app(
     scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
     watch: ExternalWatch | None = None
+    mirror = link.mirror if link is not None else None
     entries = engine_entries(settings) if upstream is None else ()
     if entries:
-        router, fleet = build_engines(settings, entries)
+        router, fleet = build_engines(settings, entries, mirror=mirror)
         upstream = router.groups[0].replicas[0].backend.upstream  # what the one-engine metrics describe
     else:
         supervisor: Supervisor | None = None
@@ -157,18 +165,14 @@ def create_app(
             if settings.upstream_url is not None:
                 key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
                 upstream = Upstream(str(settings.upstream_url), key, Phase.EXTERNAL)
+            elif mirror is not None:  # a worker: the master supervises the engine
+                upstream = mirror.upstream(one_engine_label(settings))
             else:
                 upstream, supervisor = supervise(engine_spec(settings), probes)
         if upstream.phase is Phase.EXTERNAL:
             watch = ExternalWatch(upstream, probes, settings.health_interval)
             services.append(watch)
-        name = settings.served_model_name or settings.model
-        only = Replica(0, Backend(upstream, f"{name}/0"))
-        router = Router((), default=EngineGroup(name, [only]), session_header=settings.session_header.encode())
-        plans = []
-        if supervisor is not None:  # restartable in place (`bastion engines restart`): a fresh spec each time
-            plans.append(ReplicaPlan(only, lambda: engine_spec(settings), supervisor=supervisor))
-        fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=False)
+        router, fleet = one_engine(settings, upstream, supervisor)
     services.append(fleet)
 
     @asynccontextmanager
@@ -245,7 +249,7 @@ def create_app(
     secrets += [entry.api_key for entry in entries if entry.api_key]
     if upstream.api_key:
         secrets.append(upstream.api_key)
-    audit = audit_log(settings.audit_log, secrets)
+    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
     if audit is not None:
         services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
     observers = [listener for listener in (metrics, audit) if listener is not None]
@@ -253,7 +257,8 @@ def create_app(
     mounts: dict[str, ASGIApp] = {}
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     trusted = parse_networks(settings.trusted_proxies)
-    mounts[RESTART_PATH] = RestartEndpoint(fleet, admin_token, parse_networks(settings.admin_allow), trusted)
+    restarts: Restarter = link if link is not None else fleet  # a worker asks the master, which runs the engines
+    mounts[RESTART_PATH] = RestartEndpoint(restarts, admin_token, parse_networks(settings.admin_allow), trusted)
     if metrics is not None:
         metrics.registry.register(limiter.collector())
         if gates:
@@ -268,6 +273,12 @@ def create_app(
             )
         engines = router.backends if router.named else None  # several engines: every replica's page, merged
         mounts.update(metrics_routes(guard, metrics, upstream, scrapes.http, probe, engines))
+        if link is not None:  # a scrape lands on one worker: it answers every worker's page, `worker`-labelled
+            own = cast(MetricsEndpoint, mounts["/metrics"])
+            mounts["/metrics"] = WorkersMetricsEndpoint(guard, link.pages)
+            services.append(link.running(router, own.page))
+    elif link is not None:
+        services.append(link.running(router, None))
     return Gateway(
         api,
         v1,
@@ -407,8 +418,38 @@ def _supervised(
     )
 
 
-def build_engines(settings: Settings, entries: Sequence[EngineEntry]) -> tuple[Router, Fleet]:
-    """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan)."""
+def one_engine_label(settings: Settings) -> str:
+    return f"{settings.served_model_name or settings.model}/0"
+
+
+def one_engine(
+    settings: Settings,
+    upstream: Upstream,
+    supervisor: Supervisor | None,
+    in_flight: Callable[[Backend], int] | None = None,
+) -> tuple[Router, Fleet]:
+    """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings."""
+    name = settings.served_model_name or settings.model
+    only = Replica(0, Backend(upstream, one_engine_label(settings)))
+    router = Router((), default=EngineGroup(name, [only]), session_header=settings.session_header.encode())
+    plans = []
+    if supervisor is not None:  # restartable in place (`bastion engines restart`): a fresh spec each time
+        plans.append(ReplicaPlan(only, lambda: engine_spec(settings), supervisor=supervisor))
+    fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=False, in_flight=in_flight)
+    return router, fleet
+
+
+def build_engines(
+    settings: Settings,
+    entries: Sequence[EngineEntry],
+    *,
+    mirror: EngineMirror | None = None,
+    in_flight: Callable[[Backend], int] | None = None,
+) -> tuple[Router, Fleet]:
+    """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan).
+
+    `mirror` (a worker): the master runs the supervised replicas; here each is the mirror of its state.
+    `in_flight` (the master): how many requests a replica carries, counted by the workers."""
     groups: list[EngineGroup] = []
     plans: list[ReplicaPlan] = []
     for entry in entries:
@@ -418,6 +459,8 @@ def build_engines(settings: Settings, entries: Sequence[EngineEntry]) -> tuple[R
                 upstream = Upstream(entry.url, entry.api_key, Phase.EXTERNAL)
                 replica = Replica(index, Backend(upstream, entry.label(index)))
                 plans.append(ReplicaPlan(replica, None, settings.health_timeout, settings.health_interval))
+            elif mirror is not None:
+                replica = Replica(index, Backend(mirror.upstream(entry.label(index)), entry.label(index)))
             else:
 
                 def make(entry: EngineEntry = entry, index: int = index) -> EngineSpec:
@@ -436,7 +479,9 @@ def build_engines(settings: Settings, entries: Sequence[EngineEntry]) -> tuple[R
     # The router's tie-breaker between replicas, and the fair queue's waiting threshold, read the engines' queues.
     threshold = settings.fairness and settings.engine_waiting_threshold is not None
     scrape = threshold or any(len(group.replicas) > 1 for group in groups)
-    return router, Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=scrape)
+    scrape = scrape and mirror is None  # a worker hears the queues from the master
+    fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=scrape, in_flight=in_flight)
+    return router, fleet
 
 
 def _engines_ready(router: Router) -> JSONResponse:

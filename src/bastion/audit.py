@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -54,6 +55,7 @@ class AuditWriter:
         "_failing",
         "_identity",
         "_lines",
+        "_max_write",
         "_path",
         "_scheduled",
         "_size",
@@ -61,8 +63,11 @@ class AuditWriter:
         "dropped",
     )
 
-    def __init__(self, stream: BinaryIO | None, path: str | None = None) -> None:
+    def __init__(self, stream: BinaryIO | None, path: str | None = None, *, max_write: int | None = None) -> None:
         self._stream = stream
+        # Several processes sharing one pipe (`--workers N`, stdout): a write of at most PIPE_BUF bytes is
+        # atomic, a longer one may interleave with another worker's. Lines are then written in such pieces.
+        self._max_write = max_write
         self._path = path
         self._identity = _identity(stream) if path is not None and stream is not None else None
         self._checked = time.monotonic()
@@ -102,17 +107,19 @@ class AuditWriter:
         """Write every buffered line with one write; never raises."""
         if not self._lines:
             return
-        data = "".join(self._lines).encode("ascii")
+        pieces = [self._lines] if self._max_write is None else _pieces(self._lines, self._max_write)
         count = len(self._lines)
-        self._lines.clear()
+        self._lines = []
         self._size = 0
         try:
             stream = self._current()
-            while data:
-                written = stream.write(data)
-                if not written:
-                    raise BlockingIOError(errno.EAGAIN, "the audit log accepted nothing")
-                data = data[written:]
+            for piece in pieces:
+                data = "".join(piece).encode("ascii")
+                while data:
+                    written = stream.write(data)
+                    if not written:
+                        raise BlockingIOError(errno.EAGAIN, "the audit log accepted nothing")
+                    data = data[written:]
             stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: a closed stream
             self.dropped += count
@@ -158,6 +165,19 @@ class AuditWriter:
             with contextlib.suppress(OSError):
                 self._stream.close()
             self._stream = None
+
+
+def _pieces(lines: list[str], limit: int) -> list[list[str]]:
+    """Lines in groups of at most `limit` characters (a longer line alone)."""
+    pieces: list[list[str]] = []
+    size = limit + 1
+    for line in lines:
+        if size + len(line) > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(line)
+        size += len(line)
+    return pieces
 
 
 def _identity(stream: BinaryIO) -> tuple[int, int]:
@@ -223,18 +243,20 @@ class AuditLog:
         return done
 
 
-def audit_log(destination: str, secrets: Iterable[str] = ()) -> AuditLog | None:
+def audit_log(destination: str, secrets: Iterable[str] = (), *, shared: bool = False) -> AuditLog | None:
     """The listener for `destination` (stdout, off, or a file path); None when off.
 
     A file is opened for appending (a path that cannot be opened is a start-up error)
     and reopened when logrotate moves it. `secrets` (the upstream key, the metrics
-    token) are redacted should they ever appear.
+    token) are redacted should they ever appear. `shared`: several worker processes write
+    to the same stdout, so each write is at most PIPE_BUF bytes of whole lines (atomic on a
+    pipe). A file needs nothing: every write of whole lines with O_APPEND lands whole.
     """
     where = destination.strip()
     if where.lower() == "off" or not where:
         return None
     if where.lower() == "stdout":
-        writer = AuditWriter(sys.stdout.buffer)
+        writer = AuditWriter(sys.stdout.buffer, max_write=select.PIPE_BUF if shared else None)
     else:
         try:
             writer = AuditWriter.to_file(where)

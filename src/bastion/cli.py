@@ -28,7 +28,6 @@ from .budget import cli as budget_cli
 from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
 from .engine import cli as engine_cli
 from .listen import Server, bind, tune_collector, urls
-from .logs import RedactingFilter, configure_logging
 from .simulator.settings import SimulatorSettings
 from .simulator.settings import cli_flags as simulator_flags
 
@@ -55,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway", description="Run the gateway.")
     _flag(serve, Settings, "host")
     _flag(serve, Settings, "port", type=int)
+    _flag(serve, Settings, "workers", type=int, metavar="N")
     _flag(serve, Settings, "upstream_url", metavar="URL")
     _flag(serve, Settings, "upstream_command", metavar="CMD")
     _flag(serve, Settings, "model")
@@ -126,21 +126,11 @@ def _run(command: str, args: dict[str, Any]) -> int:
     return _serve(settings)
 
 
-def _logging(settings: Settings) -> RedactingFilter:
-    redactor = configure_logging(settings.log_level, settings.log_format)
-    for key in settings.bootstrap_keys():
-        redactor.add_secret(key)
-    for secret in (settings.upstream_api_key, settings.metrics_token, settings.jwt_secret, settings.redis_url):
-        if secret is not None:
-            redactor.add_secret(secret.get_secret_value())
-    return redactor
-
-
 def _check(settings: Settings) -> int:
     """Build everything `serve` builds (key store, JWT keys, audit log, child command), bind and spawn nothing."""
-    from .preflight import build
+    from .preflight import build, logging_for
 
-    _logging(settings)
+    logging_for(settings)
     build(settings)
     for name, value in settings.model_dump().items():
         print(f"{name} = {value}")
@@ -149,12 +139,16 @@ def _check(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from .preflight import build
+    from .preflight import build, logging_for
     from .server import server_config
 
-    _logging(settings)
+    logging_for(settings)
     # One process, one setting: `*_created` series would double every counter's series count in Prometheus.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    if settings.workers > 1:
+        from .workers.master import serve_workers
+
+        return serve_workers(settings)
     app = build(settings)
     # Bound before the lifespan spawns the child: a busy port is one line, and no model starts for nothing.
     sockets = bind(settings.host, settings.port, host_setting="BASTION_HOST", port_setting="BASTION_PORT")

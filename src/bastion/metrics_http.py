@@ -35,7 +35,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .auth.ipfilter import IPAddress, IPNetwork, in_networks, normalise_network, parse_ip
@@ -108,13 +108,13 @@ class ScrapeGuard:
         return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
 
 
-async def _answer(send: Send, status: int, body: bytes, content_type: str, head: bool) -> None:
+async def answer(send: Send, status: int, body: bytes, content_type: str, head: bool) -> None:
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
-class _Protected:
+class Protected:
     """Common front of both endpoints: guard, then GET/HEAD only."""
 
     def __init__(self, guard: ScrapeGuard) -> None:
@@ -133,7 +133,7 @@ class _Protected:
         raise NotImplementedError
 
 
-class MetricsEndpoint(_Protected):
+class MetricsEndpoint(Protected):
     """The gateway's own registry, in the format the scraper asks for (text or OpenMetrics)."""
 
     def __init__(
@@ -145,14 +145,22 @@ class MetricsEndpoint(_Protected):
         self._probe = probe
 
     async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
-        if self._upstream.phase is Phase.EXTERNAL:
-            self._metrics.upstream.external_up = await self._probe()
+        await self._refresh()
         accept = (header(scope, b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
-        await _answer(send, 200, encoder(self._metrics.registry), content_type, head)
+        await answer(send, 200, encoder(self._metrics.registry), content_type, head)
+
+    async def page(self) -> bytes:
+        """The page in Prometheus text format (a worker's part of the merged page)."""
+        await self._refresh()
+        return generate_latest(self._metrics.registry)
+
+    async def _refresh(self) -> None:
+        if self._upstream.phase is Phase.EXTERNAL:
+            self._metrics.upstream.external_up = await self._probe()
 
 
-class UpstreamMetricsEndpoint(_Protected):
+class UpstreamMetricsEndpoint(Protected):
     """The upstream's `/metrics`, relayed as it is."""
 
     def __init__(self, guard: ScrapeGuard, upstream: Upstream, client: httpx.AsyncClient) -> None:
@@ -175,10 +183,10 @@ class UpstreamMetricsEndpoint(_Protected):
             await send_error(send, GatewayError(502, f"The model server's metrics answered {response.status_code}."))
             return
         content_type = response.headers.get("content-type", "text/plain; version=0.0.4")
-        await _answer(send, 200, response.content, content_type, head)
+        await answer(send, 200, response.content, content_type, head)
 
 
-class EnginesMetricsEndpoint(_Protected):
+class EnginesMetricsEndpoint(Protected):
     """Every engine replica's `/metrics` as one page (several engines): asked concurrently, merged.
 
     The replicas are read from `backends` at each scrape, so a rolling restart's new child
@@ -211,7 +219,7 @@ class EnginesMetricsEndpoint(_Protected):
         if len(missing) == len(backends):
             await send_error(send, GatewayError(502, "No model server's metrics could be read."))
             return
-        await _answer(send, 200, body, CONTENT_TYPE_LATEST, head)
+        await answer(send, 200, body, CONTENT_TYPE_LATEST, head)
 
     async def _page(self, upstream: Upstream) -> str | None:
         headers = {"accept": "text/plain"}  # Prometheus text: what the merge parses

@@ -26,16 +26,24 @@ from prometheus_client.samples import Sample
 ENGINE_LABEL = "engine"
 EXPORTED_ENGINE_LABEL = "exported_engine"
 SCRAPE_UP = "bastion_upstream_scrape_up"
+_SCRAPE_UP_HELP = "Whether the engine answered this relay's scrape of its /metrics (1) or not."
 
 
 class MergedPages(Collector):
-    """Engine pages added one by one (`add`, `missing`), then written once (`render`)."""
+    """Engine pages added one by one (`add`, `missing`), then written once (`render`).
 
-    def __init__(self) -> None:
+    `label` names the source of each page (`engine`, or `worker` for the workers of one gateway),
+    `up` the gauge that says which sources answered."""
+
+    def __init__(
+        self,
+        label: str = ENGINE_LABEL,
+        up: tuple[str, str] = (SCRAPE_UP, _SCRAPE_UP_HELP),
+    ) -> None:
+        self._label = label
+        self._exported = "exported_" + label
         self._families: dict[str, Metric] = {}
-        self._up = Metric(
-            SCRAPE_UP, "Whether the engine answered this relay's scrape of its /metrics (1) or not.", "gauge"
-        )
+        self._up = Metric(up[0], up[1], "gauge")
 
     def add(self, engine: str, text: str) -> None:
         """Merge one engine's page. Raises ValueError if it is not Prometheus text (then nothing is added)."""
@@ -47,12 +55,19 @@ class MergedPages(Collector):
                 self._families[family.name] = merged
             elif merged.type != family.type:
                 continue
-            merged.samples.extend(_labelled(sample, engine) for sample in family.samples)
-        self._up.samples.append(Sample(SCRAPE_UP, {ENGINE_LABEL: engine}, 1.0))
+            merged.samples.extend(self._labelled(sample, engine) for sample in family.samples)
+        self._up.samples.append(Sample(self._up.name, {self._label: engine}, 1.0))
 
     def missing(self, engine: str) -> None:
         """An engine that did not answer (or not with a page): only its `scrape_up` 0."""
-        self._up.samples.append(Sample(SCRAPE_UP, {ENGINE_LABEL: engine}, 0.0))
+        self._up.samples.append(Sample(self._up.name, {self._label: engine}, 0.0))
+
+    def _labelled(self, sample: Sample, source: str) -> Sample:
+        labels = dict(sample.labels)
+        if self._label in labels:
+            labels[self._exported] = labels.pop(self._label)
+        labels[self._label] = source
+        return sample._replace(labels=labels)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._families.values()
@@ -61,11 +76,3 @@ class MergedPages(Collector):
     def render(self) -> bytes:
         """The merged page in Prometheus text format 0.0.4."""
         return generate_latest(self)
-
-
-def _labelled(sample: Sample, engine: str) -> Sample:
-    labels = dict(sample.labels)
-    if ENGINE_LABEL in labels:
-        labels[EXPORTED_ENGINE_LABEL] = labels.pop(ENGINE_LABEL)
-    labels[ENGINE_LABEL] = engine
-    return sample._replace(labels=labels)

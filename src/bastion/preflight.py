@@ -23,6 +23,7 @@ from .budget.sqlite import UsageDBError, check_free
 from .config import ConfigError, Settings, problem
 from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .listen import bind
+from .logs import RedactingFilter, configure_logging
 
 
 def build(settings: Settings) -> Gateway:
@@ -36,6 +37,17 @@ def build(settings: Settings) -> Gateway:
         raise ConfigError([f"cannot start: {exc}"]) from None
 
 
+def logging_for(settings: Settings) -> RedactingFilter:
+    """bastion's logging, with every secret the settings hold registered for redaction."""
+    redactor = configure_logging(settings.log_level, settings.log_format)
+    for key in settings.bootstrap_keys():
+        redactor.add_secret(key)
+    for secret in (settings.upstream_api_key, settings.metrics_token, settings.jwt_secret, settings.redis_url):
+        if secret is not None:
+            redactor.add_secret(secret.get_secret_value())
+    return redactor
+
+
 def problems(settings: Settings) -> list[str]:
     found = [
         *_child(settings),
@@ -47,9 +59,30 @@ def problems(settings: Settings) -> list[str]:
     ]
     if not found:
         found += _usage_db_free(settings)
+    found += _workers(settings)
     if settings.token_endpoint and (settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms):
         found.append(
             problem(Settings, "token_endpoint", "needs BASTION_JWT_SECRET and HS256 in BASTION_JWT_ALGORITHMS")
+        )
+    return found
+
+
+def _workers(settings: Settings) -> list[str]:
+    """Several worker processes: everything counted must be shared, or refused in one line (docs/operations.md)."""
+    if settings.workers <= 1:
+        return []
+    found = []
+    n = settings.workers
+    if settings.redis_url is None:
+        found.append(
+            f"BASTION_WORKERS={n} needs BASTION_REDIS_URL: rate limits, concurrency slots and token budgets must be "
+            f"counted once for all {n} worker processes, not once per worker; set BASTION_REDIS_URL=redis://"
+            "127.0.0.1:6379/0 (one Redis every worker shares) or BASTION_WORKERS=1"
+        )
+    if settings.fairness:
+        found.append(
+            f"BASTION_WORKERS={n} cannot run with BASTION_FAIRNESS: the fair queue's engine capacity is counted in "
+            "one process; set BASTION_WORKERS=1 for priority classes and fair queueing, or BASTION_FAIRNESS=false"
         )
     return found
 

@@ -78,8 +78,11 @@ class Fleet:
         *,
         drain_timeout: float,
         scrape_waiting: bool,
+        in_flight: Callable[[Backend], int] | None = None,
     ) -> None:
         self.router = router
+        # Requests a backend carries: its own count, or (`bastion serve --workers N`) what the workers report.
+        self._in_flight = in_flight or _outstanding
         self._plans = plans
         self._drain_timeout = drain_timeout
         self._scrape_waiting = scrape_waiting
@@ -205,7 +208,7 @@ class Fleet:
         await _stop(plan.supervisor, plan.channel)
         plan.supervisor, plan.channel = supervisor, channel
         took = time.monotonic() - started
-        left = "" if drained else f"; {old.outstanding} request(s) still running were cut after the drain timeout"
+        left = "" if drained else f"; {self._in_flight(old)} request(s) still running were cut after the drain timeout"
         detail = f"new child ready, old one drained and stopped in {took:.1f}s{left}"
         return RestartReport(old.label, RestartOutcome.RESTARTED, detail)
 
@@ -240,9 +243,13 @@ class Fleet:
 
     async def _drain(self, backend: Backend) -> bool:
         deadline = time.monotonic() + self._drain_timeout
-        while backend.outstanding > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self._in_flight(backend) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(_READY_POLL)
-        return backend.outstanding <= 0
+        return self._in_flight(backend) <= 0
+
+
+def _outstanding(backend: Backend) -> int:
+    return backend.outstanding
 
 
 async def _ready(upstream: Upstream, startup_timeout: float) -> bool:
