@@ -9,14 +9,15 @@ started once, by this script. In front of it, in external mode: one plain bastio
 classes) and one gateway with priority classes and the fair queue per gate configuration
 (`--configs`: `;` between configurations, `,` between `key=value`: capacity (default 64), reserve,
 backlog, lead (seconds), threshold; each its own process). Then: an interactive key at c=2 (16 tokens, streamed:
-TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256 tokens
-each, or drawn from --batch-tokens LOW-HIGH) alone through the plain gateway (the engine's batch tokens/s) and, through each
-configuration, both together (interactive TTFT p50 beside the flood, batch tokens/s). Targets:
-TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone. Batch tokens/s is the engine's
-own counter (vllm:generation_tokens_total) over the window less the interactive key's tokens: the
-tokens of requests that completed in the window (also recorded) swing by a whole wave of 256-token
-requests. The engine's running/waiting gauges are sampled every 0.2 s. results.json is rewritten after
-each step, with each configuration's share and TTFT ratio per round; progress goes to stderr.
+TTFT) alone, one short step; then per round, in alternated order, a batch key at c=256 (256
+tokens each, or drawn from --batch-tokens LOW-HIGH) alone through the plain gateway (the engine's
+batch tokens/s) and, through each configuration, both together (interactive TTFT p50 beside the
+flood, batch tokens/s). Targets: TTFT within 2x idle, batch tokens/s >= 95 % of the flood alone.
+Batch tokens/s is the engine's own counter (vllm:generation_tokens_total) over the window less the
+interactive key's tokens: the tokens of requests that completed in the window (also recorded) swing
+by a whole wave of 256-token requests. The engine's running/waiting gauges are sampled every 0.2 s.
+results.json is rewritten after each step, with each configuration's share and TTFT ratio per round;
+progress goes to stderr.
 Budget: vLLM starts in ~220 s; the defaults (3 configurations, 2 rounds, 5 s warm-up + 20 s
 windows) measure for ~230 s more.
 """

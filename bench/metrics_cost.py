@@ -24,7 +24,7 @@ from bastion.metrics import Metrics
 
 def main(n: int) -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    metrics = Metrics(settings, Upstream("http://127.0.0.1:9", None, Phase.READY))
+    metrics = Metrics(settings, lambda: Upstream("http://127.0.0.1:9", None, Phase.READY))
     exchange = finished()
 
     def both() -> None:

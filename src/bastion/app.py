@@ -158,7 +158,6 @@ def create_app(
     entries = engine_entries(settings) if upstream is None else ()
     if entries:
         router, fleet = build_engines(settings, entries, mirror=mirror)
-        upstream = router.groups[0].replicas[0].backend.upstream  # what the one-engine metrics describe
     else:
         supervisor: Supervisor | None = None
         if upstream is None:
@@ -174,6 +173,12 @@ def create_app(
             services.append(watch)
         router, fleet = one_engine(settings, upstream, supervisor)
     services.append(fleet)
+    first = (router.default or router.groups[0]).replicas[0]
+
+    def current() -> Upstream:
+        """The first replica's engine now (what /ready and the one-engine metrics describe): a restart
+        replaces the replica's Upstream, with a new port and key."""
+        return first.backend.upstream
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -199,11 +204,12 @@ def create_app(
             probe = await watch.current()
             external = {"status": status_of(probe), "detail": probe.detail}
             return JSONResponse(external, status_code=200 if probe.up else 503)
-        state = {"status": upstream.phase.value, "detail": upstream.detail, "restarts": upstream.restarts}
-        return JSONResponse(state, status_code=200 if upstream.phase is Phase.READY else 503)
+        now = current()
+        state = {"status": now.phase.value, "detail": now.detail, "restarts": now.restarts}
+        return JSONResponse(state, status_code=200 if now.phase is Phase.READY else 503)
 
     # Observability: metrics and audit are listeners on every finished exchange.
-    metrics = Metrics(settings, upstream) if settings.metrics_enabled else None
+    metrics = Metrics(settings, current) if settings.metrics_enabled else None
     # Token budgets and usage: a ledger of hour roll-ups (memory, SQLite beside the key file, or Redis).
     budget_options = settings.budget_options()
     ledger = open_ledger(budget_options)
@@ -226,7 +232,7 @@ def create_app(
     classes = settings.class_table() if settings.fairness else None
     gates: dict[str, Gate] = {}
     if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)
-        inner = _fair_share(settings, inner, classes, router, upstream, scrapes, services, gates)
+        inner = _fair_share(settings, inner, classes, router, current, scrapes, services, gates)
     inner = BudgetStage(inner, ledger, budgets, fail_open=budget_options.fail_open, metrics=budget_metrics)
     routes = (*parse_routes(settings.routes), USAGE_ROUTE)
     if settings.token_endpoint:
@@ -247,8 +253,8 @@ def create_app(
         s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
     ]
     secrets += [entry.api_key for entry in entries if entry.api_key]
-    if upstream.api_key:
-        secrets.append(upstream.api_key)
+    if engine_key := current().api_key:
+        secrets.append(engine_key)
     audit = audit_log(settings.audit_log, secrets, shared=link is not None)
     if audit is not None:
         services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
@@ -272,7 +278,7 @@ def create_app(
                 "(behind a proxy a loopback peer is not a local scraper); set BASTION_METRICS_TOKEN"
             )
         engines = router.backends if router.named else None  # several engines: every replica's page, merged
-        mounts.update(metrics_routes(guard, metrics, upstream, scrapes.http, probe, engines))
+        mounts.update(metrics_routes(guard, metrics, current, scrapes.http, probe, engines))
         if link is not None:  # a scrape lands on one worker: it answers every worker's page, `worker`-labelled
             own = cast(MetricsEndpoint, mounts["/metrics"])
             mounts["/metrics"] = WorkersMetricsEndpoint(guard, link.pages)
@@ -294,7 +300,7 @@ def _fair_share(
     proxy: ASGIApp,
     classes: ClassTable,
     router: Router,
-    upstream: Upstream,
+    upstream: Callable[[], Upstream],
     scrapes: ProbeChannel,
     services: list[AbstractAsyncContextManager[object]],
     gates: dict[str, Gate],
@@ -316,7 +322,9 @@ def _fair_share(
     elif threshold:
         (gate,) = gates.values()
         services.append(
-            watch_waiting(scrapes.http, lambda: upstream.base_url, lambda: upstream.api_key, gate.set_engine_waiting)
+            watch_waiting(
+                scrapes.http, lambda: upstream().base_url, lambda: upstream().api_key, gate.set_engine_waiting
+            )
         )
     return FairShare(proxy, gates, classes, group_of(router))
 

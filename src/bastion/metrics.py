@@ -17,7 +17,7 @@ name (bounded by the number of keys) or "" when the label is turned off.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -83,19 +83,20 @@ def route_of(path: str) -> str:
 
 
 class UpstreamCollector(Collector):
-    """Reads the shared `Upstream` at scrape time, so the supervisor needs no metrics hooks.
+    """Reads the engine's current `Upstream` at scrape time, so the supervisor needs no metrics hooks (and a
+    restart, which replaces the Upstream, is seen at the next scrape).
 
     In external mode there is no supervisor to know the phase: the /metrics
     endpoint probes the upstream's /health just before collecting and stores the
     answer in `external_up`.
     """
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Callable[[], Upstream]) -> None:
         self._upstream = upstream
         self.external_up = False
 
     def collect(self) -> Iterator[Metric]:
-        upstream = self._upstream
+        upstream = self._upstream()
         phase = upstream.phase
         up = self.external_up if phase is Phase.EXTERNAL else phase is Phase.READY
         yield GaugeMetricFamily(
@@ -133,7 +134,7 @@ class _Children:
 class Metrics:
     """The registry and the per-request listener; `open`/`__call__` are the Gateway hooks."""
 
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, upstream: Callable[[], Upstream]) -> None:
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

@@ -137,7 +137,11 @@ class MetricsEndpoint(Protected):
     """The gateway's own registry, in the format the scraper asks for (text or OpenMetrics)."""
 
     def __init__(
-        self, guard: ScrapeGuard, metrics: Metrics, upstream: Upstream, probe: Callable[[], Awaitable[bool]]
+        self,
+        guard: ScrapeGuard,
+        metrics: Metrics,
+        upstream: Callable[[], Upstream],
+        probe: Callable[[], Awaitable[bool]],
     ) -> None:
         super().__init__(guard)
         self._metrics = metrics
@@ -156,25 +160,26 @@ class MetricsEndpoint(Protected):
         return generate_latest(self._metrics.registry)
 
     async def _refresh(self) -> None:
-        if self._upstream.phase is Phase.EXTERNAL:
+        if self._upstream().phase is Phase.EXTERNAL:
             self._metrics.upstream.external_up = await self._probe()
 
 
 class UpstreamMetricsEndpoint(Protected):
     """The upstream's `/metrics`, relayed as it is."""
 
-    def __init__(self, guard: ScrapeGuard, upstream: Upstream, client: httpx.AsyncClient) -> None:
+    def __init__(self, guard: ScrapeGuard, upstream: Callable[[], Upstream], client: httpx.AsyncClient) -> None:
         super().__init__(guard)
-        self._upstream = upstream
+        self._upstream = upstream  # the engine now: a restart gives it a new port and key
         self._client = client
 
     async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
         headers = {"accept": (header(scope, b"accept") or b"text/plain").decode("latin-1")}
-        if self._upstream.api_key:
-            headers["authorization"] = "Bearer " + self._upstream.api_key
+        upstream = self._upstream()
+        if upstream.api_key:
+            headers["authorization"] = "Bearer " + upstream.api_key
         try:
             response = await self._client.get(
-                self._upstream.base_url + "/metrics", headers=headers, timeout=_UPSTREAM_METRICS_TIMEOUT
+                upstream.base_url + "/metrics", headers=headers, timeout=_UPSTREAM_METRICS_TIMEOUT
             )
         except HTTP_FAILURES:
             await send_error(send, GatewayError(502, "The model server's metrics could not be read."))
@@ -251,7 +256,7 @@ def _merge(pages: Sequence[tuple[str, str | None]]) -> tuple[bytes, list[str]]:
 def metrics_routes(
     guard: ScrapeGuard,
     metrics: Metrics,
-    upstream: Upstream,
+    upstream: Callable[[], Upstream],
     client: httpx.AsyncClient,
     probe: Callable[[], Awaitable[bool]],
     engines: Callable[[], Sequence[Backend]] | None = None,

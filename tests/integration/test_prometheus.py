@@ -133,7 +133,7 @@ def test_promtool_accepts_the_shipped_config_and_rules(tmp_path: Path) -> None:
 def _known_metric_names() -> set[str]:
     """Every series name bastion and the (simulated) vLLM expose, suffixes included."""
     registries = [
-        Metrics(Settings(_env_file=None), Upstream("http://127.0.0.1:9", None)).registry,  # type: ignore[call-arg]
+        Metrics(Settings(_env_file=None), lambda: Upstream("http://127.0.0.1:9", None)).registry,  # type: ignore[call-arg]
         Simulator(SimulatorSettings()).metrics.registry,
     ]
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",)}

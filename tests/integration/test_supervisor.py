@@ -248,3 +248,24 @@ def test_a_command_that_cannot_work_is_refused_at_start_up(args: list[str], env:
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("bastion: ") and expected in line, line
+
+
+def test_an_in_place_restart_is_followed_by_ready_and_both_metrics_pages() -> None:
+    """SIGUSR1 with one supervised engine restarts it in place (a new child, port and key). /ready, /metrics'
+    bastion_upstream_up and the /metrics/upstream relay read the engine as it is now, not as it was built:
+    before the fix they kept the old child's Upstream ("stopping", 503, up 0, a relay to a dead port)."""
+    env = {**FAST_RESTARTS, "BASTION_METRICS_TOKEN": "m" * 32}
+    scrape = {"authorization": "Bearer " + "m" * 32}
+    with gateway("--upstream-command", SIM, env=env) as (gw, base):
+        (first,) = child_pids(gw)
+        gw.signal(signal.SIGUSR1)
+        wait_for(lambda: "restarted_with_downtime" in gw.output(), 20, "the in-place restart")
+        (_, second) = child_pids(gw)
+        assert second != first and not pid_alive(first)
+        wait_for(lambda: ready_state(base)["status"] == "ready", 10, "/ready to follow the new child")
+        assert httpx.get(base + "/ready").status_code == 200
+        page = httpx.get(base + "/metrics", headers=scrape).text
+        assert "bastion_upstream_up 1.0" in page and 'bastion_upstream_phase{phase="ready"} 1.0' in page
+        relayed = httpx.get(base + "/metrics/upstream", headers=scrape)
+        assert relayed.status_code == 200 and "vllm:num_requests_running" in relayed.text
+        assert httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200

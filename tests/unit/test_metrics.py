@@ -23,7 +23,7 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _metrics(**overrides: Any) -> Metrics:
-    return Metrics(_settings(**overrides), Upstream("http://127.0.0.1:9", None, Phase.READY))
+    return Metrics(_settings(**overrides), lambda: Upstream("http://127.0.0.1:9", None, Phase.READY))
 
 
 def _exchange(status: int, **fields: Any) -> Exchange:
@@ -174,7 +174,7 @@ def test_route_of(path: str, route: str) -> None:
 
 def test_upstream_collector_reads_state_at_scrape_time() -> None:
     upstream = Upstream("http://127.0.0.1:9", None, Phase.STARTING)
-    metrics = Metrics(_settings(), upstream)
+    metrics = Metrics(_settings(), lambda: upstream)
     assert metrics.registry.get_sample_value("bastion_upstream_up") == 0
     upstream.set(Phase.READY)
     upstream.restarts = 3
