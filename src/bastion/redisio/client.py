@@ -158,6 +158,7 @@ class Redis:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
         connection = _Connection(loop, self.timeout)
+        failure: RedisUnavailable
         try:
             async with asyncio.timeout(self.timeout):
                 if endpoint.path is not None:
@@ -172,20 +173,22 @@ class Redis:
                     )
                 for command in endpoint.handshake():
                     await connection.request(encode(command))
-        except TimeoutError:
-            connection.fail(RedisTimeout(f"could not connect to Redis within {self.timeout:g}s"))
-            raise _again(cast(RedisUnavailable, connection.failure)) from None
+        except (TimeoutError, RedisTimeout):
+            failure = RedisTimeout(f"could not connect to Redis within {self.timeout:g}s")
         except OSError as exc:  # refused, unreachable, TLS handshake failed (ssl.SSLError is an OSError)
-            connection.fail(RedisUnavailable(f"cannot connect to Redis: {exc.strerror or type(exc).__name__}"))
-            raise _again(cast(RedisUnavailable, connection.failure)) from None
-        except RedisError as exc:  # AUTH or SELECT refused: a configuration we cannot work with
-            word = str(exc).split(" ", 1)[0]
-            connection.fail(RedisUnavailable(f"Redis refused the connection's set-up (AUTH/SELECT): {word}"))
-            raise _again(cast(RedisUnavailable, connection.failure)) from None
+            failure = RedisUnavailable(f"cannot connect to Redis: {exc.strerror or type(exc).__name__}")
+        except RedisUnavailable as exc:  # closed during the handshake, or AUTH refused (WRONGPASS, NOAUTH)
+            failure = _again(exc)
+        except RedisError as exc:  # any other refusal of AUTH or SELECT: a configuration we cannot work with
+            word = str(exc).split(" ", 1)[0]  # the error code only: the rest could quote the command
+            failure = RedisUnavailable(f"Redis refused the connection's set-up (AUTH/SELECT): {word}")
         except BaseException:
             connection.fail(RedisUnavailable("connecting to Redis was cancelled"))
             raise
-        return connection
+        else:
+            return connection
+        connection.fail(failure)
+        raise failure from None
 
     async def aclose(self) -> None:
         """Close the connection; calls waiting on it fail with `RedisUnavailable`."""
