@@ -4,8 +4,9 @@ Why not coredis (or redis-py): bastion's limits make ~7 script calls per request
 spent ~130-160 µs of CPU on each (redis-py with hiredis ~100 µs); writing a RESP command and
 parsing a small reply costs ~20 µs. This client does only that.
 
-- One connection per client, shared by every concurrent caller: each call writes its command at
-  once and queues a future; replies come back in order (RESP guarantees it), so they are matched
+- One connection per client, shared by every concurrent caller: each call queues its command and
+  a future; the commands queued in one loop iteration go out in one send (concurrent requests'
+  calls share a syscall); replies come back in order (RESP guarantees it), so they are matched
   FIFO in `data_received`. No task, lock or pool per call. A caller that is cancelled leaves its
   place in the queue: its reply is read and dropped.
 - Timeouts: connecting (TCP, TLS, AUTH, SELECT) and each reply get `timeout` seconds. The oldest
@@ -41,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self._parser = Parser()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._outgoing: list[bytes] = []  # commands written at the end of this loop iteration
         self.failure: RedisUnavailable | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -77,13 +79,22 @@ class _Connection(asyncio.Protocol):
         """Write `command` now; the future gets its reply (or the connection's failure)."""
         if self.failure is not None:
             raise _again(self.failure)
-        future = self._loop.create_future()
-        deadline = self._loop.time() + self._timeout
+        loop = self._loop
+        future = loop.create_future()
+        deadline = loop.time() + self._timeout
         self._pending.append((future, deadline))
-        cast(asyncio.Transport, self._transport).write(command)
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(command)
         if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            self._timer = loop.call_at(deadline, self._check_deadline)
         return future
+
+    def _flush(self) -> None:
+        """Write the commands of this loop iteration in one send (on loopback a send costs ~10-30 µs of CPU)."""
+        outgoing, self._outgoing = self._outgoing, []
+        if self.failure is None and outgoing:
+            cast(asyncio.Transport, self._transport).write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
     def _check_deadline(self) -> None:
         self._timer = None
