@@ -178,6 +178,11 @@ def test_the_url_forms_config_accepts() -> None:
     for bad in ("http://h", "redis://:pw@/0", "redis://h/x", "redis+unix://", "rediss://h?ssl_cert_reqs=maybe"):
         with pytest.raises(ValueError):
             parse_url(bad)
+    # A password with an unencoded "/", "#" or "?" breaks the URL; the message says so without quoting it.
+    for leaky in ("redis://:Zq9/Yw7@h:1/0", "redis://:Zq9#Yw7@h/0", "redis://:Zq9?Yw7@h/0", "redis://h/Zq9Yw7"):
+        with pytest.raises(ValueError, match="special characters") as bad_url:
+            parse_url(leaky)
+        assert "Zq9" not in str(bad_url.value) and "Yw7" not in str(bad_url.value)
 
 
 # --- the connection ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_PORT = 6379
+_INVALID = "is not a valid URL (check the port and any special characters in the password: percent-encode them)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ def parse_url(url: str) -> Endpoint:
     An `async+` prefix (the `limits` library's spelling) is accepted. Raises ValueError naming what is wrong."""
     url = url.strip().removeprefix("async+")
     parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not echoed: a password with a "/" or "#" in it ends up here
+        raise ValueError(_INVALID) from None
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
@@ -54,7 +59,7 @@ def parse_url(url: str) -> Endpoint:
     tls = _tls_context(query) if parts.scheme == "rediss" else None
     return Endpoint(
         host=parts.hostname,
-        port=parts.port or DEFAULT_PORT,
+        port=port or DEFAULT_PORT,
         username=username,
         password=password,
         db=_db(db_text if db_text is not None else path_db or None),
@@ -65,8 +70,11 @@ def parse_url(url: str) -> Endpoint:
 def _db(text: str | None) -> int:
     if text is None:
         return 0
-    if not text.isdigit():
-        raise ValueError(f"the database must be a number, not {text!r}")
+    if not text.isdigit():  # not echoed, for the same reason as a bad port
+        raise ValueError(
+            "names a database (the path after the host, or ?db=) that is not a number (check any "
+            "special characters in the password: percent-encode them)"
+        )
     return int(text)
 
 
