@@ -100,6 +100,8 @@ async def test_error_replies_from_a_real_server() -> None:
             try:
                 with pytest.raises(RedisUnavailable, match="READONLY"):
                     await replica.execute("SET", "k", "v")
+                with pytest.raises(RedisUnavailable, match="READONLY"):  # a script that writes, as the limits' do
+                    await replica.script("return redis.call('INCR', KEYS[1])")(["k"])
             finally:
                 await replica.aclose()
 
