@@ -118,6 +118,7 @@ async def test_the_limiter_runs_its_requests_window_on_the_lean_storage(redis_ur
     """Two limiters (two gateways) on one Redis admit exactly `rpm` requests, on the library's keys."""
     limiters = [RateLimiter(rpm=5, tpm=0, max_concurrent=0, redis_url=redis_url, redis_timeout=5) for _ in range(2)]
     assert all(isinstance(limiter.storage, LeanRedisStorage) for limiter in limiters)
+    assert not hasattr(LeanRedisStorage.acquire_entry, "__wrapped__")  # no pass-through wrapper per call
     admitted = refused = 0
     for i in range(12):
         try:

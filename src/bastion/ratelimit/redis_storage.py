@@ -10,6 +10,7 @@ storages answer alike on one server).
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import cast
 
@@ -27,7 +28,7 @@ class LeanRedisStorage(Storage, MovingWindowSupport):
     STORAGE_SCHEME = ["async+bastion-redis"]  # noqa: RUF012 (the type `limits` declares)
 
     def __init__(self, client: Redis, key_prefix: str) -> None:
-        super().__init__()
+        super().__init__()  # wrap_exceptions stays False: the methods are unwrapped below
         self.client = client
         self._prefix = key_prefix + ":"
         self.moving_window = client.script(get_package_data(_SCRIPTS + "moving_window.lua").decode())
@@ -87,3 +88,10 @@ class LeanRedisStorage(Storage, MovingWindowSupport):
 def _int(reply: Reply) -> int:
     """An integer reply (or a nil / bulk string holding one) as an int."""
     return int(cast(int | bytes, reply or 0))
+
+
+# `limits` wraps each storage method in an error-translating coroutine (one or two extra coroutines per call)
+# that only re-raises unless `wrap_exceptions` is set, which bastion never sets: take them back bare.
+for _name, _method in list(vars(LeanRedisStorage).items()):
+    if inspect.isfunction(_method) and hasattr(_method, "__wrapped__"):
+        setattr(LeanRedisStorage, _name, inspect.unwrap(_method))
