@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +52,14 @@ def redis_server() -> Iterator[tuple[int, str]]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def redis_calls(url: str | None) -> int:
+    """Calls clients have made so far (EVALSHA, EVAL, ZREM from INFO commandstats; not the commands scripts run)."""
+    if url is None:
+        return 0
+    out = subprocess.run(["redis-cli", "-u", url, "INFO", "commandstats"], capture_output=True, text=True).stdout
+    return sum(int(n) for n in re.findall(r"cmdstat_(?:evalsha|eval|zrem):calls=(\d+)", out))
 
 
 async def per_call(url: str, n: int) -> dict[str, float]:
@@ -91,11 +100,13 @@ def per_request(redis: str | None, redis_pid: int, seconds: int, concurrency: in
         url = f"http://127.0.0.1:{gw}"
         wrk(url, key, concurrency, 2, work)  # warm-up: connections, scripts loaded
         load = load_average()
-        cpu, redis_cpu = cpu_seconds(proc.pid), cpu_seconds(redis_pid)
+        cpu, redis_cpu, calls = cpu_seconds(proc.pid), cpu_seconds(redis_pid), redis_calls(redis)
         row = wrk(url, key, concurrency, seconds, work)
         used, redis_used = cpu_seconds(proc.pid) - cpu, cpu_seconds(redis_pid) - redis_cpu
+        calls = redis_calls(redis) - calls
     done = row["requests"] - row["errors"]
     return {
+        "calls_per_request": calls / done,
         "us_per_request": used / done * 1e6,
         "redis_us_per_request": redis_used / done * 1e6 if redis else 0.0,
         "rps": row["rps"],
@@ -124,7 +135,8 @@ def main() -> None:
                 rows.append(row)
                 say(
                     f"{name} round {i + 1}: {row['us_per_request']:.0f} µs gateway CPU/request, "
-                    f"redis-server {row['redis_us_per_request']:.0f} µs, {row['rps']:.0f} req/s, "
+                    f"redis-server {row['redis_us_per_request']:.0f} µs, "
+                    f"{row['calls_per_request']:.1f} Redis calls/request, {row['rps']:.0f} req/s, "
                     f"{row['errors']:.0f} errors, load {row['load']:.2f}"
                 )
             say(f"{name}: median {statistics.median(r['us_per_request'] for r in rows):.0f} µs gateway CPU/request")

@@ -27,7 +27,7 @@ ITEMS: dict[str, RateLimitItem] = {
 }
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["hit", "hit", "test", "stats", "stats", "clear"]),
+        st.sampled_from(["hit", "hit", "hit+stats", "hit+stats", "test", "stats", "clear"]),
         st.sampled_from(sorted(ITEMS)),
         st.sampled_from([1, 1, 1, 2, 4, 6]),  # 6: more than any item allows
         STEPS,
@@ -54,7 +54,8 @@ async def compare(url: str, clock: Clock, ops: list[tuple[str, str, int, float]]
     """Runs `ops` through `MovingWindowRateLimiter` on both storages (own key prefixes, one server)."""
     client = Redis.from_url(url, 5.0)
     await client.execute("FLUSHDB")
-    ours = MovingWindowRateLimiter(LeanRedisStorage(client, "ours"))
+    storage = LeanRedisStorage(client, "ours")
+    ours = MovingWindowRateLimiter(storage)
     theirs = MovingWindowRateLimiter(RedisStorage("async+" + url, key_prefix="theirs"))
     try:
         for op, name, cost, step in ops:
@@ -63,6 +64,13 @@ async def compare(url: str, clock: Clock, ops: list[tuple[str, str, int, float]]
             where = (op, name, cost, clock.now - START)
             if op == "hit":
                 assert await ours.hit(item, name, cost=cost) == await theirs.hit(item, name, cost=cost), where
+            elif op == "hit+stats":  # the limiter's one-round-trip path against the strategy's two calls
+                acquired, start, count = await storage.acquire_with_window(
+                    item.key_for(name), item.amount, item.get_expiry(), cost
+                )
+                hit = await theirs.hit(item, name, cost=cost)
+                expected = await theirs.get_window_stats(item, name)
+                assert (acquired, start + item.get_expiry(), item.amount - count) == (hit, *expected), where
             elif op == "test":
                 assert await ours.test(item, name, cost=cost) == await theirs.test(item, name, cost=cost), where
             elif op == "stats":
@@ -104,7 +112,7 @@ def test_a_long_sequence_answers_the_same(redis_url: str) -> None:
     steps = [0, 0, 0.25, 0.5, 1, 2]
     ops = [
         (
-            rng.choice(["hit", "hit", "hit", "test", "stats"]),
+            rng.choice(["hit", "hit", "hit+stats", "test", "stats"]),
             rng.choice(sorted(ITEMS)),
             rng.choice([1, 1, 2]),
             rng.choice(steps),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bastion.ratelimit import RateLimited, RateLimiter
+from bastion.ratelimit.limiter import per_minute
 from bastion.redisio import Redis, RedisUnavailable, ReplyError
 from tests.support import free_port, make_cert, redis_server
 
@@ -122,8 +123,11 @@ async def test_the_limiter_on_a_replica_or_without_its_password_fails_open_or_cl
         async with good.service():
             admission = await good.admit(None, "10.0.0.1", tokens=10)
             assert admission.slot is not None and len(admission.headers) == 6
-            await good.settle(admission, 4)
-            await good.release(admission)
+            assert dict(admission.headers)[b"x-ratelimit-remaining-requests"] == b"4"
+            await good.finish(admission, 4)  # the slot back and 6 tokens refunded, in one round trip
+            window = await good.token_windows.reserve(per_minute(100).key_for("ip:10.0.0.1"), 100, 60, 0)
+            assert (window.window.previous, window.window.current) == (0, 4)
+            assert await good.slots.acquire("ip:10.0.0.1", 1) is not None  # the only slot is free again
         for other in (limiter, closed):
             async with other.service():
                 pass

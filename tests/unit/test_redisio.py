@@ -356,6 +356,38 @@ async def test_noscript_loads_the_script_and_runs_it_once_more_on_the_same_conne
         assert await script() == 7 and fake.connections == 1  # an error reply leaves the connection alone
 
 
+async def test_a_pipeline_is_one_send_with_each_reply_or_error_in_place(
+    client_for: Callable[[str, float], Redis],
+) -> None:
+    loaded: set[bytes] = set()
+
+    async def server(command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        if command[:2] == [b"SCRIPT", b"LOAD"]:
+            loaded.add(hashlib.sha1(command[2]).hexdigest().encode())  # noqa: S324 (Redis's name for a script)
+            writer.write(b"+OK\r\n")
+        elif command[0] == b"EVALSHA":
+            writer.write(b":%s\r\n" % command[-1] if command[1] in loaded else b"-NOSCRIPT No matching script.\r\n")
+        elif command[0] == b"BAD":
+            writer.write(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
+        else:
+            writer.write(b"+OK\r\n")
+
+    async with FakeRedis(server) as fake:
+        client = client_for(fake.url, 2.0)
+        script = client.script("return ARGV[1]")
+        replies = await client.pipeline(
+            [(script.command(["k"], [1]), script), (b"*1\r\n$3\r\nBAD\r\n", None), (b"*1\r\n$2\r\nOK\r\n", None)]
+        )
+        assert replies[0] == 1 and isinstance(replies[1], ReplyError) and replies[2] == b"OK"
+        # The script missed the cache: loaded, then run again after the others (which ran in one go).
+        assert [c[0] for c in fake.commands] == [b"EVALSHA", b"BAD", b"OK", b"SCRIPT", b"EVALSHA"]
+        assert await client.pipeline([(script.command([], [2]), script), (script.command([], [3]), script)]) == [2, 3]
+    refused = Redis.from_url(f"redis://127.0.0.1:{fake.port}/0", 0.5)  # the server is gone now
+    replies = await refused.pipeline([(b"*1\r\n$4\r\nPING\r\n", None)] * 2)
+    assert all(isinstance(r, RedisUnavailable) for r in replies) and replies[0] is not replies[1]
+    await refused.aclose()
+
+
 async def test_a_closed_client_fails_waiting_calls(client_for: Callable[[str, float], Redis]) -> None:
     async def silent(command: list[bytes], writer: asyncio.StreamWriter) -> None:
         pass

@@ -198,6 +198,8 @@ class RateLimiter:
             self.slots, self.token_windows = slots, tokens
             self.storage: Storage = windows
             self._redis: Redis | None = client
+            # The Redis parts again, by their own types: the paths that save round trips (`admit`, `finish`).
+            self._redis_parts: tuple[LeanRedisStorage, RedisSlots, RedisTokens] | None = (windows, slots, tokens)
             self._scripts: list[Script] = [
                 windows.moving_window,
                 windows.acquire_moving_window,
@@ -206,6 +208,7 @@ class RateLimiter:
             ]
         else:
             self._redis = None
+            self._redis_parts = None
             self._scripts = []
             memory = MemoryStorage()
             self.slots = MemorySlots()
@@ -296,14 +299,22 @@ class RateLimiter:
             headers: Headers = []
             if rpm > 0:
                 item = per_minute(rpm)
-                admitted = await self.requests.hit(item, key)
-                stats = await self.requests.get_window_stats(item, key)
-                headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
+                if self._redis_parts is not None:  # the strategy's hit and window stats, in one round trip
+                    expiry = item.get_expiry()
+                    admitted, start, count = await self._redis_parts[0].acquire_with_window(
+                        item.key_for(key), rpm, expiry
+                    )
+                    reset_time, remaining = start + expiry, rpm - count
+                else:
+                    admitted = await self.requests.hit(item, key)
+                    stats = await self.requests.get_window_stats(item, key)
+                    reset_time, remaining = stats.reset_time, stats.remaining
+                headers = limit_headers("requests", rpm, remaining, reset_time - now)
                 if not admitted:
                     raise self._refused(
                         "requests",
                         f"{rpm} requests per minute",
-                        stats.reset_time,
+                        reset_time,
                         now,
                         headers,
                         _tokens_left(tpm, refused_left, reset),
@@ -359,6 +370,27 @@ class RateLimiter:
             "rate_limit_" + kind,
             [(b"retry-after", str(wait).encode()), *headers, *token_headers],
         )
+
+    async def finish(self, admission: Admission, tokens: int) -> None:
+        """When a request ends: give its slot back and settle its reservation to `tokens` (on Redis, in one
+        round trip; each call's failure counted as `release` and `settle` count it)."""
+        delta = tokens - admission.reserved
+        parts = self._redis_parts
+        if parts is None or admission.slot is None or admission.tpm <= 0 or delta == 0 or self._redis is None:
+            try:
+                await self.release(admission)
+            finally:
+                await self.settle(admission, tokens)
+            return
+        _, slots, windows = parts
+        key = per_minute(admission.tpm).key_for(admission.key)
+        calls = [
+            slots.release_call(admission.key, admission.slot),
+            windows.settle_call(key, MINUTE, admission.ticket, delta, tokens),
+        ]
+        for reply in await self._redis.pipeline(calls):
+            if isinstance(reply, Exception):
+                self._storage_failed(reply)
 
     async def release(self, admission: Admission) -> None:
         if admission.slot is not None:

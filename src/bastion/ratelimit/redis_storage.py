@@ -44,11 +44,21 @@ class LeanRedisStorage(Storage, MovingWindowSupport):
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         timestamp = time.time()
-        window = await self.moving_window([self._prefix + key], [timestamp - expiry, limit])
-        if isinstance(window, list) and window:
-            oldest, count = window
-            return float(cast(bytes, oldest)), _int(count)
-        return timestamp, 0
+        return _window(await self.moving_window([self._prefix + key], [timestamp - expiry, limit]), timestamp)
+
+    async def acquire_with_window(self, key: str, limit: int, expiry: int, amount: int = 1) -> tuple[bool, float, int]:
+        """`acquire_entry` then `get_moving_window` (what `MovingWindowRateLimiter.hit` then `get_window_stats` call,
+        with the same arguments) in one round trip: (acquired, window start, entries in the window)."""
+        key = self._prefix + key
+        hit = self.acquire_moving_window.command([key], [time.time(), limit, expiry, amount])
+        timestamp = time.time()
+        window = self.moving_window.command([key], [timestamp - expiry, limit])
+        acquired, state = await self.client.pipeline([(hit, self.acquire_moving_window), (window, self.moving_window)])
+        for reply in (acquired, state):
+            if isinstance(reply, RedisError):
+                raise reply
+        start, count = _window(state, timestamp)
+        return bool(acquired), start, count
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         key = self._prefix + key
@@ -83,6 +93,14 @@ class LeanRedisStorage(Storage, MovingWindowSupport):
                 deleted += _int(await self.client.execute(b"DEL", *keys))
             if cursor == b"0":
                 return deleted
+
+
+def _window(reply: Reply, timestamp: float) -> tuple[float, int]:
+    """The moving window script's reply as the library's bridge reads it: (oldest entry, count), or (now, 0)."""
+    if isinstance(reply, list) and reply:
+        oldest, count = reply
+        return float(cast(bytes, oldest)), _int(count)
+    return timestamp, 0
 
 
 def _int(reply: Reply) -> int:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from ..background import background
 from ..redisio import Redis, Script
+from ..redisio.resp import encode
 
 log = logging.getLogger("bastion.ratelimit")
 
@@ -123,9 +124,13 @@ class RedisSlots:
         return slot
 
     async def release(self, key: str, slot: str) -> None:
+        await self._client.send(self.release_call(key, slot)[0])
+
+    def release_call(self, key: str, slot: str) -> tuple[bytes, None]:
+        """The release as a command for `Redis.pipeline` (forgotten here at once, like `release`)."""
         full_key = self._prefix + key
         self._forget(full_key, slot)
-        await self._client.execute(b"ZREM", full_key, slot)
+        return encode((b"ZREM", full_key, slot)), None
 
     def _forget(self, full_key: str, slot: str) -> None:
         live = self._mine.get(full_key)

@@ -189,3 +189,7 @@ class RedisTokens:
 
     async def settle(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> None:
         await self._settle(self._keys(key), [expiry, ticket, delta, actual])
+
+    def settle_call(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> tuple[bytes, Script]:
+        """The settlement as a command for `Redis.pipeline`."""
+        return self._settle.command(self._keys(key), [expiry, ticket, delta, actual]), self._settle

@@ -153,6 +153,33 @@ class Redis:
             connection = await self._connect()
         return await connection.request(command)
 
+    async def pipeline(self, calls: Sequence[tuple[bytes, Script | None]]) -> list[Reply]:
+        """Several already encoded commands in one send (each with its Script, if it is one); their replies in
+        order, a failed one as its exception (not raised: each caller decides). One round trip instead of
+        `len(calls)`. A script that got NOSCRIPT did not run: it is loaded and run again after the others (so
+        after the calls that followed it: callers keep that in mind; it happens after a Redis restart only)."""
+        try:
+            connection = self._connection
+            if connection is None or connection.failure is not None:
+                connection = await self._connect()
+            futures = [connection.request(command) for command, _ in calls]
+        except RedisUnavailable as exc:
+            return [_again(exc) for _ in calls]
+        replies: list[Reply] = []
+        for future in futures:
+            try:
+                replies.append(await future)
+            except RedisError as exc:
+                replies.append(exc)
+        for i, ((command, script), reply) in enumerate(zip(calls, replies, strict=True)):
+            if isinstance(reply, NoScript) and script is not None:
+                try:
+                    await script.load()
+                    replies[i] = await self.send(command)
+                except RedisError as exc:
+                    replies[i] = exc
+        return replies
+
     async def _connect(self) -> _Connection:
         opening = self._opening
         if opening is None:
@@ -223,6 +250,10 @@ class Script:
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()  # noqa: S324 (Redis names scripts by SHA-1)
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha + b"\r\n"
+
+    def command(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> bytes:
+        """The EVALSHA command for these keys and arguments (for `Redis.pipeline`)."""
+        return b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
 
     async def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Reply:
         command = b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
