@@ -250,10 +250,12 @@ def prometheus(config: str, files: dict[str, str] | None = None) -> Iterator[tup
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[tuple[Proc, str]]:
-    """A throwaway redis-server on a free port (no persistence); yields (proc, redis:// URL)."""
-    port = free_port()
-    proc = Proc(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+def redis_server(*args: str, port: int = 0) -> Iterator[tuple[Proc, str]]:
+    """A throwaway redis-server on a free port (or `port`; no persistence; `args` added to its command line);
+    yields (proc, redis:// URL)."""
+    port = port or free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = Proc([*command, *args])
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -261,7 +263,7 @@ def redis_server() -> Iterator[tuple[Proc, str]]:
                 raise RuntimeError(f"redis-server exited:\n{proc.output()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
+                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (NOAUTH: up, with a password)
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"redis-server not answering on {port}:\n{proc.output()}")

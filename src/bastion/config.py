@@ -201,25 +201,17 @@ def _shell_words(value: str) -> str:
     return value
 
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "redis+unix://")
-
-
 def _redis_url(value: SecretStr | None) -> SecretStr | None:
-    """A URL the limits library's Redis storage takes (checked here: its own error names a missing package)."""
+    """A URL bastion's Redis client takes (redis://, rediss://, redis+unix://; checked by its own parser)."""
     if value is None:
         return None
-    url = value.get_secret_value().strip().removeprefix("async+")
-    if not url.startswith(_REDIS_SCHEMES):
-        raise ValueError("must start with redis://, rediss:// or redis+unix://")
-    from urllib.parse import urlsplit
+    from .redisio.url import parse_url  # the client's own parser: what passes here is what it connects to
 
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises on a port that is not a number)
-    except ValueError:
-        raise ValueError("is not a valid URL (check the port and any special characters in the password)") from None
-    if not parts.hostname and not url.startswith("redis+unix://"):
-        raise ValueError("names no host")
+        parse_url(value.get_secret_value())
+    except ValueError as exc:
+        # Its messages name the part that is wrong, never the password.
+        raise ValueError(str(exc)) from None
     return value
 
 

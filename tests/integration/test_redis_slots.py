@@ -6,15 +6,14 @@ import asyncio
 import time
 
 from bastion.ratelimit.slots import RedisSlots
+from bastion.redisio import Redis
 from tests.support import redis_server
 
 
 async def test_slots_shared_and_crashed_replica_slots_expire() -> None:
-    import coredis
-
     with redis_server() as (_, url):
-        alive_client = coredis.Redis.from_url(url)
-        crashed_client = coredis.Redis.from_url(url)
+        alive_client = Redis.from_url(url, 2.0)
+        crashed_client = Redis.from_url(url, 2.0)
         alive = RedisSlots(alive_client, ttl=0.6)
         crashed = RedisSlots(crashed_client, ttl=0.6)  # never refreshes: as if its process died
         async with alive.running():

@@ -8,16 +8,15 @@ import random
 
 from bastion.ratelimit import RateLimiter
 from bastion.ratelimit.tokens import RedisTokens
+from bastion.redisio import Redis
 from tests.support import redis_server
 
 KEY = "LIMITER/p:k/100/1/minute"
 
 
 async def test_settle_lands_on_the_reservations_window_after_it_rotated_or_expired() -> None:
-    import coredis
-
     with redis_server() as (_, url):
-        tokens = RedisTokens(coredis.Redis.from_url(url), "bastion:limits")
+        tokens = RedisTokens(Redis.from_url(url, 2.0), "bastion:limits")
         first = await tokens.reserve(KEY, 100, 1, 60)  # a one-second window, so it rotates quickly
         assert first.admitted and first.ticket > 0 and first.window.current == 60
         assert not (await tokens.reserve(KEY, 100, 1, 41)).admitted

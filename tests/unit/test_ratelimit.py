@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import coredis.exceptions
 import pytest
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -16,6 +15,7 @@ from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
 from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
 from bastion.ratelimit.memory import MemoryStorage
 from bastion.ratelimit.tokens import Window
+from bastion.redisio import RedisTimeout, RedisUnavailable, ReplyError
 from bastion.usage import Usage
 
 
@@ -274,7 +274,7 @@ def _broken(error: BaseException, *, fail_open: bool = True) -> RateLimiter:
 
 
 @pytest.mark.parametrize(
-    "error", [ConnectionRefusedError(), TimeoutError(), coredis.exceptions.ConnectionError("gone")], ids=type
+    "error", [ConnectionRefusedError(), TimeoutError(), RedisUnavailable("gone"), RedisTimeout("slow")], ids=type
 )
 async def test_storage_outage_fails_open_counted_and_exported(error: BaseException) -> None:
     limits = _broken(error)
@@ -289,7 +289,7 @@ async def test_storage_outage_fails_open_counted_and_exported(error: BaseExcepti
     assert refused.value.status == 503 and closed.fail_open_admissions == 0
 
 
-@pytest.mark.parametrize("error", [KeyError("bug"), TypeError("bug"), coredis.exceptions.WrongTypeError("x")], ids=type)
+@pytest.mark.parametrize("error", [KeyError("bug"), TypeError("bug"), ReplyError("WRONGTYPE x")], ids=type)
 async def test_a_bug_is_a_500_with_a_traceback_never_limits_off(
     error: BaseException, caplog: pytest.LogCaptureFixture
 ) -> None:

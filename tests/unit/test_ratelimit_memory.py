@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage as LibraryStorage
-from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from bastion.ratelimit import RateLimiter
 from bastion.ratelimit.memory import SWEEP_EVERY, MemoryStorage
+from bastion.ratelimit.redis_storage import LeanRedisStorage
 
 START = 1_700_000_000.0  # a whole minute
 # Steps of a quarter second (exact in binary), so hits land exactly on window edges too.
@@ -212,7 +212,7 @@ def test_rate_limiter_uses_it_in_memory_mode_only() -> None:
     memory = RateLimiter(rpm=1, tpm=1, max_concurrent=1)
     assert isinstance(memory.storage, MemoryStorage) and isinstance(memory.failures.storage, MemoryStorage)
     shared = RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis_url="redis://127.0.0.1:1/0")
-    assert isinstance(shared.storage, RedisStorage) and isinstance(shared.failures.storage, MemoryStorage)
+    assert isinstance(shared.storage, LeanRedisStorage) and isinstance(shared.failures.storage, MemoryStorage)
 
 
 async def test_a_busy_window_is_compacted_and_holds_nothing_the_collector_walks(

@@ -72,7 +72,14 @@ def _rows(options: BudgetOptions, calendar: Calendar, since: int, key: str | Non
         from .redis_ledger import RedisLedger, connect  # only Redis users pay for its import
 
         ledger = RedisLedger(connect(options.redis_url, max(options.redis_timeout, 5.0)), calendar)
-        return asyncio.run(ledger.rows(since, key, now))
+
+        async def read() -> list[Row]:
+            try:
+                return await ledger.rows(since, key, now)
+            finally:
+                await ledger.aclose()
+
+        return asyncio.run(read())
     if options.db is None:
         _say(
             "no usage store: set BASTION_BUDGET_DB (or BASTION_KEYS_FILE, beside which usage.sqlite3 is kept), "

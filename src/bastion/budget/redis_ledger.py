@@ -25,17 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
-import coredis
-from coredis.exceptions import RedisError
-from coredis.retry import NoRetryPolicy
-from coredis.tokens import PureToken
-
 from ..background import background
+from ..redisio import Redis, RedisError, Reply, Script
 from .calendar import Calendar, Windows
 from .ledger import (
     PRUNE_EVERY,
@@ -114,9 +109,9 @@ return out
 """
 
 
-def connect(url: str, timeout: float) -> coredis.Redis[bytes]:
-    """A client that never retries by itself: a retried script could count a request twice."""
-    return coredis.Redis.from_url(url, connect_timeout=timeout, stream_timeout=timeout, retry_policy=NoRetryPolicy())
+def connect(url: str, timeout: float) -> Redis:
+    """bastion's lean client, which never re-sends a call by itself: a retried script could count a request twice."""
+    return Redis.from_url(url, timeout)
 
 
 class RedisLedger:
@@ -124,7 +119,7 @@ class RedisLedger:
 
     def __init__(
         self,
-        client: coredis.Redis[bytes],
+        client: Redis,
         calendar: Calendar,
         *,
         retention: float | None = None,
@@ -137,6 +132,9 @@ class RedisLedger:
         self._prefix = prefix
         self._clock = clock
         self.errors = 0
+        self._reserve = client.script(_RESERVE)
+        self._settle = client.script(_SETTLE)
+        self._read = client.script(_READ)
 
     def _period_keys(self, principal_id: str, starts: Sequence[int]) -> list[str]:
         base = f"{self._prefix}p:{principal_id}:"
@@ -152,7 +150,7 @@ class RedisLedger:
         args: list[str | int] = [tokens, model, *(r + PERIOD_GRACE for r in windows.resets), len(applied)]
         for budget in applied:
             args += [budget.ordinal + 1, "t" if budget.model is None else "t:" + budget.model, budget.tokens]
-        reply = cast(list[int], await self._call(_RESERVE, self._period_keys(principal_id, windows.starts), args))
+        reply = cast(list[int], await self._call(self._reserve, self._period_keys(principal_id, windows.starts), args))
         refused, used = reply[0], reply[1:]
         if refused:
             return self._refusal(applied, used, tokens, windows)
@@ -184,7 +182,7 @@ class RedisLedger:
         args: list[str | int] = [r.tokens, used, r.model, r.hour, *(x + PERIOD_GRACE for x in resets), keep_until]
         args.append(r.principal_id)
         try:
-            await self._call(_SETTLE, keys, args)
+            await self._call(self._settle, keys, args)
         except LedgerUnavailable as exc:
             log.error("budget settle lost (Redis unreachable): %s", exc.__cause__ or exc)
 
@@ -194,7 +192,7 @@ class RedisLedger:
     async def usage(self, principal_id: str, budgets: Sequence[Budget], now: float) -> UsageReport:
         windows = self.calendar.at(now)
         keys = self._period_keys(principal_id, windows.starts)
-        counts = [_pairs(reply) for reply in cast(list[list[bytes]], await self._call(_READ, keys, []))]
+        counts = [_pairs(reply) for reply in cast(list[list[bytes]], await self._call(self._read, keys, []))]
         periods: list[PeriodUsage] = []
         for period in PERIODS:
             p = period.ordinal
@@ -217,15 +215,15 @@ class RedisLedger:
         now = self._clock() if now is None else now
         index = self._prefix + "principals"
         if principal is None:
-            members = await self._guard(self._client.zrange(index, since, math.inf, sortby=PureToken.BYSCORE))
-            principals = sorted(m.decode() for m in members)
+            members = await self._guard(self._client.execute(b"ZRANGEBYSCORE", index, since, b"+inf"))
+            principals = sorted(m.decode() for m in cast(list[bytes], members))
         else:
             principals = [principal]
         days = range(since - since % DAY, int(now) + 1, DAY)
         out: list[Row] = []
         for pid in principals:
             keys = [f"{self._prefix}h:{pid}:{day}" for day in days]
-            replies = cast(list[list[bytes]], await self._call(_READ, keys, []))
+            replies = cast(list[list[bytes]], await self._call(self._read, keys, []))
             for reply in replies:
                 for field, tokens in _pairs(reply).items():
                     hour_text, _, model = field.partition(":")
@@ -237,15 +235,15 @@ class RedisLedger:
         if self._retention is None:
             return 0
         before = int(now - self._retention)
-        return int(await self._guard(self._client.zremrangebyscore(self._prefix + "principals", -math.inf, before)))
+        index = self._prefix + "principals"
+        return int(await self._guard(self._client.execute(b"ZREMRANGEBYSCORE", index, b"-inf", before)))
 
-    async def _call(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        # EVAL, not EVALSHA: coredis drops its shared connection on any error reply, NOSCRIPT included (first
-        # use, or after a Redis restart), which would fail every request in flight on it. Redis caches the
-        # compiled script either way; the body costs a few hundred bytes per call on the wire.
-        return await self._guard(self._client.eval(script, tuple(keys), tuple(args)))
+    async def _call(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
+        # EVALSHA, loading the script on NOSCRIPT (first use, a restarted Redis): an error reply leaves the
+        # shared connection and the calls in flight on it alone.
+        return await self._guard(script(keys, args))
 
-    async def _guard(self, call: Any) -> Any:
+    async def _guard(self, call: Awaitable[Reply]) -> Any:
         try:
             return await call
         except (TimeoutError, RedisError, OSError) as exc:
@@ -253,7 +251,18 @@ class RedisLedger:
             raise LedgerUnavailable(f"budget storage (Redis) unreachable: {type(exc).__name__}") from exc
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return background(self._maintain)
+        return self._running()
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        try:
+            async with background(self._maintain):
+                yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     async def _maintain(self) -> None:
         while True:

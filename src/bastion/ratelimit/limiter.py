@@ -1,8 +1,10 @@
 """The rate limiter: requests/min, tokens/min and concurrent requests per principal.
 
 Windows and counters come from the `limits` library (the engine under slowapi):
-its strategies, on its Redis storage when gateways share counts, or in one process
-on bastion's own memory storage (`memory.py`, which says why).
+its strategies, on Redis when gateways share counts (`redis_storage.py`: the library's
+own Lua scripts, run through bastion's lean client `bastion.redisio`, which costs
+~25 µs of CPU per call where coredis cost ~150), or in one process on bastion's own
+memory storage (`memory.py`, which says why).
 
 - requests/min: `MovingWindowRateLimiter`, one hit per admitted request (exact:
   two gateways on one Redis admit exactly `rpm` requests per rolling minute).
@@ -29,19 +31,19 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol, cast
+from typing import Protocol
 
-import coredis.exceptions
-from coredis.retry import NoRetryPolicy
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..errors import GatewayError
+from ..redisio import Redis, RedisUnavailable, Script
 from .memory import MemoryStorage
+from .redis_storage import LeanRedisStorage
 from .slots import MemorySlots, RedisSlots, Slots
 from .tokens import MemoryTokens, RedisTokens, TokenWindows
 
@@ -51,18 +53,11 @@ Headers = list[tuple[bytes, bytes]]
 MINUTE = 60
 REDIS_PREFIX = "bastion:limits"
 
-# "The storage is unavailable": what Redis (coredis) raises when it cannot be reached, answers too late,
-# refuses us (a wrong password is not a bug of ours) or is a read-only replica mid-failover; the
-# `limits` library's wrapped storage errors; and the socket's own (OSError, TimeoutError).
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    coredis.exceptions.ConnectionError,
-    coredis.exceptions.TimeoutError,
-    coredis.exceptions.AuthenticationError,
-    coredis.exceptions.ReadOnlyError,
-    StorageError,
-    OSError,
-    TimeoutError,
-)
+# "The storage is unavailable": what the Redis client raises when Redis cannot be reached, answers too late,
+# refuses us (a wrong password is not a bug of ours) or is a read-only replica mid-failover (`RedisUnavailable`;
+# an error reply to a script is a `ReplyError`: a bug); the `limits` library's wrapped storage errors; and the
+# socket's own (OSError, TimeoutError).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (RedisUnavailable, StorageError, OSError, TimeoutError)
 
 
 class LimitedPrincipal(Protocol):
@@ -166,10 +161,6 @@ class RateLimited(GatewayError):
         self.reason = reason
 
 
-def redis_storage_uri(url: str) -> str:
-    return url if url.startswith("async+") else "async+" + url
-
-
 class RateLimiter:
     """Per-principal limits on one storage (memory, or Redis when `redis_url` is given); 0 = unlimited."""
 
@@ -200,29 +191,24 @@ class RateLimiter:
         self.slots: Slots
         self.token_windows: TokenWindows
         if redis_url is not None:
-            redis = RedisStorage(
-                redis_storage_uri(redis_url),
-                implementation="coredis",
-                connect_timeout=redis_timeout,
-                stream_timeout=redis_timeout,
-                key_prefix=REDIS_PREFIX,
-                # coredis re-sends a call whose connection was lost after it was sent (seen when a burst of calls
-                # missed the script cache), applying a reservation, a settlement or a hit twice. A call counts
-                # once or fails (fail open/closed) instead.
-                retry_policy=cast(Any, NoRetryPolicy()),
-            )
-            bridge = cast(Any, redis.bridge)
-            connection = bridge.get_connection()
-            slots = RedisSlots(connection, slot_ttl)
-            tokens = RedisTokens(connection, REDIS_PREFIX)
+            client = Redis.from_url(redis_url, redis_timeout)
+            slots = RedisSlots(client, slot_ttl)
+            tokens = RedisTokens(client, REDIS_PREFIX)
+            windows = LeanRedisStorage(client, REDIS_PREFIX)
             self.slots, self.token_windows = slots, tokens
-            self.storage: Storage = redis
-            self._redis = connection
-            # The library's scripts for the requests window (by their attribute names in its coredis bridge).
-            theirs = [getattr(bridge, name, None) for name in ("lua_moving_window", "lua_acquire_moving_window")]
-            self._scripts = [script for script in theirs if script is not None] + slots.scripts() + tokens.scripts()
+            self.storage: Storage = windows
+            self._redis: Redis | None = client
+            # The Redis parts again, by their own types: the paths that save round trips (`admit`, `finish`).
+            self._redis_parts: tuple[LeanRedisStorage, RedisSlots, RedisTokens] | None = (windows, slots, tokens)
+            self._scripts: list[Script] = [
+                windows.moving_window,
+                windows.acquire_moving_window,
+                *slots.scripts(),
+                *tokens.scripts(),
+            ]
         else:
             self._redis = None
+            self._redis_parts = None
             self._scripts = []
             memory = MemoryStorage()
             self.slots = MemorySlots()
@@ -242,17 +228,21 @@ class RateLimiter:
     @contextlib.asynccontextmanager
     async def _service(self) -> AsyncIterator[None]:
         await self._load_scripts()
-        async with self.slots.running():
-            yield
+        try:
+            async with self.slots.running():
+                yield
+        finally:
+            if self._redis is not None:
+                await self._redis.aclose()
 
     async def _load_scripts(self) -> None:
-        """Redis: load every script before the first request. Left to the client, the first burst of concurrent
-        calls all miss the script cache, and coredis drops connections while it loads it (calls fail)."""
+        """Redis: load every script before the first request (else the first burst of calls all miss the script
+        cache: each would load it and run again, correct but slower)."""
         if self._redis is None:
             return
         try:
             for script in self._scripts:
-                await self._redis.script_load(script.script)
+                await script.load()
         except Exception as exc:  # unreachable: the fail mode applies until it answers (scripts load on use)
             self._storage_failed(exc)
 
@@ -309,14 +299,22 @@ class RateLimiter:
             headers: Headers = []
             if rpm > 0:
                 item = per_minute(rpm)
-                admitted = await self.requests.hit(item, key)
-                stats = await self.requests.get_window_stats(item, key)
-                headers = limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
+                if self._redis_parts is not None:  # the strategy's hit and window stats, in one round trip
+                    expiry = item.get_expiry()
+                    admitted, start, count = await self._redis_parts[0].acquire_with_window(
+                        item.key_for(key), rpm, expiry
+                    )
+                    reset_time, remaining = start + expiry, rpm - count
+                else:
+                    admitted = await self.requests.hit(item, key)
+                    stats = await self.requests.get_window_stats(item, key)
+                    reset_time, remaining = stats.reset_time, stats.remaining
+                headers = limit_headers("requests", rpm, remaining, reset_time - now)
                 if not admitted:
                     raise self._refused(
                         "requests",
                         f"{rpm} requests per minute",
-                        stats.reset_time,
+                        reset_time,
                         now,
                         headers,
                         _tokens_left(tpm, refused_left, reset),
@@ -372,6 +370,27 @@ class RateLimiter:
             "rate_limit_" + kind,
             [(b"retry-after", str(wait).encode()), *headers, *token_headers],
         )
+
+    async def finish(self, admission: Admission, tokens: int) -> None:
+        """When a request ends: give its slot back and settle its reservation to `tokens` (on Redis, in one
+        round trip; each call's failure counted as `release` and `settle` count it)."""
+        delta = tokens - admission.reserved
+        parts = self._redis_parts
+        if parts is None or admission.slot is None or admission.tpm <= 0 or delta == 0 or self._redis is None:
+            try:
+                await self.release(admission)
+            finally:
+                await self.settle(admission, tokens)
+            return
+        _, slots, windows = parts
+        key = per_minute(admission.tpm).key_for(admission.key)
+        calls = [
+            slots.release_call(admission.key, admission.slot),
+            windows.settle_call(key, MINUTE, admission.ticket, delta, tokens),
+        ]
+        for reply in await self._redis.pipeline(calls):
+            if isinstance(reply, Exception):
+                self._storage_failed(reply)
 
     async def release(self, admission: Admission) -> None:
         if admission.slot is not None:

@@ -42,7 +42,4 @@ class RateLimitMiddleware:
 
     async def _finish(self, admission: Admission, exchange: Exchange) -> None:
         tokens, exchange.usage_estimated = charge(exchange)
-        try:
-            await self.limiter.release(admission)
-        finally:
-            await self.limiter.settle(admission, tokens)
+        await self.limiter.finish(admission, tokens)

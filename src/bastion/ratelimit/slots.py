@@ -16,9 +16,11 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..background import background
+from ..redisio import Redis, Script
+from ..redisio.resp import encode
 
 log = logging.getLogger("bastion.ratelimit")
 
@@ -92,17 +94,17 @@ async def _nothing() -> AsyncIterator[None]:
 class RedisSlots:
     """Shared between gateways: one sorted set per key, slots expiring unless refreshed."""
 
-    def __init__(self, client: Any, ttl: float, prefix: str = "bastion:slots:") -> None:
+    def __init__(self, client: Redis, ttl: float, prefix: str = "bastion:slots:") -> None:
         self._client = client
         self._ttl = ttl
         self._prefix = prefix
-        self._acquire = client.register_script(_ACQUIRE)
-        self._refresh = client.register_script(_REFRESH)
+        self._acquire = client.script(_ACQUIRE)
+        self._refresh = client.script(_REFRESH)
         self._mine: defaultdict[str, set[str]] = defaultdict(set)
         self._next = 0
         self._tag = os.urandom(6).hex()
 
-    def scripts(self) -> list[Any]:
+    def scripts(self) -> list[Script]:
         return [self._acquire, self._refresh]
 
     async def acquire(self, key: str, limit: int) -> str | None:
@@ -112,7 +114,7 @@ class RedisSlots:
         # Registered before the await so a refresh running meanwhile cannot miss it.
         self._mine[full_key].add(slot)
         try:
-            taken = await self._acquire.execute(keys=[full_key], args=[limit, self._ttl, slot])
+            taken = await self._acquire([full_key], [limit, self._ttl, slot])
         except BaseException:
             self._forget(full_key, slot)
             raise
@@ -122,9 +124,13 @@ class RedisSlots:
         return slot
 
     async def release(self, key: str, slot: str) -> None:
+        await self._client.send(self.release_call(key, slot)[0])
+
+    def release_call(self, key: str, slot: str) -> tuple[bytes, None]:
+        """The release as a command for `Redis.pipeline` (forgotten here at once, like `release`)."""
         full_key = self._prefix + key
         self._forget(full_key, slot)
-        await self._client.zrem(full_key, [slot])
+        return encode((b"ZREM", full_key, slot)), None
 
     def _forget(self, full_key: str, slot: str) -> None:
         live = self._mine.get(full_key)
@@ -137,7 +143,7 @@ class RedisSlots:
         """Push the expiry of every slot this process still holds `ttl` seconds ahead."""
         for full_key, live in list(self._mine.items()):
             if live:
-                await self._refresh.execute(keys=[full_key], args=[self._ttl, *live])
+                await self._refresh([full_key], [self._ttl, *live])
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         return background(self._refresher)

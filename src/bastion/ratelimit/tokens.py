@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol, cast
 
+from ..redisio import Redis, Script
 from .memory import MemoryStorage
 
 
@@ -168,12 +169,12 @@ return 0
 class RedisTokens:
     """Token windows shared through Redis, on the keys `limits`' Redis storage uses for the same window."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: Redis, prefix: str) -> None:
         self._prefix = prefix
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
+        self._reserve = client.script(_RESERVE)
+        self._settle = client.script(_SETTLE)
 
-    def scripts(self) -> list[Any]:
+    def scripts(self) -> list[Script]:
         return [self._reserve, self._settle]
 
     def _keys(self, key: str) -> list[str]:
@@ -181,10 +182,14 @@ class RedisTokens:
         return [current + "/-1", current]
 
     async def reserve(self, key: str, limit: int, expiry: int, amount: int) -> Reservation:
-        answer = await self._reserve.execute(keys=self._keys(key), args=[limit, expiry, amount])
-        admitted, ticket, previous, previous_ttl, current, current_ttl = (int(v) for v in answer)
+        answer = cast(list[int], await self._reserve(self._keys(key), [limit, expiry, amount]))
+        admitted, ticket, previous, previous_ttl, current, current_ttl = answer
         window = Window(previous, previous_ttl / 1000, current, current_ttl / 1000)
         return Reservation(bool(admitted), ticket, window)
 
     async def settle(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> None:
-        await self._settle.execute(keys=self._keys(key), args=[expiry, ticket, delta, actual])
+        await self._settle(self._keys(key), [expiry, ticket, delta, actual])
+
+    def settle_call(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> tuple[bytes, Script]:
+        """The settlement as a command for `Redis.pipeline`."""
+        return self._settle.command(self._keys(key), [expiry, ticket, delta, actual]), self._settle
