@@ -10,12 +10,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
 from cryptography import x509
@@ -141,7 +143,30 @@ def gateway(*args: str, env: dict[str, str] | None = None, ready: bool = True) -
 Script = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ScriptedUpstream:
+class LoopbackServer:
+    """A real listening socket on 127.0.0.1 (a port the kernel picks) for in-process tests: each connection
+    goes to `_serve`; `async with` starts and closes it."""
+
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ScriptedUpstream(LoopbackServer):
     """A real upstream socket that misbehaves on cue: `script(request, writer)` writes the answer.
 
     For in-process tests of failure paths (refused, hung, broken mid-stream, odd statuses);
@@ -149,19 +174,9 @@ class ScriptedUpstream:
     """
 
     def __init__(self, script: Script) -> None:
+        super().__init__()
         self.script = script
         self.requests: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ScriptedUpstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -10,17 +10,18 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from bastion.http import http1
 from bastion.http.pool import Pool
-from tests.support import content_length
+from tests.support import LoopbackServer, content_length
 
 # (request number on this connection, request head+body, writer) -> keep the connection open?
 Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
 FAST = http1.Timeouts(connect=1.0, read=1.0, write=1.0, pool=1.0)
 
 
-class KeepAliveServer:
+class KeepAliveServer(LoopbackServer):
     """Serves many requests per connection; counts connections (in all, open now, most open at once) and requests."""
 
     def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__()
         self.answer = answer
         self.tls = tls
         self.connections = 0
@@ -30,17 +31,6 @@ class KeepAliveServer:
         self.closed = asyncio.Event()  # a client closed a connection
         self._none_open = asyncio.Event()
         self._none_open.set()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> KeepAliveServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     @property
     def base(self) -> str:

@@ -22,6 +22,7 @@ from bastion.redisio import (
     parse_url,
 )
 from bastion.redisio.resp import Parser, ProtocolError, encode
+from tests.support import LoopbackServer
 
 Handler = Callable[[list[bytes], asyncio.StreamWriter], Awaitable[None]]
 
@@ -37,24 +38,14 @@ async def read_command(reader: asyncio.StreamReader) -> list[bytes]:
     return parts
 
 
-class FakeRedis:
+class FakeRedis(LoopbackServer):
     """A real socket on 127.0.0.1 that answers each command through `handler` (which may misbehave)."""
 
     def __init__(self, handler: Handler) -> None:
+        super().__init__()
         self.handler = handler
         self.commands: list[list[bytes]] = []
         self.connections = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> FakeRedis:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     @property
     def url(self) -> str:
