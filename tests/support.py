@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import random
 import shutil
 import signal
 import socket
@@ -48,10 +49,50 @@ AUDIT_FIELDS = {
 }
 
 
+class _PortRange:
+    """Ports for servers a test starts, below the kernel's ephemeral range, one slice per pytest-xdist worker.
+
+    A port is chosen here and bound later by another process (the gateway, the simulator, redis-server...).
+    Taken from the ephemeral range (`bind(("", 0))`), it could meanwhile be handed to any socket of the
+    machine (another worker's server, any client's connect()); the kernel never hands out ports below that
+    range, and each worker walks its own slice in turn (from a random start: other checkouts' suites may run
+    on the machine too), so a port comes back to a worker only after its whole slice has been used.
+    """
+
+    SPAN = 12_000
+
+    def __init__(self) -> None:
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768
+        first = max(1024, low - self.SPAN)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        size = (low - first) // max(1, workers)
+        self.start = first + worker * size
+        self.size = size
+        self.next = random.randrange(size)
+
+    def take(self, host: str) -> int:
+        for _ in range(self.size):
+            port = self.start + self.next
+            self.next = (self.next + 1) % self.size
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:  # in use (another checkout's test, or a service of the machine): the next one
+                    continue
+            return port
+        raise OSError(f"no free port in {self.start}-{self.start + self.size - 1}")
+
+
+_PORTS = _PortRange()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now and that no other socket of this machine will be given meanwhile."""
+    return _PORTS.take(host)
 
 
 class Proc:

@@ -16,7 +16,8 @@ on bastion's own memory storage (`memory.py`, which says why).
 A storage failure (Redis unreachable) fails open (serve, log once per incident,
 count it in `storage_errors` and each request served unlimited in `fail_open`, both
 exported as `bastion_ratelimit_*_total`) or closed (503 with Retry-After), per
-settings. Only the storage's own failures count as one (`STORAGE_ERRORS`): any other
+settings. Only the storage's own failures count as one (`STORAGE_ERRORS`, and with Redis
+`redis_storage_errors()`, built with the storage so that coredis is imported only then): any other
 exception is a bug, answered 500 with its traceback in the log, never "limits off".
 """
 
@@ -31,8 +32,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, cast
 
-import coredis.exceptions
-from coredis.retry import NoRetryPolicy
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -51,18 +50,27 @@ Headers = list[tuple[bytes, bytes]]
 MINUTE = 60
 REDIS_PREFIX = "bastion:limits"
 
-# "The storage is unavailable": what Redis (coredis) raises when it cannot be reached, answers too late,
-# refuses us (a wrong password is not a bug of ours) or is a read-only replica mid-failover; the
-# `limits` library's wrapped storage errors; and the socket's own (OSError, TimeoutError).
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    coredis.exceptions.ConnectionError,
-    coredis.exceptions.TimeoutError,
-    coredis.exceptions.AuthenticationError,
-    coredis.exceptions.ReadOnlyError,
-    StorageError,
-    OSError,
-    TimeoutError,
-)
+# "The storage is unavailable": the `limits` library's wrapped storage errors and the socket's own (OSError,
+# TimeoutError); with Redis, `redis_storage_errors` adds what its client raises.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, OSError, TimeoutError)
+
+
+def redis_storage_errors() -> tuple[type[BaseException], ...]:
+    """`STORAGE_ERRORS` and what Redis (coredis) raises when it cannot be reached, answers too late, refuses us
+    (a wrong password is not a bug of ours) or is a read-only replica mid-failover.
+
+    coredis is imported here, when a Redis storage is built, not with this module: it costs every process
+    that starts the gateway ~170 ms, and only Redis users need it.
+    """
+    import coredis.exceptions
+
+    return (
+        coredis.exceptions.ConnectionError,
+        coredis.exceptions.TimeoutError,
+        coredis.exceptions.AuthenticationError,
+        coredis.exceptions.ReadOnlyError,
+        *STORAGE_ERRORS,
+    )
 
 
 class LimitedPrincipal(Protocol):
@@ -199,7 +207,12 @@ class RateLimiter:
         self.shared = redis_url is not None
         self.slots: Slots
         self.token_windows: TokenWindows
+        # What counts as "the storage is unavailable" (fail open/closed) rather than a bug.
+        self.storage_errors_caught: tuple[type[BaseException], ...] = STORAGE_ERRORS
         if redis_url is not None:
+            from coredis.retry import NoRetryPolicy
+
+            self.storage_errors_caught = redis_storage_errors()
             redis = RedisStorage(
                 redis_storage_uri(redis_url),
                 implementation="coredis",
@@ -327,7 +340,7 @@ class RateLimiter:
         except RateLimited:
             await self._undo(admission)
             raise
-        except STORAGE_ERRORS as exc:
+        except self.storage_errors_caught as exc:
             await self._undo(admission)
             self._storage_failed(exc)
             if self.fail_open:
@@ -424,7 +437,7 @@ class RateLimiter:
     # --- storage incidents --------------------------------------------------------------
     def _storage_failed(self, exc: BaseException) -> None:
         """Count and log a storage incident; anything that is not one (a bug) is raised again, as it was."""
-        if not isinstance(exc, STORAGE_ERRORS):
+        if not isinstance(exc, self.storage_errors_caught):
             raise exc
         self.storage_errors += 1
         if not self._degraded:
