@@ -138,19 +138,22 @@ class Proc:
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: Proc | None = None, status: int = 200) -> None:
+    """Poll `url` until it answers `status`. One client for every attempt: `httpx.get` builds a client (and
+    its TLS context) per call, ~30 ms of CPU, which a start-up poll paid a dozen times per process started."""
     deadline = time.monotonic() + timeout
     last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"process exited before {url} answered:\n{proc.output()}")
-        try:
-            response = httpx.get(url, timeout=1.0)
-            if response.status_code == status:
-                return
-            last = response.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.05)
+    with httpx.Client(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"process exited before {url} answered:\n{proc.output()}")
+            try:
+                response = client.get(url)
+                if response.status_code == status:
+                    return
+                last = response.status_code
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.02)
     raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})")
 
 
