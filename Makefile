@@ -53,12 +53,13 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-# pytest twice: the tests that measure no time on every core (pytest-xdist; -n auto is 2 on the 2-core CI box),
+# pytest twice: the tests that measure no time on every core (pytest-xdist; -n auto is 2 on the 2-core CI box;
+# a module stays on one worker, so its module-scoped gateway starts once),
 # then those marked `serial` (they assert a duration, a rate or a ratio of timings) alone, so that nothing
 # running beside them skews what they measure. docs/testing.md says how to run one test.
 PYTEST_WORKERS ?= auto
 test: sysdeps $(VENV)/.installed lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not soak and not serial"
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope -m "not soak and not serial"
 	$(BIN)/pytest -m "serial and not soak"
 
 bench: $(VENV)/.installed
