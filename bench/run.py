@@ -159,7 +159,7 @@ class Quiet:
 
 def measure(args: argparse.Namespace, quiet: Quiet) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
-    seconds = 3 if args.quick else 8
+    seconds = 1 if args.quick else 8  # --quick is a smoke (tests/integration/test_bench.py): it runs, not measures
     streams = (20, 160) if args.quick else (200, 4800)
     up_port, paced_port, gw_port, paced_gw_port, nginx_port = (free_port() for _ in range(5))
     env = gateway_env(work)

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,10 +51,50 @@ AUDIT_FIELDS = {
 }
 
 
+class _PortRange:
+    """Ports for servers a test starts, below the kernel's ephemeral range, one slice per pytest-xdist worker.
+
+    A port is chosen here and bound later by another process (the gateway, the simulator, redis-server...).
+    Taken from the ephemeral range (`bind(("", 0))`), it could meanwhile be handed to any socket of the
+    machine (another worker's server, any client's connect()); the kernel never hands out ports below that
+    range, and each worker walks its own slice in turn (from a random start: other checkouts' suites may run
+    on the machine too), so a port comes back to a worker only after its whole slice has been used.
+    """
+
+    SPAN = 12_000
+
+    def __init__(self) -> None:
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768
+        first = max(1024, low - self.SPAN)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        size = (low - first) // max(1, workers)
+        self.start = first + worker * size
+        self.size = size
+        self.next = random.randrange(size)
+
+    def take(self, host: str) -> int:
+        for _ in range(self.size):
+            port = self.start + self.next
+            self.next = (self.next + 1) % self.size
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:  # in use (another checkout's test, or a service of the machine): the next one
+                    continue
+            return port
+        raise OSError(f"no free port in {self.start}-{self.start + self.size - 1}")
+
+
+_PORTS = _PortRange()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now and that no other socket of this machine will be given meanwhile."""
+    return _PORTS.take(host)
 
 
 class Proc:
@@ -99,19 +140,22 @@ class Proc:
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: Proc | None = None, status: int = 200) -> None:
+    """Poll `url` until it answers `status`. One client for every attempt: `httpx.get` builds a client (and
+    its TLS context) per call, ~30 ms of CPU, which a start-up poll paid a dozen times per process started."""
     deadline = time.monotonic() + timeout
     last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"process exited before {url} answered:\n{proc.output()}")
-        try:
-            response = httpx.get(url, timeout=1.0)
-            if response.status_code == status:
-                return
-            last = response.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.05)
+    with httpx.Client(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"process exited before {url} answered:\n{proc.output()}")
+            try:
+                response = client.get(url)
+                if response.status_code == status:
+                    return
+                last = response.status_code
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.02)
     raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})")
 
 

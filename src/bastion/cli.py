@@ -18,8 +18,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import prometheus_client
-import uvicorn
 from pydantic_settings import BaseSettings
 
 from . import __version__
@@ -27,7 +25,6 @@ from .auth import cli as auth_cli
 from .budget import cli as budget_cli
 from .config import ConfigError, Settings, config_reference, env_example, load, unknown_variables, variables
 from .engine import cli as engine_cli
-from .listen import Server, bind, tune_collector, urls
 from .simulator.settings import SimulatorSettings
 from .simulator.settings import cli_flags as simulator_flags
 
@@ -139,6 +136,10 @@ def _check(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    # Imported by the commands that run a server: `keys`, `usage` and `check-config` start faster without them.
+    import prometheus_client
+
+    from .listen import Server, bind, tune_collector, urls
     from .preflight import build, logging_for
     from .server import server_config
 
@@ -163,6 +164,9 @@ def _serve(settings: Settings) -> int:
 
 
 def _simulate(settings: SimulatorSettings) -> int:
+    import uvicorn
+
+    from .listen import Server, bind, urls
     from .simulator.app import Simulator
 
     sockets = bind(

@@ -68,9 +68,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-# Libraries that log routine events at INFO (coredis: three `retry` lines per request while Redis is
-# down; httpx: every probe). Kept at WARNING unless the operator asks for debug.
-QUIET_LIBRARIES = ("coredis", "limits", "httpx", "httpcore", "hpack", "multipart")
+# Libraries that log routine events at INFO (httpx: every probe). Kept at WARNING unless the operator asks
+# for debug.
+QUIET_LIBRARIES = ("limits", "httpx", "httpcore", "hpack", "multipart")
 
 
 class UvicornName(logging.Filter):

@@ -327,6 +327,7 @@ def rss(proc: Proc) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
+@pytest.mark.serial  # /health latency measured
 @pytest.mark.parametrize("shape", ["deep", "wide"])
 def test_health_answers_while_a_16_mib_hostile_body_is_refused(gw: tuple[Proc, str], shape: str) -> None:
     """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts."""

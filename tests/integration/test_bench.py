@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# Paced tokens one per read (merges relative to the direct path): a timing property; run alone.
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).parents[2]
 
 

@@ -24,6 +24,9 @@ import pytest
 from bastion.auth.keys import KeyFile, create_key, write_key_file
 from tests.support import free_port, gateway
 
+# TTFT ratios, tokens/s shares and latency medians: run alone, never beside other tests.
+pytestmark = pytest.mark.serial
+
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 16
 # A GPU-like engine: a step time that does not grow with the batch (decode is memory-bound), so tokens/s

@@ -153,6 +153,7 @@ def assert_spread(arrivals: list[float]) -> None:
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
+@pytest.mark.serial  # gaps between arrivals measured
 def test_curl_streams_through_tls_and_bastion_sees_the_client_ip(stack: tuple[str, Path, Path, str]) -> None:
     base, cert, audit, _ = stack
     curl = subprocess.Popen(
@@ -184,6 +185,7 @@ def test_curl_streams_through_tls_and_bastion_sees_the_client_ip(stack: tuple[st
     assert (line["client_ip"], line["status"], line["completion_tokens"]) == (CLIENT_IP, 200, TOKENS)
 
 
+@pytest.mark.serial  # gaps between arrivals measured
 def test_openai_sdk_streams_through_tls(stack: tuple[str, Path, Path, str]) -> None:
     base, cert, audit, _ = stack
     http_client = httpx2.Client(

@@ -66,6 +66,7 @@ def wait_for(base: str, expected: dict[str, float], timeout: float = 40.0) -> No
     raise AssertionError(f"Prometheus never saw {expected}; last: {seen}")
 
 
+@pytest.mark.serial  # a TTFT p50 within a range
 def test_real_prometheus_scrapes_the_gateway_with_the_shipped_config(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import simulator
 
+# Waves of first tokens, token intervals and queue times measured against the clock: run alone.
+pytestmark = pytest.mark.serial
+
 MODEL = "qwen2.5-7b-instruct"
 
 

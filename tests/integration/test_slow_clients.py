@@ -19,6 +19,9 @@ import pytest
 
 from tests.support import AUTH, TEST_KEY, gateway, simulator
 
+# Connections closed within the configured timeouts (a few tenths of a second of slack): run alone.
+pytestmark = pytest.mark.serial
+
 UNLIMITED = {"BASTION_RATE_LIMIT_RPM": "0", "BASTION_RATE_LIMIT_TPM": "0"}
 CHAT = b'{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 

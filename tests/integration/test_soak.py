@@ -41,6 +41,9 @@ import pytest
 
 from tests.support import AUTH, gateway, simulator
 
+# A steady rate held (and RSS growth over time): run alone.
+pytestmark = pytest.mark.serial
+
 SHORT_SECONDS = 20.0
 RATE = 40.0  # requests per second, steady
 WORKERS = 16

@@ -103,6 +103,7 @@ def test_curl_streams(gw: str) -> None:
     assert len(events) == 1 + 12 + 1  # role chunk, 12 tokens, [DONE]; no usage chunk
 
 
+@pytest.mark.serial  # gaps between arrivals measured
 def test_chunks_arrive_as_generated() -> None:
     """With 50 ms between tokens, every event must arrive on its own, about 50 ms apart."""
     with (

@@ -16,10 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bastion.app import create_app
 from bastion.auth.keys import KeyFile, create_key, write_key_file
 from bastion.config import Settings
 from tests.support import TEST_KEY
+
+# Medians of refusal times compared: run alone.
+pytestmark = pytest.mark.serial
 
 ROUNDS = 300
 BOUND = 1.5  # median ratio either way

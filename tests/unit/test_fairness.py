@@ -176,6 +176,7 @@ async def test_deadline_eviction_and_a_client_that_leaves() -> None:
     assert gate.stats["lo"].shed[Shed.EVICTED] == 1 and gate.stats["hi"].shed[Shed.DEADLINE] == 1
 
 
+@pytest.mark.serial  # a per-call cost in µs
 def test_the_unsaturated_path_costs_little() -> None:
     """enter + leave when nothing waits: a few comparisons (the stage's whole extra work). Budget: 3 µs."""
     gate = Gate("e", CLASSES, capacity=64, reserve=2, waiting_threshold=8)

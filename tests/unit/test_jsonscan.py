@@ -78,6 +78,7 @@ def test_members_budget_and_turns() -> None:
     assert turns > 50 and set(found.spans()) == {"model"}
 
 
+@pytest.mark.serial  # CPU time per turn
 def test_members_cost_is_bounded_per_turn_for_hostile_bodies() -> None:
     """16 MiB shapes that cost json.loads seconds: every burst of steps stays short."""
     size = 16 * 1024 * 1024
