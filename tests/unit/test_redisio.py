@@ -390,3 +390,34 @@ async def test_a_closed_client_fails_waiting_calls(client_for: Callable[[str, fl
         await client.aclose()
         with pytest.raises(RedisUnavailable, match="closed"):
             await waiting
+
+
+async def test_a_cancelled_pipeline_leaves_no_unretrieved_failures(client_for: Callable[[str, float], Redis]) -> None:
+    """A request cancelled (its client went away) while its pipeline waits, then Redis fails: the calls it no
+    longer waits for must not each log "Future exception was never retrieved" with a traceback."""
+    import gc
+
+    async def silent(command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        pass
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with FakeRedis(silent) as fake:
+            client = client_for(fake.url, 5.0)
+            ping = b"*1\r\n$4\r\nPING\r\n"
+            waiting = asyncio.ensure_future(client.pipeline([(ping, None)] * 3))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await client.aclose()  # every call still on the connection fails
+            del waiting
+            await asyncio.sleep(0)
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
