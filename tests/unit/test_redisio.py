@@ -421,3 +421,22 @@ async def test_a_cancelled_pipeline_leaves_no_unretrieved_failures(client_for: C
     finally:
         loop.set_exception_handler(previous)
     assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+async def test_a_client_closed_as_its_connection_opens_leaves_no_socket_open(
+    client_for: Callable[[str, float], Redis],
+) -> None:
+    """`aclose()` in the moment between the connection's set-up finishing and the client taking it: the
+    connection must be closed, not kept by a closed client (a socket nobody closes)."""
+    async with FakeRedis(echo()) as fake:
+        client = client_for(fake.url, 2.0)
+        call = asyncio.ensure_future(client.execute("ECHO", "x"))
+        await asyncio.sleep(0)
+        opening = client._opening
+        assert opening is not None
+        while not opening.done():  # noqa: ASYNC110 (the exact loop iteration it finishes in)
+            await asyncio.sleep(0)
+        await client.aclose()
+        await asyncio.gather(call, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        assert client._connection is None or client._connection.failure is not None

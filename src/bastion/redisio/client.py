@@ -202,9 +202,15 @@ class Redis:
         return await asyncio.shield(opening)
 
     def _opened(self, task: asyncio.Task[_Connection]) -> None:
-        self._opening = None
-        if not task.cancelled() and task.exception() is None:
+        current = task is self._opening  # not when `aclose()` came between the set-up's end and this callback
+        if current:
+            self._opening = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        if current:
             self._connection = task.result()
+        else:
+            task.result().fail(RedisUnavailable("the Redis client was closed"))
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
