@@ -6,6 +6,7 @@ the master's log lines ("worker 0 started (pid N)", "upstream pid=N started").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -277,3 +278,42 @@ def test_sigusr1_to_the_master_restarts_the_engine_and_every_worker_follows(redi
             assert httpx.get(base + "/ready", timeout=5).json()["status"] == "ready"
         with pytest.raises(ProcessLookupError):
             os.kill(int(old), 0)
+
+
+def test_a_restart_asked_of_a_worker_whose_master_dies_answers_at_once_and_the_worker_stops(redis_url: str) -> None:
+    """The master killed while a worker waits on its answer to a restart: the worker's ask must fail at once
+    (503), not hold the orphaned worker up for the whole BASTION_SHUTDOWN_GRACE."""
+    env = workers_env(
+        redis_url,
+        BASTION_UPSTREAM_COMMAND=SIM + " --startup-delay 4",
+        BASTION_ADMIN_TOKEN="admin-" + "t" * 30,
+        BASTION_SHUTDOWN_GRACE="40",
+    )
+    with gateway("--workers", "2", env=env) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        workers = list(started_workers(proc).values())
+        answers: list[int] = []
+
+        def ask() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                headers = {"authorization": "Bearer admin-" + "t" * 30}
+                answers.append(httpx.post(base + "/admin/engines/restart", headers=headers, timeout=60).status_code)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        wait_for(lambda: len(_ENGINE.findall(proc.output())) == 2, 20, "the new engine child started", proc)
+        engines = [int(pid) for pid in _ENGINE.findall(proc.output())]
+        proc.popen.send_signal(signal.SIGKILL)  # mid-restart: the new child is still loading
+        proc.popen.wait(5)
+        # Before: the worker with the ask waited out the grace (40 s) for an answer that could not come.
+        wait_for(lambda: all(_gone(pid) for pid in [*workers, *engines]), 15, "workers and engines gone", proc)
+        asker.join(10)
+        assert answers == [503], answers
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
