@@ -317,3 +317,27 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sighup_never_kills_a_worker_with_no_key_file_or_one_still_starting(redis_url: str) -> None:
+    """`systemctl reload` (SIGHUP to the master) with keys from the environment (no key file: nothing in a
+    worker handles SIGHUP), and a SIGHUP while the workers are still starting: no worker may die of it."""
+    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        before = started_workers(proc)
+        proc.signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert "exited with signal SIGHUP" not in proc.output(), proc.output()
+        assert started_workers(proc) == before
+        assert chat(base).status_code == 200
+    port = free_port()
+    env = {"BASTION_API_KEYS": TEST_KEY, **workers_env(redis_url)}
+    starting = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), "--workers", "2"], env=env)
+    try:
+        wait_for(lambda: "starting 2 workers" in starting.output(), 30, "the master spawned its workers", starting)
+        starting.signal(signal.SIGHUP)  # the workers are still importing: no handler of theirs yet
+        wait_for(lambda: len(started_workers(starting)) == 2, 30, "two workers started", starting)
+        time.sleep(0.5)
+        assert "exited with signal SIGHUP" not in starting.output(), starting.output()
+    finally:
+        starting.stop()
