@@ -47,6 +47,9 @@ class RestartEndpoint:
         except LookupError:
             await send_error(send, GatewayError(404, f"No engine serves {model!r}.", code="model_not_found"))
             return
+        except ConnectionError:  # a worker whose master (which runs the engines) is gone: it is stopping
+            await send_error(send, GatewayError(503, "The engines' supervisor is gone; this gateway is stopping."))
+            return
         body = json.dumps(
             {"restarted": [{"engine": r.engine, "outcome": r.outcome.value, "detail": r.detail} for r in reports]}
         ).encode()

@@ -6,6 +6,7 @@ the master's log lines ("worker 0 started (pid N)", "upstream pid=N started").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -277,3 +278,66 @@ def test_sigusr1_to_the_master_restarts_the_engine_and_every_worker_follows(redi
             assert httpx.get(base + "/ready", timeout=5).json()["status"] == "ready"
         with pytest.raises(ProcessLookupError):
             os.kill(int(old), 0)
+
+
+def test_a_restart_asked_of_a_worker_whose_master_dies_answers_at_once_and_the_worker_stops(redis_url: str) -> None:
+    """The master killed while a worker waits on its answer to a restart: the worker's ask must fail at once
+    (503), not hold the orphaned worker up for the whole BASTION_SHUTDOWN_GRACE."""
+    env = workers_env(
+        redis_url,
+        BASTION_UPSTREAM_COMMAND=SIM + " --startup-delay 4",
+        BASTION_ADMIN_TOKEN="admin-" + "t" * 30,
+        BASTION_SHUTDOWN_GRACE="40",
+    )
+    with gateway("--workers", "2", env=env) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        workers = list(started_workers(proc).values())
+        answers: list[int] = []
+
+        def ask() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                headers = {"authorization": "Bearer admin-" + "t" * 30}
+                answers.append(httpx.post(base + "/admin/engines/restart", headers=headers, timeout=60).status_code)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        wait_for(lambda: len(_ENGINE.findall(proc.output())) == 2, 20, "the new engine child started", proc)
+        engines = [int(pid) for pid in _ENGINE.findall(proc.output())]
+        proc.popen.send_signal(signal.SIGKILL)  # mid-restart: the new child is still loading
+        proc.popen.wait(5)
+        # Before: the worker with the ask waited out the grace (40 s) for an answer that could not come.
+        wait_for(lambda: all(_gone(pid) for pid in [*workers, *engines]), 15, "workers and engines gone", proc)
+        asker.join(10)
+        assert answers == [503], answers
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sighup_never_kills_a_worker_with_no_key_file_or_one_still_starting(redis_url: str) -> None:
+    """`systemctl reload` (SIGHUP to the master) with keys from the environment (no key file: nothing in a
+    worker handles SIGHUP), and a SIGHUP while the workers are still starting: no worker may die of it."""
+    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        before = started_workers(proc)
+        proc.signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert "exited with signal SIGHUP" not in proc.output(), proc.output()
+        assert started_workers(proc) == before
+        assert chat(base).status_code == 200
+    port = free_port()
+    env = {"BASTION_API_KEYS": TEST_KEY, **workers_env(redis_url)}
+    starting = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), "--workers", "2"], env=env)
+    try:
+        wait_for(lambda: "starting 2 workers" in starting.output(), 30, "the master spawned its workers", starting)
+        starting.signal(signal.SIGHUP)  # the workers are still importing: no handler of theirs yet
+        wait_for(lambda: len(started_workers(starting)) == 2, 30, "two workers started", starting)
+        time.sleep(0.5)
+        assert "exited with signal SIGHUP" not in starting.output(), starting.output()
+    finally:
+        starting.stop()

@@ -390,3 +390,53 @@ async def test_a_closed_client_fails_waiting_calls(client_for: Callable[[str, fl
         await client.aclose()
         with pytest.raises(RedisUnavailable, match="closed"):
             await waiting
+
+
+async def test_a_cancelled_pipeline_leaves_no_unretrieved_failures(client_for: Callable[[str, float], Redis]) -> None:
+    """A request cancelled (its client went away) while its pipeline waits, then Redis fails: the calls it no
+    longer waits for must not each log "Future exception was never retrieved" with a traceback."""
+    import gc
+
+    async def silent(command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        pass
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with FakeRedis(silent) as fake:
+            client = client_for(fake.url, 5.0)
+            ping = b"*1\r\n$4\r\nPING\r\n"
+            waiting = asyncio.ensure_future(client.pipeline([(ping, None)] * 3))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await client.aclose()  # every call still on the connection fails
+            del waiting
+            await asyncio.sleep(0)
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+async def test_a_client_closed_as_its_connection_opens_leaves_no_socket_open(
+    client_for: Callable[[str, float], Redis],
+) -> None:
+    """`aclose()` in the moment between the connection's set-up finishing and the client taking it: the
+    connection must be closed, not kept by a closed client (a socket nobody closes)."""
+    async with FakeRedis(echo()) as fake:
+        client = client_for(fake.url, 2.0)
+        call = asyncio.ensure_future(client.execute("ECHO", "x"))
+        await asyncio.sleep(0)
+        opening = client._opening
+        assert opening is not None
+        while not opening.done():  # noqa: ASYNC110 (the exact loop iteration it finishes in)
+            await asyncio.sleep(0)
+        await client.aclose()
+        await asyncio.gather(call, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        assert client._connection is None or client._connection.failure is not None

@@ -121,6 +121,16 @@ class _Connection(asyncio.Protocol):
                 future.set_exception(_again(self.failure))
 
 
+def _abandon(futures: list[asyncio.Future[Reply]]) -> None:
+    """Calls whose caller is gone: cancelled while pending (the connection drops their replies); a failure already
+    set is marked read (else each logs "Future exception was never retrieved" with a traceback)."""
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
+
+
 def _again(failure: RedisUnavailable) -> RedisUnavailable:
     """A fresh exception like `failure` (one instance raised in many callers would pile up tracebacks)."""
     return type(failure)(*failure.args)
@@ -166,11 +176,15 @@ class Redis:
         except RedisUnavailable as exc:
             return [_again(exc) for _ in calls]
         replies: list[Reply] = []
-        for future in futures:
-            try:
-                replies.append(await future)
-            except RedisError as exc:
-                replies.append(exc)
+        try:
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except RedisError as exc:
+                    replies.append(exc)
+        except BaseException:  # cancelled: nobody reads the rest (their replies are dropped, failures not logged)
+            _abandon(futures)
+            raise
         for i, ((command, script), reply) in enumerate(zip(calls, replies, strict=True)):
             if isinstance(reply, NoScript) and script is not None:
                 try:
@@ -188,9 +202,15 @@ class Redis:
         return await asyncio.shield(opening)
 
     def _opened(self, task: asyncio.Task[_Connection]) -> None:
-        self._opening = None
-        if not task.cancelled() and task.exception() is None:
+        current = task is self._opening  # not when `aclose()` came between the set-up's end and this callback
+        if current:
+            self._opening = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        if current:
             self._connection = task.result()
+        else:
+            task.result().fail(RedisUnavailable("the Redis client was closed"))
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()

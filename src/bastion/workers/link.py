@@ -36,6 +36,10 @@ ASK_TIMEOUT = 10.0  # a scrape's pages; a restart waits as long as it takes (the
 Page = Callable[[], Awaitable[bytes]]
 
 
+class MasterGone(ConnectionError):
+    """The line to the master is closed: an ask cannot be answered (the worker is stopping)."""
+
+
 class MasterLink:
     """The worker's end: built before the app (which takes its mirror), run in the app's lifespan."""
 
@@ -50,6 +54,7 @@ class MasterLink:
         self._page: Page | None = None
         self._last_report: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        self._gone = False  # the master's line closed: asks fail at once
 
     @asynccontextmanager
     async def running(self, router: Router, page: Page | None) -> AsyncIterator[MasterLink]:
@@ -96,6 +101,8 @@ class MasterLink:
     async def _ask(self, message: Message) -> Message:
         if self._channel is None:
             raise RuntimeError("the worker's line to its master is not open")
+        if self._gone:
+            raise MasterGone("the master is gone")
         ask = next(self._asks)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[ask] = future
@@ -124,6 +131,12 @@ class MasterLink:
                 if future is not None and not future.done():
                     future.set_result(message)
         log.warning("worker %d: the master (pid %d) is gone; stopping", self.index, os.getppid())
+        # Asks waiting on it get no answer now: fail them (else a restart asked here holds this orphaned
+        # worker's graceful stop up for the whole BASTION_SHUTDOWN_GRACE).
+        self._gone = True
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(MasterGone("the master is gone"))
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful stop: in-flight requests finish
 
     async def _send_page(self, ask: int) -> None:

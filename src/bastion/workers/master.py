@@ -104,6 +104,7 @@ class Worker:
     channel: Channel | None = None
     ready: bool = False
     acked: int = 0  # the latest engines snapshot it has applied
+    hup_missed: bool = False  # a SIGHUP came while it was starting: passed on once it has started
     counts: dict[str, int] = field(default_factory=dict)  # its requests in flight per engine child URL
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -160,7 +161,16 @@ class Master:
         self._stopping.set()
 
     def _forward(self, sig: int) -> None:
+        """SIGHUP to every started worker; one still starting (its handler not installed yet: the signal's default
+        action would kill it) gets it once it has started."""
+        if self._stopping.is_set():
+            return
         for worker in self._workers.values():
+            if worker.exited.is_set():  # its replacement reads the key file as it starts
+                continue
+            if not worker.ready:
+                worker.hup_missed = True
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, sig)
 
@@ -256,6 +266,10 @@ class Master:
             elif kind == "started":
                 worker.ready = True
                 log.info("worker %d started (pid %d)", worker.index, worker.pid)
+                if worker.hup_missed and not self._stopping.is_set():
+                    worker.hup_missed = False
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGHUP)
                 if not self._announced and all(w.ready for w in self._workers.values()):
                     self._announced = True
                     log.info("listening on %s (%d workers)", urls(self._sockets), len(self._workers))

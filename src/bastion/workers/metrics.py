@@ -35,7 +35,7 @@ class WorkersMetricsEndpoint(Protected):
     async def serve(self, scope: Scope, send: Send, *, head: bool) -> None:
         try:
             pages = await self._pages()
-        except (TimeoutError, RuntimeError):
+        except (TimeoutError, RuntimeError, ConnectionError):  # no answer, no line, the master gone
             await send_error(send, GatewayError(503, "The workers' metrics could not be gathered; retry."))
             return
         body = await asyncio.to_thread(merge, pages)  # a few hundred kB of text: off the event loop

@@ -9,6 +9,7 @@ mirrors the engines' state from the master and forwards to them as any gateway d
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 
@@ -28,6 +29,9 @@ STARTUP_FAILURE = 3  # as uvicorn's: the app could not be built, and would not b
 
 def run_worker(settings: Settings, sockets: list[socket.socket], index: int, control: socket.socket) -> None:
     """The spawned process's target: build the gateway, serve on the inherited sockets until stopped."""
+    # SIGHUP (the master passes `systemctl reload` on) only means "reload the key file", whose service handles it
+    # while it runs; without a key file, or before and after that service, it must not kill the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     redactor = logging_for(settings)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     link = MasterLink(control, index, EngineMirror(redactor.add_secret))
