@@ -171,7 +171,7 @@ def create_app(
         if upstream.phase is Phase.EXTERNAL:
             watch = ExternalWatch(upstream, probes, settings.health_interval)
             services.append(watch)
-        router, fleet = one_engine(settings, upstream, supervisor)
+        router, fleet = one_engine(settings, upstream, supervisor, restart_signal=mirror is None)
     services.append(fleet)
     first = (router.default or router.groups[0]).replicas[0]
 
@@ -435,15 +435,24 @@ def one_engine(
     upstream: Upstream,
     supervisor: Supervisor | None,
     in_flight: Callable[[Backend], int] | None = None,
+    restart_signal: bool = True,
 ) -> tuple[Router, Fleet]:
-    """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings."""
+    """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings (`restart_signal`: SIGUSR1
+    restarts it; not in a worker, whose master does)."""
     name = settings.served_model_name or settings.model
     only = Replica(0, Backend(upstream, one_engine_label(settings)))
     router = Router((), default=EngineGroup(name, [only]), session_header=settings.session_header.encode())
     plans = []
     if supervisor is not None:  # restartable in place (`bastion engines restart`): a fresh spec each time
         plans.append(ReplicaPlan(only, lambda: engine_spec(settings), supervisor=supervisor))
-    fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=False, in_flight=in_flight)
+    fleet = Fleet(
+        router,
+        plans,
+        drain_timeout=settings.drain_timeout,
+        scrape_waiting=False,
+        in_flight=in_flight,
+        restart_signal=restart_signal,
+    )
     return router, fleet
 
 
@@ -488,7 +497,14 @@ def build_engines(
     threshold = settings.fairness and settings.engine_waiting_threshold is not None
     scrape = threshold or any(len(group.replicas) > 1 for group in groups)
     scrape = scrape and mirror is None  # a worker hears the queues from the master
-    fleet = Fleet(router, plans, drain_timeout=settings.drain_timeout, scrape_waiting=scrape, in_flight=in_flight)
+    fleet = Fleet(
+        router,
+        plans,
+        drain_timeout=settings.drain_timeout,
+        scrape_waiting=scrape,
+        in_flight=in_flight,
+        restart_signal=mirror is None,  # a worker's engines are restarted by its master
+    )
     return router, fleet
 
 

@@ -341,3 +341,49 @@ def test_sighup_never_kills_a_worker_with_no_key_file_or_one_still_starting(redi
         assert "exited with signal SIGHUP" not in starting.output(), starting.output()
     finally:
         starting.stop()
+
+
+def test_sigusr1_to_a_worker_is_neither_fatal_nor_a_restart(redis_url: str) -> None:
+    """`systemctl kill -s USR1` signals every process of the unit: the workers get SIGUSR1 too. A worker must
+    not die of it (the default action, while it starts) nor log a rolling restart it cannot do (its own fleet
+    mirrors the master's engines); the master's restart, once, is the only one."""
+    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        before = started_workers(proc)
+        for pid in before.values():
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        assert "exited with signal SIGUSR1" not in proc.output(), proc.output()
+        assert started_workers(proc) == before
+        assert "SIGUSR1: rolling restart" not in proc.output(), "a worker claimed a restart"
+        assert chat(base).status_code == 200
+    port = free_port()
+    env = {"BASTION_API_KEYS": TEST_KEY, **workers_env(redis_url)}
+    starting = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), "--workers", "2"], env=env)
+    try:
+        wait_for(lambda: "starting 2 workers" in starting.output(), 30, "the master spawned its workers", starting)
+        wait_for(lambda: len(_children(starting.popen.pid)) >= 2, 30, "worker processes", starting)
+        for pid in _children(starting.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)  # workers still importing; the engine child ignores nothing of ours
+        wait_for(lambda: len(started_workers(starting)) == 2, 30, "two workers started", starting)
+        time.sleep(0.5)
+        assert "exited with signal SIGUSR1" not in starting.output(), starting.output()
+    finally:
+        starting.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """The spawned worker processes of the master `pid` (multiprocessing's spawn_main in their command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found

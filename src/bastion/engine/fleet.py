@@ -79,8 +79,10 @@ class Fleet:
         drain_timeout: float,
         scrape_waiting: bool,
         in_flight: Callable[[Backend], int] | None = None,
+        restart_signal: bool = True,
     ) -> None:
         self.router = router
+        self._restart_signal = restart_signal  # SIGUSR1 restarts the engines (not in a worker: its master does)
         # Requests a backend carries: its own count, or (`bastion serve --workers N`) what the workers report.
         self._in_flight = in_flight or _outstanding
         self._plans = plans
@@ -118,9 +120,10 @@ class Fleet:
         if self._scrape_waiting:
             self._scraper = await stack.enter_async_context(ProbeChannel(_SCRAPE_TIMEOUT, max_connections=4))
             self._spawn(self._scrape_loop(), "bastion-engines-scrape")
-        with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
-            asyncio.get_running_loop().add_signal_handler(RESTART_SIGNAL, self._on_restart_signal)
-            self._signal = True
+        if self._restart_signal:
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
+                asyncio.get_running_loop().add_signal_handler(RESTART_SIGNAL, self._on_restart_signal)
+                self._signal = True
         return self
 
     async def __aexit__(

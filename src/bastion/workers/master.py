@@ -47,7 +47,7 @@ from ..preflight import problems
 from .channel import Channel, Message
 from .engines import ReplicaState, snapshot
 from .link import report_dicts
-from .worker import STARTUP_FAILURE, run_worker
+from .worker import STARTUP_FAILURE, WORKER_IGNORES, run_worker
 
 log = logging.getLogger("bastion.workers")
 PUBLISH_INTERVAL = 0.05  # how often the engines' state is compared with what the workers were last told
@@ -208,7 +208,13 @@ class Master:
             name=f"bastion-worker-{index}",
             daemon=True,  # if the master ends by surprise, multiprocessing's exit hook still stops it
         )
-        process.start()
+        # Born with the master's signals blocked (a mask survives fork and exec): a SIGHUP or SIGUSR1 that reaches
+        # the worker while it imports stays pending until `run_worker` ignores them, instead of killing it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORES)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         worker = Worker(index, process, time.monotonic())
         self._workers[index] = worker

@@ -24,6 +24,7 @@ from .engines import EngineMirror
 from .link import MasterLink
 
 log = logging.getLogger("bastion")
+WORKER_IGNORES = frozenset({signal.SIGHUP, signal.SIGUSR1})  # the master's to act on (see run_worker)
 STARTUP_FAILURE = 3  # as uvicorn's: the app could not be built, and would not be on a restart either
 
 
@@ -31,7 +32,12 @@ def run_worker(settings: Settings, sockets: list[socket.socket], index: int, con
     """The spawned process's target: build the gateway, serve on the inherited sockets until stopped."""
     # SIGHUP (the master passes `systemctl reload` on) only means "reload the key file", whose service handles it
     # while it runs; without a key file, or before and after that service, it must not kill the worker.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR1 asks the master for a rolling restart of the engines; a worker runs none. `systemctl kill -s USR1`
+    # signals the whole cgroup: a worker must neither die of it (the default action) nor claim to restart.
+    # The master started this process with both blocked; what arrived meanwhile is dropped on unblocking.
+    for signum in WORKER_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORES)
     redactor = logging_for(settings)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     link = MasterLink(control, index, EngineMirror(redactor.add_secret))
