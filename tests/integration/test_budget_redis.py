@@ -13,7 +13,7 @@ from bastion.budget.calendar import Calendar, zone
 from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
 from bastion.budget.policy import Budget, Period
 from bastion.budget.redis_ledger import RedisLedger, connect
-from bastion.redisio import Redis
+from bastion.redisio import Redis, ReplyError
 from tests.support import free_port, redis_server
 
 DAY = 86400
@@ -118,3 +118,14 @@ async def test_unreachable_redis_raises_ledger_unavailable() -> None:
     led = ledger(f"redis://127.0.0.1:{free_port()}/0", "t4:")
     with pytest.raises(LedgerUnavailable, match="Redis"):
         await led.reserve("k1", "qwen", 10, DAILY, NOW)
+
+
+async def test_an_error_reply_is_a_bug_not_an_unreachable_ledger(redis_url: str) -> None:
+    """A period key of the wrong type makes the script fail with an error reply: a bug (answered 500 upstream of
+    here, with its traceback), never "budget storage unreachable", which the fail mode may turn into budgets off."""
+    client = Redis.from_url(redis_url, 2.0)
+    await client.execute("SET", f"t5:p:k1:day:{int(ts('2030-06-04T00:00:00+00:00'))}", "not a hash")
+    led = ledger(redis_url, "t5:")
+    with pytest.raises(ReplyError, match="WRONGTYPE"):
+        await led.reserve("k1", "qwen", 10, DAILY, NOW)
+    assert led.errors == 0

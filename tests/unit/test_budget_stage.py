@@ -3,6 +3,8 @@ proxy to a scripted upstream socket, the openai SDK as the client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +34,7 @@ from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
 from bastion.http import Client, Timeouts
 from bastion.proxy import Proxy
-from tests.support import ScriptedUpstream, free_port, respond, sse
+from tests.support import LoopbackServer, ScriptedUpstream, free_port, respond, sse
 
 COMPLETION = json.dumps(
     {
@@ -250,3 +252,28 @@ async def test_unreachable_redis_fails_open_or_closed(
         assert (response.status_code, response.json()["error"]["code"]) == (503, "budget_unavailable")
         assert response.headers["retry-after"] == "1"
     assert usage.status_code == 503
+
+
+class _WrongType(LoopbackServer):
+    """A Redis that answers every command with an error reply: what a key of the wrong type or a broken script
+    gets. Redis answered, so this is a bug to show, not an outage for the fail mode to paper over."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.read(65536):
+                writer.write(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
+                await writer.drain()
+
+
+async def test_an_error_reply_from_the_ledger_is_a_500_never_budgets_off(
+    tmp_path: Path, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _WrongType() as redis:
+        broken = RedisLedger(connect(f"redis://127.0.0.1:{redis.port}/0", 0.5), Calendar(zone("UTC")))
+        h = Harness(tmp_path, upstream.port, broken, fail_open=True)
+        async with h.http(h.key_a) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+    assert (response.status_code, response.json()["error"]["code"]) == (500, "internal_error")
+    assert upstream.requests == [], "nothing was forwarded without its budget"
+    assert h.seen[-1].reason == "budget_internal"
+    assert "WRONGTYPE" in caplog.text and "Traceback" in caplog.text

@@ -115,6 +115,11 @@ class BudgetStage:
             )
             await self._refuse(send, exchange, error, "budget_storage")
             return
+        except Exception:  # a bug (say an error reply to the Redis script): shown, never "budgets off"
+            log.exception("the budget ledger failed (request %s)", exchange.request_id)
+            error = GatewayError(500, "The gateway failed to apply its token budgets.", code="internal_error")
+            await self._refuse(send, exchange, error, "budget_internal")
+            return
         if self._degraded:
             self._degraded = False
             log.warning("budget storage reachable again; budgets enforced")

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from ..background import background
-from ..redisio import Redis, RedisError, Reply, Script
+from ..redisio import Redis, RedisUnavailable, Reply, Script
 from .calendar import Calendar, Windows
 from .ledger import (
     PRUNE_EVERY,
@@ -244,9 +244,11 @@ class RedisLedger:
         return await self._guard(script(keys, args))
 
     async def _guard(self, call: Awaitable[Reply]) -> Any:
+        """Redis out of reach is `LedgerUnavailable` (the fail mode decides); an error reply to a script
+        (`ReplyError`: a key of the wrong type, a script bug) is a bug and propagates, as in the limiter."""
         try:
             return await call
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, RedisUnavailable, OSError) as exc:
             self.errors += 1
             raise LedgerUnavailable(f"budget storage (Redis) unreachable: {type(exc).__name__}") from exc
 
