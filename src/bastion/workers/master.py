@@ -303,12 +303,16 @@ class Master:
         asker.send({"t": "pages", "id": message.get("id"), "pages": answered})
 
     async def _page(self, worker: Worker) -> str | None:
+        """A worker's /metrics page; None if it does not answer in time or exited since the scrape began
+        (then it shows as `bastion_worker_scrape_up 0`, and the scrape is not held up)."""
+        channel = worker.channel
+        if channel is None:
+            return None
         ask = next(self._asks)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pages[ask] = future
         try:
-            assert worker.channel is not None
-            worker.channel.send({"t": "page", "id": ask})
+            channel.send({"t": "page", "id": ask})
             async with asyncio.timeout(PAGE_TIMEOUT):
                 return await future
         except TimeoutError:
