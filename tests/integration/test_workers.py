@@ -319,41 +319,29 @@ def _gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def test_sighup_never_kills_a_worker_with_no_key_file_or_one_still_starting(redis_url: str) -> None:
-    """`systemctl reload` (SIGHUP to the master) with keys from the environment (no key file: nothing in a
-    worker handles SIGHUP), and a SIGHUP while the workers are still starting: no worker may die of it."""
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["SIGHUP", "SIGUSR1"])
+def test_a_signal_for_the_master_never_kills_a_worker_running_or_still_starting(
+    redis_url: str, signum: signal.Signals
+) -> None:
+    """SIGHUP (`systemctl reload`, passed on by the master) with keys from the environment: nothing in a worker
+    handles it. SIGUSR1 (`systemctl kill -s USR1` signals every process of the unit) to the workers themselves:
+    only the master restarts engines. Neither may kill a worker, running or still importing, and no worker may
+    claim a rolling restart."""
+
+    def deliver(master: Proc) -> None:
+        if signum == signal.SIGHUP:
+            master.signal(signum)
+            return
+        for pid in _children(master.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
         wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
         before = started_workers(proc)
-        proc.signal(signal.SIGHUP)
+        deliver(proc)
         time.sleep(1.0)
-        assert "exited with signal SIGHUP" not in proc.output(), proc.output()
-        assert started_workers(proc) == before
-        assert chat(base).status_code == 200
-    port = free_port()
-    env = {"BASTION_API_KEYS": TEST_KEY, **workers_env(redis_url)}
-    starting = Proc([PYTHON, "-m", "bastion", "serve", "--port", str(port), "--workers", "2"], env=env)
-    try:
-        wait_for(lambda: "starting 2 workers" in starting.output(), 30, "the master spawned its workers", starting)
-        starting.signal(signal.SIGHUP)  # the workers are still importing: no handler of theirs yet
-        wait_for(lambda: len(started_workers(starting)) == 2, 30, "two workers started", starting)
-        time.sleep(0.5)
-        assert "exited with signal SIGHUP" not in starting.output(), starting.output()
-    finally:
-        starting.stop()
-
-
-def test_sigusr1_to_a_worker_is_neither_fatal_nor_a_restart(redis_url: str) -> None:
-    """`systemctl kill -s USR1` signals every process of the unit: the workers get SIGUSR1 too. A worker must
-    not die of it (the default action, while it starts) nor log a rolling restart it cannot do (its own fleet
-    mirrors the master's engines); the master's restart, once, is the only one."""
-    with gateway("--workers", "2", env=workers_env(redis_url)) as (proc, base):
-        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
-        before = started_workers(proc)
-        for pid in before.values():
-            os.kill(pid, signal.SIGUSR1)
-        time.sleep(1.0)
-        assert "exited with signal SIGUSR1" not in proc.output(), proc.output()
+        assert f"exited with signal {signum.name}" not in proc.output(), proc.output()
         assert started_workers(proc) == before
         assert "SIGUSR1: rolling restart" not in proc.output(), "a worker claimed a restart"
         assert chat(base).status_code == 200
@@ -363,12 +351,10 @@ def test_sigusr1_to_a_worker_is_neither_fatal_nor_a_restart(redis_url: str) -> N
     try:
         wait_for(lambda: "starting 2 workers" in starting.output(), 30, "the master spawned its workers", starting)
         wait_for(lambda: len(_children(starting.popen.pid)) >= 2, 30, "worker processes", starting)
-        for pid in _children(starting.popen.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)  # workers still importing; the engine child ignores nothing of ours
+        deliver(starting)  # the workers are still importing: no handler of theirs yet
         wait_for(lambda: len(started_workers(starting)) == 2, 30, "two workers started", starting)
         time.sleep(0.5)
-        assert "exited with signal SIGUSR1" not in starting.output(), starting.output()
+        assert f"exited with signal {signum.name}" not in starting.output(), starting.output()
     finally:
         starting.stop()
 
