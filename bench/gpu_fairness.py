@@ -45,7 +45,14 @@ MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
 CHAT_TOKENS = 16
 STEPS = "vllm:iteration_tokens_total_count"  # one observation per engine step (absent from the simulator)
-ENGINE_SERIES = ("vllm:generation_tokens_total", STEPS, "vllm:num_requests_running", "vllm:num_requests_waiting")
+PREEMPTIONS = "vllm:num_preemptions_total"
+ENGINE_SERIES = (
+    "vllm:generation_tokens_total",
+    STEPS,
+    PREEMPTIONS,
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+)
 DEFAULT_CONFIGS = "reserve=2;reserve=2,backlog=64,lead=0.15;reserve=2,backlog=64,lead=0.3"
 _KNOBS = {
     "capacity": "BASTION_ENGINE_CAPACITY",
@@ -307,6 +314,7 @@ class Bench:
             batch_tokens -= chats_done * CHAT_TOKENS
             result["batch_tokens_per_s"] = round(batch_tokens / elapsed, 1)
             result["batch_completed_tokens_per_s"] = round(tokens / elapsed, 1)
+            result["engine_preemptions"] = after[PREEMPTIONS] - before[PREEMPTIONS]  # requests evicted to recompute
             if steps := after[STEPS] - before[STEPS]:
                 # Per engine step: how many of the batch's slots produced a token, whatever the step's speed.
                 result["engine_steps_per_s"] = round(steps / elapsed, 1)
