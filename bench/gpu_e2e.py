@@ -196,7 +196,9 @@ class Run:
             for round_ in range(1, rounds + 1):
                 for name, url, key in (("direct", direct_url, internal_key), ("bastion", self.base, self.key)):
                     before = _cpu_seconds(pid) if pid and name == "bastion" else None
+                    engine = _engine_counters(direct_url, internal_key)
                     result = self.load(url, key, concurrency, requests)
+                    result |= _engine_round(engine, _engine_counters(direct_url, internal_key), result["seconds"])
                     if before is not None and pid:
                         chunks = result["requests"] * result["chunks_per_stream"]
                         result["gateway_cpu_s"] = round(_cpu_seconds(pid) - before, 3)
@@ -309,6 +311,37 @@ class Run:
     def write(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
         say(f"results in {self.out}/results.json")
+
+
+# The engine's own view of a round: how many steps it ran, the tokens each carried, what it preempted. A
+# slower decode through the gateway with the same tokens per step means slower steps (see docs/benchmarks.md).
+_ENGINE = ("vllm:iteration_tokens_total_count", "vllm:generation_tokens_total", "vllm:num_preemptions_total")
+
+
+def _engine_counters(url: str, key: str) -> dict[str, float]:
+    """The engine's counters above, each summed over its label sets (0 where the engine has none)."""
+    try:
+        page = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {key}"}, timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    counters = dict.fromkeys(_ENGINE, 0.0)
+    for line in page.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in counters:
+            counters[name] += float(line.rpartition(" ")[2])
+    return counters
+
+
+def _engine_round(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    if not before or not after:
+        return {}
+    steps = after[_ENGINE[0]] - before[_ENGINE[0]]
+    tokens = after[_ENGINE[1]] - before[_ENGINE[1]]
+    return {
+        "engine_steps_per_s": round(steps / seconds, 1) if seconds else 0.0,
+        "engine_tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
+        "engine_preemptions": after[_ENGINE[2]] - before[_ENGINE[2]],
+    }
 
 
 def _cpu_seconds(pid: int) -> float:
