@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 import openai
+from harness import series_sums
 
 HERE = Path(__file__).resolve().parent
 MODEL = "qwen2.5-7b-instruct"
@@ -324,12 +325,7 @@ def _engine_counters(url: str, key: str) -> dict[str, float]:
         page = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {key}"}, timeout=10).text
     except httpx.HTTPError:
         return {}
-    counters = dict.fromkeys(_ENGINE, 0.0)
-    for line in page.splitlines():
-        name = line.partition("{")[0].partition(" ")[0]
-        if name in counters:
-            counters[name] += float(line.rpartition(" ")[2])
-    return counters
+    return series_sums(page, _ENGINE)
 
 
 def _engine_round(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import free_port, series_sums
 
 MODEL = "qwen2.5-7b-instruct"
 SEQS = 64
@@ -67,23 +68,9 @@ def say(message: str) -> None:
     print(f"[fairness {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def engine_series(client: httpx.AsyncClient, engine: str) -> dict[str, float]:
     """The engine's counters and gauges this driver reads, each summed over its label sets."""
-    page = (await client.get(engine + "/metrics", timeout=5)).text
-    series = dict.fromkeys(ENGINE_SERIES, 0.0)
-    for line in page.splitlines():
-        name = line.partition("{")[0].partition(" ")[0]
-        if name in series:
-            series[name] += float(line.rpartition(" ")[2])
-    return series
+    return series_sums((await client.get(engine + "/metrics", timeout=5)).text, ENGINE_SERIES)
 
 
 def parse_configs(text: str) -> dict[str, dict[str, float]]:

@@ -40,6 +40,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def series_sums(page: str, names: Sequence[str]) -> dict[str, float]:
+    """From a Prometheus text page, each of `names` summed over its label sets (0 where the page has none)."""
+    sums = dict.fromkeys(names, 0.0)
+    for line in page.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in sums:
+            sums[name] += float(line.rpartition(" ")[2])
+    return sums
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
