@@ -12,7 +12,8 @@ Steps: start `bastion serve` with its default vLLM command; wait for ready (prog
 shown); check the openai SDK and curl, streaming and not, a wrong key, /metrics and
 vLLM's own series through /metrics/upstream, the audit log, and that the internal key
 is in no argv; measure direct vs through bastion (c=1, 64, 256 and 512, 64 tokens, alternating,
-the gateway's CPU per chunk at c >= 256); check that a
+the gateway's CPU per chunk; `--seconds` for measured windows read by the engine's own counters,
+`--max-tokens 64,32-96` for identical and drawn lengths, `--targets direct` for vLLM alone); check that a
 client disconnect aborts generation in vLLM; kill vLLM's engine and time the recovery;
 SIGTERM bastion during a stream and check it drains and leaves no vLLM process or GPU
 memory behind. Writes results.json and results.md under --out.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -37,7 +39,7 @@ from typing import Any
 
 import httpx
 import openai
-from harness import series_sums
+from harness import cpu_seconds, series_sums
 
 HERE = Path(__file__).resolve().parent
 MODEL = "qwen2.5-7b-instruct"
@@ -48,10 +50,24 @@ def say(message: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the overhead step measures."""
+
+    concurrency: list[int]
+    rounds: int
+    seconds: float
+    warmup: float
+    max_tokens: list[str]  # one step per spec and concurrency: "64", "32-96"
+    targets: list[str]
+
+
 class Run:
-    def __init__(self, out: Path, simulate: bool, port: int) -> None:
+    def __init__(self, out: Path, simulate: bool, port: int, plan: Plan, engine_args: str) -> None:
         self.out = out
         self.simulate = simulate
+        self.plan = plan
+        self.engine_args = engine_args
         self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "simulated": simulate}
         self.work = Path(tempfile.mkdtemp(prefix="bastion-e2e-"))
         self.port = port
@@ -82,7 +98,7 @@ class Run:
             env["BASTION_MODEL"] = os.environ["QWEN_DIR"]
             env["BASTION_SERVED_MODEL_NAME"] = MODEL
             env["BASTION_MAX_MODEL_LEN"] = "4096"
-            env["BASTION_VLLM_EXTRA_ARGS"] = "--load-format dummy"
+            env["BASTION_VLLM_EXTRA_ARGS"] = f"--load-format dummy {self.engine_args}".strip()
             env["BASTION_VLLM_PYTHON"] = "python3"
             env["BASTION_UPSTREAM_ENV"] = json.dumps({"PYTHONPATH": os.environ["VLLM_PYTHONPATH"]})
         return env
@@ -177,51 +193,77 @@ class Run:
         self.results["functional"] = checks
         say(f"functional: {json.dumps(checks)[:400]}")
 
-    def load(self, url: str, key: str, concurrency: int, requests: int) -> dict[str, Any]:
+    def load(
+        self, url: str, key: str, concurrency: int, requests: int, max_tokens: str, cpu_pid: int | None
+    ) -> dict[str, Any]:
+        """One round of bench/load.py: `requests` of them, or a `--seconds` window read by the engine's counters."""
+        plan = self.plan
+        bound = ["--seconds", str(plan.seconds), "--warmup-seconds", str(plan.warmup)] if plan.seconds else []
+        if plan.seconds and cpu_pid:
+            bound += ["--cpu-pid", str(cpu_pid)]
+        engine_url, engine_key = self.internal()
         out = subprocess.run(
             [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency), "-n", str(requests),
-             "--max-tokens", "64", "--warmup", "3"],
-            env={**self.env, "BENCH_KEY": key}, capture_output=True, text=True, check=True,
+             "--max-tokens", max_tokens, "--warmup", "3", *bound, "--metrics-url", engine_url],
+            env={**self.env, "BENCH_KEY": key, "BENCH_METRICS_KEY": engine_key},
+            capture_output=True, text=True, check=True,
         )  # fmt: skip
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the engine runs and queues nothing: a cut round's streams are still being aborted."""
+        url, key = self.internal()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            page = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {key}"}, timeout=10).text
+            if not any(series_sums(page, ("vllm:num_requests_running", "vllm:num_requests_waiting")).values()):
+                return
+            time.sleep(0.2)
+        say("the engine is still busy after the last round")
+
     def overhead(self) -> None:
+        """Direct vs through bastion at each concurrency, alternated (vLLM's own throughput drifts a few %)."""
         direct_url, internal_key = self.internal()
+        plan = self.plan
         table = {}
-        # Alternating direct and bastion, twice from c=64 up: vLLM's own throughput drifts between runs by a few %.
-        # c=256 and 512: the issue-18 measurement (~40 µs of gateway CPU per chunk at c=256 on a GPU host).
-        waves = 2 if self.simulate else 4  # requests per connection at c >= 256
-        plan = ((1, 60, 1), (64, 1280, 2), (256, 256 * waves, 2), (512, 512 * waves, 2))
-        pid = self.proc.pid if self.proc is not None else None
-        for concurrency, requests, rounds in plan:
-            for round_ in range(1, rounds + 1):
-                for name, url, key in (("direct", direct_url, internal_key), ("bastion", self.base, self.key)):
-                    before = _cpu_seconds(pid) if pid and name == "bastion" else None
-                    engine = _engine_counters(direct_url, internal_key)
-                    result = self.load(url, key, concurrency, requests)
-                    result |= _engine_round(engine, _engine_counters(direct_url, internal_key), result["seconds"])
-                    if before is not None and pid:
-                        chunks = result["requests"] * result["chunks_per_stream"]
-                        result["gateway_cpu_s"] = round(_cpu_seconds(pid) - before, 3)
-                        result["gateway_cpu_us_per_chunk"] = round(result["gateway_cpu_s"] / max(1, chunks) * 1e6, 2)
-                    table[f"{name}_c{concurrency}" + (f"_round{round_}" if round_ > 1 else "")] = result
-                    say(f"{name} c={concurrency} round {round_}: {result}")
+        self.results["plan"] = dataclasses.asdict(plan)
         self.results["overhead"] = table
-        for concurrency in (64, 256, 512):
-            pairs = [(f"direct_c{concurrency}", f"bastion_c{concurrency}"),
-                     (f"direct_c{concurrency}_round2", f"bastion_c{concurrency}_round2")]  # fmt: skip
-            ratios = [table[b]["tokens_per_s"] / table[a]["tokens_per_s"] for a, b in pairs]
+        pid = self.proc.pid if self.proc is not None else None
+        targets = [(n, u, k) for n, u, k in (("direct", direct_url, internal_key), ("bastion", self.base, self.key))
+                   if n in plan.targets]  # fmt: skip
+        steps = [(c, t) for t in plan.max_tokens for c in plan.concurrency]
+        for concurrency, max_tokens in steps:
+            step = f"c{concurrency}" + (f"_t{max_tokens}" if len(plan.max_tokens) > 1 else "")
+            # Without a window: c=1 60 requests once; higher, four waves of requests per connection, twice.
+            requests = 60 if concurrency == 1 else concurrency * (2 if self.simulate else 4)
+            rounds = plan.rounds or (1 if concurrency == 1 else 2)
+            for round_ in range(1, rounds + 1):
+                for name, url, key in targets:
+                    self.wait_idle()
+                    gateway = pid if name == "bastion" else None
+                    before = cpu_seconds(gateway) if gateway else None
+                    result = self.load(url, key, concurrency, requests, max_tokens, gateway)
+                    if gateway and before is not None and "cpu_s" not in result:  # a round of -n requests
+                        chunks = result["tokens_per_s"] * result["seconds"]
+                        result["cpu_s"] = round(cpu_seconds(gateway) - before, 3)
+                        result["cpu_us_per_chunk"] = round(result["cpu_s"] / max(1, chunks) * 1e6, 2)
+                    table[f"{name}_{step}" + (f"_round{round_}" if round_ > 1 else "")] = result
+                    say(f"{name} {step} round {round_}: {result}")
+                    self.write()  # what a cut run (a device's time limit) has measured so far is kept
+        if {"direct", "bastion"} - set(plan.targets):
+            return
+        for concurrency, max_tokens in steps:
+            step = f"c{concurrency}" + (f"_t{max_tokens}" if len(plan.max_tokens) > 1 else "")
+            rounds = [f"_round{r}" if r > 1 else "" for r in range(1, (plan.rounds or 2) + 1)]
+            pairs = [(f"direct_{step}{r}", f"bastion_{step}{r}") for r in rounds]
+            pairs = [(a, b) for a, b in pairs if a in table and b in table]
+            for measure in ("tokens_per_s", "requests_per_s"):
+                ratios = [table[b][measure] / table[a][measure] for a, b in pairs]
+                self.results[f"{measure}_ratio_{step}_rounds"] = [round(r, 4) for r in ratios]
+                self.results[f"{measure}_ratio_{step}"] = round(sum(ratios) / len(ratios), 4)
             added = [table[b]["ttft_p50_ms"] - table[a]["ttft_p50_ms"] for a, b in pairs]
-            self.results[f"tokens_per_s_ratio_c{concurrency}_rounds"] = [round(r, 4) for r in ratios]
-            self.results[f"tokens_per_s_ratio_c{concurrency}"] = round(sum(ratios) / len(ratios), 4)
-            self.results[f"ttft_p50_added_ms_c{concurrency}_rounds"] = [round(a, 2) for a in added]
-            if concurrency >= 256:
-                self.results[f"gateway_cpu_us_per_chunk_c{concurrency}_rounds"] = [
-                    table[b].get("gateway_cpu_us_per_chunk") for _, b in pairs
-                ]
-        self.results["ttft_p50_added_ms_c1"] = round(
-            table["bastion_c1"]["ttft_p50_ms"] - table["direct_c1"]["ttft_p50_ms"], 2
-        )
+            self.results[f"ttft_p50_added_ms_{step}_rounds"] = [round(a, 2) for a in added]
+            self.results[f"cpu_us_per_chunk_{step}_rounds"] = [table[b].get("cpu_us_per_chunk") for _, b in pairs]
 
     def running_in_vllm(self) -> float:
         text = httpx.get(
@@ -311,39 +353,6 @@ class Run:
 
     def write(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
-        say(f"results in {self.out}/results.json")
-
-
-# The engine's own view of a round: how many steps it ran, the tokens each carried, what it preempted. A
-# slower decode through the gateway with the same tokens per step means slower steps (see docs/benchmarks.md).
-_ENGINE = ("vllm:iteration_tokens_total_count", "vllm:generation_tokens_total", "vllm:num_preemptions_total")
-
-
-def _engine_counters(url: str, key: str) -> dict[str, float]:
-    """The engine's counters above, each summed over its label sets (0 where the engine has none)."""
-    try:
-        page = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {key}"}, timeout=10).text
-    except httpx.HTTPError:
-        return {}
-    return series_sums(page, _ENGINE)
-
-
-def _engine_round(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    if not before or not after:
-        return {}
-    steps = after[_ENGINE[0]] - before[_ENGINE[0]]
-    tokens = after[_ENGINE[1]] - before[_ENGINE[1]]
-    return {
-        "engine_steps_per_s": round(steps / seconds, 1) if seconds else 0.0,
-        "engine_tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
-        "engine_preemptions": after[_ENGINE[2]] - before[_ENGINE[2]],
-    }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (the gateway's, for CPU per chunk)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -380,23 +389,42 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bastion-e2e")))
     parser.add_argument("--simulate", action="store_true", help="use the simulator instead of vLLM (no GPU)")
     parser.add_argument("--port", type=int, default=8000, help="the gateway's port")
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: overhead,kill,drain")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated steps to skip: functional,overhead,disconnect,kill,drain"
+    )
+    measure = parser.add_argument_group("the overhead step (direct vs through bastion)")
+    measure.add_argument("--concurrency", default="1,64,256,512", help="streams at once, one step each")
+    measure.add_argument("--rounds", type=int, default=0, help="alternated pairs per step (default: 1 at c=1, else 2)")
+    measure.add_argument("--seconds", type=float, default=0.0, help="a measured window per round (default: 4 waves)")
+    measure.add_argument("--warmup", type=float, default=5.0, help="seconds of load before each window")
+    measure.add_argument(
+        "--max-tokens", default="64", help="per request, or a range drawn from (32-96); several: a step each (64,32-96)"
+    )
+    measure.add_argument("--targets", default="direct,bastion", help="which of the two to measure")
+    measure.add_argument("--engine-args", default="", help="more vLLM arguments, e.g. '--max-num-seqs 64'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Run(args.out, args.simulate, args.port)
+    plan = Plan(
+        concurrency=[int(c) for c in args.concurrency.split(",")], rounds=args.rounds, seconds=args.seconds,
+        warmup=args.warmup, max_tokens=args.max_tokens.split(","), targets=args.targets.split(","),
+    )  # fmt: skip
+    run = Run(args.out, args.simulate, args.port, plan, args.engine_args)
     skip = set(filter(None, args.skip.split(",")))
     try:
         run.start()
-        run.functional()
+        if "functional" not in skip:
+            run.functional()
         if "overhead" not in skip:
             run.overhead()
-        run.disconnect()
+        if "disconnect" not in skip:
+            run.disconnect()
         if "kill" not in skip:
             run.kill_engine()
         if "drain" not in skip:
             run.sigterm_drain()
     finally:
         run.write()
+        say(f"results in {run.out}/results.json")
         if run.proc is not None and run.proc.poll() is None:
             run.proc.kill()
 

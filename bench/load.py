@@ -6,6 +6,15 @@ through bastion) and prints one JSON object. Streams with
 server's own usage, and `ignore_eos` so every request generates max_tokens.
 
     python bench/load.py --url http://127.0.0.1:8000 --key bst-... -c 64 -n 640 --max-tokens 64
+
+Two ways to bound a round. `-n`: that many requests, the round timed from the first
+to the last (its edges, where fewer streams run, count in). `--seconds`: a closed loop
+measured in a window after `--warmup-seconds` of load, then every stream is cut; the
+window's tokens are the content events received in it, and with `--metrics-url` the
+engine's own counters are read at both edges (steps, tokens per step, preemptions),
+so a round is the same length whatever the requests' lengths. `--max-tokens 128-384`
+draws each request's length (seeded): waves of identical requests that start and end
+together are a benchmark's artefact, not what an engine sees.
 """
 
 from __future__ import annotations
@@ -13,11 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import random
 import statistics
 import sys
 import time
+from typing import Any
 
 import aiohttp
+from harness import cpu_seconds, series_sums
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -27,8 +40,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class Window:
+    """Where the measured part of a round lies; by default all of it."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.end = float("inf")
+        self.events = 0  # content events received inside the window
+        self.completed = 0  # requests that ended inside it
+
+    def holds(self, moment: float) -> bool:
+        return self.start <= moment < self.end
+
+
 async def one(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stats: dict[str, list[float]]
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    stats: dict[str, list[float]],
+    window: Window,
 ) -> None:
     start = time.perf_counter()
     first = last = None
@@ -44,17 +75,23 @@ async def one(
             now = time.perf_counter()
             events = chunk.count(b'"delta":{"content"')
             if events:
+                if window.holds(now):
+                    window.events += events
                 chunks += events
                 coalesced += events - 1
                 if first is None:
                     first = now
-                elif last is not None:
+                elif last is not None and window.holds(now):
                     stats["gaps"].append(now - last)
                 last = now
             if b'"usage":{' in chunk:
                 usage = json.loads(chunk[chunk.rindex(b"data: {") + 6 :].split(b"\n\n")[0])["usage"]
                 tokens = usage["completion_tokens"]
     end = time.perf_counter()
+    if window.holds(end):
+        window.completed += 1
+    if not (window.holds(start) and end < window.end):
+        return  # started before the window or ended after it: its times describe another load
     stats["ttft"].append((first or end) - start)
     stats["latency"].append(end - start)
     stats["tokens"].append(tokens)
@@ -62,47 +99,108 @@ async def one(
     stats["coalesced"].append(coalesced)
 
 
+# The engine's counters read at a window's edges (vLLM's names; the simulator has the first two).
+ENGINE = (
+    "vllm:iteration_tokens_total_count",
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_total",
+    "vllm:num_preemptions_total",
+)
+
+
+def lengths(spec: str) -> tuple[int, int]:
+    """`64` or `128-384`: the range each request's max_tokens is drawn from."""
+    low, _, high = spec.partition("-")
+    return int(low), int(high or low)
+
+
+async def engine_counters(session: aiohttp.ClientSession, url: str, key: str) -> dict[str, float]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with session.get(url.rstrip("/") + "/metrics", headers=headers) as response:
+        return series_sums(await response.text(), ENGINE)
+
+
+def engine_round(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """The engine's own account of a window: steps/s, tokens per step, its generated tokens/s, preemptions."""
+    steps, tokens = (after[n] - before[n] for n in ENGINE[:2])
+    return {
+        "engine_steps_per_s": round(steps / seconds, 1),
+        "engine_tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
+        "engine_tokens_per_s": round(tokens / seconds, 1),
+        "engine_prompt_tokens_per_s": round((after[ENGINE[2]] - before[ENGINE[2]]) / seconds, 1),
+        "engine_preemptions": after[ENGINE[3]] - before[ENGINE[3]],
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     url = args.url.rstrip("/") + "/v1/chat/completions"
-    body = json.dumps(
-        {
-            "model": args.model,
-            "messages": [{"role": "user", "content": args.prompt}],
-            "max_tokens": args.max_tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    low, high = lengths(args.max_tokens)
+    draw = random.Random(args.seed)
+    request: dict[str, Any] = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": args.prompt}],
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.priority is not None:
+        request["priority"] = args.priority
+
+    def body() -> bytes:
+        return json.dumps({**request, "max_tokens": draw.randint(low, high)}).encode()
+
     headers = {"content-type": "application/json"}
     if args.key:
         headers["authorization"] = f"Bearer {args.key}"
     stats: dict[str, list[float]] = {
         k: [] for k in ("ttft", "latency", "tokens", "chunks", "coalesced", "gaps", "errors")
     }
+    window = Window()
+    engine: dict[str, float] = {}
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for _ in range(args.warmup):
-            await one(session, url, body, headers, {k: [] for k in stats})
-        queue = iter(range(args.requests))
+            await one(session, url, body(), headers, {k: [] for k in stats}, Window())
+        queue = iter(range(args.requests)) if not args.seconds else iter(int, 1)  # the second: endless
 
         async def worker() -> None:
             for _ in queue:
-                await one(session, url, body, headers, stats)
+                await one(session, url, body(), headers, stats, window)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - started
+        workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
+        if args.seconds:
+            await asyncio.sleep(args.warmup_seconds)
+            before = await engine_counters(session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
+            cpu = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
+            window.start = started = time.perf_counter()
+            await asyncio.sleep(args.seconds)
+            window.end = time.perf_counter()
+            if args.cpu_pid:
+                engine["cpu_s"] = round(cpu_seconds(args.cpu_pid) - cpu, 3)
+                engine["cpu_us_per_chunk"] = round(engine["cpu_s"] / max(1, window.events) * 1e6, 2)
+            if before:
+                engine |= engine_round(before, await engine_counters(session, args.metrics_url, args.metrics_key),
+                                      window.end - window.start)  # fmt: skip
+            for task in workers:  # cut every stream: the engine aborts them
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            elapsed = window.end - window.start
+        else:
+            await asyncio.gather(*workers)
+            elapsed = time.perf_counter() - started
     done = len(stats["latency"])
     return {
         "url": args.url,
         "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
         "requests": done,
         "errors": len(stats["errors"]),
         "seconds": round(elapsed, 3),
-        "requests_per_s": round(done / elapsed, 2),
-        "tokens_per_s": round(sum(stats["tokens"]) / elapsed, 1),
+        "requests_per_s": round((window.completed if args.seconds else done) / elapsed, 2),
+        # in a window: the content events received in it (one token each, as vLLM streams them)
+        "tokens_per_s": round((window.events if args.seconds else sum(stats["tokens"])) / elapsed, 1),
         "ttft_p50_ms": round(percentile(stats["ttft"], 0.5) * 1000, 2),
         "ttft_p99_ms": round(percentile(stats["ttft"], 0.99) * 1000, 2),
         "latency_p50_ms": round(percentile(stats["latency"], 0.5) * 1000, 2),
@@ -110,6 +208,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "gap_p50_ms": round(percentile(stats["gaps"], 0.5) * 1000, 3),
         "chunks_per_stream": statistics.mean(stats["chunks"]) if stats["chunks"] else 0,
         "coalesced_chunks": int(sum(stats["coalesced"])),
+        **engine,
     }
 
 
@@ -121,13 +220,18 @@ def main() -> None:
     parser.add_argument("--prompt", default="Write a long story about a lighthouse keeper.")
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-n", "--requests", type=int, default=50)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-tokens", default="64", help="tokens per request, or a range to draw from: 128-384")
+    parser.add_argument("--seed", type=int, default=1, help="of the lengths drawn")
+    parser.add_argument("--priority", type=int, help="vLLM's priority field in every request (direct to vLLM)")
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent one by one before the round")
+    parser.add_argument("--seconds", type=float, default=0.0, help="a measured window instead of -n requests")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="of load before the window")
+    parser.add_argument("--metrics-url", default="", help="the engine's base URL: its counters at the window's edges")
+    parser.add_argument("--cpu-pid", type=int, help="a process whose CPU in the window is reported (the gateway)")
+    parser.add_argument("--metrics-key", default="", help="bearer key for --metrics-url (or BENCH_METRICS_KEY)")
     args = parser.parse_args()
-    if not args.key:
-        import os
-
-        args.key = os.environ.get("BENCH_KEY", "")
+    args.key = args.key or os.environ.get("BENCH_KEY", "")
+    args.metrics_key = args.metrics_key or os.environ.get("BENCH_METRICS_KEY", "")
     print(json.dumps(asyncio.run(run(args))), flush=True)
     sys.exit(0)
 

@@ -35,6 +35,20 @@ def test_driver_against_the_simulator(tmp_path: Path) -> None:
     assert results["sigterm"]["stream_completed"] is True  # type: ignore[index]
 
 
+def test_driver_measures_windows_of_each_length_against_the_simulator(tmp_path: Path) -> None:
+    """The overhead step as the GPU runs use it: measured windows, two request lengths, the engine's counters."""
+    skip = "functional,disconnect,kill,drain"
+    args = ["--simulate", "--skip", skip, "--port", str(free_port()), "--concurrency", "4", "--rounds", "1"]
+    results = _run(tmp_path, *args, "--seconds", "1", "--warmup", "0.5", "--max-tokens", "8,4-12", timeout=120)
+    rounds = results["overhead"]
+    assert isinstance(rounds, dict)
+    assert sorted(rounds) == ["bastion_c4_t4-12", "bastion_c4_t8", "direct_c4_t4-12", "direct_c4_t8"]
+    for name, row in rounds.items():
+        assert row["errors"] == 0 and row["tokens_per_s"] > 0 and row["engine_tokens_per_s"] > 0, name
+    assert rounds["bastion_c4_t8"]["cpu_us_per_chunk"] > 0
+    assert 0.5 < results["tokens_per_s_ratio_c4_t8"] < 2  # type: ignore[operator]
+
+
 gpu_present = shutil.which("nvidia-smi") is not None and bool(
     os.environ.get("VLLM_PYTHONPATH") or importlib.util.find_spec("vllm")
 )
