@@ -134,7 +134,17 @@ def load(args: argparse.Namespace, url: str, key: str, step: int, plain: bool, g
     return merged
 
 
-def ramp(args: argparse.Namespace, kind: str, steps: list[int], direct: str, through: str, key: str, pid: int) -> Any:
+def new_lines(log: Path, offset: int, most: int = 8) -> list[str]:
+    """The gateway's log lines written since `offset` (a round with errors: what the gateway said of them)."""
+    with log.open("rb") as file:
+        file.seek(offset)
+        lines = file.read().decode(errors="replace").splitlines()
+    return list(dict.fromkeys(line[:300] for line in lines))[-most:]
+
+
+def ramp(
+    args: argparse.Namespace, kind: str, steps: list[int], direct: str, through: str, key: str, pid: int, log: Path
+) -> Any:
     plain = kind == "requests"
     unit = "requests_per_s" if plain else "chunks_per_s"
     rows = []
@@ -148,7 +158,11 @@ def ramp(args: argparse.Namespace, kind: str, steps: list[int], direct: str, thr
             d = load(args, direct, "", step, plain, None)
             wait_for_quiet(args.max_load, args.patience)
             say(f"{kind} {name}={step} round {index + 1}: bastion")
+            offset = log.stat().st_size
             b = load(args, through, key, step, plain, pid)
+            if b["errors"]:
+                b["gateway_log"] = new_lines(log, offset)
+                say(f"{b['errors']} errors through bastion; its log: {b['gateway_log']}")
             pairs.append((d, b))
         ratios = [b[unit] / d[unit] if d[unit] else 0.0 for d, b in pairs]
         ratio = statistics.median(ratios)
@@ -264,7 +278,7 @@ def main() -> None:
             kinds = [args.only] if args.only else ["streams", "requests"]
             for kind in kinds:
                 steps = [int(s) for s in (args.stream_steps if kind == "streams" else args.request_rates).split(",")]
-                results[kind] = ramp(args, kind, steps, direct, through, key, gateway.pid)
+                results[kind] = ramp(args, kind, steps, direct, through, key, gateway.pid, work / "gateway.log")
     finally:
         for proc in extra:
             proc.terminate()

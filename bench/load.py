@@ -41,10 +41,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Window:
-    """Where the measured part of a round lies; by default all of it."""
+    """Where the measured part of a round lies: all of it, or (`opens_later`) from when `start` is set."""
 
-    def __init__(self) -> None:
-        self.start = 0.0
+    def __init__(self, opens_later: bool = False) -> None:
+        self.start = float("inf") if opens_later else 0.0
         self.end = float("inf")
         self.events = 0  # content events received inside the window
         self.completed = 0  # requests that ended inside it
@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stats: dict[str, list[float]] = {
         k: [] for k in ("ttft", "latency", "tokens", "chunks", "coalesced", "gaps", "errors")
     }
-    window = Window()
+    window = Window(opens_later=bool(args.seconds))  # the warm-up's tokens and requests are not the window's
     engine: dict[str, float] = {}
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
