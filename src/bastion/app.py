@@ -40,7 +40,7 @@ from .engine.catalog import ModelCatalog
 from .engine.command import CommandError, CommandSource, build_command
 from .engine.engines import EngineEntry, load_engines_json, parse_engines
 from .engine.external import ExternalWatch, status_of
-from .engine.fleet import Fleet, ReplicaPlan
+from .engine.fleet import Carried, Fleet, ReplicaPlan
 from .engine.probe import ProbeChannel
 from .engine.router import Backend, EngineGroup, Replica, Router
 from .engine.spec import EngineSpec, free_port
@@ -434,7 +434,7 @@ def one_engine(
     settings: Settings,
     upstream: Upstream,
     supervisor: Supervisor | None,
-    in_flight: Callable[[Backend], int] | None = None,
+    in_flight: Callable[[Backend], Carried] | None = None,
     restart_signal: bool = True,
 ) -> tuple[Router, Fleet]:
     """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings (`restart_signal`: SIGUSR1
@@ -461,12 +461,12 @@ def build_engines(
     entries: Sequence[EngineEntry],
     *,
     mirror: EngineMirror | None = None,
-    in_flight: Callable[[Backend], int] | None = None,
+    in_flight: Callable[[Backend], Carried] | None = None,
 ) -> tuple[Router, Fleet]:
     """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan).
 
     `mirror` (a worker): the master runs the supervised replicas; here each is the mirror of its state.
-    `in_flight` (the master): how many requests a replica carries, counted by the workers."""
+    `in_flight` (the master): what a replica carries, as the workers count it."""
     groups: list[EngineGroup] = []
     plans: list[ReplicaPlan] = []
     for entry in entries:
