@@ -59,6 +59,7 @@ from .metrics import Metrics
 from .metrics_http import MetricsEndpoint, ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .redisio import Redis
 from .request_body import InspectBody, RequestInspector
 from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
 from .workers.engines import EngineMirror
@@ -147,12 +148,18 @@ def create_app(
     )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    limiter = _rate_limiter(settings)
+    # One Redis connection per process, pipelined, for every user of BASTION_REDIS_URL (the rate limiter and
+    # the budget ledger): closed once, after both have stopped (entered first, so left last).
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
+    redis = Redis.from_url(url, settings.redis_timeout) if url is not None else None
+    limiter = _rate_limiter(settings, redis)
     # The engine's own channels: probes and readiness, and relaying its /metrics. Client traffic
     # (the pool above, capped at upstream_max_connections) can never starve them.
     probes = ProbeChannel(settings.health_timeout)
     scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
+    if redis is not None:
+        services.insert(0, _closing(redis))
     watch: ExternalWatch | None = None
     mirror = link.mirror if link is not None else None
     entries = engine_entries(settings) if upstream is None else ()
@@ -212,7 +219,7 @@ def create_app(
     metrics = Metrics(settings, current) if settings.metrics_enabled else None
     # Token budgets and usage: a ledger of hour roll-ups (memory, SQLite beside the key file, or Redis).
     budget_options = settings.budget_options()
-    ledger = open_ledger(budget_options)
+    ledger = open_ledger(budget_options, redis=redis)
     services.append(ledger.running())
     budgets = Resolver(budget_options.defaults)
     budget_metrics = (
@@ -612,14 +619,21 @@ def token_config(settings: Settings) -> TokenConfig:
     )
 
 
-def _rate_limiter(settings: Settings) -> RateLimiter:
+@asynccontextmanager
+async def _closing(redis: Redis) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await redis.aclose()
+
+
+def _rate_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
     return RateLimiter(
         rpm=settings.rate_limit_rpm,
         tpm=settings.rate_limit_tpm,
         max_concurrent=settings.rate_limit_max_concurrent,
         auth_failure_limit=settings.auth_failure_limit,
-        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
-        redis_timeout=settings.redis_timeout,
+        redis=redis,
         fail_open=settings.redis_fail_mode == "open",
         slot_ttl=settings.concurrency_slot_ttl,
     )
