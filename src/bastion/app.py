@@ -163,8 +163,18 @@ def create_app(
     watch: ExternalWatch | None = None
     mirror = link.mirror if link is not None else None
     entries = engine_entries(settings) if upstream is None else ()
+    # The audit log's redactor knows every secret the settings hold, and learns each engine key as it is minted
+    # (at start, and by every restart of an engine: a new child gets a new key), or mirrored from the master.
+    secrets = [
+        s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
+    ]
+    secrets += [entry.api_key for entry in entries if entry.api_key]
+    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
+    on_key = audit.add_secret if audit is not None else None
+    if mirror is not None and on_key is not None:
+        mirror.tell_keys(on_key)
     if entries:
-        router, fleet = build_engines(settings, entries, mirror=mirror)
+        router, fleet = build_engines(settings, entries, mirror=mirror, on_key=on_key)
     else:
         supervisor: Supervisor | None = None
         if upstream is None:
@@ -174,11 +184,11 @@ def create_app(
             elif mirror is not None:  # a worker: the master supervises the engine
                 upstream = mirror.upstream(one_engine_label(settings))
             else:
-                upstream, supervisor = supervise(engine_spec(settings), probes)
+                upstream, supervisor = supervise(engine_spec(settings), probes, on_key)
         if upstream.phase is Phase.EXTERNAL:
             watch = ExternalWatch(upstream, probes, settings.health_interval)
             services.append(watch)
-        router, fleet = one_engine(settings, upstream, supervisor, restart_signal=mirror is None)
+        router, fleet = one_engine(settings, upstream, supervisor, restart_signal=mirror is None, on_key=on_key)
     services.append(fleet)
     first = (router.default or router.groups[0]).replicas[0]
 
@@ -256,14 +266,9 @@ def create_app(
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
-    secrets = [
-        s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
-    ]
-    secrets += [entry.api_key for entry in entries if entry.api_key]
-    if engine_key := current().api_key:
-        secrets.append(engine_key)
-    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
     if audit is not None:
+        if engine_key := current().api_key:  # an `upstream` given by the caller
+            audit.add_secret(engine_key)
         services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
     observers = [listener for listener in (metrics, audit) if listener is not None]
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
@@ -443,6 +448,7 @@ def one_engine(
     supervisor: Supervisor | None,
     in_flight: Callable[[Backend], Carried] | None = None,
     restart_signal: bool = True,
+    on_key: Callable[[str], None] | None = None,
 ) -> tuple[Router, Fleet]:
     """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings (`restart_signal`: SIGUSR1
     restarts it; not in a worker, whose master does)."""
@@ -459,6 +465,7 @@ def one_engine(
         scrape_waiting=False,
         in_flight=in_flight,
         restart_signal=restart_signal,
+        on_key=on_key,
     )
     return router, fleet
 
@@ -469,6 +476,7 @@ def build_engines(
     *,
     mirror: EngineMirror | None = None,
     in_flight: Callable[[Backend], Carried] | None = None,
+    on_key: Callable[[str], None] | None = None,
 ) -> tuple[Router, Fleet]:
     """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan).
 
@@ -492,7 +500,7 @@ def build_engines(
 
                 spec = make()
                 channel = ProbeChannel(settings.health_timeout)
-                upstream, supervisor = supervise(spec, channel)
+                upstream, supervisor = supervise(spec, channel, on_key)
                 replica = Replica(index, Backend(upstream, entry.label(index)))
                 plans.append(ReplicaPlan(replica, make, supervisor=supervisor, channel=channel))
             replicas.append(replica)
@@ -511,6 +519,7 @@ def build_engines(
         scrape_waiting=scrape,
         in_flight=in_flight,
         restart_signal=mirror is None,  # a worker's engines are restarted by its master
+        on_key=on_key,
     )
     return router, fleet
 

@@ -103,8 +103,10 @@ class Fleet:
         scrape_waiting: bool,
         in_flight: Callable[[Backend], Carried] | None = None,
         restart_signal: bool = True,
+        on_key: Callable[[str], None] | None = None,
     ) -> None:
         self.router = router
+        self._on_key = on_key  # told each internal key a restart mints (the audit log's redactor)
         self._restart_signal = restart_signal  # SIGUSR1 restarts the engines (not in a worker: its master does)
         # Requests a backend carries: its own count, or (`bastion serve --workers N`) what the workers report.
         self._in_flight = in_flight or _outstanding
@@ -262,7 +264,7 @@ class Fleet:
     async def _start(self, spec: EngineSpec) -> tuple[Upstream, Supervisor, ProbeChannel]:
         channel = ProbeChannel(spec.health_timeout)
         await channel.__aenter__()
-        upstream, supervisor = supervise(spec, channel)
+        upstream, supervisor = supervise(spec, channel, self._on_key)
         await supervisor.__aenter__()
         return upstream, supervisor, channel
 
