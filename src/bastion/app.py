@@ -40,7 +40,7 @@ from .engine.catalog import ModelCatalog
 from .engine.command import CommandError, CommandSource, build_command
 from .engine.engines import EngineEntry, load_engines_json, parse_engines
 from .engine.external import ExternalWatch, status_of
-from .engine.fleet import Fleet, ReplicaPlan
+from .engine.fleet import Carried, Fleet, ReplicaPlan
 from .engine.probe import ProbeChannel
 from .engine.router import Backend, EngineGroup, Replica, Router
 from .engine.spec import EngineSpec, free_port
@@ -59,6 +59,7 @@ from .metrics import Metrics
 from .metrics_http import MetricsEndpoint, ScrapeGuard, metrics_routes
 from .proxy import Proxy
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .redisio import Redis
 from .request_body import InspectBody, RequestInspector
 from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
 from .workers.engines import EngineMirror
@@ -147,17 +148,33 @@ def create_app(
     )
     # Everything that runs beside the request path (the supervisor, key reloading, ...) is an
     # async context manager entered at start-up and left, in reverse order, at shutdown.
-    limiter = _rate_limiter(settings)
+    # One Redis connection per process, pipelined, for every user of BASTION_REDIS_URL (the rate limiter and
+    # the budget ledger): closed once, after both have stopped (entered first, so left last).
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
+    redis = Redis.from_url(url, settings.redis_timeout) if url is not None else None
+    limiter = _rate_limiter(settings, redis)
     # The engine's own channels: probes and readiness, and relaying its /metrics. Client traffic
     # (the pool above, capped at upstream_max_connections) can never starve them.
     probes = ProbeChannel(settings.health_timeout)
     scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
+    if redis is not None:
+        services.insert(0, _closing(redis))
     watch: ExternalWatch | None = None
     mirror = link.mirror if link is not None else None
     entries = engine_entries(settings) if upstream is None else ()
+    # The audit log's redactor knows every secret the settings hold, and learns each engine key as it is minted
+    # (at start, and by every restart of an engine: a new child gets a new key), or mirrored from the master.
+    secrets = [
+        s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
+    ]
+    secrets += [entry.api_key for entry in entries if entry.api_key]
+    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
+    on_key = audit.add_secret if audit is not None else None
+    if mirror is not None and on_key is not None:
+        mirror.tell_keys(on_key)
     if entries:
-        router, fleet = build_engines(settings, entries, mirror=mirror)
+        router, fleet = build_engines(settings, entries, mirror=mirror, on_key=on_key)
     else:
         supervisor: Supervisor | None = None
         if upstream is None:
@@ -167,11 +184,11 @@ def create_app(
             elif mirror is not None:  # a worker: the master supervises the engine
                 upstream = mirror.upstream(one_engine_label(settings))
             else:
-                upstream, supervisor = supervise(engine_spec(settings), probes)
+                upstream, supervisor = supervise(engine_spec(settings), probes, on_key)
         if upstream.phase is Phase.EXTERNAL:
             watch = ExternalWatch(upstream, probes, settings.health_interval)
             services.append(watch)
-        router, fleet = one_engine(settings, upstream, supervisor, restart_signal=mirror is None)
+        router, fleet = one_engine(settings, upstream, supervisor, restart_signal=mirror is None, on_key=on_key)
     services.append(fleet)
     first = (router.default or router.groups[0]).replicas[0]
 
@@ -212,7 +229,7 @@ def create_app(
     metrics = Metrics(settings, current) if settings.metrics_enabled else None
     # Token budgets and usage: a ledger of hour roll-ups (memory, SQLite beside the key file, or Redis).
     budget_options = settings.budget_options()
-    ledger = open_ledger(budget_options)
+    ledger = open_ledger(budget_options, redis=redis)
     services.append(ledger.running())
     budgets = Resolver(budget_options.defaults)
     budget_metrics = (
@@ -249,14 +266,9 @@ def create_app(
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
-    secrets = [
-        s.get_secret_value() for s in (settings.upstream_api_key, settings.metrics_token, settings.admin_token) if s
-    ]
-    secrets += [entry.api_key for entry in entries if entry.api_key]
-    if engine_key := current().api_key:
-        secrets.append(engine_key)
-    audit = audit_log(settings.audit_log, secrets, shared=link is not None)
     if audit is not None:
+        if engine_key := current().api_key:  # an `upstream` given by the caller
+            audit.add_secret(engine_key)
         services.insert(0, audit.service())  # left last at shutdown: writes the buffered lines
     observers = [listener for listener in (metrics, audit) if listener is not None]
     # Paths with a credential of their own (the metrics token), answered before the key/JWT guard.
@@ -434,8 +446,9 @@ def one_engine(
     settings: Settings,
     upstream: Upstream,
     supervisor: Supervisor | None,
-    in_flight: Callable[[Backend], int] | None = None,
+    in_flight: Callable[[Backend], Carried] | None = None,
     restart_signal: bool = True,
+    on_key: Callable[[str], None] | None = None,
 ) -> tuple[Router, Fleet]:
     """The router and fleet of the one engine of the BASTION_UPSTREAM_* settings (`restart_signal`: SIGUSR1
     restarts it; not in a worker, whose master does)."""
@@ -452,6 +465,7 @@ def one_engine(
         scrape_waiting=False,
         in_flight=in_flight,
         restart_signal=restart_signal,
+        on_key=on_key,
     )
     return router, fleet
 
@@ -461,12 +475,13 @@ def build_engines(
     entries: Sequence[EngineEntry],
     *,
     mirror: EngineMirror | None = None,
-    in_flight: Callable[[Backend], int] | None = None,
+    in_flight: Callable[[Backend], Carried] | None = None,
+    on_key: Callable[[str], None] | None = None,
 ) -> tuple[Router, Fleet]:
     """The router over every configured engine and the fleet that runs them (nothing starts before the lifespan).
 
     `mirror` (a worker): the master runs the supervised replicas; here each is the mirror of its state.
-    `in_flight` (the master): how many requests a replica carries, counted by the workers."""
+    `in_flight` (the master): what a replica carries, as the workers count it."""
     groups: list[EngineGroup] = []
     plans: list[ReplicaPlan] = []
     for entry in entries:
@@ -485,7 +500,7 @@ def build_engines(
 
                 spec = make()
                 channel = ProbeChannel(settings.health_timeout)
-                upstream, supervisor = supervise(spec, channel)
+                upstream, supervisor = supervise(spec, channel, on_key)
                 replica = Replica(index, Backend(upstream, entry.label(index)))
                 plans.append(ReplicaPlan(replica, make, supervisor=supervisor, channel=channel))
             replicas.append(replica)
@@ -504,6 +519,7 @@ def build_engines(
         scrape_waiting=scrape,
         in_flight=in_flight,
         restart_signal=mirror is None,  # a worker's engines are restarted by its master
+        on_key=on_key,
     )
     return router, fleet
 
@@ -612,14 +628,21 @@ def token_config(settings: Settings) -> TokenConfig:
     )
 
 
-def _rate_limiter(settings: Settings) -> RateLimiter:
+@asynccontextmanager
+async def _closing(redis: Redis) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await redis.aclose()
+
+
+def _rate_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
     return RateLimiter(
         rpm=settings.rate_limit_rpm,
         tpm=settings.rate_limit_tpm,
         max_concurrent=settings.rate_limit_max_concurrent,
         auth_failure_limit=settings.auth_failure_limit,
-        redis_url=settings.redis_url.get_secret_value() if settings.redis_url is not None else None,
-        redis_timeout=settings.redis_timeout,
+        redis=redis,
         fail_open=settings.redis_fail_mode == "open",
         slot_ttl=settings.concurrency_slot_ttl,
     )

@@ -188,10 +188,11 @@ def _identity(stream: BinaryIO) -> tuple[int, int]:
 class AuditLog:
     """The listener: formats the line for one finished exchange and hands it to the writer."""
 
-    __slots__ = ("_memo", "_redact", "_second", "_stamp", "writer")
+    __slots__ = ("_memo", "_redact", "_redactor", "_second", "_stamp", "writer")
 
     def __init__(self, writer: AuditWriter, redactor: RedactingFilter) -> None:
         self.writer = writer
+        self._redactor = redactor
         self._redact = redactor.redact
         self._memo: dict[str, str] = {}
         self._second = -1
@@ -204,6 +205,12 @@ class AuditLog:
             yield self
         finally:
             self.writer.close()
+
+    def add_secret(self, value: str) -> None:
+        """One more secret to redact, e.g. the key of an engine (re)started after the log was opened. Fields
+        already redacted are forgotten: a memoised one may hold it in clear."""
+        self._redactor.add_secret(value)
+        self._memo.clear()
 
     def __call__(self, exchange: Exchange) -> None:
         now = time.time()
@@ -248,9 +255,10 @@ def audit_log(destination: str, secrets: Iterable[str] = (), *, shared: bool = F
 
     A file is opened for appending (a path that cannot be opened is a start-up error)
     and reopened when logrotate moves it. `secrets` (the upstream key, the metrics
-    token) are redacted should they ever appear. `shared`: several worker processes write
-    to the same stdout, so each write is at most PIPE_BUF bytes of whole lines (atomic on a
-    pipe). A file needs nothing: every write of whole lines with O_APPEND lands whole.
+    token) are redacted should they ever appear; keys minted later, with `add_secret`.
+    `shared`: several worker processes write to the same stdout, so each write is at most
+    PIPE_BUF bytes of whole lines (atomic on a pipe). A file needs nothing: every write of
+    whole lines with O_APPEND lands whole.
     """
     where = destination.strip()
     if where.lower() == "off" or not where:

@@ -1,4 +1,5 @@
-"""The Redis budget ledger on a real redis-server: two gateways' ledgers share one budget exactly."""
+"""The Redis budget ledger on a real redis-server: two gateways' ledgers share one budget exactly, and a gateway
+shares its one Redis connection between its ledger and its rate limiter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 
+import httpx
 import pytest
 
 from bastion.budget.calendar import Calendar, zone
@@ -14,7 +16,7 @@ from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
 from bastion.budget.policy import Budget, Period
 from bastion.budget.redis_ledger import RedisLedger, connect
 from bastion.redisio import Redis, ReplyError
-from tests.support import free_port, redis_server
+from tests.support import AUTH, free_port, gateway, redis_server
 
 DAY = 86400
 DAILY = (Budget(Period.DAY, 1000),)
@@ -129,3 +131,38 @@ async def test_an_error_reply_is_a_bug_not_an_unreachable_ledger(redis_url: str)
     with pytest.raises(ReplyError, match="WRONGTYPE"):
         await led.reserve("k1", "qwen", 10, DAILY, NOW)
     assert led.errors == 0
+
+
+async def _clients(url: str) -> list[str]:
+    """CLIENT LIST's lines, less the connection asking."""
+    probe = Redis.from_url(url, 5.0)
+    try:
+        listed = await probe.execute("CLIENT", "LIST")
+    finally:
+        await probe.aclose()
+    assert isinstance(listed, bytes)
+    return [line for line in listed.decode().splitlines() if "cmd=client|list" not in line]
+
+
+def test_a_gateway_with_redis_limits_and_budgets_opens_one_connection() -> None:
+    """The limiter and the ledger each opened their own client (two connections per gateway process, per
+    worker); one pipelined connection is shared by every user of BASTION_REDIS_URL."""
+    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with redis_server() as (_, url):
+        env = {
+            "BASTION_REDIS_URL": url,
+            "BASTION_RATE_LIMIT_RPM": "100",
+            "BASTION_RATE_LIMIT_TPM": "100000",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+            "BASTION_BUDGET_DAY": "100000",
+            "BASTION_AUDIT_LOG": "off",
+        }
+        with gateway("--upstream-command", sim, env=env) as (_, base):
+            for _ in range(3):  # limits (window, tokens, slot) and the budget (reserve, settle) all ask Redis
+                reply = httpx.post(base + "/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+                assert reply.status_code == 200, reply.text
+                assert "x-budget-remaining-tokens" in reply.headers, reply.headers
+                assert "x-ratelimit-remaining-requests" in reply.headers, reply.headers
+            clients = asyncio.run(_clients(url))
+            assert len(clients) == 1, clients

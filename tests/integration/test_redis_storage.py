@@ -124,7 +124,8 @@ def test_a_long_sequence_answers_the_same(redis_url: str) -> None:
 
 async def test_the_limiter_runs_its_requests_window_on_the_lean_storage(redis_url: str) -> None:
     """Two limiters (two gateways) on one Redis admit exactly `rpm` requests, on the library's keys."""
-    limiters = [RateLimiter(rpm=5, tpm=0, max_concurrent=0, redis_url=redis_url, redis_timeout=5) for _ in range(2)]
+    clients = [Redis.from_url(redis_url, 5) for _ in range(2)]  # two gateways: a connection each
+    limiters = [RateLimiter(rpm=5, tpm=0, max_concurrent=0, redis=client) for client in clients]
     assert all(isinstance(limiter.storage, LeanRedisStorage) for limiter in limiters)
     assert not hasattr(LeanRedisStorage.acquire_entry, "__wrapped__")  # no pass-through wrapper per call
     admitted = refused = 0
@@ -141,6 +142,5 @@ async def test_the_limiter_runs_its_requests_window_on_the_lean_storage(redis_ur
         assert await probe.execute("LLEN", "bastion:limits:LIMITER/ip:10.9.9.9/5/1/minute") == 5
     finally:
         await probe.aclose()
-        for limiter in limiters:
-            async with limiter.service():
-                pass  # entering and leaving closes its client
+        for client in clients:
+            await client.aclose()

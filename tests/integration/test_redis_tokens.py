@@ -40,7 +40,8 @@ async def test_two_gateways_reserving_and_settling_at_once_end_exact() -> None:
     """
     with redis_server() as (_, url):
         # (A generous timeout: 200 scripts at once on a busy 2-core machine can take longer than the default.)
-        limiters = [RateLimiter(rpm=0, tpm=0, max_concurrent=0, redis_url=url, redis_timeout=10) for _ in range(2)]
+        clients = [Redis.from_url(url, 10) for _ in range(2)]
+        limiters = [RateLimiter(rpm=0, tpm=0, max_concurrent=0, redis=client) for client in clients]
         gateways = [limiter.token_windows for limiter in limiters]
         rng = random.Random(7)
         used: list[int] = []
@@ -55,8 +56,10 @@ async def test_two_gateways_reserving_and_settling_at_once_end_exact() -> None:
             await gateways[(i + 1) % 2].settle(KEY, 60, reservation.ticket, actual - amount, actual)
 
         async with contextlib.AsyncExitStack() as stack:
+            for client in clients:  # closed last, as the gateway does
+                stack.push_async_callback(client.aclose)
             for limiter in limiters:
                 await stack.enter_async_context(limiter.service())  # loads the scripts, as at the gateway's start
             await asyncio.gather(*(request(i) for i in range(200)))
-        final = await gateways[0].reserve(KEY, 10**6, 60, 0)
+            final = await gateways[0].reserve(KEY, 10**6, 60, 0)
         assert final.window.previous + final.window.current == sum(used)

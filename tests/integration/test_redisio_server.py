@@ -110,16 +110,15 @@ async def test_error_replies_from_a_real_server() -> None:
 async def test_the_limiter_on_a_replica_or_without_its_password_fails_open_or_closed() -> None:
     with redis_server("--requirepass", "pw") as (_, url):
         port = url.rsplit(":", 1)[1].split("/")[0]
-        limiter = RateLimiter(rpm=5, tpm=100, max_concurrent=2, redis_url=f"redis://127.0.0.1:{port}/0")
+        clients = [Redis.from_url(f"redis://{auth}127.0.0.1:{port}/0", 0.5) for auth in ("", ":bad@", ":pw@")]
+        limiter = RateLimiter(rpm=5, tpm=100, max_concurrent=2, redis=clients[0])
         admission = await limiter.admit(None, "10.0.0.1", tokens=10)
         assert admission.headers == [] and limiter.storage_errors == 1 and limiter.fail_open_admissions == 1
-        closed = RateLimiter(
-            rpm=5, tpm=100, max_concurrent=2, redis_url=f"redis://:bad@127.0.0.1:{port}/0", fail_open=False
-        )
+        closed = RateLimiter(rpm=5, tpm=100, max_concurrent=2, redis=clients[1], fail_open=False)
         with pytest.raises(RateLimited) as refused:
             await closed.admit(None, "10.0.0.1", tokens=10)
         assert refused.value.status == 503
-        good = RateLimiter(rpm=5, tpm=100, max_concurrent=2, redis_url=f"redis://:pw@127.0.0.1:{port}/0")
+        good = RateLimiter(rpm=5, tpm=100, max_concurrent=2, redis=clients[2])
         async with good.service():
             admission = await good.admit(None, "10.0.0.1", tokens=10)
             assert admission.slot is not None and len(admission.headers) == 6
@@ -128,6 +127,5 @@ async def test_the_limiter_on_a_replica_or_without_its_password_fails_open_or_cl
             window = await good.token_windows.reserve(per_minute(100).key_for("ip:10.0.0.1"), 100, 60, 0)
             assert (window.window.previous, window.window.current) == (0, 4)
             assert await good.slots.acquire("ip:10.0.0.1", 1) is not None  # the only slot is free again
-        for other in (limiter, closed):
-            async with other.service():
-                pass
+        for client in clients:
+            await client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -271,3 +272,33 @@ def test_an_in_place_restart_is_followed_by_ready_and_both_metrics_pages() -> No
         relayed = httpx.get(base + "/metrics/upstream", headers=scrape)
         assert relayed.status_code == 200 and "vllm:num_requests_running" in relayed.text
         assert httpx.post(base + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
+
+
+def _engine_key(pid: int) -> str:
+    """The internal key the gateway gave the child `pid` (its environment: the test runs as the same user)."""
+    variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    [key] = [v.split(b"=", 1)[1].decode() for v in variables if v.startswith(b"VLLM_API_KEY=")]
+    return key
+
+
+def test_the_audit_log_redacts_the_key_of_an_engine_restarted_in_place(tmp_path: Path) -> None:
+    """An in-place restart mints a new internal key. The audit log's redactor had the keys of start-up only:
+    a client echoing the new key (as its request id, its model) had it written in clear."""
+    audit = tmp_path / "audit.jsonl"
+    with gateway("--upstream-command", SIM, env={**FAST_RESTARTS, "BASTION_AUDIT_LOG": str(audit)}) as (gw, base):
+        (first,) = child_pids(gw)
+        old = _engine_key(first)
+        gw.signal(signal.SIGUSR1)
+        wait_for(lambda: "restarted_with_downtime" in gw.output(), 20, "the in-place restart")
+        (_, second) = child_pids(gw)
+        new = _engine_key(second)
+        assert new != old
+        wait_for(lambda: ready_state(base)["status"] == "ready", 10, "the new child ready")
+        for key in (old, new):
+            headers = {**AUTH, "x-request-id": key}  # a valid request id: recorded as sent
+            reply = httpx.post(base + "/v1/chat/completions", json={**CHAT, "model": key}, headers=headers)
+            assert reply.status_code in (200, 404), reply.text
+        wait_for(lambda: audit.exists() and audit.read_text().count("\n") >= 2, 5, "two audit lines")
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(line["request_id"], line["model"]) for line in lines[-2:]] == [("[redacted]", "[redacted]")] * 2
+    assert old not in audit.read_text() and new not in audit.read_text()  # before: the new key, twice

@@ -373,3 +373,36 @@ def _children(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def test_a_rolling_restart_names_a_worker_that_never_answered_and_counts_no_request_for_it(redis_url: str) -> None:
+    """A worker restarting while the engines roll (alive, never acknowledging: here stopped while it imports).
+    Before, it counted as 1 request on every old child: each drain waited out its timeout and the line said
+    "1 request(s) still running were cut" though nothing ran. Now no request is claimed: the line names the worker."""
+    engines = [{"model": "m", "command": SIM + " --model m", "replicas": 2}]
+    env = workers_env(redis_url, BASTION_ENGINES=json.dumps(engines), BASTION_DRAIN_TIMEOUT="2")
+    del env["BASTION_UPSTREAM_COMMAND"]
+    with gateway("--workers", "2", env=env) as (proc, base):
+        wait_for(lambda: len(started_workers(proc)) == 2, 30, "two workers started", proc)
+        before = started_workers(proc)
+        os.kill(before[0], signal.SIGKILL)
+        fresh: list[int] = []
+
+        def replaced() -> bool:
+            fresh[:] = [pid for pid in _children(proc.popen.pid) if pid not in before.values()]
+            return bool(fresh)
+
+        wait_for(replaced, 30, "worker 0's replacement spawned", proc)
+        [stuck] = fresh
+        os.kill(stuck, signal.SIGSTOP)  # still importing: it has acknowledged nothing, and can carry nothing
+        try:
+            proc.signal(signal.SIGUSR1)
+            wait_for(lambda: len(re.findall(r"engine m/\d: restarted \(", proc.output())) == 2, 60, "both rolled", proc)
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        output = proc.output()
+        assert "still running were cut" not in output, output  # before: "1 request(s) still running were cut"
+        assert output.count(f"worker 0 (pid {stuck}) did not answer before the drain timeout") == 2, output
+        wait_for(lambda: started_workers(proc).get(0) == stuck, 30, "the stopped worker went on", proc)
+        wait_http(base + "/ready", proc=proc)
+        assert chat(base).status_code == 200

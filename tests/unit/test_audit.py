@@ -155,6 +155,18 @@ def test_registered_secrets_and_credential_shapes_are_redacted(tmp_path: Path) -
     assert len(_lines(path)) == 2  # still valid JSON lines
 
 
+def test_a_secret_added_later_is_redacted_even_in_a_field_already_memoised(tmp_path: Path) -> None:
+    """An engine restarted after the log was opened has a new key: `add_secret` teaches it, and a field
+    redacted (memoised) before it was known is not written from the memo in clear."""
+    path = tmp_path / "audit.log"
+    listener = audit_log(str(path))
+    assert listener is not None
+    listener(_exchange(model="engine-key-minted-later-0123"))
+    listener.add_secret("engine-key-minted-later-0123")
+    listener(_exchange(model="engine-key-minted-later-0123"))
+    assert [line["model"] for line in _lines(path)] == ["engine-key-minted-later-0123", "[redacted]"]
+
+
 def test_unwritable_destination_is_a_start_up_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot open the audit log"):
         audit_log(str(tmp_path / "missing-dir" / "audit.log"))

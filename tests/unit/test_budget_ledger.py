@@ -225,6 +225,7 @@ async def test_a_failed_write_is_kept_and_retried(tmp_path: Path) -> None:
 def test_open_ledger_picks_the_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from bastion.budget.options import BudgetOptions, open_ledger
     from bastion.budget.redis_ledger import RedisLedger
+    from bastion.redisio import Redis
 
     on_file = open_ledger(BudgetOptions(db=tmp_path / "usage.sqlite3", db_is_default=True))
     assert isinstance(on_file, Ledger) and isinstance(on_file._journal, SQLiteJournal)
@@ -233,5 +234,8 @@ def test_open_ledger_picks_the_store(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert "usage is kept in memory only" in caplog.text and "BASTION_BUDGET_DB" in caplog.text
     chosen = open_ledger(BudgetOptions(db=tmp_path / "new" / "usage.sqlite3"))  # set by the operator: created
     assert isinstance(chosen, Ledger) and isinstance(chosen._journal, SQLiteJournal)
-    shared = open_ledger(BudgetOptions(db=tmp_path / "usage.sqlite3", redis_url="redis://127.0.0.1:1/0"))
+    url = "redis://127.0.0.1:1/0"
+    shared = open_ledger(BudgetOptions(db=tmp_path / "usage.sqlite3", redis_url=url), redis=Redis.from_url(url, 1))
     assert isinstance(shared, RedisLedger)
+    with pytest.raises(TypeError):  # the process's one client is passed in, never opened a second time here
+        open_ledger(BudgetOptions(redis_url=url))

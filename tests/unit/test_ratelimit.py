@@ -17,7 +17,7 @@ from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
 from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
 from bastion.ratelimit.memory import MemoryStorage
 from bastion.ratelimit.tokens import Window
-from bastion.redisio import RedisTimeout, RedisUnavailable, ReplyError
+from bastion.redisio import Redis, RedisTimeout, RedisUnavailable, ReplyError
 from bastion.usage import Usage
 
 
@@ -270,7 +270,8 @@ class _BrokenTokens:
 def _broken(error: BaseException, *, fail_open: bool = True) -> RateLimiter:
     """A Redis-backed limiter whose storage fails (the error is what the storage raised).
     Nothing listens on the URL, and nothing connects: the storage is replaced."""
-    limits = RateLimiter(rpm=10, tpm=100, max_concurrent=0, fail_open=fail_open, redis_url="redis://127.0.0.1:9/0")
+    unused = Redis.from_url("redis://127.0.0.1:9/0", 1)
+    limits = RateLimiter(rpm=10, tpm=100, max_concurrent=0, fail_open=fail_open, redis=unused)
     limits.storage = _BrokenStorage(error)
     limits.requests = MovingWindowRateLimiter(limits.storage)
     limits.token_windows = _BrokenTokens(error)  # type: ignore[assignment]
@@ -346,9 +347,9 @@ def test_the_gateway_imports_no_third_party_redis_client() -> None:
     """coredis cost every gateway start ~170 ms and ~150 µs per Redis call: the gateway uses its own client
     (bastion.redisio), with memory limits and with Redis ones."""
     code = (
-        "import sys, bastion.app, bastion.cli, bastion.ratelimit as r\n"
+        "import sys, bastion.app, bastion.cli, bastion.ratelimit as r, bastion.redisio as io\n"
         "r.RateLimiter(rpm=1, tpm=1, max_concurrent=1)\n"
-        "r.RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis_url='redis://127.0.0.1:9/0')\n"
+        "r.RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis=io.Redis.from_url('redis://127.0.0.1:9/0', 1))\n"
         "assert not {'coredis', 'redis'} & set(sys.modules), 'a third-party Redis client was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

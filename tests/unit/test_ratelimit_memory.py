@@ -20,6 +20,7 @@ from limits.storage import storage_from_string
 from bastion.ratelimit import RateLimiter
 from bastion.ratelimit.memory import SWEEP_EVERY, MemoryStorage
 from bastion.ratelimit.redis_storage import LeanRedisStorage
+from bastion.redisio import Redis
 
 START = 1_700_000_000.0  # a whole minute
 # Steps of a quarter second (exact in binary), so hits land exactly on window edges too.
@@ -211,7 +212,7 @@ async def test_registered_scheme_and_no_error_wrapper() -> None:
 def test_rate_limiter_uses_it_in_memory_mode_only() -> None:
     memory = RateLimiter(rpm=1, tpm=1, max_concurrent=1)
     assert isinstance(memory.storage, MemoryStorage) and isinstance(memory.failures.storage, MemoryStorage)
-    shared = RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis_url="redis://127.0.0.1:1/0")
+    shared = RateLimiter(rpm=1, tpm=1, max_concurrent=1, redis=Redis.from_url("redis://127.0.0.1:1/0", 1))
     assert isinstance(shared.storage, LeanRedisStorage) and isinstance(shared.failures.storage, MemoryStorage)
 
 

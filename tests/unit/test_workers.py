@@ -44,6 +44,16 @@ def test_a_mirror_starts_not_ready_and_follows_the_masters_state() -> None:
     assert not backend.usable and secrets == ["k1"]
 
 
+def test_each_key_the_master_sends_reaches_every_listener() -> None:
+    """The worker's log filter (given at construction) and its audit log (registered by create_app)."""
+    mirror, _, secrets = mirrored()
+    audited: list[str] = []
+    mirror.tell_keys(audited.append)
+    mirror.apply([state("http://127.0.0.1:7001")])
+    mirror.apply([state("http://127.0.0.1:7002", key="k2")])  # a restarted child: a new key
+    assert secrets == audited == ["k1", "k2"]
+
+
 def test_a_new_child_gets_new_requests_while_the_old_one_reports_its_own_until_done() -> None:
     mirror, router, _ = mirrored()
     mirror.apply([state("http://127.0.0.1:7001")])

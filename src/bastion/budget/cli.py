@@ -71,13 +71,14 @@ def _rows(options: BudgetOptions, calendar: Calendar, since: int, key: str | Non
     if options.redis_url is not None:
         from .redis_ledger import RedisLedger, connect  # only Redis users pay for its import
 
-        ledger = RedisLedger(connect(options.redis_url, max(options.redis_timeout, 5.0)), calendar)
+        client = connect(options.redis_url, max(options.redis_timeout, 5.0))
+        ledger = RedisLedger(client, calendar)
 
         async def read() -> list[Row]:
             try:
                 return await ledger.rows(since, key, now)
             finally:
-                await ledger.aclose()
+                await client.aclose()
 
         return asyncio.run(read())
     if options.db is None:

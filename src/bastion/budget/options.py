@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..redisio.client import Redis
 from .calendar import Calendar, zone
 from .ledger import BudgetLedger, Ledger
 from .policy import Budgets
@@ -43,16 +44,20 @@ class BudgetOptions:
         return Calendar(zone(self.timezone))
 
 
-def open_ledger(options: BudgetOptions, clock: Callable[[], float] = time.time) -> BudgetLedger:
-    """The ledger these options describe (not yet running: enter its `running()` at start-up)."""
+def open_ledger(
+    options: BudgetOptions, clock: Callable[[], float] = time.time, *, redis: Redis | None = None
+) -> BudgetLedger:
+    """The ledger these options describe (not yet running: enter its `running()` at start-up).
+
+    With `redis_url` set, `redis` is the process's client for that URL (shared with the rate limiter, built
+    and closed by the caller): one connection per process, not one per user of Redis."""
     calendar = options.calendar()
     if options.redis_url is not None:
-        # Imported here: the Redis client takes ~0.3 s to import, which no SQLite user should pay
-        # (settings import this module).
-        from .redis_ledger import RedisLedger, connect
+        if redis is None:
+            raise TypeError("open_ledger: redis_url needs the process's Redis client (redis=...)")
+        from .redis_ledger import RedisLedger  # the ledger's scripts: only Redis users load them
 
-        client = connect(options.redis_url, options.redis_timeout)
-        return RedisLedger(client, calendar, retention=options.retention, clock=clock)
+        return RedisLedger(redis, calendar, retention=options.retention, clock=clock)
     db = options.db
     if db is not None and options.db_is_default and not _writable_dir(db.parent):
         log.warning(

@@ -257,14 +257,10 @@ class RedisLedger:
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
-        try:
-            async with background(self._maintain):
-                yield
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+        """The index trimmer. The client is not closed here: it is its builder's (the gateway shares one
+        connection between the ledger and the rate limiter, and closes it once both have stopped)."""
+        async with background(self._maintain):
+            yield
 
     async def _maintain(self) -> None:
         while True:

@@ -56,6 +56,29 @@ class RestartReport:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a draining child still carries: the requests counted on it, and who could not say yet (with
+    `bastion serve --workers N`: a live worker that has not heard of the switch; a dead one carries nothing).
+    A worker that never answers is named as such, not counted as a request that was cut."""
+
+    requests: int
+    unheard: tuple[str, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.requests <= 0 and not self.unheard
+
+    def left(self) -> str:
+        """What the drain timeout cut, for the restart's line ("" when nothing was left)."""
+        parts = []
+        if self.requests > 0:
+            parts.append(f"{self.requests} request(s) still running were cut after the drain timeout")
+        if self.unheard:
+            parts.append(f"{', '.join(self.unheard)} did not answer before the drain timeout")
+        return "".join("; " + part for part in parts)
+
+
 @dataclass(slots=True)
 class ReplicaPlan:
     """How a replica runs: `make_spec` builds a fresh spec (a new port) per start; None for an external one."""
@@ -78,10 +101,12 @@ class Fleet:
         *,
         drain_timeout: float,
         scrape_waiting: bool,
-        in_flight: Callable[[Backend], int] | None = None,
+        in_flight: Callable[[Backend], Carried] | None = None,
         restart_signal: bool = True,
+        on_key: Callable[[str], None] | None = None,
     ) -> None:
         self.router = router
+        self._on_key = on_key  # told each internal key a restart mints (the audit log's redactor)
         self._restart_signal = restart_signal  # SIGUSR1 restarts the engines (not in a worker: its master does)
         # Requests a backend carries: its own count, or (`bastion serve --workers N`) what the workers report.
         self._in_flight = in_flight or _outstanding
@@ -207,12 +232,11 @@ class Fleet:
         new = Backend(upstream, old.label)
         old.draining = True
         plan.replica.backend = new  # new requests go to the new child from here on
-        drained = await self._drain(old)
+        left = await self._drain(old)
         await _stop(plan.supervisor, plan.channel)
         plan.supervisor, plan.channel = supervisor, channel
         took = time.monotonic() - started
-        left = "" if drained else f"; {self._in_flight(old)} request(s) still running were cut after the drain timeout"
-        detail = f"new child ready, old one drained and stopped in {took:.1f}s{left}"
+        detail = f"new child ready, old one drained and stopped in {took:.1f}s{left.left()}"
         return RestartReport(old.label, RestartOutcome.RESTARTED, detail)
 
     async def _restart_in_place(self, plan: ReplicaPlan, group: EngineGroup) -> RestartReport:
@@ -225,34 +249,35 @@ class Fleet:
             group.name,
         )
         old.draining = True
-        drained = await self._drain(old)
+        left = await self._drain(old)
         await _stop(plan.supervisor, plan.channel)
         spec = plan.make_spec()
         upstream, supervisor, channel = await self._start(spec)
         plan.supervisor, plan.channel = supervisor, channel
         plan.replica.backend = Backend(upstream, old.label)
         ready = await _ready(upstream, spec.startup_timeout)
-        cut = "" if drained else "; requests still running after the drain timeout were cut"
         state = "ready" if ready else f"not ready: {upstream.detail}"
         outcome = RestartOutcome.WITH_DOWNTIME if ready else RestartOutcome.FAILED
-        return RestartReport(old.label, outcome, f"one replica only, so requests got 503 meanwhile; {state}{cut}")
+        detail = f"one replica only, so requests got 503 meanwhile; {state}{left.left()}"
+        return RestartReport(old.label, outcome, detail)
 
     async def _start(self, spec: EngineSpec) -> tuple[Upstream, Supervisor, ProbeChannel]:
         channel = ProbeChannel(spec.health_timeout)
         await channel.__aenter__()
-        upstream, supervisor = supervise(spec, channel)
+        upstream, supervisor = supervise(spec, channel, self._on_key)
         await supervisor.__aenter__()
         return upstream, supervisor, channel
 
-    async def _drain(self, backend: Backend) -> bool:
+    async def _drain(self, backend: Backend) -> Carried:
+        """Wait (at most the drain timeout) until `backend` carries nothing; what it still carries then."""
         deadline = time.monotonic() + self._drain_timeout
-        while self._in_flight(backend) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while not (carried := self._in_flight(backend)).done and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(_READY_POLL)
-        return self._in_flight(backend) <= 0
+        return carried
 
 
-def _outstanding(backend: Backend) -> int:
-    return backend.outstanding
+def _outstanding(backend: Backend) -> Carried:
+    return Carried(backend.outstanding)
 
 
 async def _ready(upstream: Upstream, startup_timeout: float) -> bool:

@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -362,14 +362,19 @@ class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(-1 if code is None else code)
 
 
-def supervise(spec: EngineSpec, channel: ProbeChannel) -> tuple[Upstream, Supervisor]:
+def supervise(
+    spec: EngineSpec, channel: ProbeChannel, on_key: Callable[[str], None] | None = None
+) -> tuple[Upstream, Supervisor]:
     """The state and the supervisor of one engine bastion owns.
 
-    The child gets a fresh random API key through its environment (never argv);
-    the key is registered with the redacting log filter.
+    The child gets a fresh random API key through its environment (never argv); the key is
+    registered with the redacting log filter, and handed to `on_key` (the audit log's redactor):
+    each (re)start mints a new one, which every redactor must learn as it is made.
     """
     key = secrets.token_urlsafe(32)
     redact_value(key)
+    if on_key is not None:
+        on_key(key)
     upstream = Upstream(spec.base_url, key, Phase.STARTING)
     return upstream, Supervisor(spec, upstream, channel)
 

@@ -162,7 +162,10 @@ class RateLimited(GatewayError):
 
 
 class RateLimiter:
-    """Per-principal limits on one storage (memory, or Redis when `redis_url` is given); 0 = unlimited."""
+    """Per-principal limits on one storage (memory, or Redis when a `redis` client is given); 0 = unlimited.
+
+    The client is the caller's (the process's one connection, shared with the budget ledger): the caller
+    closes it, after this limiter's service has stopped."""
 
     def __init__(
         self,
@@ -171,8 +174,7 @@ class RateLimiter:
         tpm: int,
         max_concurrent: int,
         auth_failure_limit: int = 0,
-        redis_url: str | None = None,
-        redis_timeout: float = 0.5,
+        redis: Redis | None = None,
         fail_open: bool = True,
         slot_ttl: float = 60.0,
     ) -> None:
@@ -187,11 +189,11 @@ class RateLimiter:
         self.storage_errors = 0
         self.fail_open_admissions = 0
         self._degraded = False
-        self.shared = redis_url is not None
+        self.shared = redis is not None
         self.slots: Slots
         self.token_windows: TokenWindows
-        if redis_url is not None:
-            client = Redis.from_url(redis_url, redis_timeout)
+        if redis is not None:
+            client = redis
             slots = RedisSlots(client, slot_ttl)
             tokens = RedisTokens(client, REDIS_PREFIX)
             windows = LeanRedisStorage(client, REDIS_PREFIX)
@@ -228,12 +230,8 @@ class RateLimiter:
     @contextlib.asynccontextmanager
     async def _service(self) -> AsyncIterator[None]:
         await self._load_scripts()
-        try:
-            async with self.slots.running():
-                yield
-        finally:
-            if self._redis is not None:
-                await self._redis.aclose()
+        async with self.slots.running():
+            yield
 
     async def _load_scripts(self) -> None:
         """Redis: load every script before the first request (else the first burst of calls all miss the script

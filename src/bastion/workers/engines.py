@@ -78,7 +78,11 @@ class EngineMirror:
         self._upstreams: dict[str, Upstream] = {}
         self._router: Router | None = None
         self._retired: list[tuple[str, Backend]] = []  # (its child's URL, backend) of replaced backends
-        self._on_secret = on_secret
+        self._on_secret = [on_secret]
+
+    def tell_keys(self, on_secret: Callable[[str], None]) -> None:
+        """One more listener for each engine key the master's snapshots bring (the audit log's redactor)."""
+        self._on_secret.append(on_secret)
 
     def upstream(self, label: str) -> Upstream:
         upstream = self._upstreams.get(label)
@@ -112,7 +116,8 @@ class EngineMirror:
                     backend = replica.backend = Backend(upstream, state.label)
                 upstream.base_url = state.url
             if state.api_key and state.api_key != upstream.api_key:
-                self._on_secret(state.api_key)
+                for on_secret in self._on_secret:
+                    on_secret(state.api_key)
             upstream.api_key = state.api_key
             upstream.phase = Phase(state.phase)
             upstream.detail = state.detail

@@ -38,7 +38,7 @@ from multiprocessing.process import BaseProcess
 
 from ..app import build_engines, engine_entries, engine_spec, one_engine
 from ..config import ConfigError, Settings
-from ..engine.fleet import Fleet
+from ..engine.fleet import Carried, Fleet
 from ..engine.probe import ProbeChannel
 from ..engine.router import Backend, Router
 from ..engine.supervisor import supervise
@@ -81,7 +81,7 @@ class Engines:
     probes: ProbeChannel | None
 
 
-def _engines(settings: Settings, in_flight: Callable[[Backend], int]) -> Engines | None:
+def _engines(settings: Settings, in_flight: Callable[[Backend], Carried]) -> Engines | None:
     """The supervised engines, built as one process builds them; None when every engine is an external URL."""
     entries = engine_entries(settings)
     if entries:
@@ -103,7 +103,8 @@ class Worker:
     started: float
     channel: Channel | None = None
     ready: bool = False
-    acked: int = 0  # the latest engines snapshot it has applied
+    acked: int = -1  # the latest engines snapshot it has applied (-1: none yet)
+    told: set[str] = field(default_factory=set)  # every engine child URL it was ever sent: it may route there
     hup_missed: bool = False  # a SIGHUP came while it was starting: passed on once it has started
     counts: dict[str, int] = field(default_factory=dict)  # its requests in flight per engine child URL
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -262,7 +263,7 @@ class Master:
     async def _serve(self, worker: Worker, sock: socket.socket) -> None:
         channel = worker.channel = await Channel.open(sock)
         if self._engines is not None:
-            channel.send(self._engines_message())
+            self._tell(worker, self._engines_message())
         while (message := await channel.receive()) is not None:
             kind = message.get("t")
             if kind == "in_flight":
@@ -347,15 +348,27 @@ class Master:
                 self._published = current
                 message = self._engines_message()
                 for worker in self._workers.values():
-                    if worker.channel is not None:
-                        worker.channel.send(message)
+                    self._tell(worker, message)
 
-    def in_flight(self, backend: Backend) -> int:
-        """Requests the workers carry on `backend`'s child; at least 1 while some worker has not yet heard the
-        latest state (it may still be sending new requests there)."""
+    def _tell(self, worker: Worker, message: Message) -> None:
+        if worker.channel is not None:
+            worker.told.update(state.url for state in self._published)
+            worker.channel.send(message)
+
+    def in_flight(self, backend: Backend) -> Carried:
+        """What the workers carry on `backend`'s child: the requests they reported, and which live workers have
+        not yet heard the latest state (they may still send new requests there). A dead worker carries nothing,
+        nor does one never told of this child (started after the switch): a crash-looping worker holds no drain
+        up, and is never counted as a request that was cut."""
         assert self._engines is not None
-        live = [w for w in self._workers.values() if w.channel is not None and not w.exited.is_set()]
         url = backend.upstream.base_url
-        total = sum(worker.counts.get(url, 0) for worker in live)
-        behind = snapshot(self._engines.router) != self._published or any(w.acked < self._version for w in live)
-        return max(total, 1) if behind else total
+        publishing = snapshot(self._engines.router) != self._published  # not yet sent to anyone
+        requests = 0
+        unheard = []
+        for worker in self._workers.values():
+            if worker.channel is None or worker.exited.is_set() or url not in worker.told:
+                continue
+            requests += worker.counts.get(url, 0)
+            if publishing or worker.acked < self._version:
+                unheard.append(f"worker {worker.index} (pid {worker.pid})")
+        return Carried(requests, tuple(unheard))
