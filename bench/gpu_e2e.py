@@ -60,6 +60,7 @@ class Plan:
     warmup: float
     max_tokens: list[str]  # one step per spec and concurrency: "64", "32-96"
     targets: list[str]
+    procs: int  # load processes per round (with a window)
 
 
 class Run:
@@ -201,6 +202,8 @@ class Run:
         bound = ["--seconds", str(plan.seconds), "--warmup-seconds", str(plan.warmup)] if plan.seconds else []
         if plan.seconds and cpu_pid:
             bound += ["--cpu-pid", str(cpu_pid)]
+        if plan.seconds and plan.procs > 1:
+            bound += ["--procs", str(min(plan.procs, concurrency))]
         engine_url, engine_key = self.internal()
         out = subprocess.run(
             [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency), "-n", str(requests),
@@ -401,12 +404,16 @@ def main() -> None:
         "--max-tokens", default="64", help="per request, or a range drawn from (32-96); several: a step each (64,32-96)"
     )
     measure.add_argument("--targets", default="direct,bastion", help="which of the two to measure")
+    measure.add_argument(
+        "--load-procs", type=int, default=1, help="load processes per windowed round (one is near a core at c=512)"
+    )
     measure.add_argument("--engine-args", default="", help="more vLLM arguments, e.g. '--max-num-seqs 64'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     plan = Plan(
         concurrency=[int(c) for c in args.concurrency.split(",")], rounds=args.rounds, seconds=args.seconds,
         warmup=args.warmup, max_tokens=args.max_tokens.split(","), targets=args.targets.split(","),
+        procs=args.load_procs,
     )  # fmt: skip
     run = Run(args.out, args.simulate, args.port, plan, args.engine_args)
     skip = set(filter(None, args.skip.split(",")))

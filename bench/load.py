@@ -24,9 +24,9 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
+from asyncio.subprocess import PIPE
 from typing import Any
 
 import aiohttp
@@ -132,7 +132,7 @@ def engine_round(before: dict[str, float], after: dict[str, float], seconds: flo
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = args.url.rstrip("/") + "/v1/chat/completions"
     low, high = lengths(args.max_tokens)
     draw = random.Random(args.seed)
@@ -171,7 +171,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         started = time.perf_counter()
         workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
         if args.seconds:
-            await asyncio.sleep(args.warmup_seconds)
+            # the warm-up, or (--at: several processes share one window) until the wall-clock moment it opens
+            await asyncio.sleep(max(0.0, args.at - time.time()) if args.at else args.warmup_seconds)
             before = await engine_counters(session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
             cpu = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
             window.start = started = time.perf_counter()
@@ -190,26 +191,93 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         else:
             await asyncio.gather(*workers)
             elapsed = time.perf_counter() - started
-    done = len(stats["latency"])
+    counts = {
+        "done": len(stats["latency"]),
+        "errors": len(stats["errors"]),
+        "events": window.events if args.seconds else int(sum(stats["tokens"])),
+        "completed": window.completed if args.seconds else len(stats["latency"]),
+        "chunks": int(sum(stats["chunks"])),
+        "coalesced": int(sum(stats["coalesced"])),
+    }
+    if args.raw:  # for a parent process to merge (--procs)
+        return {"counts": counts, **{k: evenly(stats[k], RAW_SAMPLES) for k in ("ttft", "latency", "gaps")}}
+    return summary(args, counts, stats, elapsed) | engine
+
+
+def summary(
+    args: argparse.Namespace, counts: dict[str, int], samples: dict[str, list[float]], elapsed: float
+) -> dict[str, Any]:
     return {
         "url": args.url,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
-        "requests": done,
-        "errors": len(stats["errors"]),
+        "requests": counts["done"],
+        "errors": counts["errors"],
         "seconds": round(elapsed, 3),
-        "requests_per_s": round((window.completed if args.seconds else done) / elapsed, 2),
+        "requests_per_s": round(counts["completed"] / elapsed, 2),
         # in a window: the content events received in it (one token each, as vLLM streams them)
-        "tokens_per_s": round((window.events if args.seconds else sum(stats["tokens"])) / elapsed, 1),
-        "ttft_p50_ms": round(percentile(stats["ttft"], 0.5) * 1000, 2),
-        "ttft_p99_ms": round(percentile(stats["ttft"], 0.99) * 1000, 2),
-        "latency_p50_ms": round(percentile(stats["latency"], 0.5) * 1000, 2),
-        "latency_p99_ms": round(percentile(stats["latency"], 0.99) * 1000, 2),
-        "gap_p50_ms": round(percentile(stats["gaps"], 0.5) * 1000, 3),
-        "chunks_per_stream": statistics.mean(stats["chunks"]) if stats["chunks"] else 0,
-        "coalesced_chunks": int(sum(stats["coalesced"])),
-        **engine,
+        "tokens_per_s": round(counts["events"] / elapsed, 1),
+        "ttft_p50_ms": round(percentile(samples["ttft"], 0.5) * 1000, 2),
+        "ttft_p99_ms": round(percentile(samples["ttft"], 0.99) * 1000, 2),
+        "latency_p50_ms": round(percentile(samples["latency"], 0.5) * 1000, 2),
+        "latency_p99_ms": round(percentile(samples["latency"], 0.99) * 1000, 2),
+        "gap_p50_ms": round(percentile(samples["gaps"], 0.5) * 1000, 3),
+        "chunks_per_stream": counts["chunks"] / counts["done"] if counts["done"] else 0,
+        "coalesced_chunks": counts["coalesced"],
     }
+
+
+# --raw: at most this many samples of each kind, evenly spread over the sorted ones (percentiles kept)
+RAW_SAMPLES = 4000
+
+
+def evenly(values: list[float], most: int) -> list[float]:
+    ordered = sorted(values)
+    if len(ordered) <= most:
+        return ordered
+    return [ordered[i * len(ordered) // most] for i in range(most)]
+
+
+async def spread(args: argparse.Namespace) -> dict[str, Any]:
+    """`--procs N`: N processes of this script share the streams and one wall-clock window; the engine's
+    counters and the watched process's CPU are read here, at the window's edges. One process's event loop
+    is near a core at ~10,000 streamed tokens/s: past that its own counts lag what the engine sent."""
+    opens = time.time() + 2.0 + args.warmup_seconds  # 2 s for the processes to start
+    procs, streams = args.procs, args.concurrency
+    shares = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
+    argv = [sys.executable, __file__, "--url", args.url, "--model", args.model, "--prompt", args.prompt,
+            "--max-tokens", args.max_tokens, "--warmup", str(args.warmup), "--seconds", str(args.seconds),
+            "--at", str(opens), "--raw"]  # fmt: skip
+    if args.priority is not None:
+        argv += ["--priority", str(args.priority)]
+    env = {**os.environ, "BENCH_KEY": args.key}
+    children = []
+    for index, share in enumerate(shares):
+        if share:
+            more = ["-c", str(share), "--seed", str(args.seed + index)]
+            children.append(await asyncio.create_subprocess_exec(*argv, *more, stdout=PIPE, env=env))
+    engine: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        await asyncio.sleep(max(0.0, opens - time.time()))
+        before = await engine_counters(session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
+        cpu = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
+        await asyncio.sleep(args.seconds)
+        if args.cpu_pid:
+            engine["cpu_s"] = round(cpu_seconds(args.cpu_pid) - cpu, 3)
+        if before:
+            after = await engine_counters(session, args.metrics_url, args.metrics_key)
+            engine |= engine_round(before, after, args.seconds)
+    parts = []
+    for child in children:
+        out, _ = await child.communicate()
+        if child.returncode:
+            raise RuntimeError(f"a load process failed ({child.returncode})")
+        parts.append(json.loads(out))
+    counts = {k: sum(part["counts"][k] for part in parts) for k in parts[0]["counts"]}
+    samples = {k: [v for part in parts for v in part[k]] for k in ("ttft", "latency", "gaps")}
+    if args.cpu_pid:
+        engine["cpu_us_per_chunk"] = round(engine["cpu_s"] / max(1, counts["events"]) * 1e6, 2)
+    return summary(args, counts, samples, args.seconds) | {"procs": len(parts)} | engine
 
 
 def main() -> None:
@@ -226,13 +294,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="requests sent one by one before the round")
     parser.add_argument("--seconds", type=float, default=0.0, help="a measured window instead of -n requests")
     parser.add_argument("--warmup-seconds", type=float, default=5.0, help="of load before the window")
+    parser.add_argument("--procs", type=int, default=1, help="processes sharing the streams (with --seconds)")
+    parser.add_argument("--at", type=float, default=0.0, help=argparse.SUPPRESS)  # --procs: when the window opens
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # --procs: counts and samples
     parser.add_argument("--metrics-url", default="", help="the engine's base URL: its counters at the window's edges")
     parser.add_argument("--cpu-pid", type=int, help="a process whose CPU in the window is reported (the gateway)")
     parser.add_argument("--metrics-key", default="", help="bearer key for --metrics-url (or BENCH_METRICS_KEY)")
     args = parser.parse_args()
     args.key = args.key or os.environ.get("BENCH_KEY", "")
     args.metrics_key = args.metrics_key or os.environ.get("BENCH_METRICS_KEY", "")
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    if args.procs > 1 and not args.seconds:
+        parser.error("--procs needs --seconds (processes share a measured window)")
+    print(json.dumps(asyncio.run(spread(args) if args.procs > 1 else run(args))), flush=True)
     sys.exit(0)
 
 

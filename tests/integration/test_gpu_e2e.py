@@ -36,10 +36,12 @@ def test_driver_against_the_simulator(tmp_path: Path) -> None:
 
 
 def test_driver_measures_windows_of_each_length_against_the_simulator(tmp_path: Path) -> None:
-    """The overhead step as the GPU runs use it: measured windows, two request lengths, the engine's counters."""
+    """The overhead step as the GPU runs use it: measured windows, two request lengths, the engine's counters,
+    the load in two processes sharing each window."""
     skip = "functional,disconnect,kill,drain"
     args = ["--simulate", "--skip", skip, "--port", str(free_port()), "--concurrency", "4", "--rounds", "1"]
-    results = _run(tmp_path, *args, "--seconds", "1", "--warmup", "0.5", "--max-tokens", "8,4-12", timeout=120)
+    window = ["--seconds", "1", "--warmup", "0.5", "--max-tokens", "8,4-12", "--load-procs", "2"]
+    results = _run(tmp_path, *args, *window, timeout=120)
     rounds = results["overhead"]
     assert isinstance(rounds, dict)
     assert sorted(rounds) == ["bastion_c4_t4-12", "bastion_c4_t8", "direct_c4_t4-12", "direct_c4_t8"]
@@ -47,6 +49,7 @@ def test_driver_measures_windows_of_each_length_against_the_simulator(tmp_path: 
         assert row["errors"] == 0 and row["engine_tokens_per_s"] > 0, name
         # 4 streams of one token per 5 ms (the simulator's --itl): the window holds no warm-up token
         assert 0 < row["tokens_per_s"] <= 4 / 0.005 * 1.1, name
+        assert row["procs"] == 2, name
     assert rounds["bastion_c4_t8"]["cpu_us_per_chunk"] > 0
     assert 0.5 < results["tokens_per_s_ratio_c4_t8"] < 2  # type: ignore[operator]
 
