@@ -55,6 +55,7 @@ from harness import (
     descendants,
     free_port,
     gateway_env,
+    percentile,
     process,
     redis,
     say,
@@ -79,13 +80,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def load(args: argparse.Namespace, url: str, key: str, step: int, plain: bool, gateway: int | None) -> Any:

@@ -50,6 +50,22 @@ def series_sums(page: str, names: Sequence[str]) -> dict[str, float]:
     return sums
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def evenly(values: Sequence[float], most: int) -> list[float]:
+    """At most `most` of `values`, evenly spread over the sorted ones: percentiles kept, a reply kept small
+    (8,000 requests/s for 5 s printed 40,000 samples, ~300 KB, and a parent got the reply cut at 64 KiB)."""
+    ordered = sorted(values)
+    if len(ordered) <= most:
+        return ordered
+    return [ordered[i * len(ordered) // most] for i in range(most)]
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime

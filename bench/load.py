@@ -30,14 +30,7 @@ from asyncio.subprocess import PIPE
 from typing import Any
 
 import aiohttp
-from harness import cpu_seconds, series_sums
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from harness import cpu_seconds, evenly, percentile, series_sums
 
 
 class Window:
@@ -227,15 +220,7 @@ def summary(
     }
 
 
-# --raw: at most this many samples of each kind, evenly spread over the sorted ones (percentiles kept)
-RAW_SAMPLES = 4000
-
-
-def evenly(values: list[float], most: int) -> list[float]:
-    ordered = sorted(values)
-    if len(ordered) <= most:
-        return ordered
-    return [ordered[i * len(ordered) // most] for i in range(most)]
+RAW_SAMPLES = 4000  # --raw: at most this many samples of each kind (harness.evenly)
 
 
 async def spread(args: argparse.Namespace) -> dict[str, Any]:

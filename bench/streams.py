@@ -46,16 +46,10 @@ from urllib.parse import urlsplit
 
 import httptools
 import uvloop
+from harness import evenly, percentile
 
 TOKEN = b'"delta":{"content"'  # a token event (vLLM and the fast upstream; the role event does not match)
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -185,16 +179,7 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-# --raw: at most this many TTFT samples, evenly spread over the sorted ones (percentiles kept): 8,000 requests/s
-# for 5 s printed 40,000, and a reply of ~300 KB came back cut at 64 KiB (bench/ceiling.py could not parse it).
-RAW_SAMPLES = 4000
-
-
-def _evenly(values: list[float], most: int) -> list[float]:
-    ordered = sorted(values)
-    if len(ordered) <= most:
-        return ordered
-    return [ordered[i * len(ordered) // most] for i in range(most)]
+RAW_SAMPLES = 4000  # --raw: at most this many TTFT samples (harness.evenly)
 
 
 def _completion_tokens(usage: bytes) -> int:
@@ -366,7 +351,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "others_cores": round(max(0.0, busy[0] - ours) / args.seconds, 3),
         "interrupt_cores": round(busy[1] / args.seconds, 3),
         "stolen_cores": round(busy[2] / args.seconds, 3),
-        **({"ttft_samples_ms": [round(t * 1000, 3) for t in _evenly(stats.ttft, RAW_SAMPLES)]} if args.raw else {}),
+        **({"ttft_samples_ms": [round(t * 1000, 3) for t in evenly(stats.ttft, RAW_SAMPLES)]} if args.raw else {}),
     }
 
 
