@@ -180,24 +180,26 @@ async def idle(iterations: int) -> float:
     return time.process_time() - start
 
 
-async def relay(chunks: int, streams: int = 1, push: bool = False) -> float:
+async def relay(chunks: int, streams: int = 1, push: bool = False, per_read: int = 1) -> float:
     """The whole path: bytes in one iteration, Proxy._relay woken in the next, out through uvicorn.
 
     With `streams` > 1, that many relays run at once and every step feeds each of them one chunk
     in the same iteration, as an engine step's burst arrives (a larger working set per step).
     With `push`, the hook offers bastion's server's direct writer, as in the gateway: the chunk
     goes from `data_received` to the client's transport, and the relay task sleeps to the end.
+    With `per_read` > 1, each read holds that many chunks (a burst after a busy turn of the loop).
     """
     loop = asyncio.get_running_loop()
     proxy = object.__new__(Proxy)
     pairs = [(upstream_response(loop), client_cycle(loop)) for _ in range(streams)]
     exchanges = [Exchange(request_id="bench", method="POST", path="/v1/chat/completions") for _ in range(streams)]
-    steps = max(2, chunks // streams)
+    steps = max(2, chunks // (streams * per_read))
+    burst = CHUNK * per_read
     left = [steps]
 
     def pump() -> None:
         left[0] -= 1
-        data = CHUNK if left[0] > 0 else b"0\r\n\r\n"
+        data = burst if left[0] > 0 else b"0\r\n\r\n"
         for (connection, _), _ in pairs:
             connection.data_received(data)
         if left[0] > 0:
@@ -219,8 +221,8 @@ async def relay(chunks: int, streams: int = 1, push: bool = False) -> float:
     start = time.process_time()
     await asyncio.gather(*tasks)
     spent = time.process_time() - start
-    assert all(exchange.events == steps - 1 for exchange in exchanges), exchanges[0].events
-    return (spent - await idle(steps)) * chunks / (steps * streams)
+    assert all(exchange.events == (steps - 1) * per_read for exchange in exchanges), exchanges[0].events
+    return (spent - await idle(steps)) * chunks / (steps * streams * per_read)
 
 
 def main() -> None:
@@ -236,6 +238,7 @@ def main() -> None:
         ("relay, 128 streams fed in one step", lambda chunks: relay(chunks, 128)),
         ("relay pushed (the gateway's path: hook.writer)", lambda chunks: relay(chunks, 1, push=True)),
         ("relay pushed, 128 streams fed in one step", lambda chunks: relay(chunks, 128, push=True)),
+        ("relay pushed, 4 chunks per read (one write each read)", lambda chunks: relay(chunks, 1, True, 4)),
     ]
     print("| piece | µs per chunk (median, range) |")
     print("|---|---|")

@@ -75,4 +75,4 @@ def test_the_chunk_cost_pieces_run_against_the_current_relay() -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
-    assert len(rows) == 7 and any("relay pushed" in row for row in rows), run.stdout
+    assert len(rows) == 8 and any("relay pushed" in row for row in rows), run.stdout

@@ -126,8 +126,39 @@ async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_th
         await next_write()  # d arrives while nobody waits: buffered, not pushed
         assert await response.read_some() == b"d" and pushed == [b"a"]
         reader = asyncio.ensure_future(response.read_some())
-        await next_write()  # parked again: e is pushed, then the end wakes the reader
-        assert await reader == b"" and pushed == [b"a", b"e"]
+        await next_write()  # parked again: e arrives with the end, so the reader gets it (to send with the end)
+        assert await reader == b"e" and pushed == [b"a"] and response.complete
+        response.release()
+        pool.close()
+
+
+async def test_a_read_holding_several_chunks_is_one_push() -> None:
+    """The sink (one write to the client) is called once per read from the upstream, not once per chunk
+    in it; chunk sizes, extensions and a chunk split across two reads change nothing in the bytes."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for data in (b"1\r\na\r\n2;ext=1\r\nbc\r\nA\r\n0123", b"456789\r\n3\r\ndef\r\n", b"0\r\nx-t: 1\r\n\r\n"):
+            await step.wait()
+            step.clear()
+            writer.write(data)
+            await writer.drain()
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        pushed: list[bytes] = []
+        response.push_to(lambda data: pushed.append(data) is None)
+        reader = asyncio.ensure_future(response.read_some())
+        await asyncio.sleep(0.02)
+        for _ in range(2):
+            step.set()
+            await asyncio.sleep(0.05)
+        assert pushed == [b"abc0123", b"456789def"] and not reader.done()
+        step.set()
+        assert await asyncio.wait_for(reader, 5) == b"" and response.trailers == [(b"x-t", b"1")]
         response.release()
         pool.close()
 

@@ -288,6 +288,55 @@ async def test_a_stream_is_pushed_without_a_wake_up_per_chunk(monkeypatch: pytes
     assert reads < 10, reads  # pulled: one read per event (41)
 
 
+async def test_a_streams_tail_and_its_end_leave_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events that arrive in one read are one write to the client (not one per chunk), and a read that also
+    holds the upstream's end goes out with the gateway's end: the tail of a stream (last token, usage, [DONE],
+    end marker: one segment from vLLM) is one write, and the bytes are the upstream's."""
+    writes: list[bytes] = []
+
+    class Counting:
+        def __init__(self, transport: asyncio.Transport) -> None:
+            self._transport = transport
+
+        def write(self, data: bytes) -> None:
+            writes.append(bytes(data))
+            self._transport.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._transport, name)
+
+    holding_init = HeadHoldingTransport.__init__
+
+    def counted(self: HeadHoldingTransport, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        holding_init(self, cast(asyncio.Transport, Counting(transport)), loop)
+
+    monkeypatch.setattr(HeadHoldingTransport, "__init__", counted)
+    events = numbered_events(6)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(content_length(head))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        framed = [b"%x\r\n%s\r\n" % (len(event), event) for event in [*events, b"data: [DONE]\n\n"]]
+        for chunk in (framed[0], framed[1], framed[2] + framed[3], framed[4], b"".join(framed[5:]) + b"0\r\n\r\n"):
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        reader, writer = await post_chat(port)
+        body = await asyncio.wait_for(read_events(reader), 10)
+        writer.close()
+    upstream.close()
+    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    stream = [w for w in writes if b"data: " in w or w == b"0\r\n\r\n"]
+    assert b"".join(stream).count(b"\r\n" + events[2]) == 1
+    assert any(events[2] in w and events[3] in w for w in stream), stream  # one read, one write
+    tail = events[5] + b"data: [DONE]\n\n"
+    assert stream[-1] == b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail), stream  # the tail and the end: one write
+
+
 async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
     and pushing resumes after: nothing lost, nothing reordered, across the switches."""

@@ -110,6 +110,7 @@ class Response:
         "_complete",
         "_connection",
         "_error",
+        "_pushing",
         "_quiet_since",
         "_read_timeout",
         "_sink",
@@ -137,6 +138,9 @@ class Response:
         self._timer: asyncio.TimerHandle | None = None
         self._quiet_since = 0.0  # loop time the current wait began, or the last byte pushed to the sink arrived
         self._sink: Callable[[bytes], bool] | None = None
+        # Body bytes of the current `data_received` bound for the sink: handed over once the whole read is
+        # parsed, so a read holding several chunks is one sink call (one write to the client), not one each.
+        self._pushing: list[bytes] = []
 
     @property
     def complete(self) -> bool:
@@ -166,7 +170,9 @@ class Response:
         from `data_received`, and the reader stays parked until the end or an error. Bytes the sink
         refuses (it returns False: say the client stopped reading) are buffered and wake the reader,
         which reads them as usual. Order is kept: nothing is pushed while bytes wait unread, or
-        while the reader holds some (it is not parked then).
+        while the reader holds some (it is not parked then). The sink gets one call per read from the
+        upstream, whatever number of chunks it held; the bytes of a read that also ends the response are
+        not pushed but left to the reader, so they leave with the end of the response in one write.
         """
         self._sink = sink
 
@@ -229,10 +235,29 @@ class Response:
         self._wake()
 
     def _feed(self, data: bytes) -> None:
-        sink, waiter = self._sink, self._waiter
-        if sink is not None and waiter is not None and not waiter.done() and not self._chunks and sink(data):
-            self._quiet_since = self._connection.loop.time()  # bytes arrived: the read timeout starts again
+        pushing = self._pushing
+        if pushing:  # this read's earlier bytes go to the sink: so do these, after them
+            pushing.append(data)
             return
+        sink, waiter = self._sink, self._waiter
+        if sink is not None and waiter is not None and not waiter.done() and not self._chunks:
+            pushing.append(data)  # handed to the sink by `_push`, once the connection parsed the whole read
+            return
+        self._queue(data)
+
+    def _push(self) -> None:
+        """Hand this read's pushed bytes to the sink; the reader gets them instead if the sink refuses them
+        or if the same read ended the response (they then go out with its end, in one write)."""
+        pushing = self._pushing
+        data = pushing[0] if len(pushing) == 1 else b"".join(pushing)
+        pushing.clear()
+        sink = self._sink
+        if self._complete or self._error is not None or sink is None or not sink(data):
+            self._queue(data)
+            return
+        self._quiet_since = self._connection.loop.time()  # bytes arrived: the read timeout starts again
+
+    def _queue(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -287,8 +312,13 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:  # a 101: `on_headers_complete` failed the response
             self._abort()
         except httptools.HttpParserError as exc:
+            if response._pushing:  # the valid chunks before the fault still go out, as they arrived
+                response._push()
             response._fail(RemoteProtocolError(f"the upstream's response is not valid HTTP/1.1: {exc}"))
             self._abort()
+        else:
+            if response._pushing:
+                response._push()
         if self._renew_parser:  # a HEAD response ended with its head; this parser would wait for the body
             self._renew_parser = False
             self._parser = httptools.HttpResponseParser(self)
