@@ -56,6 +56,14 @@ async def test_chunks_are_handed_over_as_they_arrive() -> None:
         pool.close()
 
 
+async def _pushing(pool: Pool) -> tuple[http1.Response, list[bytes]]:
+    """A GET whose body is pushed to a sink that takes everything; what it took."""
+    response = await pool.open(b"GET", b"/", [], b"")
+    pushed: list[bytes] = []
+    response.push_to(lambda data: pushed.append(data) is None)
+    return response, pushed
+
+
 async def test_pushed_bytes_go_to_the_sink_while_the_reader_waits() -> None:
     """`push_to`: chunks arriving while the reader is parked go to the sink, in order, and the reader
     wakes only at the end (one wake-up per response instead of one per chunk)."""
@@ -73,9 +81,7 @@ async def test_pushed_bytes_go_to_the_sink_while_the_reader_waits() -> None:
 
     async with KeepAliveServer(answer) as server:
         pool = server.pool()
-        response = await pool.open(b"GET", b"/", [], b"")
-        pushed: list[bytes] = []
-        response.push_to(lambda data: pushed.append(data) is None)
+        response, pushed = await _pushing(pool)
         reader = asyncio.ensure_future(response.read_some())
         await asyncio.sleep(0.05)
         gate.set()
@@ -148,9 +154,7 @@ async def test_a_read_holding_several_chunks_is_one_push() -> None:
 
     async with KeepAliveServer(answer) as server:
         pool = server.pool()
-        response = await pool.open(b"GET", b"/", [], b"")
-        pushed: list[bytes] = []
-        response.push_to(lambda data: pushed.append(data) is None)
+        response, pushed = await _pushing(pool)
         reader = asyncio.ensure_future(response.read_some())
         await asyncio.sleep(0.02)
         for _ in range(2):
@@ -168,9 +172,7 @@ async def test_pushed_bytes_count_as_activity_for_the_read_timeout() -> None:
 
     async with KeepAliveServer(_trickle_then_silence) as server:
         pool = server.pool(timeouts=http1.Timeouts(connect=1, read=0.25, write=1, pool=1))
-        response = await pool.open(b"GET", b"/", [], b"")
-        pushed: list[bytes] = []
-        response.push_to(lambda data: pushed.append(data) is None)
+        response, pushed = await _pushing(pool)
         with pytest.raises(http1.ReadTimeout):
             await response.read_some()
         assert b"".join(pushed) == b"x" * 6

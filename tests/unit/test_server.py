@@ -10,7 +10,7 @@ import gc
 import logging
 import socket
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import httpx
@@ -254,6 +254,17 @@ def sse_upstream(events: list[bytes], pause: float = 0.0) -> Any:
     return answer
 
 
+async def _relayed(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> bytes:
+    """The events a streamed chat brings back through a real gateway in front of `answer`."""
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
+        reader, writer = await post_chat(port)
+        body = await asyncio.wait_for(read_events(reader), 10)
+        writer.close()
+    upstream.close()
+    return body
+
+
 async def read_events(reader: asyncio.StreamReader) -> bytes:
     """The decoded body of a chunked response, to its end."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -278,13 +289,7 @@ async def test_a_stream_is_pushed_without_a_wake_up_per_chunk(monkeypatch: pytes
 
     monkeypatch.setattr(http1.Response, "read_some", counted)
     events = numbered_events(40)
-    upstream = await asyncio.start_server(sse_upstream(events, pause=0.005), "127.0.0.1", 0)
-    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
-        reader, writer = await post_chat(port)
-        body = await asyncio.wait_for(read_events(reader), 10)
-        writer.close()
-    upstream.close()
-    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert await _relayed(sse_upstream(events, pause=0.005)) == b"".join(events) + b"data: [DONE]\n\n"
     assert reads < 10, reads  # pulled: one read per event (41)
 
 
@@ -323,13 +328,7 @@ async def test_a_streams_tail_and_its_end_leave_in_one_write(monkeypatch: pytest
             await writer.drain()
             await asyncio.sleep(0.02)
 
-    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
-    async with real_server(upstream.sockets[0].getsockname()[1]) as port:
-        reader, writer = await post_chat(port)
-        body = await asyncio.wait_for(read_events(reader), 10)
-        writer.close()
-    upstream.close()
-    assert body == b"".join(events) + b"data: [DONE]\n\n"
+    assert await _relayed(answer) == b"".join(events) + b"data: [DONE]\n\n"
     stream = [w for w in writes if b"data: " in w or w == b"0\r\n\r\n"]
     assert b"".join(stream).count(b"\r\n" + events[2]) == 1
     assert any(events[2] in w and events[3] in w for w in stream), stream  # one read, one write
