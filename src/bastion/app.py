@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, asynccontextmanager
 from typing import cast
 
 from fastapi import FastAPI
@@ -159,7 +159,7 @@ def create_app(
     scrapes = ProbeChannel(_UPSTREAM_METRICS_TIMEOUT, max_connections=2)
     services: list[AbstractAsyncContextManager[object]] = [client, limiter.service(), *auth.services(), probes, scrapes]
     if redis is not None:
-        services.insert(0, _closing(redis))
+        services.insert(0, aclosing(redis))
     watch: ExternalWatch | None = None
     mirror = link.mirror if link is not None else None
     entries = engine_entries(settings) if upstream is None else ()
@@ -626,14 +626,6 @@ def token_config(settings: Settings) -> TokenConfig:
         models_claim=settings.jwt_models_claim,
         body_timeout=settings.client_body_timeout,
     )
-
-
-@asynccontextmanager
-async def _closing(redis: Redis) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        await redis.aclose()
 
 
 def _rate_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
