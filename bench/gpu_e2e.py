@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import openai
-from harness import cpu_seconds, series_sums
+from harness import series_sums
 
 HERE = Path(__file__).resolve().parent
 MODEL = "qwen2.5-7b-instruct"
@@ -197,10 +197,11 @@ class Run:
     def load(
         self, url: str, key: str, concurrency: int, requests: int, max_tokens: str, cpu_pid: int | None
     ) -> dict[str, Any]:
-        """One round of bench/load.py: `requests` of them, or a `--seconds` window read by the engine's counters."""
+        """One round of bench/load.py: `requests` of them, or a `--seconds` window; the engine's counters and the
+        gateway's CPU (`cpu_pid`) over it."""
         plan = self.plan
         bound = ["--seconds", str(plan.seconds), "--warmup-seconds", str(plan.warmup)] if plan.seconds else []
-        if plan.seconds and cpu_pid:
+        if cpu_pid:
             bound += ["--cpu-pid", str(cpu_pid)]
         if plan.seconds and plan.procs > 1:
             bound += ["--procs", str(min(plan.procs, concurrency))]
@@ -244,12 +245,7 @@ class Run:
                 for name, url, key in targets:
                     self.wait_idle()
                     gateway = pid if name == "bastion" else None
-                    before = cpu_seconds(gateway) if gateway else None
                     result = self.load(url, key, concurrency, requests, max_tokens, gateway)
-                    if gateway and before is not None and "cpu_s" not in result:  # a round of -n requests
-                        chunks = result["tokens_per_s"] * result["seconds"]
-                        result["cpu_s"] = round(cpu_seconds(gateway) - before, 3)
-                        result["cpu_us_per_chunk"] = round(result["cpu_s"] / max(1, chunks) * 1e6, 2)
                     table[f"{name}_{step}" + (f"_round{round_}" if round_ > 1 else "")] = result
                     say(f"{name} {step} round {round_}: {result}")
                     self.write()  # what a cut run (a device's time limit) has measured so far is kept

@@ -125,6 +125,35 @@ def engine_round(before: dict[str, float], after: dict[str, float], seconds: flo
     }
 
 
+class Edges:
+    """The engine's counters (`--metrics-url`) and a watched process's CPU (`--cpu-pid`, the gateway) read when
+    a measured period opens and when it closes: a window, or a whole round of -n requests."""
+
+    def __init__(self, session: aiohttp.ClientSession, args: argparse.Namespace) -> None:
+        self.session, self.args = session, args
+        self.counters: dict[str, float] = {}
+        self.cpu = 0.0
+        self.opened = 0.0
+
+    async def counters_now(self) -> dict[str, float]:
+        args = self.args
+        return await engine_counters(self.session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
+
+    async def open(self) -> None:
+        self.counters = await self.counters_now()
+        self.cpu = cpu_seconds(self.args.cpu_pid) if self.args.cpu_pid else 0.0
+        self.opened = time.perf_counter()
+
+    async def close(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.opened
+        read: dict[str, float] = {}
+        if self.args.cpu_pid:
+            read["cpu_s"] = round(cpu_seconds(self.args.cpu_pid) - self.cpu, 3)
+        if self.counters:
+            read |= engine_round(self.counters, await self.counters_now(), seconds)
+        return read
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = args.url.rstrip("/") + "/v1/chat/completions"
     low, high = lengths(args.max_tokens)
@@ -149,7 +178,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         k: [] for k in ("ttft", "latency", "tokens", "chunks", "coalesced", "gaps", "errors")
     }
     window = Window(opens_later=bool(args.seconds))  # the warm-up's tokens and requests are not the window's
-    engine: dict[str, float] = {}
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -161,22 +189,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in queue:
                 await one(session, url, body(), headers, stats, window)
 
+        edges = Edges(session, args)
+        if not args.seconds:
+            await edges.open()
         started = time.perf_counter()
         workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
         if args.seconds:
             # the warm-up, or (--at: several processes share one window) until the wall-clock moment it opens
             await asyncio.sleep(max(0.0, args.at - time.time()) if args.at else args.warmup_seconds)
-            before = await engine_counters(session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
-            cpu = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
-            window.start = started = time.perf_counter()
+            await edges.open()
+            window.start = time.perf_counter()
             await asyncio.sleep(args.seconds)
             window.end = time.perf_counter()
-            if args.cpu_pid:
-                engine["cpu_s"] = round(cpu_seconds(args.cpu_pid) - cpu, 3)
-                engine["cpu_us_per_chunk"] = round(engine["cpu_s"] / max(1, window.events) * 1e6, 2)
-            if before:
-                engine |= engine_round(before, await engine_counters(session, args.metrics_url, args.metrics_key),
-                                      window.end - window.start)  # fmt: skip
+            engine = await edges.close()
             for task in workers:  # cut every stream: the engine aborts them
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -184,6 +209,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await asyncio.gather(*workers)
             elapsed = time.perf_counter() - started
+            engine = await edges.close()
     counts = {
         "done": len(stats["latency"]),
         "errors": len(stats["errors"]),
@@ -194,12 +220,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.raw:  # for a parent process to merge (--procs)
         return {"counts": counts, **{k: evenly(stats[k], RAW_SAMPLES) for k in ("ttft", "latency", "gaps")}}
-    return summary(args, counts, stats, elapsed) | engine
+    return summary(args, counts, stats, elapsed, engine)
 
 
 def summary(
-    args: argparse.Namespace, counts: dict[str, int], samples: dict[str, list[float]], elapsed: float
+    args: argparse.Namespace,
+    counts: dict[str, int],
+    samples: dict[str, list[float]],
+    elapsed: float,
+    engine: dict[str, float],
 ) -> dict[str, Any]:
+    """The round's line; `engine`: what `Edges` read when the measured period opened and closed."""
+    if "cpu_s" in engine:
+        engine = engine | {"cpu_us_per_chunk": round(engine["cpu_s"] / max(1, counts["events"]) * 1e6, 2)}
     return {
         "url": args.url,
         "concurrency": args.concurrency,
@@ -217,6 +250,7 @@ def summary(
         "gap_p50_ms": round(percentile(samples["gaps"], 0.5) * 1000, 3),
         "chunks_per_stream": counts["chunks"] / counts["done"] if counts["done"] else 0,
         "coalesced_chunks": counts["coalesced"],
+        **engine,
     }
 
 
@@ -241,17 +275,12 @@ async def spread(args: argparse.Namespace) -> dict[str, Any]:
         if share:
             more = ["-c", str(share), "--seed", str(args.seed + index)]
             children.append(await asyncio.create_subprocess_exec(*argv, *more, stdout=PIPE, env=env))
-    engine: dict[str, float] = {}
     async with aiohttp.ClientSession() as session:
+        edges = Edges(session, args)
         await asyncio.sleep(max(0.0, opens - time.time()))
-        before = await engine_counters(session, args.metrics_url, args.metrics_key) if args.metrics_url else {}
-        cpu = cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
+        await edges.open()
         await asyncio.sleep(args.seconds)
-        if args.cpu_pid:
-            engine["cpu_s"] = round(cpu_seconds(args.cpu_pid) - cpu, 3)
-        if before:
-            after = await engine_counters(session, args.metrics_url, args.metrics_key)
-            engine |= engine_round(before, after, args.seconds)
+        engine = await edges.close()
     parts = []
     for child in children:
         out, _ = await child.communicate()
@@ -260,9 +289,7 @@ async def spread(args: argparse.Namespace) -> dict[str, Any]:
         parts.append(json.loads(out))
     counts = {k: sum(part["counts"][k] for part in parts) for k in parts[0]["counts"]}
     samples = {k: [v for part in parts for v in part[k]] for k in ("ttft", "latency", "gaps")}
-    if args.cpu_pid:
-        engine["cpu_us_per_chunk"] = round(engine["cpu_s"] / max(1, counts["events"]) * 1e6, 2)
-    return summary(args, counts, samples, args.seconds) | {"procs": len(parts)} | engine
+    return summary(args, counts, samples, args.seconds, engine) | {"procs": len(parts)}
 
 
 def main() -> None:
@@ -282,8 +309,8 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=1, help="processes sharing the streams (with --seconds)")
     parser.add_argument("--at", type=float, default=0.0, help=argparse.SUPPRESS)  # --procs: when the window opens
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # --procs: counts and samples
-    parser.add_argument("--metrics-url", default="", help="the engine's base URL: its counters at the window's edges")
-    parser.add_argument("--cpu-pid", type=int, help="a process whose CPU in the window is reported (the gateway)")
+    parser.add_argument("--metrics-url", default="", help="the engine's base URL: its counters over the round/window")
+    parser.add_argument("--cpu-pid", type=int, help="a process whose CPU over the round/window is reported")
     parser.add_argument("--metrics-key", default="", help="bearer key for --metrics-url (or BENCH_METRICS_KEY)")
     args = parser.parse_args()
     args.key = args.key or os.environ.get("BENCH_KEY", "")
