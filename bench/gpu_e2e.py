@@ -235,9 +235,9 @@ class Run:
         pid = self.proc.pid if self.proc is not None else None
         targets = [(n, u, k) for n, u, k in (("direct", direct_url, internal_key), ("bastion", self.base, self.key))
                    if n in plan.targets]  # fmt: skip
-        steps = [(c, t) for t in plan.max_tokens for c in plan.concurrency]
-        for concurrency, max_tokens in steps:
-            step = f"c{concurrency}" + (f"_t{max_tokens}" if len(plan.max_tokens) > 1 else "")
+        several = len(plan.max_tokens) > 1  # then a step's name says its lengths
+        steps = [(c, t, f"c{c}" + (f"_t{t}" if several else "")) for t in plan.max_tokens for c in plan.concurrency]
+        for concurrency, max_tokens, step in steps:
             # Without a window: c=1 60 requests once; higher, four waves of requests per connection, twice.
             requests = 60 if concurrency == 1 else concurrency * (2 if self.simulate else 4)
             rounds = plan.rounds or (1 if concurrency == 1 else 2)
@@ -251,8 +251,7 @@ class Run:
                     self.write()  # what a cut run (a device's time limit) has measured so far is kept
         if {"direct", "bastion"} - set(plan.targets):
             return
-        for concurrency, max_tokens in steps:
-            step = f"c{concurrency}" + (f"_t{max_tokens}" if len(plan.max_tokens) > 1 else "")
+        for _, _, step in steps:
             rounds = [f"_round{r}" if r > 1 else "" for r in range(1, (plan.rounds or 2) + 1)]
             pairs = [(f"direct_{step}{r}", f"bastion_{step}{r}") for r in rounds]
             pairs = [(a, b) for a, b in pairs if a in table and b in table]
