@@ -165,6 +165,14 @@ def upstream(port: int, work: Path, *flags: str, name: str = "upstream") -> cont
     )  # fmt: skip
 
 
+def relay(port: int, upstream_port: int, work: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """bench/tcp_relay.py: bytes pumped between client and upstream in Python on uvloop, the floor of any such proxy."""
+    return process(
+        [PYTHON, str(HERE / "tcp_relay.py"), "--port", str(port), "--upstream-port", str(upstream_port)],
+        clean_env(), f"http://127.0.0.1:{port}/health", work / "relay.log",
+    )  # fmt: skip
+
+
 def bastion(
     port: int, upstream_url: str, env: dict[str, str], work: Path, name: str = "gateway", workers: int = 1
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:

@@ -14,7 +14,9 @@ metrics and the audit log on), then measures, in one run:
 - paced streams, as a GPU server sends them (bench/streams.py against `fast_upstream.py
   --paced`: the first token at once, then one token per stream per 10 ms engine step, each
   its own write), at c=32 and 128 (and 512 without --quick), direct, through bastion and
-  through nginx (one worker, the key checked with a `map` of Bearer headers, unbuffered),
+  through nginx (one worker, the key checked with a `map` of Bearer headers, unbuffered) and
+  through the "python floor" (bench/tcp_relay.py: bytes pumped between the two sockets in
+  Python on uvloop, no HTTP, no checks: what any Python proxy pays on this machine),
   interleaved, `--rounds` times: CPU per delivered chunk (gateway process CPU over the
   chunks the clients read), TTFT p50/p99 added over direct in the same round, chunk gaps;
 - the gateway's RSS at idle and under load.
@@ -55,6 +57,7 @@ from harness import (
     gateway_env,
     load_average,
     nginx,
+    relay,
     rss_mib,
     say,
     stop_children_on_sigterm,
@@ -161,7 +164,7 @@ def measure(args: argparse.Namespace, quiet: Quiet) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     seconds = 1 if args.quick else 8  # --quick is a smoke (tests/integration/test_bench.py): it runs, not measures
     streams = (20, 160) if args.quick else (200, 4800)
-    up_port, paced_port, gw_port, paced_gw_port, nginx_port = (free_port() for _ in range(5))
+    up_port, paced_port, gw_port, paced_gw_port, nginx_port, relay_port = (free_port() for _ in range(6))
     env = gateway_env(work)
     key = create_key(env)
     results: dict[str, Any] = {}
@@ -205,11 +208,13 @@ def measure(args: argparse.Namespace, quiet: Quiet) -> dict[str, Any]:
         upstream(paced_port, work, "--tokens", str(TOKENS), "--paced", "--itl", str(ITL), name="upstream-paced") as up,
         bastion(paced_gw_port, f"http://127.0.0.1:{paced_port}", env, work, name="gateway-paced") as gateway,
         nginx(nginx_port, [paced_port], key, work) as nginx_pids,
+        relay(relay_port, paced_port, work) as floor,
     ):
         paths: list[tuple[str, str, str, list[int]]] = [
             ("direct", f"http://127.0.0.1:{paced_port}", "", []),
             ("bastion", f"http://127.0.0.1:{paced_gw_port}", key, [gateway.pid]),
             ("nginx", f"http://127.0.0.1:{nginx_port}", key, nginx_pids),
+            ("python floor", f"http://127.0.0.1:{relay_port}", "", [floor.pid]),
         ]
         window, warmup = (1.5, 0.3) if args.quick else (args.window, TOKENS * ITL)
         paced: dict[str, Any] = {}
@@ -326,7 +331,11 @@ def paced_table(results: dict[str, Any]) -> str:
             if name == "bastion":
                 cost = s["cpu_us_per_chunk"]["median"]
                 ratio = cost / nginx_cost if nginx_cost else float("nan")
-                target = f"CPU ≤ {TARGET_CHUNK_US:g} µs and ≤ {TARGET_CHUNK_VS_NGINX}× nginx ({ratio:.1f}×)"
+                floor = paths["python floor"]["cpu_us_per_chunk"]["median"]
+                target = (
+                    f"CPU ≤ {TARGET_CHUNK_US:g} µs and ≤ {TARGET_CHUNK_VS_NGINX}× nginx ({ratio:.1f}×; "
+                    f"{cost / floor if floor else float('nan'):.1f}× the floor)"
+                )
                 if concurrency == 128:
                     target += f"; TTFT added p50 ≤ {TARGET_TTFT_ADDED_MS:g} ms"
             if s["errors"] or s["short_streams"]:

@@ -5,7 +5,7 @@ A benchmark, not a timed test: nothing here asserts a speed. What it does assert
 functional: no request failed, every stream arrived whole, paced tokens arrived through
 bastion one per read, as sent (the gateway does not buffer: it merges at most a few more than the
 direct path in the same run, whose merges are the shared machine's stalls), and
-every path of the paced rounds (direct, bastion, nginx) reported its numbers.
+every path of the paced rounds (direct, bastion, nginx, the Python floor) reported its numbers.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def test_the_harness_runs_and_reports_every_metric(tmp_path: Path) -> None:
             assert row["errors"] == 0 and row["chunks_per_stream"] == 64, (load, path, row)
     assert set(results["paced"]) == {"c32", "c128"}  # c=512 only in the full run
     for concurrency, paths in results["paced"].items():
-        for path in ("direct", "bastion", "nginx"):
+        for path in ("direct", "bastion", "nginx", "python floor"):
             row = paths[path]
             assert row["errors"] == 0 and row["short_streams"] == 0, (concurrency, path, row["rounds"])
             assert row["chunks_per_s"]["median"] > 0 and row["ttft_p50_ms"]["median"] > 0, (concurrency, path)
-        for proxy in ("bastion", "nginx"):
+        for proxy in ("bastion", "nginx", "python floor"):
             assert paths[proxy]["cpu_us_per_chunk"]["median"] > 0, (concurrency, proxy)
     # A gateway that buffers delivers many tokens two or more to a read (measured: a relay 12 ms late per chunk
     # at 10 ms gaps merged 23 % of them, 20 ms late 50 %). A stall of the shared box (>= 10 ms) merges a few
