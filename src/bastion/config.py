@@ -423,7 +423,8 @@ class Settings(BaseSettings):
     client_header_timeout: Seconds = Field(
         10.0,
         description="Seconds a client may take to send a request's headers (from connecting, or from the end of "
-        "its previous response); slower connections are closed (slowloris).",
+        "its previous response); slower connections are closed (slowloris). An idle keep-alive connection is kept "
+        "this long: keep it above your clients' idle expiry (httpx and the openai SDK: 5 s).",
     )
     client_body_timeout: Seconds = Field(
         60.0,

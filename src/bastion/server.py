@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import weakref
 from typing import Any, cast
 
@@ -299,5 +300,9 @@ def server_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         lifespan="on",
         proxy_headers=False,  # client IPs are resolved by bastion's own trusted-proxy rules
         server_header=False,
+        # An idle keep-alive connection is closed by the head timer (client_header_timeout), not by uvicorn's
+        # own 5 s: httpx and the openai SDK drop an idle connection after 5 s too, and at the same 5 s a
+        # request can go out on a connection the server is closing.
+        timeout_keep_alive=math.ceil(settings.client_header_timeout) + 1,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
