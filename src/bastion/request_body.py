@@ -313,6 +313,7 @@ class InspectBody:
         body_timeout: float,
         model_routes: frozenset[str] | None = None,
         classes: ClassTable | None = None,
+        default_model: str = "",
     ) -> None:
         self.app = app
         # Priority classes (fairness on): every request carries its principal's class as vLLM's priority.
@@ -324,6 +325,10 @@ class InspectBody:
         # Routes whose body names the model (None: every POST). A restricted principal must name one of its
         # own there; elsewhere (the token endpoint) the route table already decided.
         self.model_routes = model_routes
+        # The model an engine serves a request that names none (vLLM: its first served name). Such a request
+        # is that model's, for budgets scoped to it, usage, metrics and the audit line, or leaving `model`
+        # out would spend a model's tokens outside its budget.
+        self.default_model = default_model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
@@ -362,8 +367,10 @@ class InspectBody:
         body, facts = await self.inspector.inspect(
             exchange.path, body, json_body=not form, priority=floor, assign_priority=classes is not None
         )
-        if facts.model is not None:
+        if facts.model:
             exchange.model = facts.model
+        elif scoped and self.default_model:  # `null`, `""` or absent: vLLM serves its default model
+            exchange.model = self.default_model
         if restricted is not None and not restricted.allows(facts.model):  # no model, or not one of its own
             raise refusal("model_not_allowed")
         exchange.stream = facts.stream

@@ -79,3 +79,33 @@ def test_a_second_gateway_on_the_same_usage_file_is_one_line(tmp_path: Path) -> 
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
     [line] = [ln for ln in second.stderr.splitlines() if ln.startswith("bastion: invalid")]
     assert "BASTION_BUDGET_DB" in line and "in use by another gateway process" in line
+
+
+def test_a_model_budget_holds_for_requests_that_name_no_model(tmp_path: Path) -> None:
+    """vLLM serves its default model to a request without `model` (or with null or ""): that model's budget
+    counts it. It did not: such requests were charged to a model named "" and spent past `day:MODEL`."""
+    model = CHAT["model"]
+    keys = tmp_path / "keys.json"
+    created = cli("keys", "create", "--name", "m", "--budget", f"day:{model}=200", "--keys-file", str(keys))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    args = ("--upstream-command", SIM, "--keys-file", str(keys), "--served-model-name", str(model))
+    unnamed = [{k: v for k, v in CHAT.items() if k != "model"}, {**CHAT, "model": None}, {**CHAT, "model": ""}]
+    with gateway(*args, env=ENV) as (_, base), httpx.Client(base_url=base, timeout=10) as http:
+        http.headers["authorization"] = f"Bearer {key}"
+        wait_for_key(base, key)
+        used = 0
+        for attempt in range(30):
+            reply = http.post("/v1/chat/completions", json=unnamed[attempt % 3])
+            if reply.status_code != 200:
+                break
+            assert reply.json()["model"] == model  # the engine served the budgeted model
+            used += reply.json()["usage"]["total_tokens"]
+        else:
+            raise AssertionError("requests naming no model were never refused by the model's budget")
+        assert reply.status_code == 429 and reply.json()["error"]["code"] == "budget_exceeded", reply.text
+        assert 0 < used <= 200
+        usage = http.get("/v1/usage").json()
+        [scoped] = [p for p in usage["periods"] if p["model"] == model]
+        assert scoped["used"] == used
+        assert [entry["model"] for entry in usage["by_model"]] == [model]
