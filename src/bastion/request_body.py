@@ -55,10 +55,13 @@ WANTED = frozenset(
         "n",
         "best_of",
         "priority",
+        "prompt",
     }
 )
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Routes whose `prompt` may be a batch: each prompt of a list gets its own `n` choices (vLLM's completions).
+BATCH_PROMPT_ROUTES = frozenset({"/v1/completions"})
 # Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
 PRIORITY_ROUTES = USAGE_OPTION_ROUTES
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
@@ -73,6 +76,8 @@ STEPS_PER_TURN = 2_000  # then the event loop gets a turn (a millisecond or so)
 _VALUE_LIMIT = 64 * 1024  # a wanted value larger than this is not decoded (no policy value is that large)
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
+_INNER_ARRAY = re.compile(rb"\[[^\[\]]*\]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[],")
 _TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
 # Unicode White_Space, what pydantic-core (Rust's `trim`) strips; Python's `\s` and `str.strip` also take
@@ -172,6 +177,8 @@ class RequestInspector:
         if generates:
             asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))
             choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
+            if path in BATCH_PROMPT_ROUTES:
+                choices *= _prompts(fields.get("prompt"), body, spans)
             cap = (self.default_max_tokens if asked is None else asked) * choices
         facts = RequestFacts(
             model=model if isinstance(model, str) else None,
@@ -270,6 +277,35 @@ def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
         except (ValueError, RecursionError):
             raise _invalid("The request body is not valid JSON.") from None
     return fields
+
+
+def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None) -> int:
+    """How many prompts a completions `prompt` holds (vLLM generates up to `max_tokens` for each).
+
+    A string or a list of token ids is one prompt; a list of strings or of token-id lists is one per
+    element. A list too large to decode (UNREAD) is counted in its bytes, at C speed.
+    """
+    if isinstance(prompt, list):
+        return max(1, len(prompt)) if prompt and isinstance(prompt[0], str | list) else 1
+    if prompt is UNREAD and spans is not None:
+        span = spans["prompt"]
+        return _elements(body[span.start : span.end])
+    return 1
+
+
+def _elements(value: bytes) -> int:
+    """The elements of a JSON array of strings or of flat arrays (1 for anything else): commas outside
+    strings and inner arrays, plus one."""
+    if value[:1] != b"[":
+        return 1
+    inner = value[1:-1].strip(b" \t\r\n")
+    if inner[:1] not in (b'"', b"["):
+        return 1  # token ids (or not a prompt vLLM takes): one prompt
+    if b"\\" in inner:
+        inner = inner.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(inner.split(b'"')[0::2])  # every other piece is inside a string
+    flat = _INNER_ARRAY.sub(b"", outside.translate(None, _NOT_STRUCTURE))
+    return flat.count(b",") + 1
 
 
 def _without_usage(options: object) -> bool:
