@@ -173,6 +173,10 @@ class RequestInspector:
             spans = await self._spans(body)
             fields = _decode_values(body, spans)
         model = fields.get("model")
+        if isinstance(model, str) and not model.isascii() and not _encodable(model):
+            # JSON's "\ud800" decodes to a lone surrogate: no server serves a model of that name, and as a
+            # metric label or a usage row it broke every scrape and every usage write after it.
+            raise GatewayError(400, "The model name is not valid Unicode.", code="invalid_model", param="model")
         stream = lax_bool(fields.get("stream")) is True
         if generates:
             asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))
@@ -306,6 +310,14 @@ def _elements(value: bytes) -> int:
     outside = b"".join(inner.split(b'"')[0::2])  # every other piece is inside a string
     flat = _INNER_ARRAY.sub(b"", outside.translate(None, _NOT_STRUCTURE))
     return flat.count(b",") + 1
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _without_usage(options: object) -> bool:
