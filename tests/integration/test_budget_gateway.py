@@ -133,3 +133,18 @@ def test_a_model_name_that_is_not_unicode_is_refused_and_breaks_no_one(tmp_path:
     report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["total"] == used, report.stdout
+
+
+def test_a_usage_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    """BASTION_BUDGET_DB naming another file (here the key file) or a damaged one: `serve` printed a
+    traceback from its lifespan, `bastion usage` one from sqlite3. Now one line that names the setting."""
+    keys = tmp_path / "keys.json"
+    assert cli("keys", "create", "--name", "a", "--keys-file", str(keys)).returncode == 0
+    env = {"BASTION_KEYS_FILE": str(keys), "BASTION_BUDGET_DB": str(keys)}
+    served = cli("serve", "--port", "0", "--upstream-command", SIM, env=env)
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
+    [line] = [ln for ln in served.stderr.splitlines() if ln.startswith("bastion:")]
+    assert "BASTION_BUDGET_DB" in line and "not a database" in line and "name a new file" in line
+    report = cli("usage", "--db", str(keys))
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert report.stderr.strip().splitlines() == [f"bastion: usage database {keys}: file is not a database"]
