@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -148,3 +149,33 @@ def test_a_usage_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None
     report = cli("usage", "--db", str(keys))
     assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
     assert report.stderr.strip().splitlines() == [f"bastion: usage database {keys}: file is not a database"]
+
+
+def test_the_audit_line_says_what_a_client_gone_mid_stream_was_charged(tmp_path: Path) -> None:
+    """A client gone mid-stream leaves no usage: the ledger and tokens/min charge an estimate. The audit line
+    said only `"prompt_tokens":null`, so it could not be reconciled with the ledger; `charged_tokens` can."""
+    keys = tmp_path / "keys.json"
+    audit = tmp_path / "audit.log"
+    key = cli("keys", "create", "--name", "gone", "--budget", "day=100000", "--keys-file", str(keys)).stdout.strip()
+    slow = SIM.replace("--tokens 16", "--tokens 400 --itl 0.02")
+    args = ("--upstream-command", slow, "--keys-file", str(keys))
+    body = json.dumps({**CHAT, "max_tokens": 300, "stream": True}).encode()
+    with gateway(*args, env={**ENV, "BASTION_AUDIT_LOG": str(audit)}) as (_, base):
+        wait_for_key(base, key)
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            sock.sendall(head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while received.count(b"\n\n") < 6:  # the head and a few events, then gone
+                received += sock.recv(65536)
+        served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
+        assert served.status_code == 200
+        time.sleep(0.5)
+        used = httpx.get(base + "/v1/usage", headers={"authorization": f"Bearer {key}"}).json()["periods"][0]["used"]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    gone, ok = [line for line in lines if line["path"] == "/v1/chat/completions"]
+    assert gone["outcome"] == "client_disconnect" and gone["prompt_tokens"] is None
+    assert gone["charged_tokens"] > 0
+    assert ok["charged_tokens"] == ok["prompt_tokens"] + ok["completion_tokens"]
+    assert gone["charged_tokens"] + ok["charged_tokens"] == used
