@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from bastion.auth.jwt import mint
 from tests.support import PYTHON, gateway
 
 SIM = "{python} -m bastion simulate --host {host} --port {port} --tokens 16"
@@ -179,3 +180,38 @@ def test_the_audit_line_says_what_a_client_gone_mid_stream_was_charged(tmp_path:
     assert gone["charged_tokens"] > 0
     assert ok["charged_tokens"] == ok["prompt_tokens"] + ok["completion_tokens"]
     assert gone["charged_tokens"] + ok["charged_tokens"] == used
+
+
+def test_a_token_whose_subject_is_not_unicode_is_refused_and_breaks_no_one(tmp_path: Path) -> None:
+    """`bastion token mint --sub $'caf\\xe9'` (a Latin-1 terminal) minted `"sub": "caf\\udce9"`; the gateway took it,
+    and the principal `jwt:caf\\udce9` stopped every usage write. Now the CLI says so and the gateway refuses it."""
+    secret = "subject-secret-0123456789abcdef0123456789"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    minted = subprocess.run(
+        [PYTHON, "-m", "bastion", "token", "mint", "--sub", b"caf\xe9"],
+        env={**inherited, "BASTION_JWT_SECRET": secret},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert minted.returncode == 2 and "Traceback" not in minted.stderr, minted.stderr
+    assert (
+        minted.stderr.strip()
+        == "bastion: --sub must be valid UTF-8 text (the gateway refuses a token whose subject is not)"
+    )
+    keys = tmp_path / "keys.json"
+    bob = cli("keys", "create", "--name", "bob", "--keys-file", str(keys)).stdout.strip()
+    with gateway("--upstream-command", SIM, "--keys-file", str(keys), env={**ENV, "BASTION_JWT_SECRET": secret}) as (
+        _,
+        base,
+    ):
+        wait_for_key(base, bob)
+        hostile = mint(secret, "caf\udce9", 600)
+        refused = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {hostile}"})
+        assert refused.status_code == 401, refused.text
+        served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {bob}"})
+        used = served.json()["usage"]["total_tokens"]
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 200
+        time.sleep(1.5)  # the ledger writes its hour roll-ups every second
+    report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
+    assert json.loads(report.stdout)["total"] == used, report.stdout + report.stderr
