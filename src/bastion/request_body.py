@@ -68,6 +68,8 @@ PRIORITY_ROUTES = USAGE_OPTION_ROUTES
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
 )
+# No served model has a longer name (Hugging Face ids are at most 96 characters, paths rarely a third of this).
+MAX_MODEL_NAME = 512
 # A prompt's tokens are estimated from the request's bytes at this many bytes per token.
 BYTES_PER_TOKEN = 4
 FULL_PARSE_LIMIT = 64 * 1024
@@ -173,10 +175,20 @@ class RequestInspector:
             spans = await self._spans(body)
             fields = _decode_values(body, spans)
         model = fields.get("model")
-        if isinstance(model, str) and not model.isascii() and not _encodable(model):
-            # JSON's "\ud800" decodes to a lone surrogate: no server serves a model of that name, and as a
-            # metric label or a usage row it broke every scrape and every usage write after it.
-            raise GatewayError(400, "The model name is not valid Unicode.", code="invalid_model", param="model")
+        if isinstance(model, str):
+            if not model.isascii() and not _encodable(model):
+                # JSON's "\ud800" decodes to a lone surrogate: no server serves a model of that name, and as a
+                # metric label or a usage row it broke every scrape and every usage write after it.
+                raise GatewayError(400, "The model name is not valid Unicode.", code="invalid_model", param="model")
+            if len(model) > MAX_MODEL_NAME:
+                # Behind an upstream that serves any name, a 60 KB name became a metric label: 32 of them
+                # made every scrape ~45 MB (and a usage row each, every hour).
+                raise GatewayError(
+                    400,
+                    f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                    code="invalid_model",
+                    param="model",
+                )
         stream = lax_bool(fields.get("stream")) is True
         if generates:
             asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bastion.auth.jwt import mint
 from tests.support import PYTHON, gateway
@@ -113,14 +114,16 @@ def test_a_model_budget_holds_for_requests_that_name_no_model(tmp_path: Path) ->
         assert [entry["model"] for entry in usage["by_model"]] == [model]
 
 
-def test_a_model_name_that_is_not_unicode_is_refused_and_breaks_no_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["\ud800", "m" * 513])
+def test_a_model_name_that_is_not_unicode_or_too_long_is_refused_and_breaks_no_one(tmp_path: Path, name: str) -> None:
     """`"model": "\\ud800"` is a lone surrogate once decoded. An upstream that ignores `model` (the simulator,
     many OpenAI-compatible servers) answered 200, and the name then stuck every usage write (everyone's
-    roll-ups kept in memory, lost at shutdown) and made /metrics answer 500 until a restart."""
+    roll-ups kept in memory, lost at shutdown) and made /metrics answer 500 until a restart. A 60 KB name was
+    a metric label of 60 KB on every series of its own (32 such names: ~45 MB per scrape)."""
     keys = tmp_path / "keys.json"
     created = [cli("keys", "create", "--name", n, "--keys-file", str(keys)) for n in ("mallory", "bob")]
     mallory, bob = (c.stdout.strip() for c in created)
-    hostile = json.dumps({**CHAT, "model": "\ud800"})
+    hostile = json.dumps({**CHAT, "model": name})
     with gateway("--upstream-command", SIM, "--keys-file", str(keys), env=ENV) as (_, base):
         wait_for_key(base, bob)
         refused = httpx.post(
@@ -130,7 +133,8 @@ def test_a_model_name_that_is_not_unicode_is_refused_and_breaks_no_one(tmp_path:
         served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {bob}"})
         assert served.status_code == 200
         used = served.json()["usage"]["total_tokens"]
-        assert httpx.get(base + "/metrics", timeout=10).status_code == 200
+        scrape = httpx.get(base + "/metrics", timeout=10)
+        assert scrape.status_code == 200 and len(scrape.content) < 100_000
         time.sleep(1.5)  # the ledger writes its hour roll-ups every second
     report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
     assert report.returncode == 0, report.stderr
