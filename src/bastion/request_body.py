@@ -78,8 +78,6 @@ STEPS_PER_TURN = 2_000  # then the event loop gets a turn (a millisecond or so)
 _VALUE_LIMIT = 64 * 1024  # a wanted value larger than this is not decoded (no policy value is that large)
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
-_INNER_ARRAY = re.compile(rb"\[[^\[\]]*\]")
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[],")
 _TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
 # Unicode White_Space, what pydantic-core (Rust's `trim`) strips; Python's `\s` and `str.strip` also take
@@ -310,18 +308,18 @@ def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None) -> int:
 
 
 def _elements(value: bytes) -> int:
-    """The elements of a JSON array of strings or of flat arrays (1 for anything else): commas outside
-    strings and inner arrays, plus one."""
+    """The elements of a JSON array of strings (its quotes / 2) or of token-id arrays (its inner `[`s),
+    counted in C: 1 for anything else. A shape vLLM refuses may be miscounted; it generates nothing."""
     if value[:1] != b"[":
         return 1
     inner = value[1:-1].strip(b" \t\r\n")
-    if inner[:1] not in (b'"', b"["):
+    if inner[:1] == b"[":
+        return max(1, inner.count(b"["))
+    if inner[:1] != b'"':
         return 1  # token ids (or not a prompt vLLM takes): one prompt
     if b"\\" in inner:
-        inner = inner.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(inner.split(b'"')[0::2])  # every other piece is inside a string
-    flat = _INNER_ARRAY.sub(b"", outside.translate(None, _NOT_STRUCTURE))
-    return flat.count(b",") + 1
+        inner = inner.replace(b"\\\\", b"").replace(b'\\"', b"")  # escaped quotes are not string ends
+    return max(1, inner.count(b'"') // 2)
 
 
 def _encodable(text: str) -> bool:

@@ -353,16 +353,21 @@ def rss(proc: Proc) -> int:
 
 
 @pytest.mark.serial  # /health latency measured
-@pytest.mark.parametrize("shape", ["deep", "wide"])
+@pytest.mark.parametrize("shape", ["deep", "wide", "prompts"])
 def test_health_answers_while_a_16_mib_hostile_body_is_refused(gw: tuple[Proc, str], shape: str) -> None:
-    """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts."""
+    """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts.
+    A batch of prompts (as many strings as the step budget allows) is counted for its reservation in C."""
     proc, base = gw
     size = 16 * 1024 * 1024 - 100
     nested = b"[" * (size // 2) + b"]" * (size // 2) if shape == "deep" else b"[" + b"[]," * (size // 3) + b"[]]"
-    body = b'{"messages":' + nested + b',"model":"other"}'
+    if shape == "prompts":
+        one = b'"' + b"a" * 97 + b'"'
+        nested = b"[" + b",".join([one] * (size // 100)) + b"]"
+    path = "/v1/completions" if shape == "prompts" else CHAT
+    body = (b'{"prompt":' if shape == "prompts" else b'{"messages":') + nested + b',"model":"other"}'
     before = rss(proc)
     answer: list[httpx.Response] = []
-    sender = threading.Thread(target=lambda: answer.append(post(base, CHAT, body, token(models=["m"]), {})))
+    sender = threading.Thread(target=lambda: answer.append(post(base, path, body, token(models=["m"]), {})))
     latencies: list[float] = []
     with httpx.Client(base_url=base, timeout=5) as client:
         client.get("/health")
