@@ -48,6 +48,7 @@ AUDIT_FIELDS = {
     "ttft_ms",
     "prompt_tokens",
     "completion_tokens",
+    "charged_tokens",
 }
 
 

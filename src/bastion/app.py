@@ -263,6 +263,7 @@ def create_app(
         body_timeout=settings.client_body_timeout,
         model_routes=frozenset(route.path for route in routes if route.scope is ModelScope.BODY),
         classes=classes,
+        default_model=_default_model(router),
     )
     v1 = auth.guard(RouteGuard(inspect, RouteTable(routes)), failures=limiter)
 
@@ -436,6 +437,12 @@ def _supervised(
         restart_window=settings.restart_window,
         stop_timeout=settings.stop_timeout,
     )
+
+
+def _default_model(router: Router) -> str:
+    """The model of the engine that serves a request naming none (the router's choice for "")."""
+    group = router.group("")
+    return group.name if group is not None else ""
 
 
 def one_engine_label(settings: Settings) -> str:

@@ -1,7 +1,7 @@
 """The audit log: one JSON line per /v1 request, written in batches, apart from the normal log.
 
 Who (principal, client IP), what (method, path, model, stream), how it ended
-(status, outcome, reason), how long (latency, TTFT) and how much (tokens). It is
+(status, outcome, reason), how long (latency, TTFT) and how much (tokens reported, tokens charged). It is
 built only from the `Exchange`, which never holds a credential or prompt text;
 the fields a client chooses (request id, path, model) still pass through the
 redacting filter from `logs`, in case a client put a key there.
@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterable
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for a str
 from typing import BinaryIO
 
+from .accounting import charge
 from .context import Exchange
 from .logs import RedactingFilter
 
@@ -236,7 +237,10 @@ class AuditLog:
             f',"latency_ms":{"null" if latency is None else repr(round(latency * 1000, 3))}'
             f',"ttft_ms":{"null" if ttft is None else repr(round(ttft * 1000, 3))}'
             f',"prompt_tokens":{"null" if usage is None else f"{usage.prompt_tokens:d}"}'
-            f',"completion_tokens":{"null" if usage is None else f"{usage.completion_tokens:d}"}}}\n'
+            f',"completion_tokens":{"null" if usage is None else f"{usage.completion_tokens:d}"}'
+            # What tokens/min and the budgets were charged: the usage, or the estimate when none came back
+            # (a client gone mid-stream): the line agrees with the ledger where usage is null.
+            f',"charged_tokens":{charge(exchange)[0]:d}}}\n'
         )
 
     def _client_field(self, text: str) -> str:

@@ -55,16 +55,21 @@ WANTED = frozenset(
         "n",
         "best_of",
         "priority",
+        "prompt",
     }
 )
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Routes whose `prompt` may be a batch: each prompt of a list gets its own `n` choices (vLLM's completions).
+BATCH_PROMPT_ROUTES = frozenset({"/v1/completions"})
 # Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
 PRIORITY_ROUTES = USAGE_OPTION_ROUTES
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
 )
+# No served model has a longer name (Hugging Face ids are at most 96 characters, paths rarely a third of this).
+MAX_MODEL_NAME = 512
 # A prompt's tokens are estimated from the request's bytes at this many bytes per token.
 BYTES_PER_TOKEN = 4
 FULL_PARSE_LIMIT = 64 * 1024
@@ -168,10 +173,26 @@ class RequestInspector:
             spans = await self._spans(body)
             fields = _decode_values(body, spans)
         model = fields.get("model")
+        if isinstance(model, str):
+            if not model.isascii() and not _encodable(model):
+                # JSON's "\ud800" decodes to a lone surrogate: no server serves a model of that name, and as a
+                # metric label or a usage row it broke every scrape and every usage write after it.
+                raise GatewayError(400, "The model name is not valid Unicode.", code="invalid_model", param="model")
+            if len(model) > MAX_MODEL_NAME:
+                # Behind an upstream that serves any name, a 60 KB name became a metric label: 32 of them
+                # made every scrape ~45 MB (and a usage row each, every hour).
+                raise GatewayError(
+                    400,
+                    f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                    code="invalid_model",
+                    param="model",
+                )
         stream = lax_bool(fields.get("stream")) is True
         if generates:
             asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))
             choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
+            if path in BATCH_PROMPT_ROUTES:
+                choices *= _prompts(fields.get("prompt"), body, spans)
             cap = (self.default_max_tokens if asked is None else asked) * choices
         facts = RequestFacts(
             model=model if isinstance(model, str) else None,
@@ -272,6 +293,43 @@ def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
     return fields
 
 
+def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None) -> int:
+    """How many prompts a completions `prompt` holds (vLLM generates up to `max_tokens` for each).
+
+    A string or a list of token ids is one prompt; a list of strings or of token-id lists is one per
+    element. A list too large to decode (UNREAD) is counted in its bytes, at C speed.
+    """
+    if isinstance(prompt, list):
+        return max(1, len(prompt)) if prompt and isinstance(prompt[0], str | list) else 1
+    if prompt is UNREAD and spans is not None:
+        span = spans["prompt"]
+        return _elements(body[span.start : span.end])
+    return 1
+
+
+def _elements(value: bytes) -> int:
+    """The elements of a JSON array of strings (its quotes / 2) or of token-id arrays (its inner `[`s),
+    counted in C: 1 for anything else. A shape vLLM refuses may be miscounted; it generates nothing."""
+    if value[:1] != b"[":
+        return 1
+    inner = value[1:-1].strip(b" \t\r\n")
+    if inner[:1] == b"[":
+        return max(1, inner.count(b"["))
+    if inner[:1] != b'"':
+        return 1  # token ids (or not a prompt vLLM takes): one prompt
+    if b"\\" in inner:
+        inner = inner.replace(b"\\\\", b"").replace(b'\\"', b"")  # escaped quotes are not string ends
+    return max(1, inner.count(b'"') // 2)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _without_usage(options: object) -> bool:
     """Whether `stream_options` (present) leaves usage off, so that the gateway may merge it in."""
     if options is None:
@@ -313,6 +371,7 @@ class InspectBody:
         body_timeout: float,
         model_routes: frozenset[str] | None = None,
         classes: ClassTable | None = None,
+        default_model: str = "",
     ) -> None:
         self.app = app
         # Priority classes (fairness on): every request carries its principal's class as vLLM's priority.
@@ -324,6 +383,10 @@ class InspectBody:
         # Routes whose body names the model (None: every POST). A restricted principal must name one of its
         # own there; elsewhere (the token endpoint) the route table already decided.
         self.model_routes = model_routes
+        # The model an engine serves a request that names none (vLLM: its first served name). Such a request
+        # is that model's, for budgets scoped to it, usage, metrics and the audit line, or leaving `model`
+        # out would spend a model's tokens outside its budget.
+        self.default_model = default_model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
@@ -362,8 +425,10 @@ class InspectBody:
         body, facts = await self.inspector.inspect(
             exchange.path, body, json_body=not form, priority=floor, assign_priority=classes is not None
         )
-        if facts.model is not None:
+        if facts.model:
             exchange.model = facts.model
+        elif scoped and self.default_model:  # `null`, `""` or absent: vLLM serves its default model
+            exchange.model = self.default_model
         if restricted is not None and not restricted.allows(facts.model):  # no model, or not one of its own
             raise refusal("model_not_allowed")
         exchange.stream = facts.stream

@@ -175,6 +175,31 @@ def test_a_2xx_without_usage_is_charged_an_estimate_and_counted(gw: tuple[Proc, 
     assert metric(base, "bastion_usage_estimated_total", route=path) == before + 1
 
 
+@pytest.mark.parametrize(
+    ("prompt", "n", "prompts"),
+    [
+        (["a", "b", "c", "d", "e", "f", "g", "h"], 1, 8),
+        ([[1, 2], [3], [4, 5, 6]], 2, 6),
+        ([1, 2, 3], 1, 1),  # token ids: one prompt
+        ("one", 3, 3),
+        (["x" * 70_000, 'y\\"[,]', "z"], 1, 3),  # past 64 KiB: counted in the bytes, not decoded
+        ([list(range(20_000)), [7]], 1, 2),
+    ],
+)
+def test_a_batch_of_prompts_reserves_max_tokens_for_each(
+    gw: tuple[Proc, str], prompt: Any, n: int, prompts: int
+) -> None:
+    """vLLM generates up to max_tokens for every prompt of a list (and `n` for each): a 2xx without usage is
+    charged what was reserved, which must be the cap of every prompt. It was one prompt's, whatever the list."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 10, "n": n}).encode()
+    reply = post(base, "/v1/completions", body, who, {"report": False})
+    assert reply.status_code == 200
+    assert charged(base, who) == estimate(body, 10 * prompts)
+
+
 def raw_request(base: str, path: str, head: dict[str, str], chunks: list[bytes]) -> socket.socket:
     """A request with a chunked body on a raw socket (httpx would send a Content-Length)."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
@@ -328,16 +353,21 @@ def rss(proc: Proc) -> int:
 
 
 @pytest.mark.serial  # /health latency measured
-@pytest.mark.parametrize("shape", ["deep", "wide"])
+@pytest.mark.parametrize("shape", ["deep", "wide", "prompts"])
 def test_health_answers_while_a_16_mib_hostile_body_is_refused(gw: tuple[Proc, str], shape: str) -> None:
-    """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts."""
+    """`json.loads` on the event loop took ~1 s and ~430 MB for the wide one; now it is read in short bursts.
+    A batch of prompts (as many strings as the step budget allows) is counted for its reservation in C."""
     proc, base = gw
     size = 16 * 1024 * 1024 - 100
     nested = b"[" * (size // 2) + b"]" * (size // 2) if shape == "deep" else b"[" + b"[]," * (size // 3) + b"[]]"
-    body = b'{"messages":' + nested + b',"model":"other"}'
+    if shape == "prompts":
+        one = b'"' + b"a" * 97 + b'"'
+        nested = b"[" + b",".join([one] * (size // 100)) + b"]"
+    path = "/v1/completions" if shape == "prompts" else CHAT
+    body = (b'{"prompt":' if shape == "prompts" else b'{"messages":') + nested + b',"model":"other"}'
     before = rss(proc)
     answer: list[httpx.Response] = []
-    sender = threading.Thread(target=lambda: answer.append(post(base, CHAT, body, token(models=["m"]), {})))
+    sender = threading.Thread(target=lambda: answer.append(post(base, path, body, token(models=["m"]), {})))
     latencies: list[float] = []
     with httpx.Client(base_url=base, timeout=5) as client:
         client.get("/health")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from bastion.auth.jwt import mint
 from tests.support import PYTHON, gateway
 
 SIM = "{python} -m bastion simulate --host {host} --port {port} --tokens 16"
@@ -79,3 +82,140 @@ def test_a_second_gateway_on_the_same_usage_file_is_one_line(tmp_path: Path) -> 
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
     [line] = [ln for ln in second.stderr.splitlines() if ln.startswith("bastion: invalid")]
     assert "BASTION_BUDGET_DB" in line and "in use by another gateway process" in line
+
+
+def test_a_model_budget_holds_for_requests_that_name_no_model(tmp_path: Path) -> None:
+    """vLLM serves its default model to a request without `model` (or with null or ""): that model's budget
+    counts it. It did not: such requests were charged to a model named "" and spent past `day:MODEL`."""
+    model = CHAT["model"]
+    keys = tmp_path / "keys.json"
+    created = cli("keys", "create", "--name", "m", "--budget", f"day:{model}=200", "--keys-file", str(keys))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    args = ("--upstream-command", SIM, "--keys-file", str(keys), "--served-model-name", str(model))
+    unnamed = [{k: v for k, v in CHAT.items() if k != "model"}, {**CHAT, "model": None}, {**CHAT, "model": ""}]
+    with gateway(*args, env=ENV) as (_, base), httpx.Client(base_url=base, timeout=10) as http:
+        http.headers["authorization"] = f"Bearer {key}"
+        wait_for_key(base, key)
+        used = 0
+        for attempt in range(30):
+            reply = http.post("/v1/chat/completions", json=unnamed[attempt % 3])
+            if reply.status_code != 200:
+                break
+            assert reply.json()["model"] == model  # the engine served the budgeted model
+            used += reply.json()["usage"]["total_tokens"]
+        else:
+            raise AssertionError("requests naming no model were never refused by the model's budget")
+        assert reply.status_code == 429 and reply.json()["error"]["code"] == "budget_exceeded", reply.text
+        assert 0 < used <= 200
+        usage = http.get("/v1/usage").json()
+        [scoped] = [p for p in usage["periods"] if p["model"] == model]
+        assert scoped["used"] == used
+        assert [entry["model"] for entry in usage["by_model"]] == [model]
+
+
+@pytest.mark.parametrize("name", ["\ud800", "m" * 513])
+def test_a_model_name_that_is_not_unicode_or_too_long_is_refused_and_breaks_no_one(tmp_path: Path, name: str) -> None:
+    """`"model": "\\ud800"` is a lone surrogate once decoded. An upstream that ignores `model` (the simulator,
+    many OpenAI-compatible servers) answered 200, and the name then stuck every usage write (everyone's
+    roll-ups kept in memory, lost at shutdown) and made /metrics answer 500 until a restart. A 60 KB name was
+    a metric label of 60 KB on every series of its own (32 such names: ~45 MB per scrape)."""
+    keys = tmp_path / "keys.json"
+    created = [cli("keys", "create", "--name", n, "--keys-file", str(keys)) for n in ("mallory", "bob")]
+    mallory, bob = (c.stdout.strip() for c in created)
+    hostile = json.dumps({**CHAT, "model": name})
+    with gateway("--upstream-command", SIM, "--keys-file", str(keys), env=ENV) as (_, base):
+        wait_for_key(base, bob)
+        refused = httpx.post(
+            base + "/v1/chat/completions", content=hostile, headers={"authorization": f"Bearer {mallory}"}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+        served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {bob}"})
+        assert served.status_code == 200
+        used = served.json()["usage"]["total_tokens"]
+        scrape = httpx.get(base + "/metrics", timeout=10)
+        assert scrape.status_code == 200 and len(scrape.content) < 100_000
+        time.sleep(1.5)  # the ledger writes its hour roll-ups every second
+    report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["total"] == used, report.stdout
+
+
+def test_a_usage_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    """BASTION_BUDGET_DB naming another file (here the key file) or a damaged one: `serve` printed a
+    traceback from its lifespan, `bastion usage` one from sqlite3. Now one line that names the setting."""
+    keys = tmp_path / "keys.json"
+    assert cli("keys", "create", "--name", "a", "--keys-file", str(keys)).returncode == 0
+    env = {"BASTION_KEYS_FILE": str(keys), "BASTION_BUDGET_DB": str(keys)}
+    served = cli("serve", "--port", "0", "--upstream-command", SIM, env=env)
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
+    [line] = [ln for ln in served.stderr.splitlines() if ln.startswith("bastion:")]
+    assert "BASTION_BUDGET_DB" in line and "not a database" in line and "name a new file" in line
+    report = cli("usage", "--db", str(keys))
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert report.stderr.strip().splitlines() == [f"bastion: usage database {keys}: file is not a database"]
+
+
+def test_the_audit_line_says_what_a_client_gone_mid_stream_was_charged(tmp_path: Path) -> None:
+    """A client gone mid-stream leaves no usage: the ledger and tokens/min charge an estimate. The audit line
+    said only `"prompt_tokens":null`, so it could not be reconciled with the ledger; `charged_tokens` can."""
+    keys = tmp_path / "keys.json"
+    audit = tmp_path / "audit.log"
+    key = cli("keys", "create", "--name", "gone", "--budget", "day=100000", "--keys-file", str(keys)).stdout.strip()
+    slow = SIM.replace("--tokens 16", "--tokens 400 --itl 0.02")
+    args = ("--upstream-command", slow, "--keys-file", str(keys))
+    body = json.dumps({**CHAT, "max_tokens": 300, "stream": True}).encode()
+    with gateway(*args, env={**ENV, "BASTION_AUDIT_LOG": str(audit)}) as (_, base):
+        wait_for_key(base, key)
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            sock.sendall(head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while received.count(b"\n\n") < 6:  # the head and a few events, then gone
+                received += sock.recv(65536)
+        served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
+        assert served.status_code == 200
+        time.sleep(0.5)
+        used = httpx.get(base + "/v1/usage", headers={"authorization": f"Bearer {key}"}).json()["periods"][0]["used"]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    gone, ok = [line for line in lines if line["path"] == "/v1/chat/completions"]
+    assert gone["outcome"] == "client_disconnect" and gone["prompt_tokens"] is None
+    assert gone["charged_tokens"] > 0
+    assert ok["charged_tokens"] == ok["prompt_tokens"] + ok["completion_tokens"]
+    assert gone["charged_tokens"] + ok["charged_tokens"] == used
+
+
+def test_a_token_whose_subject_is_not_unicode_is_refused_and_breaks_no_one(tmp_path: Path) -> None:
+    """`bastion token mint --sub $'caf\\xe9'` (a Latin-1 terminal) minted `"sub": "caf\\udce9"`; the gateway took it,
+    and the principal `jwt:caf\\udce9` stopped every usage write. Now the CLI says so and the gateway refuses it."""
+    secret = "subject-secret-0123456789abcdef0123456789"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    minted = subprocess.run(
+        [PYTHON, "-m", "bastion", "token", "mint", "--sub", b"caf\xe9"],
+        env={**inherited, "BASTION_JWT_SECRET": secret},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert minted.returncode == 2 and "Traceback" not in minted.stderr, minted.stderr
+    assert (
+        minted.stderr.strip()
+        == "bastion: --sub must be valid UTF-8 text (the gateway refuses a token whose subject is not)"
+    )
+    keys = tmp_path / "keys.json"
+    bob = cli("keys", "create", "--name", "bob", "--keys-file", str(keys)).stdout.strip()
+    with gateway("--upstream-command", SIM, "--keys-file", str(keys), env={**ENV, "BASTION_JWT_SECRET": secret}) as (
+        _,
+        base,
+    ):
+        wait_for_key(base, bob)
+        hostile = mint(secret, "caf\udce9", 600)
+        refused = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {hostile}"})
+        assert refused.status_code == 401, refused.text
+        served = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {bob}"})
+        used = served.json()["usage"]["total_tokens"]
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 200
+        time.sleep(1.5)  # the ledger writes its hour roll-ups every second
+    report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
+    assert json.loads(report.stdout)["total"] == used, report.stdout + report.stderr

@@ -178,6 +178,8 @@ def test_redis_down_is_not_three_library_lines_per_request() -> None:
             assert answer.status_code == 200
     output = proc.log_path.read_text()  # after the stop: shutdown lines included
     assert "rate-limit storage unreachable" in output, output  # said once, by bastion
+    # what is wrong and which setting to check (it said only "RedisUnavailable")
+    assert "cannot connect to Redis: Connection refused (check BASTION_REDIS_URL)" in output, output
     assert "coredis" not in output, output
 
 

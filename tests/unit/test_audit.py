@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bastion import audit as audit_module
+from bastion.accounting import charge
 from bastion.app import create_app
 from bastion.audit import AuditLog, AuditWriter, audit_log
 from bastion.auth.identity import Principal
@@ -68,9 +69,10 @@ def test_one_json_line_with_every_field(tmp_path: Path) -> None:
     assert set(first) == AUDIT_FIELDS
     assert first["principal"] == "team-a" and first["client_ip"] == "10.0.0.7" and first["stream"] is True
     assert first["latency_ms"] == 500.0 and first["ttft_ms"] == 12.3
-    assert (first["prompt_tokens"], first["completion_tokens"]) == (3, 9)
+    assert (first["prompt_tokens"], first["completion_tokens"], first["charged_tokens"]) == (3, 9, 12)
     assert str(first["time"]).endswith("Z")
     assert second["reason"] == "invalid_json" and second["ttft_ms"] is None and second["prompt_tokens"] is None
+    assert second["charged_tokens"] == 0
 
 
 def _as_json_dumps_would(exchange: Exchange, time_field: str) -> str:
@@ -93,6 +95,7 @@ def _as_json_dumps_would(exchange: Exchange, time_field: str) -> str:
         "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
         "prompt_tokens": None if usage is None else usage.prompt_tokens,
         "completion_tokens": None if usage is None else usage.completion_tokens,
+        "charged_tokens": charge(exchange)[0],
     }
     return json.dumps(entry, separators=(",", ":")) + "\n"
 

@@ -163,6 +163,7 @@ async def test_malformed_tokens(hs: JWTVerifier, token: str) -> None:
         claims(sub=12345),
         claims(sub=""),
         claims(sub={"id": 1}),
+        claims(sub="caf\udce9"),  # a lone surrogate: a usage row or metric label of it broke every write
         claims(models="not-a-list"),
         claims(models=[1, None, {}]),
         claims(limits="fast"),
@@ -178,6 +179,7 @@ async def test_odd_claims_are_refused_or_sanitised(hs: JWTVerifier, payload: Any
         return
     # Accepted only with a usable identity and sane policy types.
     assert isinstance(principal.name, str) and principal.name
+    principal.name.encode()  # valid Unicode
     assert principal.models is None or all(isinstance(m, str) for m in principal.models)
     for value in (principal.rpm, principal.tpm, principal.max_concurrent):
         assert value is None or (isinstance(value, int) and value > 0)

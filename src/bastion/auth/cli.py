@@ -314,6 +314,11 @@ def _token(args: dict[str, Any]) -> int:
     except KeyStoreError as exc:
         _say(str(exc))
         return 2
+    try:
+        args["sub"].encode()
+    except UnicodeEncodeError:  # bytes the terminal's locale could not decode (a Latin-1 "é")
+        _say("--sub must be valid UTF-8 text (the gateway refuses a token whose subject is not)")
+        return 2
     token = mint(
         settings.jwt_secret.get_secret_value(),
         args["sub"],

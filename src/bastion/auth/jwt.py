@@ -285,6 +285,10 @@ class JWTVerifier:
         exp = claims.get("exp")
         if not isinstance(subject, str) or not subject or not isinstance(exp, int | float):
             raise AuthFailure("invalid_token")
+        if not subject.isascii() and not _unicode(subject):
+            # `"sub": "caf\udce9"` (what `token mint --sub $'caf\xe9'` wrote): as a usage row's principal or a
+            # metric label it stopped every usage write and made /metrics answer 500.
+            raise AuthFailure("invalid_token")
         models = self._models(claims.get(self._models_claim), self._ceiling_models)
         claimed = claims.get(self._limits_claim) or {}
         if not isinstance(claimed, dict):
@@ -377,3 +381,12 @@ def mint(
         claims[priority_class_claim] = priority_class
     token: str = jose_jwt.encode(claims, secret, algorithm="HS256")
     return token
+
+
+def _unicode(text: str) -> bool:
+    """Whether `text` is valid Unicode (no lone surrogate, which JSON's escapes can write)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -56,6 +56,7 @@ class UsageDB:
             if readonly:
                 uri = path.resolve().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+                self._schema_version()  # reads the header: a file that is not a database says so here
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
@@ -65,10 +66,14 @@ class UsageDB:
         except (sqlite3.Error, OSError) as exc:
             raise UsageDBError(f"usage database {path}: {exc}") from None
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def _schema_version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise UsageDBError(f"usage database {self.path} was written by a newer bastion (schema {version})")
+        return version
+
+    def _migrate(self) -> None:
+        self._schema_version()
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -84,7 +89,9 @@ class UsageDB:
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []  # an empty file: nothing recorded yet
-            raise
+            raise UsageDBError(f"usage database {self.path}: {exc}") from None
+        except sqlite3.Error as exc:  # a file damaged past its header
+            raise UsageDBError(f"usage database {self.path}: {exc}") from None
 
     def add(self, rows: list[Row]) -> None:
         with self._transaction():
@@ -163,8 +170,14 @@ class SQLiteJournal:
 
 
 def check_free(path: Path) -> None:
-    """Raise UsageDBError (one line) if another gateway process holds `path`: checked before `serve` starts."""
+    """Raise UsageDBError (one line) if another gateway process holds `path`, or if it is there and not a usage
+    database bastion can read (another file named by mistake, a damaged one): checked before `serve` starts."""
     os.close(_lock(path))
+    if path.exists():
+        try:
+            UsageDB(path, readonly=True).close()
+        except UsageDBError as exc:
+            raise UsageDBError(f"{exc}; name a new file (it starts empty) or restore this one from a backup") from None
 
 
 def _lock(path: Path) -> int:

@@ -447,7 +447,10 @@ class RateLimiter:
         if not self._degraded:
             self._degraded = True
             mode = "serving without limits (fail open)" if self.fail_open else "refusing with 503 (fail closed)"
-            log.error("rate-limit storage unreachable, %s: %s", mode, type(exc).__name__)
+            # bastion's own Redis errors say why in words that hold no secret ("cannot connect to Redis:
+            # Connection refused"); other storages' may quote their URL, so only their type is shown.
+            why = str(exc) if isinstance(exc, RedisUnavailable) else type(exc).__name__
+            log.error("rate-limit storage unreachable, %s: %s (check BASTION_REDIS_URL)", mode, why)
 
     def _recovered(self) -> None:
         if self._degraded:
