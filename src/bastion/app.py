@@ -58,7 +58,7 @@ from .http import Client, Timeouts
 from .metrics import Metrics
 from .metrics_http import MetricsEndpoint, ScrapeGuard, metrics_routes
 from .proxy import Proxy
-from .ratelimit import RateLimiter, RateLimitMiddleware
+from .ratelimit import RateLimiter, RateLimitMiddleware, RedisCollector
 from .redisio import Redis
 from .request_body import InspectBody, RequestInspector
 from .routes import TOKEN_ROUTE, USAGE_ROUTE, ModelScope, RouteGuard, RouteTable, parse_routes
@@ -117,6 +117,11 @@ class Gateway:
                 opener(exchange)
             await self._v1(scope, receive, send)
         finally:
+            for waiting in exchange.deferred:  # issued by stages as they returned: one round trip for all
+                try:
+                    await waiting
+                except Exception:
+                    log.exception("finishing request %s failed", exchange.request_id)
             exchange.finished = time.perf_counter()
             for listener in self._listeners:
                 try:
@@ -279,6 +284,8 @@ def create_app(
     mounts[RESTART_PATH] = RestartEndpoint(restarts, admin_token, parse_networks(settings.admin_allow), trusted)
     if metrics is not None:
         metrics.registry.register(limiter.collector())
+        if redis is not None:
+            metrics.registry.register(RedisCollector(redis))
         if gates:
             metrics.registry.register(QueueCollector(gates))
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None

@@ -8,7 +8,7 @@ response is finished. It holds no credential and no prompt text.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import cast
@@ -58,6 +58,10 @@ class Exchange:
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Work a stage issued as the request ended and left for the gateway to await once every stage has returned
+    # (a budget settle already queued on the shared Redis connection: the limiter's settle, issued by the stage
+    # around it, joins the same write). Each handles its own failure; the request is not over until they are.
+    deferred: list[Awaitable[None]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
     finished: float | None = None

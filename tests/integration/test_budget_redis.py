@@ -7,9 +7,11 @@ import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import cast
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.budget.calendar import Calendar, zone
 from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
@@ -166,3 +168,56 @@ def test_a_gateway_with_redis_limits_and_budgets_opens_one_connection() -> None:
                 assert "x-ratelimit-remaining-requests" in reply.headers, reply.headers
             clients = asyncio.run(_clients(url))
             assert len(clients) == 1, clients
+
+
+def _redis_counts(url: str, base: str) -> tuple[float, float, int]:
+    """(the gateway's writes and commands on its Redis connection, the server's EVALSHA calls so far)."""
+    page = httpx.get(base + "/metrics", headers={"authorization": "Bearer scrape-token"}, timeout=5).text
+    counts = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            counts[sample.name] = sample.value
+    info = asyncio.run(_info(url))
+    line = next((line for line in info.splitlines() if line.startswith("cmdstat_evalsha:")), "cmdstat_evalsha:calls=0")
+    evalsha = int(line.split(":", 1)[1].split(",")[0].removeprefix("calls="))
+    return counts["bastion_redis_writes_total"], counts["bastion_redis_commands_total"], evalsha
+
+
+async def _info(url: str) -> str:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        return cast(bytes, await probe.execute("INFO", "commandstats")).decode()
+    finally:
+        await probe.aclose()
+
+
+def test_a_request_with_every_limit_and_a_budget_makes_four_round_trips() -> None:
+    """Every limit and a budget on Redis: admission's tokens reserve and concurrency slot leave in one write,
+    the requests/min hit in a second (last: it cannot be undone), the budget's reserve a third; at the end the
+    limiter's release and settle and the ledger's settle leave in one write. Sequential requests, so no
+    request shares a write with another: 4 round trips (was 6) for the same 8 commands (7 EVALSHA, 1 ZREM)."""
+    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    n = 20
+    with redis_server() as (_, url):
+        env = {
+            "BASTION_REDIS_URL": url,
+            "BASTION_RATE_LIMIT_RPM": "1000",
+            "BASTION_RATE_LIMIT_TPM": "1000000",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+            "BASTION_BUDGET_DAY": "1000000",
+            "BASTION_METRICS_TOKEN": "scrape-token",
+            "BASTION_AUDIT_LOG": "off",
+        }
+        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+            for _ in range(2):  # warm: scripts loaded, connection open
+                assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
+            writes, commands, evalsha = _redis_counts(url, base)
+            for _ in range(n):
+                reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+                assert reply.status_code == 200, reply.text
+            after = _redis_counts(url, base)
+    # The slots' refresher (every 20 s) may add one write and one command in the window.
+    assert 4 * n <= after[0] - writes <= 4 * n + 1, (after[0] - writes) / n
+    assert 8 * n <= after[1] - commands <= 8 * n + 1, (after[1] - commands) / n
+    assert 7 * n <= after[2] - evalsha <= 7 * n + 1, (after[2] - evalsha) / n

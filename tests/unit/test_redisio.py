@@ -219,7 +219,7 @@ async def test_many_concurrent_callers_each_get_their_own_reply(client_for: Call
         assert fake.connections == 1  # one pipelined connection, opened once for all of them
 
 
-async def test_callers_of_one_loop_iteration_share_one_write_in_order(client_for: Callable[[str, float], Redis]) -> None:
+async def test_one_loop_iterations_callers_share_one_write_in_order(client_for: Callable[[str, float], Redis]) -> None:
     """Auto-pipelining: 50 callers that issue in the same loop iteration leave in one send (counted on the
     client's socket), the server reads them in issue order, and each gets its own reply; callers of later
     iterations make writes of their own."""

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -122,6 +122,11 @@ class BudgetLedger(Protocol):
     ) -> Admitted | Refused: ...
 
     async def settle(self, reservation: Reservation, used: int) -> None: ...
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        """`settle` started now: done (None), or issued to the storage, the awaitable waiting for it (so that
+        another stage's call can leave in the same write before either is awaited)."""
+        ...
 
     async def release(self, reservation: Reservation) -> None: ...
 
@@ -249,6 +254,10 @@ class Ledger:
 
     async def release(self, reservation: Reservation) -> None:
         self.settle_now(reservation, 0)
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        self.settle_now(reservation, used)
+        return None
 
     def settle_now(self, reservation: Reservation, used: int) -> None:
         """Replace the reservation by `used` tokens, in the periods where it was made."""

@@ -9,6 +9,8 @@ minute away, since an SDK retrying within seconds cannot succeed). During: `x-bu
 After (always, in `finally`): settle to what the request is charged, by the same
 rule as the limits (`accounting.charge`: the engine's usage, or a conservative
 estimate when a started response gave none), or release it when nothing was generated.
+A Redis settle is issued here and awaited by the gateway (`Exchange.deferred`), so it
+shares its round trip with the limiter's.
 
 Expects `exchange.model`, `exchange.prompt_estimate` and `exchange.completion_cap`
 from the stage that reads the request body (`request_body.InspectBody`).
@@ -132,11 +134,13 @@ class BudgetStage:
         try:
             await self.app(scope, receive, send)
         finally:
+            # Settled (a release when nothing was used: `used` 0) without waiting here: on Redis the settle is
+            # queued now and the gateway awaits it once the limiter's finish, queued as this stage returns, has
+            # joined it in one write (one round trip at the end of a request, not two).
             used, _ = charge(exchange)
-            if used == 0:
-                await self.ledger.release(verdict.reservation)
-            else:
-                await self.ledger.settle(verdict.reservation, used)
+            waiting = self.ledger.settle_soon(verdict.reservation, used)
+            if waiting is not None:
+                exchange.deferred.append(waiting)
 
     def _admitted(self, exchange: Exchange, principal: Principal, verdict: Admitted) -> None:
         tightest = verdict.tightest

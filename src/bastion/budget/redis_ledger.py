@@ -167,10 +167,18 @@ class RedisLedger:
         return Refused(budget, spent, tokens, reset, self.calendar.text(reset))
 
     async def settle(self, reservation: Reservation, used: int) -> None:
+        waiting = self.settle_soon(reservation, used)
+        if waiting is not None:
+            await waiting
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        """Queue the settle on the shared connection now (it leaves with whatever else this loop iteration
+        queues: the limiter's settle, at the end of the same request); the awaitable waits for its reply.
+        Redis unreachable: logged as a lost settle (counted in `errors`), as `settle` always did."""
         r = reservation
         used = max(0, used)
         if not used and not r.tokens:
-            return
+            return None
         resets = self.calendar.at(r.hour).resets
         day = r.hour - r.hour % DAY
         keys = [
@@ -181,8 +189,12 @@ class RedisLedger:
         keep_until = day + DAY + int(self._retention) if self._retention is not None else day + 400 * DAY
         args: list[str | int] = [r.tokens, used, r.model, r.hour, *(x + PERIOD_GRACE for x in resets), keep_until]
         args.append(r.principal_id)
+        command = self._settle.command(keys, args)
+        return self._settled(self._client.issue(command), command)
+
+    async def _settled(self, issued: asyncio.Future[Reply] | None, command: bytes) -> None:
         try:
-            await self._call(self._settle, keys, args)
+            await self._guard(self._settle.reply(issued, command))
         except LedgerUnavailable as exc:
             log.error("budget settle lost (Redis unreachable): %s", exc.__cause__ or exc)
 

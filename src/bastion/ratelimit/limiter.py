@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, cast
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import Storage
@@ -46,6 +46,7 @@ from .memory import MemoryStorage
 from .redis_storage import LeanRedisStorage
 from .slots import MemorySlots, RedisSlots, Slots
 from .tokens import MemoryTokens, RedisTokens, TokenWindows
+from .tokens import Reservation as TokenReservation
 
 log = logging.getLogger("bastion.ratelimit")
 
@@ -264,9 +265,15 @@ class RateLimiter:
             token_headers: Headers = []  # for a response: what is left with this request's reservation
             # For a refusal after the reservation: what is left without it (it is given back), made only then.
             refused_left, reset = 0, 0.0
+            slot_asked = False
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
-                reservation = await self.token_windows.reserve(per_minute(tpm).key_for(key), tpm, MINUTE, amount)
+                window_key = per_minute(tpm).key_for(key)
+                if conc > 0 and self._redis_parts is not None:  # the reservation and the slot in one round trip
+                    reservation = await self._reserve_with_slot(admission, window_key, tpm, amount, conc)
+                    slot_asked = True
+                else:
+                    reservation = await self.token_windows.reserve(window_key, tpm, MINUTE, amount)
                 window = reservation.window
                 left, reset = window.remaining(tpm, MINUTE), window.reset_in(MINUTE)
                 token_headers = limit_headers("tokens", tpm, left, reset)
@@ -284,7 +291,8 @@ class RateLimiter:
                     )
                 admission.reserved, admission.ticket = amount, reservation.ticket
             if conc > 0:
-                admission.slot = await self.slots.acquire(key, conc)
+                if not slot_asked:
+                    admission.slot = await self.slots.acquire(key, conc)
                 if admission.slot is None:
                     request_headers = await self._request_headers(key, rpm, now) if rpm > 0 else []
                     plural = "request" if conc == 1 else "requests"
@@ -343,6 +351,32 @@ class RateLimiter:
             raise RateLimited(
                 500, "The gateway failed to apply its rate limits.", "rate_limit_internal", [], code="internal_error"
             ) from None
+
+    async def _reserve_with_slot(
+        self, admission: Admission, window_key: str, tpm: int, amount: int, conc: int
+    ) -> TokenReservation:
+        """Redis: the tokens reservation and the concurrency slot, issued together (one write, one round trip).
+        Whatever either took is recorded on `admission` before anything is raised, so that a refusal or a
+        failure of the other gives it back (`_undo`), as when they were asked one after the other."""
+        _, slots, tokens = cast(tuple[LeanRedisStorage, RedisSlots, RedisTokens], self._redis_parts)
+        slot_call, slot = slots.acquire_call(admission.key, conc)
+        try:
+            reserved, taken = await cast(Redis, self._redis).pipeline(
+                [tokens.reserve_call(window_key, tpm, MINUTE, amount), slot_call]
+            )
+        except BaseException:  # cancelled: whether the slot was taken is unknown; it expires unrefreshed
+            slots.forget(admission.key, slot)
+            raise
+        if slots.acquired(admission.key, slot, taken):
+            admission.slot = slot
+        if isinstance(reserved, BaseException):
+            raise reserved
+        reservation = tokens.reservation(reserved)
+        if reservation.admitted:
+            admission.reserved, admission.ticket = amount, reservation.ticket
+        if isinstance(taken, BaseException):
+            raise taken
+        return reservation
 
     async def _request_headers(self, key: str, rpm: int, now: float) -> Headers:
         stats = await self.requests.get_window_stats(per_minute(rpm), key)
@@ -473,4 +507,22 @@ class _StorageCollector(Collector):
             "bastion_ratelimit_fail_open",
             "Requests served without rate limits because the storage failed (BASTION_REDIS_FAIL_MODE=open).",
             self._limiter.fail_open_admissions,
+        )
+
+
+class RedisCollector(Collector):
+    """The process's one Redis connection (the limiter's and the ledger's): sends and commands, read at scrape
+    time. Sends are round trips: their rate over the request rate is what a request costs in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "bastion_redis_writes",
+            "Sends on this process's Redis connection: each is one round trip for the commands in it.",
+            self._redis.writes,
+        )
+        yield CounterMetricFamily(
+            "bastion_redis_commands", "Commands sent on this process's Redis connection.", self._redis.commands
         )

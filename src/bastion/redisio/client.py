@@ -312,7 +312,10 @@ class Script:
         return b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
 
     async def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Reply:
-        command = b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
+        return await self.send(b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args]))
+
+    async def send(self, command: bytes) -> Reply:
+        """Run this script's `command` (from `command()`), loading the script on NOSCRIPT."""
         try:
             return await self._client.send(command)
         except NoScript:
@@ -321,3 +324,14 @@ class Script:
 
     async def load(self) -> None:
         await self._client.execute(b"SCRIPT", b"LOAD", self.source)
+
+    async def reply(self, issued: asyncio.Future[Reply] | None, command: bytes) -> Reply:
+        """The reply to `command` queued by `Redis.issue` (None: it was not, so it is sent now); on NOSCRIPT the
+        script is loaded and the command run once more."""
+        if issued is None:
+            return await self.send(command)
+        try:
+            return await issued
+        except NoScript:
+            await self.load()
+            return await self._client.send(command)
