@@ -15,6 +15,7 @@ from typing import cast
 
 from .asgi import Scope
 from .auth.identity import Principal
+from .budget.ledger import EarlyReservation
 from .usage import Usage
 
 _SCOPE_KEY = "bastion.exchange"  # the one key the gateway puts in an ASGI scope
@@ -62,6 +63,8 @@ class Exchange:
     # (a budget settle already queued on the shared Redis connection: the limiter's settle, issued by the stage
     # around it, joins the same write). Each handles its own failure; the request is not over until they are.
     deferred: list[Awaitable[None]] = field(default_factory=list)
+    # The budget reservation issued with the limiter's last Redis write, until the budget stage claims it.
+    early_budget: EarlyReservation | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
     finished: float | None = None

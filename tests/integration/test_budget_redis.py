@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -191,11 +191,11 @@ async def _info(url: str) -> str:
         await probe.aclose()
 
 
-def test_a_request_with_every_limit_and_a_budget_makes_four_round_trips() -> None:
+def test_a_request_with_every_limit_and_a_budget_makes_three_round_trips() -> None:
     """Every limit and a budget on Redis: admission's tokens reserve and concurrency slot leave in one write,
-    the requests/min hit in a second (last: it cannot be undone), the budget's reserve a third; at the end the
+    the requests/min hit (last: it cannot be undone) and the budget's reserve in a second; at the end the
     limiter's release and settle and the ledger's settle leave in one write. Sequential requests, so no
-    request shares a write with another: 4 round trips (was 6) for the same 8 commands (7 EVALSHA, 1 ZREM)."""
+    request shares a write with another: 3 round trips (was 6) for the same 8 commands (7 EVALSHA, 1 ZREM)."""
     sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     n = 20
@@ -218,6 +218,47 @@ def test_a_request_with_every_limit_and_a_budget_makes_four_round_trips() -> Non
                 assert reply.status_code == 200, reply.text
             after = _redis_counts(url, base)
     # The slots' refresher (every 20 s) may add one write and one command in the window.
-    assert 4 * n <= after[0] - writes <= 4 * n + 1, (after[0] - writes) / n
+    assert 3 * n <= after[0] - writes <= 3 * n + 1, (after[0] - writes) / n
     assert 8 * n <= after[1] - commands <= 8 * n + 1, (after[1] - commands) / n
     assert 7 * n <= after[2] - evalsha <= 7 * n + 1, (after[2] - evalsha) / n
+
+
+def test_a_budget_reservation_issued_with_the_requests_window_is_given_back_when_not_used() -> None:
+    """The budget's reservation leaves with the requests/min hit: a request the requests window refuses, and
+    one the usage endpoint answers, must leave nothing reserved (counted `t` == settled `s` in every budget
+    hash), as when the budget was asked only after the limits admitted."""
+    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    with redis_server() as (_, url):
+        env = {
+            "BASTION_REDIS_URL": url,
+            "BASTION_RATE_LIMIT_RPM": "3",
+            "BASTION_RATE_LIMIT_TPM": "1000000",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+            "BASTION_BUDGET_DAY": "1000000",
+            "BASTION_AUDIT_LOG": "off",
+        }
+        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+            assert http.get("/v1/usage", headers=AUTH, timeout=10).status_code == 200
+            for status in (200, 200, 429):
+                reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+                assert reply.status_code == status, reply.text
+            assert reply.json()["error"]["code"] == "rate_limit_exceeded"
+            hashes = asyncio.run(_budget_hashes(url))
+    assert hashes and all(h[b"t"] == h[b"s"] for h in hashes), hashes
+    assert all(int(h[b"s"]) < 100 for h in hashes), hashes  # two requests' real usage, not a reservation of 50+
+
+
+async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
+        found = []
+        for key in reply[1]:
+            if b":h:" in key:
+                continue
+            flat = cast(list[bytes], await probe.execute("HGETALL", key))
+            found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return found
+    finally:
+        await probe.aclose()

@@ -76,3 +76,24 @@ async def test_when_the_reservation_fails_the_slot_taken_with_it_is_given_back(r
     assert failed.value.status == 500
     assert await redis.execute("ZCARD", SLOTS) == 0
     assert not limiter.slots._mine  # type: ignore[attr-defined]  (nothing left to refresh)
+
+
+async def test_alongside_leaves_with_the_requests_hit_and_only_once_the_rest_is_admitted(redis: Redis) -> None:
+    """What `alongside` queues (the budget stage's reservation) shares the requests window's write; it is not
+    called when the tokens or the slot refuse (the budget is then never asked, as before)."""
+    limiter = RateLimiter(rpm=10, tpm=100, max_concurrent=1, redis=redis)
+    await limiter._load_scripts()
+    issued: list[object] = []
+
+    def alongside() -> None:
+        issued.append(redis.issue(b"*1\r\n$4\r\nPING\r\n"))
+
+    writes = redis.writes
+    held = await limiter.admit(None, IP, 20, alongside)
+    assert len(issued) == 1 and redis.writes - writes == 2  # the PING rode with the requests/min hit
+    assert await issued[0] == b"PONG"  # type: ignore[misc]
+    for tokens in (200, 20):  # over the tokens limit; then the slot is full
+        with pytest.raises(RateLimited):
+            await limiter.admit(None, IP, tokens, alongside)
+    assert len(issued) == 1
+    await limiter.finish(held, 20)

@@ -86,6 +86,20 @@ class Refused:
     reset_text: str
 
 
+@dataclass(slots=True)
+class EarlyReservation:
+    """A reservation issued by the stage before the budget stage (so it shares that stage's last Redis write),
+    at `now`; the budget stage claims it (takes it off the exchange) and awaits its verdict instead of asking."""
+
+    now: float
+    verdict: Awaitable[Admitted | Refused]
+
+
+async def ready(verdict: Admitted | Refused) -> Admitted | Refused:
+    """A verdict already known, as the awaitable `reserve_soon` returns."""
+    return verdict
+
+
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
     period: Period
@@ -120,6 +134,13 @@ class BudgetLedger(Protocol):
     async def reserve(
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused: ...
+
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
+        """`reserve` issued now (on Redis: queued on the shared connection, leaving with whatever else this loop
+        iteration queues); its verdict awaited later. The awaitable must be awaited."""
+        ...
 
     async def settle(self, reservation: Reservation, used: int) -> None: ...
 
@@ -201,6 +222,11 @@ class Ledger:
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused:
         return self.reserve_now(principal_id, model, tokens, budgets, now)
+
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
+        return ready(self.reserve_now(principal_id, model, tokens, budgets, now))
 
     def reserve_now(
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float

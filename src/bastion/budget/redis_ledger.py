@@ -42,6 +42,7 @@ from .ledger import (
     Row,
     Standing,
     UsageReport,
+    ready,
 )
 from .policy import PERIODS, Budget
 
@@ -143,14 +144,33 @@ class RedisLedger:
     async def reserve(
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused:
+        return await self.reserve_soon(principal_id, model, tokens, budgets, now)
+
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
         windows = self.calendar.at(now)
         applied = [b for b in budgets if b.model is None or b.model == model]
         if not applied and tokens <= 0:  # nothing to check, nothing to count
-            return Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), [])
+            return ready(Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), []))
         args: list[str | int] = [tokens, model, *(r + PERIOD_GRACE for r in windows.resets), len(applied)]
         for budget in applied:
             args += [budget.ordinal + 1, "t" if budget.model is None else "t:" + budget.model, budget.tokens]
-        reply = cast(list[int], await self._call(self._reserve, self._period_keys(principal_id, windows.starts), args))
+        command = self._reserve.command(self._period_keys(principal_id, windows.starts), args)
+        issued = self._client.issue(command)
+        return self._reserved(issued, command, principal_id, model, tokens, applied, windows)
+
+    async def _reserved(
+        self,
+        issued: asyncio.Future[Reply] | None,
+        command: bytes,
+        principal_id: str,
+        model: str,
+        tokens: int,
+        applied: list[Budget],
+        windows: Windows,
+    ) -> Admitted | Refused:
+        reply = cast(list[int], await self._guard(self._reserve.reply(issued, command)))
         refused, used = reply[0], reply[1:]
         if refused:
             return self._refusal(applied, used, tokens, windows)

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol, cast
@@ -255,9 +255,19 @@ class RateLimiter:
         conc = self.default_concurrent if principal.max_concurrent is None else principal.max_concurrent
         return "p:" + principal.id, rpm, tpm, conc
 
-    async def admit(self, principal: LimitedPrincipal | None, client_ip: str, tokens: int = 0) -> Admission:
+    async def admit(
+        self,
+        principal: LimitedPrincipal | None,
+        client_ip: str,
+        tokens: int = 0,
+        alongside: Callable[[], object] | None = None,
+    ) -> Admission:
         """Reserve `tokens` (at most the whole tokens/min limit), take a concurrency slot and a request-window
-        hit, or raise `RateLimited` having taken nothing."""
+        hit, or raise `RateLimited` having taken nothing.
+
+        On Redis, `alongside` is called just before the request-window hit (the last write, once the tokens and
+        the slot are admitted) so that what it queues on the shared connection leaves in the same write; it is
+        not called otherwise (the caller then knows nothing was issued)."""
         key, rpm, tpm, conc = self.limits_for(principal, client_ip)
         admission = Admission(key, tpm, None, [])
         try:
@@ -306,6 +316,8 @@ class RateLimiter:
             if rpm > 0:
                 item = per_minute(rpm)
                 if self._redis_parts is not None:  # the strategy's hit and window stats, in one round trip
+                    if alongside is not None:
+                        alongside()
                     expiry = item.get_expiry()
                     admitted, start, count = await self._redis_parts[0].acquire_with_window(
                         item.key_for(key), rpm, expiry
