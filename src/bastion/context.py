@@ -62,7 +62,7 @@ class Exchange:
     # Work a stage issued as the request ended and left for the gateway to await once every stage has returned
     # (a budget settle already queued on the shared Redis connection: the limiter's settle, issued by the stage
     # around it, joins the same write). Each handles its own failure; the request is not over until they are.
-    deferred: list[Awaitable[None]] = field(default_factory=list)
+    deferred: tuple[Awaitable[None], ...] = ()  # (a tuple: a list's default_factory costs ~150 ns per request)
     # The budget reservation issued with the limiter's last Redis write, until the budget stage claims it.
     early_budget: EarlyReservation | None = None
     started: float = field(default_factory=time.perf_counter)

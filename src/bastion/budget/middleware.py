@@ -140,7 +140,7 @@ class BudgetStage:
             used, _ = charge(exchange)
             waiting = self.ledger.settle_soon(verdict.reservation, used)
             if waiting is not None:
-                exchange.deferred.append(waiting)
+                exchange.deferred += (waiting,)
 
     def _reserve(self, exchange: Exchange, principal: Principal, now: float) -> Awaitable[Admitted | Refused]:
         tokens = exchange.prompt_estimate + exchange.completion_cap
