@@ -4,6 +4,7 @@ shares its one Redis connection between its ledger and its rate limiter."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -262,3 +263,23 @@ async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
         return found
     finally:
         await probe.aclose()
+
+
+async def test_a_settle_left_for_the_gateway_and_lost_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """`settle_soon` queues the settle and returns; awaited later (by the gateway), a Redis that no longer answers
+    is a lost settle logged and counted as `settle` always did, never an exception out of the request."""
+    with redis_server() as (proc, url):
+        client = connect(url, 0.5)
+        dead = RedisLedger(client, Calendar(zone("UTC")))
+        verdict = await dead.reserve("p", "m", 10, DAILY, NOW)
+        assert isinstance(verdict, Admitted)
+        proc.signal(signal.SIGSTOP)  # frozen: the settle is written, its reply never comes
+        try:
+            waiting = dead.settle_soon(verdict.reservation, 7)
+            assert waiting is not None
+            await waiting
+        finally:
+            proc.signal(signal.SIGCONT)
+            await client.aclose()
+    assert dead.errors == 1
+    assert "budget settle lost (Redis unreachable)" in caplog.text
