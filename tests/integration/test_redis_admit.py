@@ -97,3 +97,16 @@ async def test_alongside_leaves_with_the_requests_hit_and_only_once_the_rest_is_
             await limiter.admit(None, IP, tokens, alongside)
     assert len(issued) == 1
     await limiter.finish(held, 20)
+
+
+async def test_a_requests_refusal_gives_back_slot_and_reservation_in_one_round_trip(redis: Redis) -> None:
+    limiter = RateLimiter(rpm=1, tpm=100, max_concurrent=2, redis=redis)
+    await limiter._load_scripts()
+    held = await limiter.admit(None, IP, 10)
+    writes = redis.writes
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(None, IP, 20)
+    assert refused.value.reason == "rate_limit_requests"
+    assert redis.writes - writes == 3  # tokens + slot; the requests hit; the slot and the 20 tokens given back
+    assert await redis.execute("ZCARD", SLOTS) == 1 and await _count(redis, tokens_key(100)) == 10
+    await limiter.finish(held, 10)

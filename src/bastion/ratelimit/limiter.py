@@ -395,13 +395,11 @@ class RateLimiter:
         return limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
 
     async def _undo(self, admission: Admission) -> None:
-        """Give back what a refused (or failed) admission took: its slot and its reservation."""
-        if admission.slot is not None:
-            await self._release(admission.key, admission.slot)
-            admission.slot = None
-        if admission.reserved:
-            await self.settle(admission, 0)
-            admission.reserved = 0
+        """Give back what a refused (or failed) admission took: its slot and its reservation (on Redis in one
+        round trip, as a finished request's)."""
+        await self.finish(admission, 0)
+        admission.slot = None
+        admission.reserved = 0
 
     @staticmethod
     def _refused(
