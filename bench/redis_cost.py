@@ -54,12 +54,16 @@ def redis_server() -> Iterator[tuple[int, str]]:
         proc.wait(10)
 
 
-def redis_calls(url: str | None) -> int:
-    """Calls clients have made so far (EVALSHA, EVAL, ZREM from INFO commandstats; not the commands scripts run)."""
+def redis_calls(url: str | None) -> tuple[int, int]:
+    """Calls clients have made so far (EVALSHA, EVAL, ZREM from INFO commandstats; not the commands scripts run),
+    and the server's reads of client sockets (`total_reads_processed`): with one client sending one request at a
+    time (c=1), the gateway's round trips."""
     if url is None:
-        return 0
-    out = subprocess.run(["redis-cli", "-u", url, "INFO", "commandstats"], capture_output=True, text=True).stdout
-    return sum(int(n) for n in re.findall(r"cmdstat_(?:evalsha|eval|zrem):calls=(\d+)", out))
+        return 0, 0
+    out = subprocess.run(["redis-cli", "-u", url, "INFO", "all"], capture_output=True, text=True).stdout
+    calls = sum(int(n) for n in re.findall(r"cmdstat_(?:evalsha|eval|zrem):calls=(\d+)", out))
+    reads = re.search(r"total_reads_processed:(\d+)", out)
+    return calls, int(reads.group(1)) if reads else 0
 
 
 async def per_call(url: str, n: int) -> dict[str, float]:
@@ -100,13 +104,15 @@ def per_request(redis: str | None, redis_pid: int, seconds: int, concurrency: in
         url = f"http://127.0.0.1:{gw}"
         wrk(url, key, concurrency, 2, work)  # warm-up: connections, scripts loaded
         load = load_average()
-        cpu, redis_cpu, calls = cpu_seconds(proc.pid), cpu_seconds(redis_pid), redis_calls(redis)
+        cpu, redis_cpu, (calls, reads) = cpu_seconds(proc.pid), cpu_seconds(redis_pid), redis_calls(redis)
         row = wrk(url, key, concurrency, seconds, work)
         used, redis_used = cpu_seconds(proc.pid) - cpu, cpu_seconds(redis_pid) - redis_cpu
-        calls = redis_calls(redis) - calls
+        calls_after, reads_after = redis_calls(redis)
+        calls, reads = calls_after - calls, reads_after - reads - 1  # less the INFO's own read
     done = row["requests"] - row["errors"]
     return {
         "calls_per_request": calls / done,
+        "reads_per_request": reads / done,
         "us_per_request": used / done * 1e6,
         "redis_us_per_request": redis_used / done * 1e6 if redis else 0.0,
         "rps": row["rps"],
@@ -136,7 +142,8 @@ def main() -> None:
                 say(
                     f"{name} round {i + 1}: {row['us_per_request']:.0f} µs gateway CPU/request, "
                     f"redis-server {row['redis_us_per_request']:.0f} µs, "
-                    f"{row['calls_per_request']:.1f} Redis calls/request, {row['rps']:.0f} req/s, "
+                    f"{row['calls_per_request']:.1f} Redis calls/request, {row['reads_per_request']:.2f} server reads "
+                    f"(round trips at c=1)/request, {row['rps']:.0f} req/s, "
                     f"{row['errors']:.0f} errors, load {row['load']:.2f}"
                 )
             say(f"{name}: median {statistics.median(r['us_per_request'] for r in rows):.0f} µs gateway CPU/request")

@@ -8,12 +8,13 @@ response is finished. It holds no credential and no prompt text.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .asgi import Scope
 from .auth.identity import Principal
+from .budget.ledger import EarlyReservation
 from .usage import Usage
 
 _SCOPE_KEY = "bastion.exchange"  # the one key the gateway puts in an ASGI scope
@@ -57,6 +58,12 @@ class Exchange:
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Work a stage issued as the request ended and left for the gateway to await once every stage has returned
+    # (a budget settle already queued on the shared Redis connection: the limiter's settle, issued by the stage
+    # around it, joins the same write). Each handles its own failure; the request is not over until they are.
+    deferred: tuple[Awaitable[None], ...] = ()  # (a tuple: a list's default_factory costs ~150 ns per request)
+    # The budget reservation issued with the limiter's last Redis write, until the budget stage claims it.
+    early_budget: EarlyReservation | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
     finished: float | None = None

@@ -4,12 +4,15 @@ shares its one Redis connection between its ledger and its rate limiter."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any, cast
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.budget.calendar import Calendar, zone
 from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
@@ -166,3 +169,117 @@ def test_a_gateway_with_redis_limits_and_budgets_opens_one_connection() -> None:
                 assert "x-ratelimit-remaining-requests" in reply.headers, reply.headers
             clients = asyncio.run(_clients(url))
             assert len(clients) == 1, clients
+
+
+def _redis_counts(url: str, base: str) -> tuple[float, float, int]:
+    """(the gateway's writes and commands on its Redis connection, the server's EVALSHA calls so far)."""
+    page = httpx.get(base + "/metrics", headers={"authorization": "Bearer scrape-token"}, timeout=5).text
+    counts = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            counts[sample.name] = sample.value
+    info = asyncio.run(_info(url))
+    line = next((line for line in info.splitlines() if line.startswith("cmdstat_evalsha:")), "cmdstat_evalsha:calls=0")
+    evalsha = int(line.split(":", 1)[1].split(",")[0].removeprefix("calls="))
+    return counts["bastion_redis_writes_total"], counts["bastion_redis_commands_total"], evalsha
+
+
+async def _info(url: str) -> str:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        return cast(bytes, await probe.execute("INFO", "commandstats")).decode()
+    finally:
+        await probe.aclose()
+
+
+def test_a_request_with_every_limit_and_a_budget_makes_three_round_trips() -> None:
+    """Every limit and a budget on Redis: admission's tokens reserve and concurrency slot leave in one write,
+    the requests/min hit (last: it cannot be undone) and the budget's reserve in a second; at the end the
+    limiter's release and settle and the ledger's settle leave in one write. Sequential requests, so no
+    request shares a write with another: 3 round trips (was 6) for the same 8 commands (7 EVALSHA, 1 ZREM)."""
+    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    n = 20
+    with redis_server() as (_, url):
+        env = {
+            "BASTION_REDIS_URL": url,
+            "BASTION_RATE_LIMIT_RPM": "1000",
+            "BASTION_RATE_LIMIT_TPM": "1000000",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+            "BASTION_BUDGET_DAY": "1000000",
+            "BASTION_METRICS_TOKEN": "scrape-token",
+            "BASTION_AUDIT_LOG": "off",
+        }
+        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+            for _ in range(2):  # warm: scripts loaded, connection open
+                assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
+            writes, commands, evalsha = _redis_counts(url, base)
+            for _ in range(n):
+                reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+                assert reply.status_code == 200, reply.text
+            after = _redis_counts(url, base)
+    # The slots' refresher (every 20 s) may add one write and one command in the window.
+    assert 3 * n <= after[0] - writes <= 3 * n + 1, (after[0] - writes) / n
+    assert 8 * n <= after[1] - commands <= 8 * n + 1, (after[1] - commands) / n
+    assert 7 * n <= after[2] - evalsha <= 7 * n + 1, (after[2] - evalsha) / n
+
+
+def test_a_budget_reservation_issued_with_the_requests_window_is_given_back_when_not_used() -> None:
+    """The budget's reservation leaves with the requests/min hit: a request the requests window refuses, and
+    one the usage endpoint answers, must leave nothing reserved (counted `t` == settled `s` in every budget
+    hash), as when the budget was asked only after the limits admitted."""
+    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    with redis_server() as (_, url):
+        env = {
+            "BASTION_REDIS_URL": url,
+            "BASTION_RATE_LIMIT_RPM": "3",
+            "BASTION_RATE_LIMIT_TPM": "1000000",
+            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+            "BASTION_BUDGET_DAY": "1000000",
+            "BASTION_AUDIT_LOG": "off",
+        }
+        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+            assert http.get("/v1/usage", headers=AUTH, timeout=10).status_code == 200
+            for status in (200, 200, 429):
+                reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+                assert reply.status_code == status, reply.text
+            assert reply.json()["error"]["code"] == "rate_limit_exceeded"
+            hashes = asyncio.run(_budget_hashes(url))
+    assert hashes and all(h[b"t"] == h[b"s"] for h in hashes), hashes
+    assert all(int(h[b"s"]) < 100 for h in hashes), hashes  # two requests' real usage, not a reservation of 50+
+
+
+async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
+        found = []
+        for key in reply[1]:
+            if b":h:" in key:
+                continue
+            flat = cast(list[bytes], await probe.execute("HGETALL", key))
+            found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return found
+    finally:
+        await probe.aclose()
+
+
+async def test_a_settle_left_for_the_gateway_and_lost_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """`settle_soon` queues the settle and returns; awaited later (by the gateway), a Redis that no longer answers
+    is a lost settle logged and counted as `settle` always did, never an exception out of the request."""
+    with redis_server() as (proc, url):
+        client = connect(url, 0.5)
+        dead = RedisLedger(client, Calendar(zone("UTC")))
+        verdict = await dead.reserve("p", "m", 10, DAILY, NOW)
+        assert isinstance(verdict, Admitted)
+        proc.signal(signal.SIGSTOP)  # frozen: the settle is written, its reply never comes
+        try:
+            waiting = dead.settle_soon(verdict.reservation, 7)
+            assert waiting is not None
+            await waiting
+        finally:
+            proc.signal(signal.SIGCONT)
+            await client.aclose()
+    assert dead.errors == 1
+    assert "budget settle lost (Redis unreachable)" in caplog.text

@@ -219,6 +219,58 @@ async def test_many_concurrent_callers_each_get_their_own_reply(client_for: Call
         assert fake.connections == 1  # one pipelined connection, opened once for all of them
 
 
+async def test_one_loop_iterations_callers_share_one_write_in_order(client_for: Callable[[str, float], Redis]) -> None:
+    """Auto-pipelining: 50 callers that issue in the same loop iteration leave in one send (counted on the
+    client's socket), the server reads them in issue order, and each gets its own reply; callers of later
+    iterations make writes of their own."""
+    async with FakeRedis(echo()) as fake:
+        client = client_for(fake.url, 2.0)
+        assert client.issue(b"*1\r\n$4\r\nPING\r\n") is None  # no connection yet: `send` would open one
+        assert await client.execute("ECHO", "warm") == b"warm"
+        writes, commands = client.writes, client.commands
+        replies = await asyncio.gather(*(client.execute("ECHO", f"c{i}") for i in range(50)))
+        assert replies == [f"c{i}".encode() for i in range(50)]
+        assert [c[-1] for c in fake.commands[-50:]] == [f"c{i}".encode() for i in range(50)]
+        assert (client.writes - writes, client.commands - commands) == (1, 50)
+        # `issue` queues without awaiting: two issued, then awaited, are one write too.
+        first, second = client.issue(encode(("ECHO", "a"))), client.issue(encode(("ECHO", "b")))
+        assert first is not None and second is not None
+        assert (await first, await second) == (b"a", b"b")
+        assert client.writes - writes == 2
+        for i in range(3):  # one caller per iteration: one write each
+            assert await client.execute("ECHO", str(i)) == str(i).encode()
+        assert client.writes - writes == 5
+
+
+async def test_a_failure_mid_batch_fails_exactly_the_callers_without_a_reply(
+    client_for: Callable[[str, float], Redis],
+) -> None:
+    """One write of 10 commands; the server answers 4, then drops the connection: those 4 callers get their
+    replies, the 6 others `RedisUnavailable` (nothing is re-sent), and the next call reconnects."""
+    answered = 0
+
+    async def partial(command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        if command[-1].startswith(b"c") and answered == 4:
+            await writer.drain()
+            writer.transport.abort()
+            return
+        if command[-1].startswith(b"c"):
+            answered += 1
+        writer.write(b"$%d\r\n%s\r\n" % (len(command[-1]), command[-1]))
+
+    async with FakeRedis(partial) as fake:
+        client = client_for(fake.url, 2.0)
+        assert await client.execute("ECHO", "warm") == b"warm"
+        writes = client.writes
+        results = await asyncio.gather(*(client.execute("ECHO", f"c{i}") for i in range(10)), return_exceptions=True)
+        assert client.writes - writes == 1
+        assert results[:4] == [b"c0", b"c1", b"c2", b"c3"]
+        assert all(type(r) is RedisUnavailable for r in results[4:]), results
+        assert await client.execute("ECHO", "again") == b"again" and fake.connections == 2
+        assert client.writes - writes == 2  # the closed connection's writes still count
+
+
 async def test_a_cancelled_caller_leaves_the_order_intact(client_for: Callable[[str, float], Redis]) -> None:
     async def delayed(command: list[bytes], writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.02)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,6 +86,20 @@ class Refused:
     reset_text: str
 
 
+@dataclass(slots=True)
+class EarlyReservation:
+    """A reservation issued by the stage before the budget stage (so it shares that stage's last Redis write),
+    at `now`; the budget stage claims it (takes it off the exchange) and awaits its verdict instead of asking."""
+
+    now: float
+    verdict: Awaitable[Admitted | Refused]
+
+
+async def ready(verdict: Admitted | Refused) -> Admitted | Refused:
+    """A verdict already known, as the awaitable `reserve_soon` returns."""
+    return verdict
+
+
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
     period: Period
@@ -121,7 +135,19 @@ class BudgetLedger(Protocol):
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused: ...
 
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
+        """`reserve` issued now (on Redis: queued on the shared connection, leaving with whatever else this loop
+        iteration queues); its verdict awaited later. The awaitable must be awaited."""
+        ...
+
     async def settle(self, reservation: Reservation, used: int) -> None: ...
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        """`settle` started now: done (None), or issued to the storage, the awaitable waiting for it (so that
+        another stage's call can leave in the same write before either is awaited)."""
+        ...
 
     async def release(self, reservation: Reservation) -> None: ...
 
@@ -197,6 +223,11 @@ class Ledger:
     ) -> Admitted | Refused:
         return self.reserve_now(principal_id, model, tokens, budgets, now)
 
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
+        return ready(self.reserve_now(principal_id, model, tokens, budgets, now))
+
     def reserve_now(
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused:
@@ -249,6 +280,10 @@ class Ledger:
 
     async def release(self, reservation: Reservation) -> None:
         self.settle_now(reservation, 0)
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        self.settle_now(reservation, used)
+        return None
 
     def settle_now(self, reservation: Reservation, used: int) -> None:
         """Replace the reservation by `used` tokens, in the periods where it was made."""

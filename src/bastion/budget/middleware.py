@@ -9,6 +9,8 @@ minute away, since an SDK retrying within seconds cannot succeed). During: `x-bu
 After (always, in `finally`): settle to what the request is charged, by the same
 rule as the limits (`accounting.charge`: the engine's usage, or a conservative
 estimate when a started response gave none), or release it when nothing was generated.
+A Redis settle is issued here and awaited by the gateway (`Exchange.deferred`), so it
+shares its round trip with the limiter's.
 
 Expects `exchange.model`, `exchange.prompt_estimate` and `exchange.completion_cap`
 from the stage that reads the request body (`request_body.InspectBody`).
@@ -19,14 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..accounting import charge
 from ..asgi import ASGIApp, Receive, Scope, Send
 from ..auth.identity import Principal
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import GatewayError, send_error
-from .ledger import Admitted, BudgetLedger, LedgerUnavailable, Refused
+from .ledger import Admitted, BudgetLedger, EarlyReservation, LedgerUnavailable, Refused
 from .metrics import BudgetMetrics
 from .policy import Budgets, effective
 
@@ -90,15 +92,15 @@ class BudgetStage:
         if principal is None:
             await self.app(scope, receive, send)
             return
-        now = self._clock()
+        early = exchange.early_budget
+        if early is not None:  # issued by the limiter's stage with its last write: claimed here
+            exchange.early_budget = None
+            now, verdict_of = early.now, early.verdict
+        else:
+            now = self._clock()
+            verdict_of = self._reserve(exchange, principal, now)
         try:
-            verdict = await self.ledger.reserve(
-                principal.id,
-                exchange.model,
-                exchange.prompt_estimate + exchange.completion_cap,
-                self.budgets(principal),
-                now,
-            )
+            verdict = await verdict_of
         except LedgerUnavailable as exc:
             if not self._degraded:
                 self._degraded = True
@@ -132,11 +134,41 @@ class BudgetStage:
         try:
             await self.app(scope, receive, send)
         finally:
+            # Settled (a release when nothing was used: `used` 0) without waiting here: on Redis the settle is
+            # queued now and the gateway awaits it once the limiter's finish, queued as this stage returns, has
+            # joined it in one write (one round trip at the end of a request, not two).
             used, _ = charge(exchange)
-            if used == 0:
-                await self.ledger.release(verdict.reservation)
-            else:
-                await self.ledger.settle(verdict.reservation, used)
+            waiting = self.ledger.settle_soon(verdict.reservation, used)
+            if waiting is not None:
+                exchange.deferred += (waiting,)
+
+    def _reserve(self, exchange: Exchange, principal: Principal, now: float) -> Awaitable[Admitted | Refused]:
+        tokens = exchange.prompt_estimate + exchange.completion_cap
+        return self.ledger.reserve_soon(principal.id, exchange.model, tokens, self.budgets(principal), now)
+
+    # --- the reservation issued early, by the stage before (ratelimit.middleware.Alongside) --------------
+    def issue(self, exchange: Exchange) -> None:
+        """Issue this request's reservation now, so that it leaves in the limiter's last write (the requests/min
+        hit): one round trip for both. This stage claims it; whoever issued it calls `unclaimed` when the
+        request ends (or is refused before reaching here)."""
+        principal = exchange.principal
+        if principal is not None:
+            now = self._clock()
+            exchange.early_budget = EarlyReservation(now, self._reserve(exchange, principal, now))
+
+    async def unclaimed(self, exchange: Exchange) -> None:
+        """Give back an early reservation this stage never claimed (the limits refused the request, or a stage
+        before this one answered it): what it took is released, so nothing stays taken that was not before."""
+        early = exchange.early_budget
+        if early is None:
+            return
+        exchange.early_budget = None
+        try:
+            verdict = await early.verdict
+        except LedgerUnavailable:
+            return  # nothing was taken (or Redis cannot tell): as when the reservation was never asked
+        if isinstance(verdict, Admitted) and verdict.reservation.tokens:
+            await self.ledger.release(verdict.reservation)
 
     def _admitted(self, exchange: Exchange, principal: Principal, verdict: Admitted) -> None:
         tightest = verdict.tightest

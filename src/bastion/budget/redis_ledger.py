@@ -42,6 +42,7 @@ from .ledger import (
     Row,
     Standing,
     UsageReport,
+    ready,
 )
 from .policy import PERIODS, Budget
 
@@ -143,14 +144,33 @@ class RedisLedger:
     async def reserve(
         self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
     ) -> Admitted | Refused:
+        return await self.reserve_soon(principal_id, model, tokens, budgets, now)
+
+    def reserve_soon(
+        self, principal_id: str, model: str, tokens: int, budgets: Sequence[Budget], now: float
+    ) -> Awaitable[Admitted | Refused]:
         windows = self.calendar.at(now)
         applied = [b for b in budgets if b.model is None or b.model == model]
         if not applied and tokens <= 0:  # nothing to check, nothing to count
-            return Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), [])
+            return ready(Admitted(Reservation(principal_id, model, 0, windows.hour, windows.starts), []))
         args: list[str | int] = [tokens, model, *(r + PERIOD_GRACE for r in windows.resets), len(applied)]
         for budget in applied:
             args += [budget.ordinal + 1, "t" if budget.model is None else "t:" + budget.model, budget.tokens]
-        reply = cast(list[int], await self._call(self._reserve, self._period_keys(principal_id, windows.starts), args))
+        command = self._reserve.command(self._period_keys(principal_id, windows.starts), args)
+        issued = self._client.issue(command)
+        return self._reserved(issued, command, principal_id, model, tokens, applied, windows)
+
+    async def _reserved(
+        self,
+        issued: asyncio.Future[Reply] | None,
+        command: bytes,
+        principal_id: str,
+        model: str,
+        tokens: int,
+        applied: list[Budget],
+        windows: Windows,
+    ) -> Admitted | Refused:
+        reply = cast(list[int], await self._guard(self._reserve.reply(issued, command)))
         refused, used = reply[0], reply[1:]
         if refused:
             return self._refusal(applied, used, tokens, windows)
@@ -167,10 +187,18 @@ class RedisLedger:
         return Refused(budget, spent, tokens, reset, self.calendar.text(reset))
 
     async def settle(self, reservation: Reservation, used: int) -> None:
+        waiting = self.settle_soon(reservation, used)
+        if waiting is not None:
+            await waiting
+
+    def settle_soon(self, reservation: Reservation, used: int) -> Awaitable[None] | None:
+        """Queue the settle on the shared connection now (it leaves with whatever else this loop iteration
+        queues: the limiter's settle, at the end of the same request); the awaitable waits for its reply.
+        Redis unreachable: logged as a lost settle (counted in `errors`), as `settle` always did."""
         r = reservation
         used = max(0, used)
         if not used and not r.tokens:
-            return
+            return None
         resets = self.calendar.at(r.hour).resets
         day = r.hour - r.hour % DAY
         keys = [
@@ -181,8 +209,12 @@ class RedisLedger:
         keep_until = day + DAY + int(self._retention) if self._retention is not None else day + 400 * DAY
         args: list[str | int] = [r.tokens, used, r.model, r.hour, *(x + PERIOD_GRACE for x in resets), keep_until]
         args.append(r.principal_id)
+        command = self._settle.command(keys, args)
+        return self._settled(self._client.issue(command), command)
+
+    async def _settled(self, issued: asyncio.Future[Reply] | None, command: bytes) -> None:
         try:
-            await self._call(self._settle, keys, args)
+            await self._guard(self._settle.reply(issued, command))
         except LedgerUnavailable as exc:
             log.error("budget settle lost (Redis unreachable): %s", exc.__cause__ or exc)
 

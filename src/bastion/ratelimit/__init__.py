@@ -1,6 +1,14 @@
 """Rate limits: requests/min, tokens/min and concurrent requests (see docs/rate-limits.md)."""
 
-from .limiter import Admission, LimitedPrincipal, RateLimited, RateLimiter, reset_duration
+from .limiter import Admission, LimitedPrincipal, RateLimited, RateLimiter, RedisCollector, reset_duration
 from .middleware import RateLimitMiddleware
 
-__all__ = ["Admission", "LimitedPrincipal", "RateLimitMiddleware", "RateLimited", "RateLimiter", "reset_duration"]
+__all__ = [
+    "Admission",
+    "LimitedPrincipal",
+    "RateLimitMiddleware",
+    "RateLimited",
+    "RateLimiter",
+    "RedisCollector",
+    "reset_duration",
+]

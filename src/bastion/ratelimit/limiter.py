@@ -28,10 +28,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, cast
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import Storage
@@ -46,6 +46,7 @@ from .memory import MemoryStorage
 from .redis_storage import LeanRedisStorage
 from .slots import MemorySlots, RedisSlots, Slots
 from .tokens import MemoryTokens, RedisTokens, TokenWindows
+from .tokens import Reservation as TokenReservation
 
 log = logging.getLogger("bastion.ratelimit")
 
@@ -254,9 +255,19 @@ class RateLimiter:
         conc = self.default_concurrent if principal.max_concurrent is None else principal.max_concurrent
         return "p:" + principal.id, rpm, tpm, conc
 
-    async def admit(self, principal: LimitedPrincipal | None, client_ip: str, tokens: int = 0) -> Admission:
+    async def admit(
+        self,
+        principal: LimitedPrincipal | None,
+        client_ip: str,
+        tokens: int = 0,
+        alongside: Callable[[], object] | None = None,
+    ) -> Admission:
         """Reserve `tokens` (at most the whole tokens/min limit), take a concurrency slot and a request-window
-        hit, or raise `RateLimited` having taken nothing."""
+        hit, or raise `RateLimited` having taken nothing.
+
+        On Redis, `alongside` is called just before the request-window hit (the last write, once the tokens and
+        the slot are admitted) so that what it queues on the shared connection leaves in the same write; it is
+        not called otherwise (the caller then knows nothing was issued)."""
         key, rpm, tpm, conc = self.limits_for(principal, client_ip)
         admission = Admission(key, tpm, None, [])
         try:
@@ -264,9 +275,15 @@ class RateLimiter:
             token_headers: Headers = []  # for a response: what is left with this request's reservation
             # For a refusal after the reservation: what is left without it (it is given back), made only then.
             refused_left, reset = 0, 0.0
+            slot_asked = False
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
-                reservation = await self.token_windows.reserve(per_minute(tpm).key_for(key), tpm, MINUTE, amount)
+                window_key = per_minute(tpm).key_for(key)
+                if conc > 0 and self._redis_parts is not None:  # the reservation and the slot in one round trip
+                    reservation = await self._reserve_with_slot(admission, window_key, tpm, amount, conc)
+                    slot_asked = True
+                else:
+                    reservation = await self.token_windows.reserve(window_key, tpm, MINUTE, amount)
                 window = reservation.window
                 left, reset = window.remaining(tpm, MINUTE), window.reset_in(MINUTE)
                 token_headers = limit_headers("tokens", tpm, left, reset)
@@ -284,7 +301,8 @@ class RateLimiter:
                     )
                 admission.reserved, admission.ticket = amount, reservation.ticket
             if conc > 0:
-                admission.slot = await self.slots.acquire(key, conc)
+                if not slot_asked:
+                    admission.slot = await self.slots.acquire(key, conc)
                 if admission.slot is None:
                     request_headers = await self._request_headers(key, rpm, now) if rpm > 0 else []
                     plural = "request" if conc == 1 else "requests"
@@ -298,6 +316,8 @@ class RateLimiter:
             if rpm > 0:
                 item = per_minute(rpm)
                 if self._redis_parts is not None:  # the strategy's hit and window stats, in one round trip
+                    if alongside is not None:
+                        alongside()
                     expiry = item.get_expiry()
                     admitted, start, count = await self._redis_parts[0].acquire_with_window(
                         item.key_for(key), rpm, expiry
@@ -344,18 +364,42 @@ class RateLimiter:
                 500, "The gateway failed to apply its rate limits.", "rate_limit_internal", [], code="internal_error"
             ) from None
 
+    async def _reserve_with_slot(
+        self, admission: Admission, window_key: str, tpm: int, amount: int, conc: int
+    ) -> TokenReservation:
+        """Redis: the tokens reservation and the concurrency slot, issued together (one write, one round trip).
+        Whatever either took is recorded on `admission` before anything is raised, so that a refusal or a
+        failure of the other gives it back (`_undo`), as when they were asked one after the other."""
+        _, slots, tokens = cast(tuple[LeanRedisStorage, RedisSlots, RedisTokens], self._redis_parts)
+        slot_call, slot = slots.acquire_call(admission.key, conc)
+        try:
+            reserved, taken = await cast(Redis, self._redis).pipeline(
+                [tokens.reserve_call(window_key, tpm, MINUTE, amount), slot_call]
+            )
+        except BaseException:  # cancelled: whether the slot was taken is unknown; it expires unrefreshed
+            slots.forget(admission.key, slot)
+            raise
+        if slots.acquired(admission.key, slot, taken):
+            admission.slot = slot
+        if isinstance(reserved, BaseException):
+            raise reserved
+        reservation = tokens.reservation(reserved)
+        if reservation.admitted:
+            admission.reserved, admission.ticket = amount, reservation.ticket
+        if isinstance(taken, BaseException):
+            raise taken
+        return reservation
+
     async def _request_headers(self, key: str, rpm: int, now: float) -> Headers:
         stats = await self.requests.get_window_stats(per_minute(rpm), key)
         return limit_headers("requests", rpm, stats.remaining, stats.reset_time - now)
 
     async def _undo(self, admission: Admission) -> None:
-        """Give back what a refused (or failed) admission took: its slot and its reservation."""
-        if admission.slot is not None:
-            await self._release(admission.key, admission.slot)
-            admission.slot = None
-        if admission.reserved:
-            await self.settle(admission, 0)
-            admission.reserved = 0
+        """Give back what a refused (or failed) admission took: its slot and its reservation (on Redis in one
+        round trip, as a finished request's)."""
+        await self.finish(admission, 0)
+        admission.slot = None
+        admission.reserved = 0
 
     @staticmethod
     def _refused(
@@ -476,4 +520,22 @@ class _StorageCollector(Collector):
             "bastion_ratelimit_fail_open",
             "Requests served without rate limits because the storage failed (BASTION_REDIS_FAIL_MODE=open).",
             self._limiter.fail_open_admissions,
+        )
+
+
+class RedisCollector(Collector):
+    """The process's one Redis connection (the limiter's and the ledger's): sends and commands, read at scrape
+    time. Sends are round trips: their rate over the request rate is what a request costs in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "bastion_redis_writes",
+            "Sends on this process's Redis connection: each is one round trip for the commands in it.",
+            self._redis.writes,
+        )
+        yield CounterMetricFamily(
+            "bastion_redis_commands", "Commands sent on this process's Redis connection.", self._redis.commands
         )

@@ -6,9 +6,17 @@ before, `request_body.InspectBody`) against tokens/min. During: the `x-ratelimit
 headers, computed once at admission, go out with the proxy's response. After (always,
 in `finally`): the concurrency slot is released and the reservation is settled to what
 the request is charged (`accounting.charge`: its usage, or a conservative estimate).
+
+`alongside` (the budget stage, when both are on Redis): its reservation is issued just before the
+limiter's last write (the requests/min hit) and leaves in it, one round trip for both; that stage
+claims it. One it never claims (the limits refused the request, or a stage in between answered it:
+`GET /v1/usage`) is given back here, so what stays taken is what it was when it was asked in turn.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Protocol
 
 from ..accounting import charge
 from ..asgi import ASGIApp, Receive, Scope, Send
@@ -17,28 +25,53 @@ from ..errors import send_error
 from .limiter import Admission, RateLimited, RateLimiter
 
 
+class Alongside(Protocol):
+    """A stage further in whose Redis call can leave in the limiter's last write (`budget.middleware.BudgetStage`)."""
+
+    def issue(self, exchange: Exchange) -> None:
+        """Queue the call now (it claims its result later, when the request reaches it)."""
+
+    async def unclaimed(self, exchange: Exchange) -> None:
+        """Give back what an issued call took if the stage never claimed it; nothing otherwise."""
+
+
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, alongside: Alongside | None = None) -> None:
         self.app = app
         self.limiter = limiter
+        self.alongside = alongside
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
         tokens = exchange.prompt_estimate + exchange.completion_cap
+        alongside = self.alongside
         try:
-            admission = await self.limiter.admit(exchange.principal, exchange.client_ip, tokens)
+            admission = await self.limiter.admit(
+                exchange.principal,
+                exchange.client_ip,
+                tokens,
+                alongside=partial(alongside.issue, exchange) if alongside is not None else None,
+            )
         except RateLimited as refusal:
+            if alongside is not None:
+                await alongside.unclaimed(exchange)
             exchange.status = refusal.status
             exchange.outcome = Outcome.REJECTED
             exchange.reason = refusal.reason
             await send_error(send, refusal, [(b"x-request-id", exchange.request_id.encode())])
             return
+        except BaseException:
+            if alongside is not None:
+                await alongside.unclaimed(exchange)
+            raise
         if admission.headers:
             exchange.response_headers = admission.headers  # the proxy adds them to its response
         try:
             await self.app(scope, receive, send)
         finally:
             await self._finish(admission, exchange)
+            if alongside is not None:
+                await alongside.unclaimed(exchange)
 
     async def _finish(self, admission: Admission, exchange: Exchange) -> None:
         tokens, exchange.usage_estimated = charge(exchange)

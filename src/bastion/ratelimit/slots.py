@@ -123,6 +123,25 @@ class RedisSlots:
             return None
         return slot
 
+    def acquire_call(self, key: str, limit: int) -> tuple[tuple[bytes, Script], str]:
+        """`acquire` as a command for `Redis.pipeline`, and the slot it asks for (registered here at once, like
+        `acquire`): pass the reply to `acquired`, or call `forget` if it never comes."""
+        self._next += 1
+        slot = f"{self._tag}:{self._next}"
+        full_key = self._prefix + key
+        self._mine[full_key].add(slot)
+        return (self._acquire.command([full_key], [limit, self._ttl, slot]), self._acquire), slot
+
+    def acquired(self, key: str, slot: str, reply: object) -> bool:
+        """Whether `acquire_call`'s reply took the slot (a failure did not: forgotten, like a full set)."""
+        if isinstance(reply, BaseException) or not reply:
+            self.forget(key, slot)
+            return False
+        return True
+
+    def forget(self, key: str, slot: str) -> None:
+        self._forget(self._prefix + key, slot)
+
     async def release(self, key: str, slot: str) -> None:
         await self._client.send(self.release_call(key, slot)[0])
 

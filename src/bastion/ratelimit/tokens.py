@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from ..redisio import Redis, Script
+from ..redisio import Redis, Reply, Script
 from .memory import MemoryStorage
 
 
@@ -182,8 +182,15 @@ class RedisTokens:
         return [current + "/-1", current]
 
     async def reserve(self, key: str, limit: int, expiry: int, amount: int) -> Reservation:
-        answer = cast(list[int], await self._reserve(self._keys(key), [limit, expiry, amount]))
-        admitted, ticket, previous, previous_ttl, current, current_ttl = answer
+        return self.reservation(await self._reserve(self._keys(key), [limit, expiry, amount]))
+
+    def reserve_call(self, key: str, limit: int, expiry: int, amount: int) -> tuple[bytes, Script]:
+        """The reservation as a command for `Redis.pipeline` (its reply read by `reservation`)."""
+        return self._reserve.command(self._keys(key), [limit, expiry, amount]), self._reserve
+
+    @staticmethod
+    def reservation(reply: Reply) -> Reservation:
+        admitted, ticket, previous, previous_ttl, current, current_ttl = cast(list[int], reply)
         window = Window(previous, previous_ttl / 1000, current, current_ttl / 1000)
         return Reservation(bool(admitted), ticket, window)
 

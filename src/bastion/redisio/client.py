@@ -5,10 +5,13 @@ spent ~130-160 µs of CPU on each (redis-py with hiredis ~100 µs); writing a RE
 parsing a small reply costs ~20 µs. This client does only that.
 
 - One connection per client, shared by every concurrent caller: each call queues its command and
-  a future; the commands queued in one loop iteration go out in one send (concurrent requests'
-  calls share a syscall); replies come back in order (RESP guarantees it), so they are matched
-  FIFO in `data_received`. No task, lock or pool per call. A caller that is cancelled leaves its
-  place in the queue: its reply is read and dropped.
+  a future; the commands queued in one loop iteration go out in one send, written by one
+  `call_soon` callback (auto-pipelining: concurrent requests' calls, and one request's calls
+  issued before it awaits any, share a syscall and a round trip); replies come back in order
+  (RESP guarantees it), so they are matched FIFO in `data_received`. No task, lock or pool per
+  call. A caller that is cancelled leaves its place in the queue: its reply is read and dropped.
+  `issue` queues a command without awaiting (so a caller can queue another's before either
+  waits); `writes` and `commands` count sends and commands (round trips per request, measured).
 - Timeouts: connecting (TCP, TLS, AUTH, SELECT) and each reply get `timeout` seconds. The oldest
   pending call is the first due, so one timer watches the queue's head (armed when none is); a
   reply that does not come in time fails the connection and every call on it (`RedisTimeout`).
@@ -44,6 +47,8 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []  # commands written at the end of this loop iteration
         self.failure: RedisUnavailable | None = None
+        self.writes = 0  # sends on this socket (each one a round trip for the commands in it)
+        self.commands = 0
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,6 +99,8 @@ class _Connection(asyncio.Protocol):
         """Write the commands of this loop iteration in one send (on loopback a send costs ~10-30 µs of CPU)."""
         outgoing, self._outgoing = self._outgoing, []
         if self.failure is None and outgoing:
+            self.writes += 1
+            self.commands += len(outgoing)
             cast(asyncio.Transport, self._transport).write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
     def _check_deadline(self) -> None:
@@ -144,6 +151,19 @@ class Redis:
         self.timeout = timeout
         self._connection: _Connection | None = None
         self._opening: asyncio.Task[_Connection] | None = None
+        self._writes = 0  # of connections already closed
+        self._commands = 0
+
+    @property
+    def writes(self) -> int:
+        """Sends so far, on every connection this client opened: each is one round trip."""
+        connection = self._connection
+        return self._writes + (connection.writes if connection is not None else 0)
+
+    @property
+    def commands(self) -> int:
+        connection = self._connection
+        return self._commands + (connection.commands if connection is not None else 0)
 
     @classmethod
     def from_url(cls, url: str, timeout: float) -> Redis:
@@ -155,6 +175,14 @@ class Redis:
     async def execute(self, *args: Arg) -> Reply:
         """Run one command; its reply, or `RedisUnavailable` / `ReplyError`."""
         return await self.send(encode(args))
+
+    def issue(self, command: bytes) -> asyncio.Future[Reply] | None:
+        """Queue one already encoded command now, without awaiting: its reply's future (sent with whatever else
+        this loop iteration queues), or None when there is no open connection (then `send` it: it connects)."""
+        connection = self._connection
+        if connection is None or connection.failure is not None:
+            return None
+        return connection.request(command)
 
     async def send(self, command: bytes) -> Reply:
         """Run one already encoded command."""
@@ -208,6 +236,7 @@ class Redis:
         if task.cancelled() or task.exception() is not None:
             return
         if current:
+            self._retire(self._connection)
             self._connection = task.result()
         else:
             task.result().fail(RedisUnavailable("the Redis client was closed"))
@@ -258,6 +287,13 @@ class Redis:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.fail(RedisUnavailable("the Redis client was closed"))
+        self._retire(connection)
+
+    def _retire(self, connection: _Connection | None) -> None:
+        """Keep the counts of a connection this client no longer holds."""
+        if connection is not None:
+            self._writes += connection.writes
+            self._commands += connection.commands
 
 
 class Script:
@@ -276,7 +312,10 @@ class Script:
         return b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
 
     async def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Reply:
-        command = b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
+        return await self.send(b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args]))
+
+    async def send(self, command: bytes) -> Reply:
+        """Run this script's `command` (from `command()`), loading the script on NOSCRIPT."""
         try:
             return await self._client.send(command)
         except NoScript:
@@ -285,3 +324,14 @@ class Script:
 
     async def load(self) -> None:
         await self._client.execute(b"SCRIPT", b"LOAD", self.source)
+
+    async def reply(self, issued: asyncio.Future[Reply] | None, command: bytes) -> Reply:
+        """The reply to `command` queued by `Redis.issue` (None: it was not, so it is sent now); on NOSCRIPT the
+        script is loaded and the command run once more."""
+        if issued is None:
+            return await self.send(command)
+        try:
+            return await issued
+        except NoScript:
+            await self.load()
+            return await self._client.send(command)
