@@ -244,3 +244,15 @@ class Depth:
         elif self.in_string:
             return
         self.depth += data.count(b"{") + data.count(b"[") - data.count(b"}") - data.count(b"]")
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether a decoded string is valid Unicode: JSON's escapes can write a lone surrogate ("\\ud800"),
+    which no file, database or metric label takes."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

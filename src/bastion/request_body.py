@@ -42,7 +42,7 @@ from .auth.errors import refusal
 from .context import Exchange, Outcome, exchange_of
 from .errors import GatewayError, send_error
 from .fairness.classes import ClassTable
-from .jsonscan import Malformed, Members, Span, TooComplex
+from .jsonscan import Malformed, Members, Span, TooComplex, valid_unicode
 
 WANTED = frozenset(
     {
@@ -174,7 +174,7 @@ class RequestInspector:
             fields = _decode_values(body, spans)
         model = fields.get("model")
         if isinstance(model, str):
-            if not model.isascii() and not _encodable(model):
+            if not valid_unicode(model):
                 # JSON's "\ud800" decodes to a lone surrogate: no server serves a model of that name, and as a
                 # metric label or a usage row it broke every scrape and every usage write after it.
                 raise GatewayError(400, "The model name is not valid Unicode.", code="invalid_model", param="model")
@@ -320,14 +320,6 @@ def _elements(value: bytes) -> int:
     if b"\\" in inner:
         inner = inner.replace(b"\\\\", b"").replace(b'\\"', b"")  # escaped quotes are not string ends
     return max(1, inner.count(b'"') // 2)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _without_usage(options: object) -> bool:

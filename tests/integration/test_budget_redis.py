@@ -147,21 +147,29 @@ async def _clients(url: str) -> list[str]:
     return [line for line in listed.decode().splitlines() if "cmd=client|list" not in line]
 
 
+SIM_4_TOKENS = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
+
+
+def _limits_and_budget(url: str, *, rpm: int, tpm: int, day: int, **extra: str) -> dict[str, str]:
+    """Every limit and a daily budget on the Redis at `url` (four requests at once per key)."""
+    return {
+        "BASTION_REDIS_URL": url,
+        "BASTION_RATE_LIMIT_RPM": str(rpm),
+        "BASTION_RATE_LIMIT_TPM": str(tpm),
+        "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
+        "BASTION_BUDGET_DAY": str(day),
+        "BASTION_AUDIT_LOG": "off",
+        **extra,
+    }
+
+
 def test_a_gateway_with_redis_limits_and_budgets_opens_one_connection() -> None:
     """The limiter and the ledger each opened their own client (two connections per gateway process, per
     worker); one pipelined connection is shared by every user of BASTION_REDIS_URL."""
-    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with redis_server() as (_, url):
-        env = {
-            "BASTION_REDIS_URL": url,
-            "BASTION_RATE_LIMIT_RPM": "100",
-            "BASTION_RATE_LIMIT_TPM": "100000",
-            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
-            "BASTION_BUDGET_DAY": "100000",
-            "BASTION_AUDIT_LOG": "off",
-        }
-        with gateway("--upstream-command", sim, env=env) as (_, base):
+        env = _limits_and_budget(url, rpm=100, tpm=100000, day=100000)
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (_, base):
             for _ in range(3):  # limits (window, tokens, slot) and the budget (reserve, settle) all ask Redis
                 reply = httpx.post(base + "/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
                 assert reply.status_code == 200, reply.text
@@ -197,20 +205,11 @@ def test_a_request_with_every_limit_and_a_budget_makes_three_round_trips() -> No
     the requests/min hit (last: it cannot be undone) and the budget's reserve in a second; at the end the
     limiter's release and settle and the ledger's settle leave in one write. Sequential requests, so no
     request shares a write with another: 3 round trips (was 6) for the same 8 commands (7 EVALSHA, 1 ZREM)."""
-    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     n = 20
     with redis_server() as (_, url):
-        env = {
-            "BASTION_REDIS_URL": url,
-            "BASTION_RATE_LIMIT_RPM": "1000",
-            "BASTION_RATE_LIMIT_TPM": "1000000",
-            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
-            "BASTION_BUDGET_DAY": "1000000",
-            "BASTION_METRICS_TOKEN": "scrape-token",
-            "BASTION_AUDIT_LOG": "off",
-        }
-        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+        env = _limits_and_budget(url, rpm=1000, tpm=1000000, day=1000000, BASTION_METRICS_TOKEN="scrape-token")
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (_, base), httpx.Client(base_url=base) as http:
             for _ in range(2):  # warm: scripts loaded, connection open
                 assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
             writes, commands, evalsha = _redis_counts(url, base)
@@ -228,18 +227,10 @@ def test_a_budget_reservation_issued_with_the_requests_window_is_given_back_when
     """The budget's reservation leaves with the requests/min hit: a request the requests window refuses, and
     one the usage endpoint answers, must leave nothing reserved (counted `t` == settled `s` in every budget
     hash), as when the budget was asked only after the limits admitted."""
-    sim = "{python} -m bastion simulate --host {host} --port {port} --tokens 4"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
     with redis_server() as (_, url):
-        env = {
-            "BASTION_REDIS_URL": url,
-            "BASTION_RATE_LIMIT_RPM": "3",
-            "BASTION_RATE_LIMIT_TPM": "1000000",
-            "BASTION_RATE_LIMIT_MAX_CONCURRENT": "4",
-            "BASTION_BUDGET_DAY": "1000000",
-            "BASTION_AUDIT_LOG": "off",
-        }
-        with gateway("--upstream-command", sim, env=env) as (_, base), httpx.Client(base_url=base) as http:
+        env = _limits_and_budget(url, rpm=3, tpm=1000000, day=1000000)
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (_, base), httpx.Client(base_url=base) as http:
             assert http.get("/v1/usage", headers=AUTH, timeout=10).status_code == 200
             for status in (200, 200, 429):
                 reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)

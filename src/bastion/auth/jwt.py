@@ -33,6 +33,7 @@ from jose.exceptions import ExpiredSignatureError, JOSEError
 
 from ..budget.policy import Budgets, capped, from_mapping
 from ..fairness.classes import capped as capped_class
+from ..jsonscan import valid_unicode
 from .errors import AuthFailure
 from .identity import Principal
 from .ipfilter import IPNetwork, parse_networks
@@ -285,7 +286,7 @@ class JWTVerifier:
         exp = claims.get("exp")
         if not isinstance(subject, str) or not subject or not isinstance(exp, int | float):
             raise AuthFailure("invalid_token")
-        if not subject.isascii() and not _unicode(subject):
+        if not valid_unicode(subject):
             # `"sub": "caf\udce9"` (what `token mint --sub $'caf\xe9'` wrote): as a usage row's principal or a
             # metric label it stopped every usage write and made /metrics answer 500.
             raise AuthFailure("invalid_token")
@@ -381,12 +382,3 @@ def mint(
         claims[priority_class_claim] = priority_class
     token: str = jose_jwt.encode(claims, secret, algorithm="HS256")
     return token
-
-
-def _unicode(text: str) -> bool:
-    """Whether `text` is valid Unicode (no lone surrogate, which JSON's escapes can write)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
