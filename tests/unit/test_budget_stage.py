@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -34,7 +35,7 @@ from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
 from bastion.http import Client, Timeouts
 from bastion.proxy import Proxy
-from tests.support import LoopbackServer, ScriptedUpstream, free_port, respond, sse
+from tests.support import LoopbackServer, ScriptedUpstream, free_port, redis_server, respond, sse
 
 COMPLETION = json.dumps(
     {
@@ -277,3 +278,66 @@ async def test_an_error_reply_from_the_ledger_is_a_500_never_budgets_off(
     assert upstream.requests == [], "nothing was forwarded without its budget"
     assert h.seen[-1].reason == "budget_internal"
     assert "WRONGTYPE" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_a_request_cancelled_while_its_settle_is_awaited_still_reaches_the_listeners(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """The gateway awaits the settle the budget stage left it (`Exchange.deferred`) before its listeners (metrics,
+    the audit line, the in-flight gauge's -1) see the exchange. A cancellation there (uvicorn's graceful
+    shutdown running out while Redis is slow) must not skip them: the request was served and is recorded."""
+    with redis_server() as (proc, url):
+        client = connect(url, 10.0)
+        h = Harness(tmp_path, upstream.port, RedisLedger(client, Calendar(zone("UTC"))))
+        body = json.dumps(CHAT).encode()
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"host", b"gw"),
+                (b"authorization", f"Bearer {h.key_b}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 80),
+        }
+        messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                proc.signal(signal.SIGSTOP)  # frozen before the settle is written: its reply will not come
+
+        task = asyncio.create_task(h.app(scope, receive, send))
+        try:
+            deadline = time.monotonic() + 5
+            while not (client.writes >= 2 and sent and not sent[-1].get("more_body", True)):
+                assert time.monotonic() < deadline and not task.done(), sent
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # the settle is written and awaited by the gateway
+            assert not task.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            proc.signal(signal.SIGCONT)
+            await client.aclose()
+            await h.client.aclose()
+    assert sent[0]["status"] == 200
+    assert [e.status for e in h.seen] == [200], "the listeners never saw a served request"
+    assert h.seen[0].finished is not None
