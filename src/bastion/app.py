@@ -117,13 +117,15 @@ class Gateway:
                 opener(exchange)
             await self._v1(scope, receive, send)
         finally:
-            await _finish_deferred(exchange)
-            exchange.finished = time.perf_counter()
-            for listener in self._listeners:
-                try:
-                    listener(exchange)
-                except Exception:
-                    log.exception("request listener failed (request %s)", exchange.request_id)
+            try:
+                await _finish_deferred(exchange)
+            finally:  # cancelled there too (a graceful shutdown running out): the served request is recorded
+                exchange.finished = time.perf_counter()
+                for listener in self._listeners:
+                    try:
+                        listener(exchange)
+                    except Exception:
+                        log.exception("request listener failed (request %s)", exchange.request_id)
 
 
 async def _finish_deferred(exchange: Exchange) -> None:

@@ -236,7 +236,13 @@ def test_a_budget_reservation_issued_with_the_requests_window_is_given_back_when
                 reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
                 assert reply.status_code == status, reply.text
             assert reply.json()["error"]["code"] == "rate_limit_exceeded"
-            hashes = asyncio.run(_budget_hashes(url))
+            # The release is queued as the 429 is answered and awaited by the gateway after it: give it a moment.
+            deadline = time.monotonic() + 5
+            while True:
+                hashes = asyncio.run(_budget_hashes(url))
+                if all(h[b"t"] == h[b"s"] for h in hashes) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
     assert hashes and all(h[b"t"] == h[b"s"] for h in hashes), hashes
     assert all(int(h[b"s"]) < 100 for h in hashes), hashes  # two requests' real usage, not a reservation of 50+
 
@@ -274,3 +280,36 @@ async def test_a_settle_left_for_the_gateway_and_lost_is_logged_and_counted(capl
             await client.aclose()
     assert dead.errors == 1
     assert "budget settle lost (Redis unreachable)" in caplog.text
+
+
+def test_an_error_reply_to_an_unclaimed_reservation_still_answers_the_refusal() -> None:
+    """A budget hash of the wrong type makes the ledger's script answer an error reply (a bug: 500 where the
+    budget stage claims its reservation). A reservation issued with the requests/min hit that the requests
+    window then refuses is never claimed: giving it back must not turn the 429 into an exception out of the
+    application (uvicorn's bare 500)."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with redis_server() as (_, url):
+        env = _limits_and_budget(url, rpm=2, tpm=1000000, day=1000000)
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (proc, base), httpx.Client(base_url=base) as http:
+            assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
+            asyncio.run(_break_budget_hashes(url))
+            reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+            assert (reply.status_code, reply.json()["error"]["code"]) == (500, "internal_error"), reply.text
+            refused = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            output = proc.output()
+    assert "Exception in ASGI application" not in output, output
+    assert "WRONGTYPE" in output  # the bug is shown (logged with its traceback), not swallowed
+
+
+async def _break_budget_hashes(url: str) -> None:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
+        for key in reply[1]:
+            if b":day:" in key:
+                await probe.execute("DEL", key)
+                await probe.execute("SET", key, "not a hash")
+    finally:
+        await probe.aclose()

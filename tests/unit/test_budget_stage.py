@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import openai
@@ -34,7 +36,9 @@ from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
 from bastion.http import Client, Timeouts
 from bastion.proxy import Proxy
-from tests.support import LoopbackServer, ScriptedUpstream, free_port, respond, sse
+from bastion.ratelimit import RateLimiter, RateLimitMiddleware
+from bastion.redisio import Redis
+from tests.support import LoopbackServer, Proc, ScriptedUpstream, free_port, redis_server, respond, sse
 
 COMPLETION = json.dumps(
     {
@@ -102,12 +106,13 @@ class Harness:
         )
         upstream = Upstream(f"http://127.0.0.1:{upstream_port}", None, Phase.EXTERNAL)
         engine = EngineGroup("qwen2.5-7b-instruct", [Replica(0, Backend(upstream, "qwen2.5-7b-instruct/0"))])
-        proxy = Proxy(Router((), default=engine), self.client, methods=("GET", "POST"))
-        resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
+        self.proxy = proxy = Proxy(Router((), default=engine), self.client, methods=("GET", "POST"))
+        self.resolver = resolver = Resolver((Budget(Period.MONTH, 10_000),))  # a default for every principal
         self.ledger = ledger
         self.now = clock
         stage_app = BudgetStage(proxy, ledger, resolver, clock=lambda: self.now, **stage)  # type: ignore[arg-type]
-        v1 = build_auth(settings).guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
+        self.auth = build_auth(settings)
+        v1 = self.auth.guard(UsageEndpoint(Estimate(stage_app), ledger, resolver, clock=lambda: self.now))
         self.seen: list[Exchange] = []
         self.app = Gateway(FastAPI(), v1, [self.seen.append])
 
@@ -277,3 +282,129 @@ async def test_an_error_reply_from_the_ledger_is_a_500_never_budgets_off(
     assert upstream.requests == [], "nothing was forwarded without its budget"
     assert h.seen[-1].reason == "budget_internal"
     assert "WRONGTYPE" in caplog.text and "Traceback" in caplog.text
+
+
+def _post(path: str, key: str, body: bytes) -> tuple[Scope, Receive]:
+    """An HTTP/1.1 POST's scope and a `receive` that gives its body, then waits (the client stays)."""
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"gw"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return scope, receive
+
+
+async def _cancel_once_frozen(
+    app: Gateway, scope: Scope, receive: Receive, redis: Proc, client: Redis
+) -> list[Message]:
+    """Run one request; freeze Redis as its response ends (what is written next gets no reply), cancel the
+    request while it waits on Redis (uvicorn's graceful shutdown running out), then thaw Redis."""
+    sent: list[Message] = []
+    writes = client.writes
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            redis.signal(signal.SIGSTOP)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        deadline = time.monotonic() + 5
+        while not (sent and not sent[-1].get("more_body", True)):
+            assert time.monotonic() < deadline and not task.done(), sent
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # what the request's end writes is written, its reply awaited
+        assert not task.done() and client.writes > writes
+        task.cancel()
+        await asyncio.sleep(0.1)
+    finally:
+        redis.signal(signal.SIGCONT)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    return sent
+
+
+async def test_a_request_cancelled_while_its_settle_is_awaited_still_reaches_the_listeners(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """The gateway awaits the settle the budget stage left it (`Exchange.deferred`) before its listeners (metrics,
+    the audit line, the in-flight gauge's -1) see the exchange. A cancellation there (uvicorn's graceful
+    shutdown running out while Redis is slow) must not skip them: the request was served and is recorded."""
+    with redis_server() as (proc, url):
+        client = connect(url, 10.0)
+        h = Harness(tmp_path, upstream.port, RedisLedger(client, Calendar(zone("UTC"))))
+        scope, receive = _post("/v1/chat/completions", h.key_b, json.dumps(CHAT).encode())
+        try:
+            sent = await _cancel_once_frozen(h.app, scope, receive, proc, client)
+        finally:
+            await client.aclose()
+            await h.client.aclose()
+    assert sent[0]["status"] == 200
+    assert [e.status for e in h.seen] == [200], "the listeners never saw a served request"
+    assert h.seen[0].finished is not None
+
+
+async def test_a_reservation_issued_with_the_limits_is_given_back_when_the_limiters_finish_is_cancelled(
+    tmp_path: Path, upstream: ScriptedUpstream
+) -> None:
+    """Limits and budgets on one Redis: the budget's reservation leaves with the requests/min hit, and a request
+    a stage before the budget answers (here the usage endpoint's 405 to a POST with a body) never claims it:
+    the limits' stage gives it back as the request ends. Cancelled while the limiter's own finish waits on
+    Redis, it must still be given back: the reservation (prompt + max_tokens) would stay counted for the month."""
+    with redis_server() as (proc, url):
+        client = connect(url, 10.0)
+        ledger = RedisLedger(client, Calendar(zone("UTC")))
+        h = Harness(tmp_path, upstream.port, ledger)
+        limiter = RateLimiter(rpm=100, tpm=100_000, max_concurrent=4, redis=client)
+        await limiter._load_scripts()
+        for script in (ledger._reserve, ledger._settle):  # loaded, as in a gateway that served a request
+            await script.load()
+        stage = BudgetStage(h.proxy, ledger, h.resolver, clock=lambda: h.now)
+        v1 = h.auth.guard(Estimate(RateLimitMiddleware(UsageEndpoint(stage, ledger, h.resolver), limiter, stage)))
+        app = Gateway(FastAPI(), v1, [h.seen.append])
+        scope, receive = _post("/v1/usage", h.key_b, json.dumps(CHAT).encode())
+        try:
+            sent = await _cancel_once_frozen(app, scope, receive, proc, client)
+            await asyncio.sleep(0.2)  # thawed: what was written is applied
+            hashes = await _budget_hashes(url)
+        finally:
+            await client.aclose()
+            await h.client.aclose()
+    assert sent[0]["status"] == 405
+    assert hashes and all(int(h.get(b"t", 0)) == int(h.get(b"s", 0)) for h in hashes), hashes
+
+
+async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
+    probe = Redis.from_url(url, 5.0)
+    try:
+        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
+        found = []
+        for key in reply[1]:
+            if b":h:" not in key:
+                flat = cast(list[bytes], await probe.execute("HGETALL", key))
+                found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return found
+    finally:
+        await probe.aclose()

@@ -158,7 +158,12 @@ class BudgetStage:
 
     async def unclaimed(self, exchange: Exchange) -> None:
         """Give back an early reservation this stage never claimed (the limits refused the request, or a stage
-        before this one answered it): what it took is released, so nothing stays taken that was not before."""
+        before this one answered it): what it took is released, so nothing stays taken that was not before.
+
+        Never raises (but for a cancellation): it runs as a refusal is answered and after a response was sent,
+        where an exception would replace the 429 by the server's bare 500 or escape into the server. The
+        release is queued (`settle_soon`) and left to the gateway (`Exchange.deferred`, which logs a failure):
+        it leaves with the limiter's finish, and a refusal is not kept waiting for it."""
         early = exchange.early_budget
         if early is None:
             return
@@ -167,8 +172,13 @@ class BudgetStage:
             verdict = await early.verdict
         except LedgerUnavailable:
             return  # nothing was taken (or Redis cannot tell): as when the reservation was never asked
+        except Exception:  # a bug (an error reply to the script): shown, as where the reservation is claimed
+            log.exception("the budget ledger failed (request %s, reservation not claimed)", exchange.request_id)
+            return
         if isinstance(verdict, Admitted) and verdict.reservation.tokens:
-            await self.ledger.release(verdict.reservation)
+            waiting = self.ledger.settle_soon(verdict.reservation, 0)
+            if waiting is not None:
+                exchange.deferred += (waiting,)
 
     def _admitted(self, exchange: Exchange, principal: Principal, verdict: Admitted) -> None:
         tightest = verdict.tightest

@@ -69,9 +69,11 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            await self._finish(admission, exchange)
-            if alongside is not None:
-                await alongside.unclaimed(exchange)
+            try:  # first: its release (queued) leaves in the limiter's finish's write
+                if alongside is not None:
+                    await alongside.unclaimed(exchange)
+            finally:
+                await self._finish(admission, exchange)
 
     async def _finish(self, admission: Admission, exchange: Exchange) -> None:
         tokens, exchange.usage_estimated = charge(exchange)
