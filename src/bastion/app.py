@@ -280,7 +280,9 @@ def create_app(
     alongside = stage if budget_options.redis_url is not None and limiter.shared else None
     inspect = InspectBody(
         RateLimitMiddleware(inner, limiter, alongside),
-        RequestInspector(default_max_tokens=settings.default_max_tokens),
+        RequestInspector(
+            default_max_tokens=settings.default_max_tokens, enforce_max_tokens=settings.enforce_max_tokens
+        ),
         max_body=settings.max_body_bytes,
         body_timeout=settings.client_body_timeout,
         model_routes=frozenset(route.path for route in routes if route.scope is ModelScope.BODY),

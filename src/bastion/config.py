@@ -584,6 +584,13 @@ class Settings(BaseSettings):
         "(max_completion_tokens, max_output_tokens), times its n/best_of; also what a response that ends "
         "without usage is charged for its completion. Reservations are settled to real usage afterwards.",
     )
+    enforce_max_tokens: bool = Field(
+        False,
+        description="Write BASTION_DEFAULT_MAX_TOKENS into a chat, completion or responses request that sets no "
+        "completion cap (max_tokens, max_completion_tokens, max_output_tokens), so the engine stops where the "
+        "reservation did. Off: the engine's own default applies (vLLM: the rest of the context window), and one "
+        "such request may overrun tokens/min and budgets by the difference until it is settled.",
+    )
     auth_failure_limit: int = Field(
         20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
     )

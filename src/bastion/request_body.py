@@ -64,6 +64,14 @@ USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 BATCH_PROMPT_ROUTES = frozenset({"/v1/completions"})
 # Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
 PRIORITY_ROUTES = USAGE_OPTION_ROUTES
+# The completion cap each route's requests take (vLLM's names), written in where a request sets none and the
+# operator asked for it (`enforce_max_tokens`): the engine then stops where the reservation did.
+CAP_FIELDS = {
+    "/v1/chat/completions": "max_tokens",
+    "/v1/completions": "max_tokens",
+    "/v1/responses": "max_output_tokens",
+}
+_CAPS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
@@ -141,11 +149,15 @@ class RequestInspector:
         self,
         *,
         default_max_tokens: int,
+        enforce_max_tokens: bool = False,
         full_parse_limit: int = FULL_PARSE_LIMIT,
         step_budget: int = STEP_BUDGET,
         steps_per_turn: int = STEPS_PER_TURN,
     ) -> None:
         self.default_max_tokens = default_max_tokens
+        # A request that sets no completion cap gets `default_max_tokens` written in, so that what it may
+        # generate is what was reserved (else vLLM's own default: the rest of the context window).
+        self.enforce_max_tokens = enforce_max_tokens
         self.full_parse_limit = full_parse_limit
         self.step_budget = step_budget
         self.steps_per_turn = steps_per_turn
@@ -189,7 +201,7 @@ class RequestInspector:
                 )
         stream = lax_bool(fields.get("stream")) is True
         if generates:
-            asked = _first_positive(fields, ("max_completion_tokens", "max_output_tokens", "max_tokens"))
+            asked = _first_positive(fields, _CAPS)
             choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
             if path in BATCH_PROMPT_ROUTES:
                 choices *= _prompts(fields.get("prompt"), body, spans)
@@ -201,6 +213,8 @@ class RequestInspector:
             completion_cap=cap,
             priority=lax_int(fields.get("priority")),
         )
+        if generates and asked is None and self.enforce_max_tokens and path in CAP_FIELDS:
+            body, spans = await self._write_cap(body, fields, spans, CAP_FIELDS[path])
         if path in PRIORITY_ROUTES:
             body, spans, facts = await self._clamp_priority(body, fields, spans, facts, priority, assign_priority)
         if not stream or path not in USAGE_OPTION_ROUTES:
@@ -218,6 +232,23 @@ class RequestInspector:
             merged = json.dumps({**(options or {}), "include_usage": True}, separators=(",", ":")).encode()
             edited = body[: span.start] + merged + body[span.end :]
         return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
+
+    async def _write_cap(
+        self, body: bytes, fields: dict[str, Any], spans: dict[str, Span] | None, name: str
+    ) -> tuple[bytes, dict[str, Span] | None]:
+        """The body with `name` set to `default_max_tokens`: written in, or in place of a `null` (vLLM reads null
+        as no cap; of duplicates it reads the last, the one `spans` holds); spans None once the bytes moved.
+        A cap set to something vLLM refuses (0, -1, "x") is left for it to refuse."""
+        if any(fields[key] is not None for key in _CAPS if key in fields):
+            return body, spans
+        value = b"%d" % self.default_max_tokens
+        if name not in fields:
+            opening = body.index(b"{") + 1
+            return body[:opening] + b'"%s":%s,' % (name.encode(), value) + body[opening:], None
+        if spans is None:
+            spans = await self._spans(body)
+        span = spans[name]
+        return body[: span.start] + value + body[span.end :], None
 
     async def _clamp_priority(
         self,

@@ -176,3 +176,61 @@ async def test_both_paths_read_and_edit_alike(payload: dict[str, Any], path: str
         assert small.priority == sent["priority"] == max(claimed or 0, 0)
     if not small.usage_added and not clamped:
         assert small_sent == raw
+
+
+ENFORCE = RequestInspector(default_max_tokens=100, enforce_max_tokens=True)
+ENFORCE_LARGE = RequestInspector(default_max_tokens=100, enforce_max_tokens=True, full_parse_limit=0, steps_per_turn=3)
+
+
+@pytest.mark.parametrize("inspector", [ENFORCE, ENFORCE_LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize(
+    ("path", "sent", "engine_reads"),
+    [
+        (CHAT, {"messages": []}, {"max_tokens": 100}),
+        (CHAT, {"messages": [], "max_tokens": None}, {"max_tokens": 100}),
+        (CHAT, {"messages": [], "max_completion_tokens": None}, {"max_completion_tokens": None, "max_tokens": 100}),
+        ("/v1/completions", {"prompt": "hi", "n": 2}, {"max_tokens": 100}),
+        ("/v1/responses", {"input": "hi"}, {"max_output_tokens": 100}),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": None}, {"max_output_tokens": 100}),
+        (CHAT, {"messages": [], "max_tokens": 7}, {"max_tokens": 7}),  # the client's own cap is kept
+        (CHAT, {"messages": [], "max_completion_tokens": "9"}, {"max_completion_tokens": "9"}),
+        (CHAT, {"messages": [], "max_tokens": 0}, {"max_tokens": 0}),  # refused by vLLM itself: left alone
+        (CHAT, {"messages": [], "max_tokens": "x"}, {"max_tokens": "x"}),
+    ],
+)
+async def test_a_request_without_a_cap_gets_the_default_written_in(
+    inspector: RequestInspector, path: str, sent: dict[str, Any], engine_reads: dict[str, Any]
+) -> None:
+    body, facts = await inspector.inspect(path, json.dumps({"model": "m", **sent}).encode())
+    forwarded = json.loads(body)
+    assert {key: forwarded.get(key) for key in engine_reads} == engine_reads, body
+    assert {k: v for k, v in forwarded.items() if k not in engine_reads} == {
+        k: v for k, v in {"model": "m", **sent}.items() if k not in engine_reads
+    }
+    assert facts.completion_cap in (100, 200, 7, 9)
+
+
+async def test_the_last_of_duplicate_caps_is_the_one_replaced() -> None:
+    # json.loads (vLLM's reader too) keeps the last of duplicate keys: a null there means no cap.
+    body, _ = await ENFORCE.inspect(CHAT, b'{"model":"m","max_tokens":5,"messages":[],"max_tokens":null}')
+    assert json.loads(body)["max_tokens"] == 100, body
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/audio/speech", "/v1/tokenize"])
+async def test_routes_without_a_known_cap_are_not_edited(path: str) -> None:
+    sent = b'{"model":"m","input":"hi"}'
+    body, _ = await ENFORCE.inspect(path, sent)
+    assert body == sent
+
+
+async def test_without_the_setting_nothing_is_written() -> None:
+    sent = b'{"model":"m","messages":[]}'
+    body, facts = await SMALL.inspect(CHAT, sent)
+    assert body == sent and facts.completion_cap == 100
+
+
+async def test_the_cap_and_the_usage_option_are_both_written() -> None:
+    body, facts = await ENFORCE.inspect(CHAT, b'{"model":"m","stream":true,"messages":[]}')
+    forwarded = json.loads(body)
+    assert forwarded["max_tokens"] == 100 and forwarded["stream_options"] == {"include_usage": True}
+    assert facts.usage_added
