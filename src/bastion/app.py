@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .admin import RESTART_PATH, RestartEndpoint, Restarter
-from .asgi import ASGIApp, Receive, Scope, Send, header
+from .asgi import ASGIApp, Receive, Scope, Send, header, unanswered
 from .audit import audit_log
 from .auth.ipfilter import IPPolicy, parse_ip, parse_networks
 from .auth.jwt import JWTConfig, JWTVerifier
@@ -35,7 +35,7 @@ from .budget.middleware import BudgetStage, Resolver
 from .budget.options import open_ledger
 from .budget.policy import parse_budget, unique
 from .config import Settings
-from .context import Exchange, Listener
+from .context import Exchange, Listener, Outcome
 from .engine.catalog import ModelCatalog
 from .engine.command import CommandError, CommandSource, build_command
 from .engine.engines import EngineEntry, load_engines_json, parse_engines
@@ -47,7 +47,7 @@ from .engine.spec import EngineSpec, free_port
 from .engine.state import Phase, Upstream
 from .engine.supervisor import Supervisor, supervise
 from .engine.vllm import VllmArgs
-from .errors import error_body
+from .errors import GatewayError, error_body, send_error
 from .fairness.classes import ClassTable
 from .fairness.gate import Gate
 from .fairness.groups import GateLimits, follow_groups, group_gates, group_of
@@ -70,6 +70,7 @@ log = logging.getLogger("bastion")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _UPSTREAM_METRICS_TIMEOUT = 5.0  # relaying the engine's own /metrics
 _ENGINE_MODELS_TIMEOUT = 2.0  # asking an engine for its /v1/models card (a client waits for it)
+
 
 # Deny by default: every path needs an API key or JWT except these two probes and the
 # `mounts` given to Gateway (/metrics, /metrics/upstream), which check a credential of their own.
@@ -116,6 +117,18 @@ class Gateway:
             for opener in self._openers:
                 opener(exchange)
             await self._v1(scope, receive, send)
+        except Exception:
+            if not unanswered(scope):
+                raise  # the server ends the broken response (and logs it)
+            # A bug in a stage (every expected failure is answered where it happens): an OpenAI-shaped 500 with
+            # the request id to report, not the server's plain-text one.
+            log.exception("request %s failed inside the gateway", exchange.request_id)
+            exchange.status, exchange.outcome, exchange.reason = 500, Outcome.REJECTED, "internal_error"
+            error = GatewayError(
+                500, "The gateway failed to handle this request; report its x-request-id if it persists.",
+                code="internal_error",
+            )  # fmt: skip
+            await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
         finally:
             try:
                 await _finish_deferred(exchange)

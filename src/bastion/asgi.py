@@ -87,6 +87,9 @@ class BodyWriter(Protocol):
     def write(self, data: bytes) -> None:
         """One chunk of the started chunked response, straight to the connection (after `writable`)."""
 
+    def started(self) -> bool:
+        """Whether the response's head went out (or the connection is gone): no other answer can follow."""
+
 
 class ConnectionHook:
     """What ASGI lacks, from bastion's server: news of a lost client, a way to end a broken response,
@@ -108,6 +111,14 @@ class ConnectionHook:
         self.writer: BodyWriter | None = None
         # Whether the whole request body is already here, so that reading it cannot wait: no read timer needed.
         self.body_received: Callable[[], bool] | None = None
+
+
+def unanswered(scope: Scope) -> bool:
+    """Whether the server says nothing of this request's response has gone out, so that an error can still
+    be answered instead (False where the server offers no way to know)."""
+    hook: ConnectionHook | None = scope.get(CONNECTION_HOOK)
+    writer = hook.writer if hook is not None else None
+    return writer is not None and not writer.started()
 
 
 def body_received(scope: Scope) -> bool:

@@ -268,6 +268,10 @@ class ChunkWriter:
             and not cycle.flow.write_paused
         )
 
+    def started(self) -> bool:
+        cycle = self._cycle()
+        return cycle is None or cycle.response_started or cycle.disconnected
+
     def write(self, data: bytes) -> None:
         cycle = self._cycle()
         if cycle is not None:

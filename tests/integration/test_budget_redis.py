@@ -313,3 +313,23 @@ async def _break_budget_hashes(url: str) -> None:
                 await probe.execute("SET", key, "not a hash")
     finally:
         await probe.aclose()
+
+
+def test_a_bug_in_a_stage_is_an_openai_shaped_500_with_the_request_id() -> None:
+    """Broken budget hashes make `/v1/usage`'s read fail with an error reply, which no stage answers: the client
+    gets the gateway's JSON error with its request id (the one in the log line with the traceback), not the
+    server's plain-text "Internal Server Error"; the next request is served."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with redis_server() as (_, url):
+        env = _limits_and_budget(url, rpm=100, tpm=1000000, day=1000000)
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (proc, base), httpx.Client(base_url=base) as http:
+            assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
+            asyncio.run(_break_budget_hashes(url))
+            reply = http.get("/v1/usage", headers=AUTH, timeout=10)
+            assert reply.status_code == 500 and reply.headers["content-type"] == "application/json", reply.text
+            assert reply.json()["error"]["code"] == "internal_error", reply.text
+            request_id = reply.headers["x-request-id"]
+            assert http.get("/health", timeout=10).status_code == 200
+            output = proc.output()
+    assert f"request {request_id} failed inside the gateway" in output and "WRONGTYPE" in output, output
+    assert "Exception in ASGI application" not in output, output
