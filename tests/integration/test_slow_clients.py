@@ -137,6 +137,17 @@ def test_the_rest_of_a_body_answered_early_is_not_the_next_head(strict: str) -> 
         assert second.startswith(b"HTTP/1.1 200"), second
 
 
+def test_the_rest_of_a_body_answered_early_is_still_bounded_in_time(strict: str) -> None:
+    # Not counted as the next head, that rest still ends within the head timeout: a trickle holds nothing.
+    with connect(strict) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
+            b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n{"
+        )
+        ok, data = closed_within(sock, 3.0)
+        assert ok and data.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 4" not in data[12:], data
+
+
 @pytest.mark.parametrize("complete", [False, True])
 def test_oversized_head_is_refused(strict: str, complete: bool) -> None:
     with connect(strict) as sock:
