@@ -66,6 +66,10 @@ async def serve(host: str, port: int, upstream_port: int) -> None:
                 if self.transport is not None:
                     self.transport.close()
                 return
+            if self.transport is None or self.transport.is_closing():  # the client left while we connected
+                if upstream.transport is not None:
+                    upstream.transport.close()  # else held open until the upstream's own idle timeout
+                return
             upstream.peer, self.peer = self, upstream
             if upstream.transport is not None:
                 for data in self.early:

@@ -64,14 +64,16 @@ USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 BATCH_PROMPT_ROUTES = frozenset({"/v1/completions"})
 # Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
 PRIORITY_ROUTES = USAGE_OPTION_ROUTES
-# The completion cap each route's requests take (vLLM's names), written in where a request sets none and the
-# operator asked for it (`enforce_max_tokens`): the engine then stops where the reservation did.
-CAP_FIELDS = {
-    "/v1/chat/completions": "max_tokens",
-    "/v1/completions": "max_tokens",
-    "/v1/responses": "max_output_tokens",
+# The completion caps each route's requests take, in vLLM's order (`max_completion_tokens or max_tokens`: a 0 or
+# null falls through to the next); a name of another route is ignored by vLLM there, so it caps nothing. The
+# last is written in where a request sets none and the operator asked for it (`enforce_max_tokens`): the engine
+# then stops where the reservation did.
+CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
 }
-_CAPS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_CAPS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # routes vLLM's names are not known for
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
@@ -201,7 +203,9 @@ class RequestInspector:
                 )
         stream = lax_bool(fields.get("stream")) is True
         if generates:
-            asked = _first_positive(fields, _CAPS)
+            # Enforced, a cap too large to read is replaced by the default (`_write_cap`): that is what it reads.
+            unread = self.default_max_tokens if self.enforce_max_tokens and path in CAP_FIELDS else None
+            asked = _first_positive(fields, CAP_FIELDS.get(path, _CAPS), unread)
             choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
             if path in BATCH_PROMPT_ROUTES:
                 choices *= _prompts(fields.get("prompt"), body, spans)
@@ -213,7 +217,7 @@ class RequestInspector:
             completion_cap=cap,
             priority=lax_int(fields.get("priority")),
         )
-        if generates and asked is None and self.enforce_max_tokens and path in CAP_FIELDS:
+        if generates and self.enforce_max_tokens and path in CAP_FIELDS:
             body, spans = await self._write_cap(body, fields, spans, CAP_FIELDS[path])
         if path in PRIORITY_ROUTES:
             body, spans, facts = await self._clamp_priority(body, fields, spans, facts, priority, assign_priority)
@@ -234,20 +238,35 @@ class RequestInspector:
         return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
 
     async def _write_cap(
-        self, body: bytes, fields: dict[str, Any], spans: dict[str, Span] | None, name: str
+        self, body: bytes, fields: dict[str, Any], spans: dict[str, Span] | None, names: tuple[str, ...]
     ) -> tuple[bytes, dict[str, Span] | None]:
-        """The body with `name` set to `default_max_tokens`: written in, or in place of a `null` (vLLM reads null
-        as no cap; of duplicates it reads the last, the one `spans` holds); spans None once the bytes moved.
-        A cap set to something vLLM refuses (0, -1, "x") is left for it to refuse."""
-        if any(fields[key] is not None for key in _CAPS if key in fields):
-            return body, spans
+        """The body with the last of `names` set to `default_max_tokens` where vLLM would read no cap from it:
+        written in, or in place of a `null` (of duplicates vLLM reads the last, the one `spans` holds), or of a
+        0 that vLLM's `or` passes over; spans None once the bytes moved. A value too large to decode (UNREAD)
+        is replaced wherever it is, since vLLM would read it and the gateway reserved the default. A cap set
+        to something vLLM refuses (-1, "x", a last 0) is left for it to refuse."""
+        present = {name: fields[name] for name in names if name in fields}
+        unread = [name for name, value in present.items() if value is UNREAD]
+        readable = [value for value in present.values() if value is not None and value is not UNREAD]
+        if any(lax_int(value) is None for value in readable):
+            return body, spans  # vLLM refuses the request
         value = b"%d" % self.default_max_tokens
-        if name not in fields:
+        last = names[-1]
+        if unread or any(lax_int(value) for value in readable):  # the client's own cap, or none readable
+            if not unread:
+                return body, spans
+            assert spans is not None  # UNREAD comes from the scanner's spans
+            for span in sorted((spans[name] for name in unread), key=lambda span: span.start, reverse=True):
+                body = body[: span.start] + value + body[span.end :]
+            return body, None
+        if last not in present:
             opening = body.index(b"{") + 1
-            return body[:opening] + b'"%s":%s,' % (name.encode(), value) + body[opening:], None
+            return body[:opening] + b'"%s":%s,' % (last.encode(), value) + body[opening:], None
+        if present[last] is not None:
+            return body, spans  # a 0 where vLLM reads it: refused
         if spans is None:
             spans = await self._spans(body)
-        span = spans[name]
+        span = spans[last]
         return body[: span.start] + value + body[span.end :], None
 
     async def _clamp_priority(
@@ -365,10 +384,12 @@ def _without_usage(options: object) -> bool:
     return asked is None or lax_bool(asked) is False
 
 
-def _first_positive(fields: dict[str, Any], names: tuple[str, ...]) -> int | None:
-    """The first of `names` holding a positive integer (vLLM: `max_completion_tokens or max_tokens`)."""
+def _first_positive(fields: dict[str, Any], names: tuple[str, ...], unread: int | None = None) -> int | None:
+    """The first of `names` holding a positive integer (vLLM: `max_completion_tokens or max_tokens`); a value
+    too large to decode counts as `unread`."""
     for name in names:
-        value = lax_int(fields.get(name))
+        value = fields.get(name)
+        value = unread if value is UNREAD else lax_int(value)
         if value is not None and value > 0:
             return value
     return None

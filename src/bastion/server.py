@@ -101,6 +101,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = False
+        # The response went out before its request's body had all arrived (a 401 to a large upload): the rest
+        # of that body is still coming, and is neither the next head's bytes nor its slowness.
+        self._draining = False
         self._received = 0  # bytes received while the head was incomplete
         self._head_size = 0  # bytes of the current head, as parsed
 
@@ -175,7 +178,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 hook.on_lost()  # the proxy stops waiting on the upstream at once
 
     def data_received(self, data: bytes) -> None:
-        awaiting = self._awaiting_head
+        awaiting = self._awaiting_head and not self._draining
         if awaiting:
             self._received += len(data)
         super().data_received(data)
@@ -223,10 +226,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         hook.writer = ChunkWriter(cycle)
         hook.body_received = functools.partial(_body_received, cycle)
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._draining:  # the previous request's body is all in: the next head's time starts now
+            self._draining = False
+            if self._awaiting_head:
+                self._await_head()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
             self._await_head()
+            # Still draining the request's body: counted as head bytes it drew a 431 (or a 408) written after
+            # the response, read by the client as the answer to its next request. Draining past the head
+            # timeout still closes the connection (plainly: nothing is counted).
+            self._draining = self.cycle.more_body
 
 
 def _abort(ref: weakref.ref[RequestResponseCycle]) -> None:

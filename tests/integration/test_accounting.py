@@ -394,9 +394,11 @@ OPTION_FORMS = [None, {}, {"include_usage": True}, {"include_usage": 1}, {"inclu
 def _cap(request: dict[str, Any], path: str) -> int:
     if path == "/v1/embeddings":
         return 0
-    asked = next(
-        (request[k] for k in ("max_completion_tokens", "max_output_tokens", "max_tokens") if request.get(k)), None
+    # The names vLLM reads on each route (chat: `max_completion_tokens or max_tokens`); another route's is ignored.
+    names = {CHAT: ("max_completion_tokens", "max_tokens"), "/v1/completions": ("max_tokens",)}.get(
+        path, ("max_output_tokens",)
     )
+    asked = next((request[k] for k in names if request.get(k)), None)
     return (asked or DEFAULT_MAX_TOKENS) * max(1, request.get("n") or 1, request.get("best_of") or 1)
 
 

@@ -38,3 +38,13 @@ def test_the_default_cap_is_written_into_a_request_that_sets_none(sim: str) -> N
                 streamed += chunk
         assert streamed.count(b'"delta":{"content"') == 3, streamed[-600:]
         assert b'"usage"' not in streamed  # the usage the gateway asked for is still hidden from this client
+
+
+def test_a_cap_of_another_route_is_no_cap(sim: str) -> None:
+    """Chat has no `max_output_tokens` (the engine ignores it): it reserved 1 token while the engine generated
+    its own default (12), past every limit the feature is there to hold."""
+    env = {"BASTION_ENFORCE_MAX_TOKENS": "true", "BASTION_DEFAULT_MAX_TOKENS": "3"}
+    foreign = {**CHAT, "max_output_tokens": 1}
+    assert completion_tokens(httpx.post(sim + "/v1/chat/completions", json=foreign, timeout=10)) == 12
+    with gateway("--upstream-url", sim, env=env) as (_, base), httpx.Client(base_url=base, timeout=10) as http:
+        assert completion_tokens(http.post("/v1/chat/completions", json=foreign, headers=AUTH)) == 3

@@ -109,6 +109,45 @@ def test_slowloris_gets_408_after_a_keep_alive_response_too(strict: str) -> None
         assert ok and data.startswith(b"HTTP/1.1 408")
 
 
+def test_the_rest_of_a_body_answered_early_is_not_the_next_head(strict: str) -> None:
+    """A 401 goes out as soon as the head is read; the upload's rest then arrives on the idle connection. Counted
+    as the next head's bytes it drew a 431 after the 401, which the client read as the answer to its next
+    request."""
+    body = b'{"model":"m","x":"' + b"a" * 50_000 + b'"}'  # past BASTION_MAX_HEADER_BYTES (8192)
+    with connect(strict) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        first = b""
+        while not first.endswith(b"}}"):
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 401"), first
+        sock.sendall(body)
+        time.sleep(0.3)
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        sock.settimeout(5)
+        second = b""
+        while not second.endswith(b'{"status":"ok"}'):
+            chunk = sock.recv(65536)
+            assert chunk, second
+            second += chunk
+        assert second.startswith(b"HTTP/1.1 200"), second
+
+
+def test_the_rest_of_a_body_answered_early_is_still_bounded_in_time(strict: str) -> None:
+    # Not counted as the next head, that rest still ends within the head timeout: a trickle holds nothing.
+    with connect(strict) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
+            b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n{"
+        )
+        ok, data = closed_within(sock, 3.0)
+        assert ok and data.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 4" not in data[12:], data
+
+
 @pytest.mark.parametrize("complete", [False, True])
 def test_oversized_head_is_refused(strict: str, complete: bool) -> None:
     with connect(strict) as sock:

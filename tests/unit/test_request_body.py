@@ -234,3 +234,36 @@ async def test_the_cap_and_the_usage_option_are_both_written() -> None:
     forwarded = json.loads(body)
     assert forwarded["max_tokens"] == 100 and forwarded["stream_options"] == {"include_usage": True}
     assert facts.usage_added
+
+
+@pytest.mark.parametrize("inspector", [ENFORCE, ENFORCE_LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize(
+    ("path", "sent", "name"),
+    [
+        # Chat has no `max_output_tokens`: vLLM ignores it and generates to the end of the context.
+        (CHAT, {"messages": [], "max_output_tokens": 1}, "max_tokens"),
+        # vLLM reads `max_completion_tokens or max_tokens`: a 0 there is no cap, not a refused one.
+        (CHAT, {"messages": [], "max_completion_tokens": 0}, "max_tokens"),
+        (CHAT, {"messages": [], "max_completion_tokens": "0", "max_tokens": None}, "max_tokens"),
+        # Completions and responses read one name each; another route's name is ignored by vLLM.
+        ("/v1/completions", {"prompt": "hi", "max_completion_tokens": 1}, "max_tokens"),
+        ("/v1/responses", {"input": "hi", "max_tokens": 1}, "max_output_tokens"),
+    ],
+)
+async def test_a_cap_the_engine_ignores_is_no_cap(
+    inspector: RequestInspector, path: str, sent: dict[str, Any], name: str
+) -> None:
+    body, facts = await inspector.inspect(path, json.dumps({"model": "m", **sent}).encode())
+    assert json.loads(body)[name] == 100, body
+    assert facts.completion_cap == 100  # reserved what the engine will generate at most
+
+
+async def test_a_cap_too_large_to_read_is_replaced() -> None:
+    # 1.000…0 is 1 to vLLM (json.loads, then a lax int) but too large for the scanner to decode: it was left in
+    # while the default was reserved, so the engine read whatever the client wrote there.
+    for cap in (b"1000000." + b"0" * 70_000, b'"' + b" " * 70_000 + b'1000000"'):
+        sent = b'{"model":"m","messages":[],"max_completion_tokens":%s,"max_tokens":null}' % cap
+        body, facts = await ENFORCE_LARGE.inspect(CHAT, sent)
+        forwarded = json.loads(body)
+        assert (forwarded["max_completion_tokens"] or forwarded["max_tokens"]) == 100, body[:200]
+        assert facts.completion_cap == 100
