@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bastion.redisio.client import Redis
+
 PYTHON = sys.executable
 # The bootstrap key every test gateway accepts (BASTION_API_KEYS), unless a test passes its own.
 TEST_KEY = "bst-test_" + "k" * 43
@@ -331,6 +333,24 @@ def redis_server(*args: str, port: int = 0) -> Iterator[tuple[Proc, str]]:
         yield proc, f"redis://127.0.0.1:{port}/0"
     finally:
         proc.stop()
+
+
+async def budget_hashes(url: str) -> list[dict[bytes, bytes]]:
+    """Every budget period hash of every principal on the Redis at `url` (not the hourly usage rows):
+    `t` counted (reserved and settled) and `s` settled tokens, among others."""
+    probe = Redis.from_url(url, 5.0)
+    try:
+        reply = await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000)
+        assert isinstance(reply, list)
+        found = []
+        for key in reply[1]:
+            if b":h:" not in key:
+                flat = await probe.execute("HGETALL", key)
+                assert isinstance(flat, list)
+                found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return found
+    finally:
+        await probe.aclose()
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:

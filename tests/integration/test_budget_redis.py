@@ -19,7 +19,7 @@ from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
 from bastion.budget.policy import Budget, Period
 from bastion.budget.redis_ledger import RedisLedger, connect
 from bastion.redisio import Redis, ReplyError
-from tests.support import AUTH, free_port, gateway, redis_server
+from tests.support import AUTH, budget_hashes, free_port, gateway, redis_server
 
 DAY = 86400
 DAILY = (Budget(Period.DAY, 1000),)
@@ -239,27 +239,12 @@ def test_a_budget_reservation_issued_with_the_requests_window_is_given_back_when
             # The release is queued as the 429 is answered and awaited by the gateway after it: give it a moment.
             deadline = time.monotonic() + 5
             while True:
-                hashes = asyncio.run(_budget_hashes(url))
+                hashes = asyncio.run(budget_hashes(url))
                 if all(h[b"t"] == h[b"s"] for h in hashes) or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
     assert hashes and all(h[b"t"] == h[b"s"] for h in hashes), hashes
     assert all(int(h[b"s"]) < 100 for h in hashes), hashes  # two requests' real usage, not a reservation of 50+
-
-
-async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
-    probe = Redis.from_url(url, 5.0)
-    try:
-        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
-        found = []
-        for key in reply[1]:
-            if b":h:" in key:
-                continue
-            flat = cast(list[bytes], await probe.execute("HGETALL", key))
-            found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
-        return found
-    finally:
-        await probe.aclose()
 
 
 async def test_a_settle_left_for_the_gateway_and_lost_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
 
 import httpx
 import openai
@@ -38,7 +37,7 @@ from bastion.http import Client, Timeouts
 from bastion.proxy import Proxy
 from bastion.ratelimit import RateLimiter, RateLimitMiddleware
 from bastion.redisio import Redis
-from tests.support import LoopbackServer, Proc, ScriptedUpstream, free_port, redis_server, respond, sse
+from tests.support import LoopbackServer, Proc, ScriptedUpstream, budget_hashes, free_port, redis_server, respond, sse
 
 COMPLETION = json.dumps(
     {
@@ -388,23 +387,9 @@ async def test_a_reservation_issued_with_the_limits_is_given_back_when_the_limit
         try:
             sent = await _cancel_once_frozen(app, scope, receive, proc, client)
             await asyncio.sleep(0.2)  # thawed: what was written is applied
-            hashes = await _budget_hashes(url)
+            hashes = await budget_hashes(url)
         finally:
             await client.aclose()
             await h.client.aclose()
     assert sent[0]["status"] == 405
     assert hashes and all(int(h.get(b"t", 0)) == int(h.get(b"s", 0)) for h in hashes), hashes
-
-
-async def _budget_hashes(url: str) -> list[dict[bytes, bytes]]:
-    probe = Redis.from_url(url, 5.0)
-    try:
-        reply = cast(list[Any], await probe.execute("SCAN", 0, "MATCH", "bastion:budget:p:*", "COUNT", 1000))
-        found = []
-        for key in reply[1]:
-            if b":h:" not in key:
-                flat = cast(list[bytes], await probe.execute("HGETALL", key))
-                found.append(dict(zip(flat[::2], flat[1::2], strict=True)))
-        return found
-    finally:
-        await probe.aclose()
