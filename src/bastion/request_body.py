@@ -179,6 +179,8 @@ class RequestInspector:
             return body, RequestFacts(completion_cap=cap)
         if not body:
             return body, RequestFacts(completion_cap=cap)
+        if body[:1] == b"\x00" or body[1:2] == b"\x00" or body[:2] in _UTF16_BOMS:
+            body = _as_utf8(body)
         prompt = max(1, len(body) // BYTES_PER_TOKEN)
         spans: dict[str, Span] | None = None
         if len(body) <= self.full_parse_limit:
@@ -317,6 +319,22 @@ def _with_priority(facts: RequestFacts, priority: int) -> RequestFacts:
     return RequestFacts(
         facts.model, facts.stream, facts.usage_added, facts.prompt_estimate, facts.completion_cap, priority
     )
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also how UTF-32 with a byte order mark begins
+
+
+def _as_utf8(body: bytes) -> bytes:
+    """A JSON body in UTF-16 or UTF-32 (json.loads and vLLM's server read those too), as UTF-8: the byte edits
+    (`include_usage`, `priority`, the cap) are UTF-8, and written into the original they made a body no server
+    reads. Detected as `json.loads` detects it (RFC 4627's NUL pattern, or a byte order mark)."""
+    encoding = json.detect_encoding(body)
+    if encoding in ("utf-8", "utf-8-sig"):
+        return body
+    try:
+        return body.decode(encoding).encode()
+    except UnicodeError:
+        raise _invalid("The request body is not valid JSON.") from None
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -107,6 +107,19 @@ def test_stream_in_any_form_vllm_accepts_is_charged(gw: tuple[Proc, str], stream
     assert charged(base, who, 16) == 16
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32-le"])
+def test_a_streamed_request_in_utf16_or_utf32_is_served_and_charged(gw: tuple[Proc, str], encoding: str) -> None:
+    """JSON in UTF-16/32 is JSON to vLLM's server; the gateway's `include_usage` edit must not break it."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hé"}], "stream": True, "max_tokens": 8}
+    reply = post(base, CHAT, json.dumps(body).encode(encoding), who, {"prompt": 11, "completion": 5})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream"), reply.text
+    assert '"usage"' not in reply.text.replace('"usage":{', "")
+    assert charged(base, who, 16) == 16
+
+
 @pytest.mark.parametrize("asked", [True, 1, "true", "on"])
 def test_a_client_that_asked_for_usage_in_any_form_gets_it(gw: tuple[Proc, str], asked: object) -> None:
     _, base = gw

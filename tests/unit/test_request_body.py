@@ -267,3 +267,20 @@ async def test_a_cap_too_large_to_read_is_replaced() -> None:
         forwarded = json.loads(body)
         assert (forwarded["max_completion_tokens"] or forwarded["max_tokens"]) == 100, body[:200]
         assert facts.completion_cap == 100
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+async def test_a_body_in_utf16_or_utf32_is_edited_as_utf8(encoding: str) -> None:
+    """json.loads (and vLLM's server) read these; the edits are UTF-8 bytes, so the body is made UTF-8 first."""
+    sent = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "héllo ✓"}]}
+    body, facts = await ENFORCE.inspect(CHAT, json.dumps(sent, ensure_ascii=False).encode(encoding))
+    assert json.loads(body.decode("utf-8")) == {
+        **sent, "max_tokens": 100, "stream_options": {"include_usage": True}
+    }  # fmt: skip
+    assert facts.stream and facts.usage_added and facts.completion_cap == 100
+
+
+async def test_a_body_that_is_not_valid_in_its_encoding_is_400() -> None:
+    with pytest.raises(GatewayError) as refused:
+        await SMALL.inspect(CHAT, b'\xff\xfe{\x00"\x00\x00\xd8')  # UTF-16 with a lone surrogate
+    assert refused.value.status == 400
