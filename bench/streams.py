@@ -100,6 +100,7 @@ class Connection(asyncio.Protocol):
         self.events = 0
         self.usage = b""
         self.status = 0
+        self.waiting = False  # a request is out and its response not yet whole
         self.closed = asyncio.get_running_loop().create_future()
 
     def send(self, due: float = 0.0) -> None:
@@ -109,6 +110,7 @@ class Connection(asyncio.Protocol):
         self.events = 0
         self.usage = b""
         self.sent = due or time.perf_counter()
+        self.waiting = True
         self.transport.write(self.run.request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -148,6 +150,7 @@ class Connection(asyncio.Protocol):
             self.usage = body
 
     def on_message_complete(self) -> None:
+        self.waiting = False
         stats, run = self.stats, self.run
         now = time.perf_counter()
         if self.status != 200:
@@ -171,7 +174,9 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.sent and not self.run.stopping and time.perf_counter() < self.stats.end:
+        # An idle keep-alive connection the server closes (its idle timeout) lost nothing: only one with a
+        # request out is an error.
+        if self.waiting and not self.run.stopping and time.perf_counter() < self.stats.end:
             self.stats.errors.append(f"connection lost: {exc}")
         if self in self.run.idle:
             self.run.idle.remove(self)
