@@ -249,27 +249,27 @@ class RequestInspector:
         to something vLLM refuses (-1, "x", a last 0) is left for it to refuse."""
         present = {name: fields[name] for name in names if name in fields}
         unread = [name for name, value in present.items() if value is UNREAD]
-        readable = [value for value in present.values() if value is not None and value is not UNREAD]
-        if any(lax_int(value) is None for value in readable):
+        caps = [lax_int(value) for value in present.values() if value is not None and value is not UNREAD]
+        if None in caps:
             return body, spans  # vLLM refuses the request
-        value = b"%d" % self.default_max_tokens
+        default = b"%d" % self.default_max_tokens
         last = names[-1]
-        if unread or any(lax_int(value) for value in readable):  # the client's own cap, or none readable
+        if unread or any(caps):  # the client's own cap, or none readable
             if not unread:
                 return body, spans
             assert spans is not None  # UNREAD comes from the scanner's spans
             for span in sorted((spans[name] for name in unread), key=lambda span: span.start, reverse=True):
-                body = body[: span.start] + value + body[span.end :]
+                body = body[: span.start] + default + body[span.end :]
             return body, None
         if last not in present:
             opening = body.index(b"{") + 1
-            return body[:opening] + b'"%s":%s,' % (last.encode(), value) + body[opening:], None
+            return body[:opening] + b'"%s":%s,' % (last.encode(), default) + body[opening:], None
         if present[last] is not None:
             return body, spans  # a 0 where vLLM reads it: refused
         if spans is None:
             spans = await self._spans(body)
         span = spans[last]
-        return body[: span.start] + value + body[span.end :], None
+        return body[: span.start] + default + body[span.end :], None
 
     async def _clamp_priority(
         self,

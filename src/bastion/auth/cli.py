@@ -20,6 +20,7 @@ from typing import Any
 
 from ..budget.policy import Budget, parse_budget, to_mapping, unique
 from ..config import ConfigError, Settings, load
+from ..jsonscan import valid_unicode
 from .keys import (
     KeyFile,
     KeyRecord,
@@ -314,9 +315,7 @@ def _token(args: dict[str, Any]) -> int:
     except KeyStoreError as exc:
         _say(str(exc))
         return 2
-    try:
-        args["sub"].encode()
-    except UnicodeEncodeError:  # bytes the terminal's locale could not decode (a Latin-1 "é")
+    if not valid_unicode(args["sub"]):  # bytes the terminal's locale could not decode (a Latin-1 "é")
         _say("--sub must be valid UTF-8 text (the gateway refuses a token whose subject is not)")
         return 2
     token = mint(

@@ -436,13 +436,10 @@ class RateLimiter:
 
     async def release(self, admission: Admission) -> None:
         if admission.slot is not None:
-            await self._release(admission.key, admission.slot)
-
-    async def _release(self, key: str, slot: str) -> None:
-        try:
-            await self.slots.release(key, slot)
-        except Exception as exc:  # with Redis the slot expires by itself
-            self._storage_failed(exc)
+            try:
+                await self.slots.release(admission.key, admission.slot)
+            except Exception as exc:  # with Redis the slot expires by itself
+                self._storage_failed(exc)
 
     async def settle(self, admission: Admission, tokens: int) -> None:
         """Settle a finished request's reservation to the `tokens` it used: refund the rest, or charge the excess."""

@@ -312,15 +312,18 @@ class Script:
         return b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args])
 
     async def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Reply:
-        return await self.send(b"*%d\r\n" % (3 + len(keys) + len(args)) + self._head + bulk([len(keys), *keys, *args]))
+        return await self.send(self.command(keys, args))
 
     async def send(self, command: bytes) -> Reply:
         """Run this script's `command` (from `command()`), loading the script on NOSCRIPT."""
         try:
             return await self._client.send(command)
         except NoScript:
-            await self.load()
-            return await self._client.send(command)
+            return await self._loaded_and_sent(command)
+
+    async def _loaded_and_sent(self, command: bytes) -> Reply:
+        await self.load()
+        return await self._client.send(command)
 
     async def load(self) -> None:
         await self._client.execute(b"SCRIPT", b"LOAD", self.source)
@@ -333,5 +336,4 @@ class Script:
         try:
             return await issued
         except NoScript:
-            await self.load()
-            return await self._client.send(command)
+            return await self._loaded_and_sent(command)
