@@ -311,6 +311,16 @@ def prometheus(config: str, files: dict[str, str] | None = None) -> Iterator[tup
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def read_until(sock: socket.socket, end: bytes, why: str = "the connection was closed") -> bytes:
+    """What a raw socket reads up to a read that ends with `end` (a response's last bytes); closed before: fails."""
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(65536)
+        assert chunk, f"{why}: {data[-300:]!r}"
+        data += chunk
+    return data
+
+
 @contextlib.contextmanager
 def redis_server(*args: str, port: int = 0) -> Iterator[tuple[Proc, str]]:
     """A throwaway redis-server on a free port (or `port`; no persistence; `args` added to its command line);

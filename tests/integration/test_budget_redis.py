@@ -4,6 +4,7 @@ shares its one Redis connection between its ledger and its rate limiter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from bastion.budget.ledger import Admitted, LedgerUnavailable, Refused
 from bastion.budget.policy import Budget, Period
 from bastion.budget.redis_ledger import RedisLedger, connect
 from bastion.redisio import Redis, ReplyError
-from tests.support import AUTH, budget_hashes, free_port, gateway, redis_server
+from tests.support import AUTH, Proc, budget_hashes, free_port, gateway, redis_server
 
 DAY = 86400
 DAILY = (Budget(Period.DAY, 1000),)
@@ -272,20 +273,30 @@ def test_an_error_reply_to_an_unclaimed_reservation_still_answers_the_refusal() 
     budget stage claims its reservation). A reservation issued with the requests/min hit that the requests
     window then refuses is never claimed: giving it back must not turn the 429 into an exception out of the
     application (uvicorn's bare 500)."""
-    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    with redis_server() as (_, url):
-        env = _limits_and_budget(url, rpm=2, tpm=1000000, day=1000000)
-        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (proc, base), httpx.Client(base_url=base) as http:
-            assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
-            asyncio.run(_break_budget_hashes(url))
-            reply = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
-            assert (reply.status_code, reply.json()["error"]["code"]) == (500, "internal_error"), reply.text
-            refused = http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10)
-            assert refused.status_code == 429, refused.text
-            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-            output = proc.output()
+    with _budget_broken_after_one_request(rpm=2) as (proc, http):
+        reply = http.post("/v1/chat/completions", json=_CHAT, headers=AUTH, timeout=10)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (500, "internal_error"), reply.text
+        refused = http.post("/v1/chat/completions", json=_CHAT, headers=AUTH, timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        output = proc.output()
     assert "Exception in ASGI application" not in output, output
     assert "WRONGTYPE" in output  # the bug is shown (logged with its traceback), not swallowed
+
+
+_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@contextlib.contextmanager
+def _budget_broken_after_one_request(rpm: int) -> Iterator[tuple[Proc, httpx.Client]]:
+    """A gateway with every limit and a budget on a Redis whose budget hashes, once one request made them, are
+    replaced by strings: every budget script then answers an error reply (WRONGTYPE)."""
+    with redis_server() as (_, url):
+        env = _limits_and_budget(url, rpm=rpm, tpm=1000000, day=1000000)
+        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (proc, base), httpx.Client(base_url=base) as http:
+            assert http.post("/v1/chat/completions", json=_CHAT, headers=AUTH, timeout=10).status_code == 200
+            asyncio.run(_break_budget_hashes(url))
+            yield proc, http
 
 
 async def _break_budget_hashes(url: str) -> None:
@@ -304,17 +315,12 @@ def test_a_bug_in_a_stage_is_an_openai_shaped_500_with_the_request_id() -> None:
     """Broken budget hashes make `/v1/usage`'s read fail with an error reply, which no stage answers: the client
     gets the gateway's JSON error with its request id (the one in the log line with the traceback), not the
     server's plain-text "Internal Server Error"; the next request is served."""
-    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    with redis_server() as (_, url):
-        env = _limits_and_budget(url, rpm=100, tpm=1000000, day=1000000)
-        with gateway("--upstream-command", SIM_4_TOKENS, env=env) as (proc, base), httpx.Client(base_url=base) as http:
-            assert http.post("/v1/chat/completions", json=chat, headers=AUTH, timeout=10).status_code == 200
-            asyncio.run(_break_budget_hashes(url))
-            reply = http.get("/v1/usage", headers=AUTH, timeout=10)
-            assert reply.status_code == 500 and reply.headers["content-type"] == "application/json", reply.text
-            assert reply.json()["error"]["code"] == "internal_error", reply.text
-            request_id = reply.headers["x-request-id"]
-            assert http.get("/health", timeout=10).status_code == 200
-            output = proc.output()
+    with _budget_broken_after_one_request(rpm=100) as (proc, http):
+        reply = http.get("/v1/usage", headers=AUTH, timeout=10)
+        assert reply.status_code == 500 and reply.headers["content-type"] == "application/json", reply.text
+        assert reply.json()["error"]["code"] == "internal_error", reply.text
+        request_id = reply.headers["x-request-id"]
+        assert http.get("/health", timeout=10).status_code == 200
+        output = proc.output()
     assert f"request {request_id} failed inside the gateway" in output and "WRONGTYPE" in output, output
     assert "Exception in ASGI application" not in output, output

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.support import gateway
+from tests.support import gateway, read_until
 
 
 def test_an_idle_keep_alive_connection_outlives_a_clients_5_s_expiry(sim: str) -> None:
@@ -21,9 +21,5 @@ def test_an_idle_keep_alive_connection_outlives_a_clients_5_s_expiry(sim: str) -
             for pause in (0.0, 5.6):
                 time.sleep(pause)
                 sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-                answer = b""
-                while not answer.endswith(b'{"status":"ok"}'):
-                    chunk = sock.recv(65536)
-                    assert chunk, f"the connection was closed after {pause} s idle"
-                    answer += chunk
+                answer = read_until(sock, b'{"status":"ok"}', f"the connection was closed after {pause} s idle")
                 assert answer.startswith(b"HTTP/1.1 200")

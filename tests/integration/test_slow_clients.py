@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support import AUTH, TEST_KEY, gateway, simulator
+from tests.support import AUTH, TEST_KEY, gateway, read_until, simulator
 
 # Connections closed within the configured timeouts (a few tenths of a second of slack): run alone.
 pytestmark = pytest.mark.serial
@@ -100,9 +100,7 @@ def test_idle_and_slowloris_connections_are_closed_while_others_are_served(stric
 def test_slowloris_gets_408_after_a_keep_alive_response_too(strict: str) -> None:
     with connect(strict) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-        first = b""
-        while not first.endswith(b'{"status":"ok"}'):
-            first += sock.recv(65536)
+        first = read_until(sock, b'{"status":"ok"}')
         assert first.startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # the next head, never finished
         ok, data = closed_within(sock, 3.0)
@@ -119,21 +117,13 @@ def test_the_rest_of_a_body_answered_early_is_not_the_next_head(strict: str) -> 
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
             b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
         )
-        first = b""
-        while not first.endswith(b"}}"):
-            chunk = sock.recv(65536)
-            assert chunk, first
-            first += chunk
+        first = read_until(sock, b"}}")
         assert first.startswith(b"HTTP/1.1 401"), first
         sock.sendall(body)
         time.sleep(0.3)
         sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         sock.settimeout(5)
-        second = b""
-        while not second.endswith(b'{"status":"ok"}'):
-            chunk = sock.recv(65536)
-            assert chunk, second
-            second += chunk
+        second = read_until(sock, b'{"status":"ok"}')
         assert second.startswith(b"HTTP/1.1 200"), second
 
 
