@@ -13,7 +13,9 @@ shown); check the openai SDK and curl, streaming and not, a wrong key, /metrics 
 vLLM's own series through /metrics/upstream, the audit log, and that the internal key
 is in no argv; measure direct vs through bastion (c=1, 64, 256 and 512, 64 tokens, alternating,
 the gateway's CPU per chunk; `--seconds` for measured windows read by the engine's own counters,
-`--max-tokens 64,32-96` for identical and drawn lengths, `--targets direct` for vLLM alone); check that a
+`--max-tokens 64,32-96` for identical and drawn lengths, `--targets direct` for vLLM alone, `--paired` for
+both paths at once, half the streams each, in one window: the engine's own swings between rounds, far more
+than the few % asked about, then reach both alike); check that a
 client disconnect aborts generation in vLLM; kill vLLM's engine and time the recovery;
 SIGTERM bastion during a stream and check it drains and leaves no vLLM process or GPU
 memory behind. Writes results.json and results.md under --out.
@@ -61,6 +63,7 @@ class Plan:
     max_tokens: list[str]  # one step per spec and concurrency: "64", "32-96"
     targets: list[str]
     procs: int  # load processes per round (with a window)
+    paired: bool  # direct and bastion at once, half the streams each, in one window
 
 
 class Run:
@@ -199,20 +202,51 @@ class Run:
     ) -> dict[str, Any]:
         """One round of bench/load.py: `requests` of them, or a `--seconds` window; the engine's counters and the
         gateway's CPU (`cpu_pid`) over it."""
+        return self.finish(self.start_load(url, key, concurrency, requests, max_tokens, cpu_pid, procs=self.plan.procs))
+
+    def start_load(
+        self, url: str, key: str, concurrency: int, requests: int, max_tokens: str, cpu_pid: int | None, *,
+        procs: int, at: float = 0.0,
+    ) -> subprocess.Popen[str]:  # fmt: skip
+        """bench/load.py started; `at`: the wall-clock moment its window opens (shared with another load)."""
         plan = self.plan
         bound = ["--seconds", str(plan.seconds), "--warmup-seconds", str(plan.warmup)] if plan.seconds else []
         if cpu_pid:
             bound += ["--cpu-pid", str(cpu_pid)]
-        if plan.seconds and plan.procs > 1:
-            bound += ["--procs", str(min(plan.procs, concurrency))]
+        if plan.seconds and procs > 1:
+            bound += ["--procs", str(min(procs, concurrency))]
+        if at:
+            bound += ["--at", str(at)]
         engine_url, engine_key = self.internal()
-        out = subprocess.run(
+        return subprocess.Popen(
             [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency), "-n", str(requests),
              "--max-tokens", max_tokens, "--warmup", "3", *bound, "--metrics-url", engine_url],
             env={**self.env, "BENCH_KEY": key, "BENCH_METRICS_KEY": engine_key},
-            capture_output=True, text=True, check=True,
+            stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def finish(load: subprocess.Popen[str]) -> dict[str, Any]:
+        out, _ = load.communicate()
+        if load.returncode:
+            raise subprocess.CalledProcessError(load.returncode, load.args, out)
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def paired(self, concurrency: int, max_tokens: str) -> dict[str, dict[str, Any]]:
+        """Direct and bastion at once on one engine, half the streams each, the same drawn lengths, one window.
+
+        The engine's batch is shared, so its own swings (±10-20 % between rounds of the same load) reach both
+        halves alike: what differs between them is the path. Each half's requests/s and tokens/s are its own."""
+        direct_url, internal_key = self.internal()
+        at = time.time() + 3.0 + 5.0 + self.plan.warmup  # both started, warmed up (3 requests one by one), loaded
+        half = concurrency // 2
+        procs = max(1, self.plan.procs // 2)
+        loads = {
+            "direct": self.start_load(direct_url, internal_key, half, 0, max_tokens, None, procs=procs, at=at),
+            "bastion": self.start_load(self.base, self.key, half, 0, max_tokens, self.proc.pid if self.proc else None,
+                                       procs=procs, at=at),
+        }  # fmt: skip
+        return {name: self.finish(load) for name, load in loads.items()}
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Until the engine runs and queues nothing: a cut round's streams are still being aborted."""
@@ -242,6 +276,13 @@ class Run:
             requests = 60 if concurrency == 1 else concurrency * (2 if self.simulate else 4)
             rounds = plan.rounds or (1 if concurrency == 1 else 2)
             for round_ in range(1, rounds + 1):
+                if plan.paired:
+                    self.wait_idle()
+                    for name, result in self.paired(concurrency, max_tokens).items():
+                        table[f"{name}_{step}" + (f"_round{round_}" if round_ > 1 else "")] = result
+                        say(f"{name} (paired) {step} round {round_}: {result}")
+                    self.write()
+                    continue
                 for name, url, key in targets:
                     self.wait_idle()
                     gateway = pid if name == "bastion" else None
@@ -402,14 +443,20 @@ def main() -> None:
     measure.add_argument(
         "--load-procs", type=int, default=1, help="load processes per windowed round (one is near a core at c=512)"
     )
+    measure.add_argument(
+        "--paired", action="store_true",
+        help="each round: direct and bastion at once, half the streams each, in one window (needs --seconds)",
+    )  # fmt: skip
     measure.add_argument("--engine-args", default="", help="more vLLM arguments, e.g. '--max-num-seqs 64'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     plan = Plan(
         concurrency=[int(c) for c in args.concurrency.split(",")], rounds=args.rounds, seconds=args.seconds,
         warmup=args.warmup, max_tokens=args.max_tokens.split(","), targets=args.targets.split(","),
-        procs=args.load_procs,
+        procs=args.load_procs, paired=args.paired,
     )  # fmt: skip
+    if args.paired and not args.seconds:
+        parser.error("--paired needs --seconds (the two halves share a measured window)")
     run = Run(args.out, args.simulate, args.port, plan, args.engine_args)
     skip = set(filter(None, args.skip.split(",")))
     try:

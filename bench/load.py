@@ -12,7 +12,8 @@ to the last (its edges, where fewer streams run, count in). `--seconds`: a close
 measured in a window after `--warmup-seconds` of load, then every stream is cut; the
 window's tokens are the content events received in it, and with `--metrics-url` the
 engine's own counters are read at both edges (steps, tokens per step, preemptions),
-so a round is the same length whatever the requests' lengths. `--max-tokens 128-384`
+so a round is the same length whatever the requests' lengths; `--at` opens the window at a
+given wall-clock moment, so that two runs (two URLs, say) share it. `--max-tokens 128-384`
 draws each request's length (seeded): waves of identical requests that start and end
 together are a benchmark's artefact, not what an engine sees.
 """
@@ -261,7 +262,7 @@ async def spread(args: argparse.Namespace) -> dict[str, Any]:
     """`--procs N`: N processes of this script share the streams and one wall-clock window; the engine's
     counters and the watched process's CPU are read here, at the window's edges. One process's event loop
     is near a core at ~10,000 streamed tokens/s: past that its own counts lag what the engine sent."""
-    opens = time.time() + 2.0 + args.warmup_seconds  # 2 s for the processes to start
+    opens = args.at or time.time() + 2.0 + args.warmup_seconds  # 2 s for the processes to start
     procs, streams = args.procs, args.concurrency
     shares = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
     argv = [sys.executable, __file__, "--url", args.url, "--model", args.model, "--prompt", args.prompt,
@@ -307,7 +308,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.0, help="a measured window instead of -n requests")
     parser.add_argument("--warmup-seconds", type=float, default=5.0, help="of load before the window")
     parser.add_argument("--procs", type=int, default=1, help="processes sharing the streams (with --seconds)")
-    parser.add_argument("--at", type=float, default=0.0, help=argparse.SUPPRESS)  # --procs: when the window opens
+    parser.add_argument("--at", type=float, default=0.0, help="the wall-clock time (epoch s) the window opens")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # --procs: counts and samples
     parser.add_argument("--metrics-url", default="", help="the engine's base URL: its counters over the round/window")
     parser.add_argument("--cpu-pid", type=int, help="a process whose CPU over the round/window is reported")

@@ -54,6 +54,26 @@ def test_driver_measures_windows_of_each_length_against_the_simulator(tmp_path: 
     assert 0.5 < results["tokens_per_s_ratio_c4_t8"] < 2  # type: ignore[operator]
 
 
+def test_paired_rounds_run_both_paths_at_once_against_the_simulator(tmp_path: Path) -> None:
+    """`--paired`: direct and bastion in one window, half the streams each, so the engine's own swings reach
+    both alike; each half is reported on its own, the gateway's CPU with the bastion half."""
+    skip = "functional,disconnect,kill,drain"
+    args = ["--simulate", "--skip", skip, "--port", str(free_port()), "--concurrency", "8", "--rounds", "1"]
+    window = ["--seconds", "1.5", "--warmup", "0.5", "--max-tokens", "8", "--load-procs", "4", "--paired"]
+    results = _run(tmp_path, *args, *window, timeout=120)
+    rounds = results["overhead"]
+    assert isinstance(rounds, dict)
+    assert sorted(rounds) == ["bastion_c8", "direct_c8"]
+    direct, bastion = rounds["direct_c8"], rounds["bastion_c8"]
+    for row in (direct, bastion):
+        assert row["concurrency"] == 4 and row["procs"] == 2 and row["errors"] == 0
+        assert row["requests"] > 0 and row["engine_tokens_per_s"] > 0
+    # one window: the engine's counters over it are the same for both halves (read apart by a busy box's lag)
+    assert abs(direct["engine_tokens_per_s"] - bastion["engine_tokens_per_s"]) <= 0.3 * direct["engine_tokens_per_s"]
+    assert "cpu_us_per_chunk" in bastion and "cpu_us_per_chunk" not in direct
+    assert 0.5 < results["tokens_per_s_ratio_c8"] < 2  # type: ignore[operator]
+
+
 gpu_present = shutil.which("nvidia-smi") is not None and bool(
     os.environ.get("VLLM_PYTHONPATH") or importlib.util.find_spec("vllm")
 )
