@@ -255,6 +255,22 @@ def test_a_background_response_cannot_continue_a_previous_one(gw_background: tup
     assert settled(base, who) == 0
 
 
+@pytest.mark.parametrize("terminal", ["response.incomplete", "response.failed"])
+def test_a_responses_stream_that_ends_incomplete_or_failed_is_charged_its_usage(
+    gw: tuple[Proc, str], terminal: str
+) -> None:
+    """OpenAI's Responses API (an external upstream) ends a stream cut at `max_output_tokens` with
+    `response.incomplete`, a failed one with `response.failed`, each with the usage inside `response`. Only
+    `response.completed` was read: such a stream was charged an estimate and counted as one without usage."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "input": "hi", "stream": True, "max_output_tokens": 1000}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4, "terminal": terminal})
+    assert reply.status_code == 200 and terminal in reply.text
+    assert charged(base, who, 17) == 17
+
+
 def test_embeddings_are_charged_their_prompt(gw: tuple[Proc, str]) -> None:
     _, base = gw
     who = token()

@@ -38,6 +38,7 @@ class Plan:
     events: int = 3  # content events of a stream
     chunks: list[int] = field(default_factory=lambda: [1 << 20])  # sizes of the writes, cycled
     delay: float = 0.0  # seconds before the response starts
+    terminal: str = "response.completed"  # a responses stream's last event (OpenAI's API: or .incomplete, .failed)
 
     @classmethod
     def of(cls, head: dict[str, str]) -> Plan:
@@ -224,9 +225,7 @@ def _events(kind: str, plan: Plan, include_usage: bool, continuous: bool) -> lis
         done: dict[str, Any] = {"id": "r", "output": [{"type": "message"}]}
         if plan.report:
             done["usage"] = _usage(kind, plan)
-        events.append(
-            event({"response": done, "sequence_number": 9, "type": "response.completed"}, "response.completed")
-        )
+        events.append(event({"response": done, "sequence_number": 9, "type": plan.terminal}, plan.terminal))
         return events
     events = []
     for i in range(plan.events):
