@@ -27,9 +27,14 @@ from .context import Exchange, Outcome
 RETRIEVAL_ROUTES = frozenset({"/v1/responses/{id}/cancel", "/v1/batches/{id}/cancel"})
 
 
+def retrieval(exchange: Exchange) -> bool:
+    """Whether the request only fetched (or stopped) what another generated: any usage it shows is not its own."""
+    return exchange.method == "GET" or exchange.route in RETRIEVAL_ROUTES
+
+
 def charge(exchange: Exchange) -> tuple[int, bool]:
     """(tokens to charge, whether a 2xx ended without usage and so was charged an estimate)."""
-    if exchange.method == "GET" or exchange.route in RETRIEVAL_ROUTES:
+    if retrieval(exchange):
         return 0, False
     usage = exchange.usage
     if usage is not None:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jose import jwt
 
 from bastion.auth.jwt import mint
 from tests.integration.vllm_like import Received, vllm_like
@@ -208,6 +209,15 @@ def test_a_stored_response_fetched_again_is_not_charged_again(gw_background: tup
     cancelled = httpx.post(base + "/v1/responses/resp-1/cancel", headers=auth(who, plan), timeout=10)
     assert cancelled.status_code == 200 and '"total_tokens": 17' in cancelled.text, cancelled.text
     assert settled(base, who) == 17
+    # bastion_tokens_total counts what was generated once too (a dashboard of tokens per principal).
+    subject = jwt.get_unverified_claims(who)["sub"]
+    scrape = httpx.get(base + "/metrics", timeout=10).text
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("bastion_tokens_total{") and f'principal="{subject}"' in line
+    ]
+    assert sum(counted) == 17, [line for line in scrape.splitlines() if subject in line]
 
 
 @pytest.mark.parametrize("cap", [10, None])
