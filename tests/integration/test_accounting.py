@@ -253,6 +253,22 @@ def test_a_background_stream_read_to_its_end_is_charged_its_usage(gw_background:
     assert charged(base, who, 17) == 17
 
 
+def test_a_background_stream_left_at_once_is_charged_its_reservation(gw_background: tuple[Proc, str]) -> None:
+    """A client that leaves a streamed request is charged the events it got: right when vLLM stops generating
+    for it, but a background response goes on without its client. Left before the first event, it was
+    charged its prompt estimate alone; now what was reserved for it."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    body = json.dumps({"model": "m", "input": "hi", "background": True, "stream": True, "max_output_tokens": 10})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            base + "/v1/responses", content=body, headers=auth(who, {"delay": 1.0}), timeout=httpx.Timeout(10, read=0.3)
+        )
+    reserved = estimate(body.encode(), 10)
+    assert charged(base, who, reserved) == reserved
+
+
 def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:
     """`previous_response_id` makes the engine read the earlier conversation too, which the request's bytes do
     not show: a background response is charged its reservation, so that reservation would be far too low."""
