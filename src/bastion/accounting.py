@@ -9,6 +9,13 @@ Accounting follows what the engine did, never what the request claims:
 - a response cut short (the client went away, the upstream broke mid-stream) is charged
   the prompt estimate plus the stream events forwarded (one token each), or, not
   streamed, the completion cap: what the engine may have generated;
+- a Responses API request with `background: true` (allowed by the operator) is charged its
+  reservation unless its own response carried usage (a background stream the client read to
+  its end): the engine answers at once and generates afterwards, and its usage only ever
+  reaches a later `GET /v1/responses/{id}`;
+- a retrieval (any GET, a `cancel` of a stored response or batch) is charged nothing, whatever
+  usage its body repeats: that generation was charged by the request that made it, and a stored
+  response may be fetched any number of times;
 - anything refused, or failed before the upstream answered, is charged nothing.
 """
 
@@ -16,14 +23,26 @@ from __future__ import annotations
 
 from .context import Exchange, Outcome
 
+# POST routes that fetch or stop what an earlier request generated: never charged, nothing reserved.
+RETRIEVAL_ROUTES = frozenset({"/v1/responses/{id}/cancel", "/v1/batches/{id}/cancel"})
+
+
+def retrieval(exchange: Exchange) -> bool:
+    """Whether the request only fetched (or stopped) what another generated: any usage it shows is not its own."""
+    return exchange.method == "GET" or exchange.route in RETRIEVAL_ROUTES
+
 
 def charge(exchange: Exchange) -> tuple[int, bool]:
     """(tokens to charge, whether a 2xx ended without usage and so was charged an estimate)."""
+    if retrieval(exchange):
+        return 0, False
     usage = exchange.usage
     if usage is not None:
         return usage.total_tokens, False
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
-        completion = exchange.events if exchange.stream else exchange.completion_cap
+        # A background response goes on generating without its client: what was reserved.
+        streamed = exchange.stream and not exchange.background
+        completion = exchange.events if streamed else max(exchange.completion_cap, exchange.events)
         return _at_least_one(exchange, exchange.prompt_estimate + completion), False
     if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
         tokens = _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))

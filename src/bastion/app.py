@@ -294,7 +294,9 @@ def create_app(
     inspect = InspectBody(
         RateLimitMiddleware(inner, limiter, alongside),
         RequestInspector(
-            default_max_tokens=settings.default_max_tokens, enforce_max_tokens=settings.enforce_max_tokens
+            default_max_tokens=settings.default_max_tokens,
+            enforce_max_tokens=settings.enforce_max_tokens,
+            allow_background=settings.responses_background,
         ),
         max_body=settings.max_body_bytes,
         body_timeout=settings.client_body_timeout,

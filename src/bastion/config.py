@@ -591,6 +591,13 @@ class Settings(BaseSettings):
         "reservation did. Off: the engine's own default applies (vLLM: the rest of the context window), and one "
         "such request may overrun tokens/min and budgets by the difference until it is settled.",
     )
+    responses_background: bool = Field(
+        False,
+        description="Forward Responses API requests with `background: true` (vLLM answers at once, generates "
+        "afterwards, and reports usage only to a later GET /v1/responses/{id}). Each is charged its reservation "
+        "(prompt estimate + max_output_tokens) when posted, since the usage never comes back to that request; "
+        "needs BASTION_ENFORCE_MAX_TOKENS so the engine cannot generate past it. Off: refused with a 400.",
+    )
     auth_failure_limit: int = Field(
         20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
     )
@@ -785,6 +792,16 @@ class Settings(BaseSettings):
     @classmethod
     def _check_classes(cls, value: str) -> str:
         parse_classes(value, None)
+        return value
+
+    @field_validator("responses_background")
+    @classmethod
+    def _check_background(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("enforce_max_tokens"):
+            raise ValueError(
+                "a background response is charged its reservation, which holds only if the engine stops there: "
+                "set BASTION_ENFORCE_MAX_TOKENS=true as well"
+            )
         return value
 
     @field_validator("engine_backlog")

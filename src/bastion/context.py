@@ -54,6 +54,7 @@ class Exchange:
     prompt_estimate: int = 0
     completion_cap: int = 0
     priority: int | None = None
+    background: bool = False  # a Responses API `background: true`: it generates after its response ends
     events: int = 0
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).

@@ -33,6 +33,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .accounting import retrieval
 from .config import Settings
 from .context import Exchange, Outcome
 from .engine.state import Phase, Upstream
@@ -244,7 +245,7 @@ class Metrics:
             first.observe(ttft)
 
         usage = exchange.usage
-        if usage is not None:
+        if usage is not None and not retrieval(exchange):  # a stored response fetched again: counted when made
             tokens = self._token_children.get((model, principal))
             if tokens is None:
                 tokens = self._token_children[(model, principal)] = (

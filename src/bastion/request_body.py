@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .accounting import RETRIEVAL_ROUTES
 from .asgi import (
     ASGIApp,
     BodyTimeout,
@@ -56,6 +57,9 @@ WANTED = frozenset(
         "best_of",
         "priority",
         "prompt",
+        "prompt_embeds",
+        "background",
+        "previous_response_id",
     }
 )
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
@@ -74,6 +78,8 @@ CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "/v1/responses": ("max_output_tokens",),
 }
 _CAPS = ("max_completion_tokens", "max_output_tokens", "max_tokens")  # routes vLLM's names are not known for
+# Routes whose requests take `background` (vLLM's Responses API: answered at once, generated afterwards).
+BACKGROUND_ROUTES = frozenset({"/v1/responses"})
 # Routes that generate nothing: their cost is the prompt. Every other POST may generate up to its cap.
 PROMPT_ONLY_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/tokenize", "/v1/detokenize"}
@@ -142,6 +148,7 @@ class RequestFacts:
     prompt_estimate: int = 0  # prompt tokens, estimated from the bytes received
     completion_cap: int = 0  # the most completion tokens it may generate (all choices)
     priority: int | None = None
+    background: bool = False  # generated after the response ends (`background: true`, where allowed)
 
 
 class RequestInspector:
@@ -152,6 +159,7 @@ class RequestInspector:
         *,
         default_max_tokens: int,
         enforce_max_tokens: bool = False,
+        allow_background: bool = False,
         full_parse_limit: int = FULL_PARSE_LIMIT,
         step_budget: int = STEP_BUDGET,
         steps_per_turn: int = STEPS_PER_TURN,
@@ -160,6 +168,9 @@ class RequestInspector:
         # A request that sets no completion cap gets `default_max_tokens` written in, so that what it may
         # generate is what was reserved (else vLLM's own default: the rest of the context window).
         self.enforce_max_tokens = enforce_max_tokens
+        # `background: true` on the Responses API: its usage reaches only a later GET of the stored response,
+        # never this request; allowed, it is charged its reservation (`accounting.charge`). Else a 400.
+        self.allow_background = allow_background
         self.full_parse_limit = full_parse_limit
         self.step_budget = step_budget
         self.steps_per_turn = steps_per_turn
@@ -204,13 +215,14 @@ class RequestInspector:
                     param="model",
                 )
         stream = lax_bool(fields.get("stream")) is True
+        background = path in BACKGROUND_ROUTES and "background" in fields and self._background(fields)
         if generates:
             # Enforced, a cap too large to read is replaced by the default (`_write_cap`): that is what it reads.
             unread = self.default_max_tokens if self.enforce_max_tokens and path in CAP_FIELDS else None
             asked = _first_positive(fields, CAP_FIELDS.get(path, _CAPS), unread)
             choices = max(1, lax_int(fields.get("n")) or 1, lax_int(fields.get("best_of")) or 1)
             if path in BATCH_PROMPT_ROUTES:
-                choices *= _prompts(fields.get("prompt"), body, spans)
+                choices *= _batch(fields, body, spans)
             cap = (self.default_max_tokens if asked is None else asked) * choices
         facts = RequestFacts(
             model=model if isinstance(model, str) else None,
@@ -218,6 +230,7 @@ class RequestInspector:
             prompt_estimate=prompt,
             completion_cap=cap,
             priority=lax_int(fields.get("priority")),
+            background=background,
         )
         if generates and self.enforce_max_tokens and path in CAP_FIELDS:
             body, spans = await self._write_cap(body, fields, spans, CAP_FIELDS[path])
@@ -237,7 +250,33 @@ class RequestInspector:
             span = spans["stream_options"]
             merged = json.dumps({**(options or {}), "include_usage": True}, separators=(",", ":")).encode()
             edited = body[: span.start] + merged + body[span.end :]
-        return edited, RequestFacts(facts.model, True, True, prompt, facts.completion_cap, facts.priority)
+        return edited, RequestFacts(
+            facts.model, True, True, prompt, facts.completion_cap, facts.priority, facts.background
+        )
+
+    def _background(self, fields: dict[str, Any]) -> bool:
+        """Whether the request asks for a background response (as vLLM reads `background`), if it may."""
+        if lax_bool(fields["background"]) is not True:
+            return False  # false, null, or a value vLLM refuses itself
+        if not self.allow_background:
+            raise GatewayError(
+                400,
+                "Background responses are not enabled on this gateway: their usage is reported only when the "
+                "stored response is fetched, so they cannot be accounted. Send the request without `background`.",
+                code="background_not_supported",
+                param="background",
+            )
+        if fields.get("previous_response_id") is not None:
+            # Its prompt holds the earlier conversation, which the request's bytes do not show: the
+            # reservation (all a background response is charged) would be far below what the engine reads.
+            raise GatewayError(
+                400,
+                "A background response cannot continue a previous response (`previous_response_id`): its "
+                "prompt cannot be estimated. Send the conversation as `input`, or leave out `background`.",
+                code="background_not_supported",
+                param="previous_response_id",
+            )
+        return True
 
     async def _write_cap(
         self, body: bytes, fields: dict[str, Any], spans: dict[str, Span] | None, names: tuple[str, ...]
@@ -317,7 +356,13 @@ class RequestInspector:
 
 def _with_priority(facts: RequestFacts, priority: int) -> RequestFacts:
     return RequestFacts(
-        facts.model, facts.stream, facts.usage_added, facts.prompt_estimate, facts.completion_cap, priority
+        facts.model,
+        facts.stream,
+        facts.usage_added,
+        facts.prompt_estimate,
+        facts.completion_cap,
+        priority,
+        facts.background,
     )
 
 
@@ -361,8 +406,21 @@ def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
     return fields
 
 
-def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None) -> int:
-    """How many prompts a completions `prompt` holds (vLLM generates up to `max_tokens` for each).
+def _batch(fields: dict[str, Any], body: bytes, spans: dict[str, Span] | None) -> int:
+    """How many prompts a completions request holds: vLLM renders its `prompt_embeds` (one base64 tensor or a
+    list of them) and then its `prompt` (absent, null or "" adds none), and generates for each."""
+    prompt, embeds = fields.get("prompt"), fields.get("prompt_embeds")
+    if embeds is None:
+        return _prompts(prompt, body, spans, "prompt")
+    count = _prompts(embeds, body, spans, "prompt_embeds")
+    if prompt is not None and prompt != "":
+        count += _prompts(prompt, body, spans, "prompt")
+    return count
+
+
+def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None, name: str) -> int:
+    """How many prompts a completions `prompt` (or `prompt_embeds`) holds (vLLM generates up to `max_tokens`
+    for each).
 
     A string or a list of token ids is one prompt; a list of strings or of token-id lists is one per
     element. A list too large to decode (UNREAD) is counted in its bytes, at C speed.
@@ -370,7 +428,7 @@ def _prompts(prompt: object, body: bytes, spans: dict[str, Span] | None) -> int:
     if isinstance(prompt, list):
         return max(1, len(prompt)) if prompt and isinstance(prompt[0], str | list) else 1
     if prompt is UNREAD and spans is not None:
-        span = spans["prompt"]
+        span = spans[name]
         return _elements(body[span.start : span.end])
     return 1
 
@@ -473,8 +531,8 @@ class InspectBody:
             raise GatewayError(413, f"The request body exceeds {self.max_body} bytes.") from None
         except BodyTimeout:
             raise GatewayError(408, "The request body was not received in time.") from None
-        if scope["method"] != "POST":
-            return body
+        if scope["method"] != "POST" or exchange.route in RETRIEVAL_ROUTES:
+            return body  # nothing generated: nothing to reserve (`accounting.charge` charges it nothing)
         content_type = header(scope, b"content-type")
         form = content_type is not None and content_type.startswith(b"multipart/")
         principal = exchange.principal
@@ -498,6 +556,7 @@ class InspectBody:
         exchange.prompt_estimate = facts.prompt_estimate
         exchange.completion_cap = facts.completion_cap
         exchange.priority = facts.priority
+        exchange.background = facts.background
         return body
 
 

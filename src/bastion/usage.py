@@ -7,11 +7,12 @@ object. Where it sits depends on the route and on the engine:
   top level of the body, or of the last event of a stream (vLLM writes `prompt_logprobs`,
   `prompt_token_ids`, `kv_transfer_params` after it, so it is not necessarily near the end);
 - responses: `input_tokens`/`output_tokens`, in a stream inside the `response.completed`
-  event (`{"type":"response.completed","response":{...,"usage":{...}}}`);
+  event (`{"type":"response.completed","response":{...,"usage":{...}}}`), or inside
+  `response.incomplete` / `response.failed`, which end a stream the same way;
 - embeddings: `prompt_tokens` and `total_tokens` only; anything else: `total_tokens`.
 
 Only a `"usage"` key at the top level of the response object counts (one level down in a
-`response.completed` event): `jsonscan.Depth` follows nesting and string state, so a
+Responses stream's last event): `jsonscan.Depth` follows nesting and string state, so a
 `"usage"` inside generated text or a nested object is never taken. `BodyUsage` does this
 over a body's chunks holding a few bytes between them; `StreamTap` over SSE events.
 """
@@ -28,7 +29,9 @@ from .jsonscan import Depth
 _USAGE_KEY = b'"usage":'
 _KEY_TAIL = len(_USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
 _EVENT_END = b"\n\n"
-_RESPONSE_COMPLETED = re.compile(rb'"type":\s*"response\.completed"')
+# The events that end a Responses stream with its usage: vLLM always ends with `completed`; OpenAI's API (an
+# external upstream) ends a response cut at `max_output_tokens` with `incomplete`, a failed one with `failed`.
+_RESPONSE_COMPLETED = re.compile(rb'"type":\s*"response\.(?:completed|incomplete|failed)"')
 _NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')  # the usage-only event (vLLM writes no spaces; others may)
 _DECODER = json.JSONDecoder()
 MAX_USAGE_OBJECT = 4096  # bytes of a usage object decoded at most
@@ -107,7 +110,8 @@ def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
 
 
 def event_usage(event: bytes) -> Usage | None:
-    """Usage in one SSE event: top level of its data, or inside `response` for `response.completed`."""
+    """Usage in one SSE event: top level of its data, or inside `response` for the event that ends a Responses
+    stream (`response.completed`, `.incomplete`, `.failed`)."""
     usage = find_usage(event)
     if usage is None and _RESPONSE_COMPLETED.search(event):
         usage = find_usage(event, depth=2)

@@ -8,6 +8,7 @@ reports `x-ratelimit-limit-tokens - x-ratelimit-remaining-tokens` = the tokens c
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jose import jwt
 
 from bastion.auth.jwt import mint
 from tests.integration.vllm_like import Received, vllm_like
@@ -144,6 +146,157 @@ def test_responses_api_is_charged(gw: tuple[Proc, str], stream: bool) -> None:
     assert charged(base, who, 17) == 17
 
 
+# --- background and stored responses: charged once, from what the engine did ---------------------------
+
+STORED_ROUTES = "default,/v1/responses/{id},/v1/responses/{id}/cancel"
+
+
+@pytest.fixture(scope="module")
+def gw_background(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
+    """The stored-response routes forwarded, background responses allowed (which needs the cap enforced)."""
+    env = {
+        **ENV,
+        "BASTION_ROUTES": STORED_ROUTES,
+        "BASTION_ENFORCE_MAX_TOKENS": "true",
+        "BASTION_RESPONSES_BACKGROUND": "true",
+    }
+    with gateway("--upstream-url", upstream[0], env=env) as pair:
+        yield pair
+
+
+def settled(base: str, credential: str) -> int:
+    """What is charged once every request before has finished settling (a settle may land after its reply)."""
+    time.sleep(0.3)
+    return charged(base, credential)
+
+
+@pytest.mark.parametrize("background", [True, "true", 1, "on"])
+def test_a_background_response_is_refused_unless_the_operator_allows_it(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]], background: object
+) -> None:
+    """vLLM answers `background: true` (in any form pydantic reads as true) at once with a queued response and
+    `"usage": null`, and generates afterwards: the gateway charged the estimate at the POST and, were
+    `GET /v1/responses/{id}` forwarded, the usage again at every fetch. Refused unless allowed."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    received = len(upstream[1])
+    body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "background_not_supported" and error["param"] == "background"
+    assert len(upstream[1]) == received  # nothing reached the engine
+    assert settled(base, who) == 0
+    body["background"] = False
+    assert post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4}).status_code == 200
+    assert charged(base, who, 17) == 17
+
+
+def test_a_stored_response_fetched_again_is_not_charged_again(gw_background: tuple[Proc, str]) -> None:
+    """A response is stored (vLLM's `store`, true by default) and its usage comes back with every
+    `GET /v1/responses/{id}` (and its `?stream=true` replay, and a cancel): each was charged that usage
+    again (a `cancel` reserved BASTION_DEFAULT_MAX_TOKENS too). Now only the request that generated it is."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    plan = {"prompt": 13, "completion": 4}
+    reply = post(base, "/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 10}, who, plan)
+    assert reply.status_code == 200 and charged(base, who, 17) == 17
+    for path in ("/v1/responses/resp-1", "/v1/responses/resp-1?stream=true", "/v1/responses/resp-1"):
+        fetched = httpx.get(base + path, headers=auth(who, plan), timeout=10)
+        assert fetched.status_code == 200 and '"total_tokens": 17' in fetched.text, fetched.text
+    cancelled = httpx.post(base + "/v1/responses/resp-1/cancel", headers=auth(who, plan), timeout=10)
+    assert cancelled.status_code == 200 and '"total_tokens": 17' in cancelled.text, cancelled.text
+    assert settled(base, who) == 17
+    # bastion_tokens_total counts what was generated once too (a dashboard of tokens per principal).
+    subject = jwt.get_unverified_claims(who)["sub"]
+    scrape = httpx.get(base + "/metrics", timeout=10).text
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("bastion_tokens_total{") and f'principal="{subject}"' in line
+    ]
+    assert sum(counted) == 17, [line for line in scrape.splitlines() if subject in line]
+
+
+@pytest.mark.parametrize("cap", [10, None])
+def test_a_background_response_is_charged_its_reservation_once(
+    gw_background: tuple[Proc, str], upstream: tuple[str, list[Received]], cap: int | None
+) -> None:
+    """Allowed (BASTION_RESPONSES_BACKGROUND, with the cap enforced), a background response is charged what was
+    reserved when it is posted: its usage never comes back to that request, and the engine cannot pass the
+    cap (written in when the request sets none). Fetching the result charges nothing more."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    fields = {"model": "m", "input": "hi", "background": True}
+    body = json.dumps(fields if cap is None else {**fields, "max_output_tokens": cap}).encode()
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 200 and reply.json()["status"] == "queued", reply.text
+    assert upstream[1][-1].json()["max_output_tokens"] == (cap or DEFAULT_MAX_TOKENS)
+    reserved = estimate(body, cap or DEFAULT_MAX_TOKENS)
+    assert charged(base, who, reserved) == reserved
+    fetched = httpx.get(base + "/v1/responses/resp_bg", headers=auth(who, {"prompt": 13, "completion": 4}))
+    assert fetched.status_code == 200 and fetched.json()["usage"]["total_tokens"] == 17
+    assert settled(base, who) == reserved
+
+
+def test_a_background_stream_read_to_its_end_is_charged_its_usage(gw_background: tuple[Proc, str]) -> None:
+    """A background response that streams carries `response.completed` with the engine's usage: charged that."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "input": "hi", "background": "yes", "stream": True, "max_output_tokens": 10}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 200 and "response.completed" in reply.text
+    assert charged(base, who, 17) == 17
+
+
+def test_a_background_stream_left_at_once_is_charged_its_reservation(gw_background: tuple[Proc, str]) -> None:
+    """A client that leaves a streamed request is charged the events it got: right when vLLM stops generating
+    for it, but a background response goes on without its client. Left before the first event, it was
+    charged its prompt estimate alone; now what was reserved for it."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    body = json.dumps({"model": "m", "input": "hi", "background": True, "stream": True, "max_output_tokens": 10})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            base + "/v1/responses", content=body, headers=auth(who, {"delay": 1.0}), timeout=httpx.Timeout(10, read=0.3)
+        )
+    reserved = estimate(body.encode(), 10)
+    assert charged(base, who, reserved) == reserved
+
+
+def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:
+    """`previous_response_id` makes the engine read the earlier conversation too, which the request's bytes do
+    not show: a background response is charged its reservation, so that reservation would be far too low."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "input": "more", "background": True, "previous_response_id": "resp_1"}
+    reply = post(base, "/v1/responses", body, who, {})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "previous_response_id", reply.text
+    assert settled(base, who) == 0
+
+
+@pytest.mark.parametrize("terminal", ["response.incomplete", "response.failed"])
+def test_a_responses_stream_that_ends_incomplete_or_failed_is_charged_its_usage(
+    gw: tuple[Proc, str], terminal: str
+) -> None:
+    """OpenAI's Responses API (an external upstream) ends a stream cut at `max_output_tokens` with
+    `response.incomplete`, a failed one with `response.failed`, each with the usage inside `response`. Only
+    `response.completed` was read: such a stream was charged an estimate and counted as one without usage."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = {"model": "m", "input": "hi", "stream": True, "max_output_tokens": 1000}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4, "terminal": terminal})
+    assert reply.status_code == 200 and terminal in reply.text
+    assert charged(base, who, 17) == 17
+
+
 def test_embeddings_are_charged_their_prompt(gw: tuple[Proc, str]) -> None:
     _, base = gw
     who = token()
@@ -211,6 +364,39 @@ def test_a_batch_of_prompts_reserves_max_tokens_for_each(
     reply = post(base, "/v1/completions", body, who, {"report": False})
     assert reply.status_code == 200
     assert charged(base, who) == estimate(body, 10 * prompts)
+
+
+EMBED = base64.b64encode(os.urandom(3000)).decode()  # a stand-in for a torch-saved tensor (vLLM's format)
+
+
+@pytest.mark.parametrize(
+    ("fields", "prompts"),
+    [
+        ({"prompt_embeds": [EMBED] * 4}, 4),
+        ({"prompt_embeds": EMBED}, 1),
+        ({"prompt_embeds": [EMBED] * 2, "prompt": ["a", "b"]}, 4),  # vLLM renders both: embeds, then prompts
+        ({"prompt_embeds": [EMBED] * 2, "prompt": ""}, 2),
+        ({"prompt_embeds": [EMBED] * 2, "prompt": None}, 2),
+        ({"prompt_embeds": [EMBED * 8] * 3}, 3),  # past 64 KiB: counted in the bytes, not decoded
+    ],
+)
+def test_a_batch_of_prompt_embeds_reserves_max_tokens_for_each(
+    gw: tuple[Proc, str], fields: dict[str, Any], prompts: int
+) -> None:
+    """`prompt_embeds` (vLLM, --enable-prompt-embeds) is one base64 tensor or a list: each is a prompt that
+    generates up to max_tokens, besides any `prompt`. The reservation (what a 2xx without usage is charged)
+    counted one prompt whatever the list held. Its prompt estimate is the bytes / 4, far above the tokens a
+    tensor holds: an over-reservation settled to the engine's usage, never an undercharge."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    body = json.dumps({"model": "m", **fields, "max_tokens": 10}).encode()
+    reply = post(base, "/v1/completions", body, who, {"report": False})
+    assert reply.status_code == 200
+    assert charged(base, who) == estimate(body, 10 * prompts)
+    settled = token()
+    reply = post(base, "/v1/completions", body, settled, {"prompt": 9, "completion": 20})
+    assert reply.status_code == 200 and charged(base, settled, 29) == 29  # the engine's usage, exactly
 
 
 def raw_request(base: str, path: str, head: dict[str, str], chunks: list[bytes]) -> socket.socket:

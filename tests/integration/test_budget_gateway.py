@@ -219,3 +219,42 @@ def test_a_token_whose_subject_is_not_unicode_is_refused_and_breaks_no_one(tmp_p
         time.sleep(1.5)  # the ledger writes its hour roll-ups every second
     report = cli("usage", "--format", "json", "--db", str(tmp_path / "usage.sqlite3"))
     assert json.loads(report.stdout)["total"] == used, report.stdout + report.stderr
+
+
+@pytest.mark.parametrize("field", ["name", "models", "budgets"])
+def test_a_hand_edited_key_that_is_not_unicode_is_refused_in_one_line(tmp_path: Path, field: str) -> None:
+    """A key file edited by hand can hold `"name": "\\ud800"` (a lone surrogate once decoded), which as the
+    `principal` label makes every scrape of /metrics a 500. pydantic refused the name only by accident (its
+    length check), in words no operator reads as "this key" ("unable to parse raw data as a unicode string"),
+    and took a surrogate in `models` or a budget's model (`day:\\ud800`) without a word. Now `serve` refuses
+    the file in one line naming it, the key's id and the fix; a running gateway keeps its last good set."""
+    keys = tmp_path / "keys.json"
+    created = cli("keys", "create", "--name", "alice", "--keys-file", str(keys))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    good = keys.read_text()
+    data = json.loads(good)
+    hostile = {"name": "caf\ud800", "models": ["qwen2.5-7b-instruct", "m\udce9"], "budgets": {"day:m\ud800": 50}}
+    data["keys"][0][field] = hostile[field]
+    bad = json.dumps(data)  # ensure_ascii: the surrogate is written as the escape "\ud800", as a hand would
+    assert "\\ud" in bad
+    keys.write_text(bad)
+    key_id = data["keys"][0]["id"]
+    served = cli("serve", "--port", "0", "--upstream-command", SIM, env={"BASTION_KEYS_FILE": str(keys)})
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
+    [line] = [ln for ln in served.stderr.splitlines() if ln.startswith("bastion:")]
+    assert str(keys) in line and key_id in line and "not valid Unicode" in line and "bst-" not in line, line
+    keys.write_text(good)
+    auth = {"authorization": f"Bearer {key}"}
+    env = {**ENV, "BASTION_KEYS_RELOAD_INTERVAL": "0.2"}
+    with gateway("--upstream-command", SIM, "--keys-file", str(keys), env=env) as (proc, base):
+        wait_for_key(base, key)
+        keys.write_text(bad)
+        deadline = time.monotonic() + 10
+        while "not reloaded" not in proc.output():
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.1)
+        reply = httpx.post(base + "/v1/chat/completions", json=CHAT, headers=auth, timeout=10)
+        assert reply.status_code == 200, reply.text
+        scrape = httpx.get(base + "/metrics", timeout=10)
+        assert scrape.status_code == 200 and 'principal="alice"' in scrape.text, scrape.text[:300]

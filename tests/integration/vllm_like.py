@@ -38,6 +38,7 @@ class Plan:
     events: int = 3  # content events of a stream
     chunks: list[int] = field(default_factory=lambda: [1 << 20])  # sizes of the writes, cycled
     delay: float = 0.0  # seconds before the response starts
+    terminal: str = "response.completed"  # a responses stream's last event (OpenAI's API: or .incomplete, .failed)
 
     @classmethod
     def of(cls, head: dict[str, str]) -> Plan:
@@ -110,6 +111,9 @@ class _Server(socketserver.ThreadingTCPServer):
             body = b'{"object":"list","data":[{"id":"m","object":"model"}]}' if request.path != "/health" else b""
             _send(sock, 200, "application/json", body, plan)
             return
+        if request.path.startswith("/v1/responses/"):  # a stored response: fetched, replayed or cancelled
+            _stored(sock, method, request, plan)
+            return
         if request.headers.get("content-type", "").startswith("multipart/"):  # an audio upload
             usage = {"usage": _usage("audio", plan)} if plan.report else {}
             _send(sock, 200, "application/json", json.dumps({"text": "hi", **usage}).encode(), plan)
@@ -124,10 +128,29 @@ class _Server(socketserver.ThreadingTCPServer):
             _send(sock, 400, "application/json", error.encode(), Plan())
             return
         time.sleep(plan.delay)
+        if kind == "responses" and lax(payload.get("background", False)) and not stream:
+            # vLLM (with VLLM_ENABLE_RESPONSES_API_STORE=1): stored as queued, answered at once without usage,
+            # generated afterwards; the usage is in the stored response a GET /v1/responses/{id} returns.
+            queued = {"id": "resp_bg", "object": "response", "status": "queued", "output": [], "usage": None}
+            _send(sock, 200, "application/json", json.dumps(queued).encode(), plan)
+            return
         if stream:
             _send_stream(sock, _events(kind, plan, include_usage, continuous), plan)
         else:
             _send(sock, 200, "application/json", _body(kind, plan), plan)
+
+
+def _stored(sock: socket.socket, method: str, request: Received, plan: Plan) -> None:
+    """vLLM's GET /v1/responses/{id} (`?stream=true` replays its events) and POST .../cancel: the stored
+    response, usage and all, as often as it is asked for."""
+    path, _, query = request.path.partition("?")
+    if method == "GET" and "stream=true" in query:
+        _send_stream(sock, _events("responses", plan, True, False), plan)
+        return
+    status = "cancelled" if path.endswith("/cancel") else "completed"
+    stored = {"id": path.split("/")[3], "object": "response", "status": status, "output": [{"type": "message"}]}
+    stored["usage"] = _usage("responses", plan) if plan.report else None
+    _send(sock, 200, "application/json", json.dumps(stored).encode(), plan)
 
 
 def _read(path: str, payload: dict[str, Any]) -> tuple[str, bool, bool, bool]:
@@ -202,9 +225,7 @@ def _events(kind: str, plan: Plan, include_usage: bool, continuous: bool) -> lis
         done: dict[str, Any] = {"id": "r", "output": [{"type": "message"}]}
         if plan.report:
             done["usage"] = _usage(kind, plan)
-        events.append(
-            event({"response": done, "sequence_number": 9, "type": "response.completed"}, "response.completed")
-        )
+        events.append(event({"response": done, "sequence_number": 9, "type": plan.terminal}, plan.terminal))
         return events
     events = []
     for i in range(plan.events):

@@ -69,7 +69,7 @@ def test_key_file_budgets_reach_the_principal_and_bad_ones_name_the_field() -> N
     principal = parse_key_file(json.dumps({"keys": [record]})).keys[0].principal()
     assert set(principal.budgets) == {Budget(DAY, 2_000_000), Budget(DAY, 100_000, "qwen")}
     record["budgets"] = {"fortnight": 5}
-    with pytest.raises(KeyStoreError, match=r"keys\[0\]\.budgets: .*day, week or month"):
+    with pytest.raises(KeyStoreError, match=r"keys\[0\] \(id abcd1234\)\.budgets: .*day, week or month"):
         parse_key_file(json.dumps({"keys": [record]}))
 
 

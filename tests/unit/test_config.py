@@ -246,6 +246,17 @@ def test_a_short_hmac_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     assert load(Settings, env_file=None).jwt_secret is not None
 
 
+def test_background_responses_need_the_cap_enforced(cli: CLI) -> None:
+    """A background response is charged its reservation: allowed without the cap enforced, the engine could
+    generate the rest of its context window on a reservation of BASTION_DEFAULT_MAX_TOKENS."""
+    status, _, err = cli("check-config", env={**BASELINE, "BASTION_RESPONSES_BACKGROUND": "true"})
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("bastion: invalid BASTION_RESPONSES_BACKGROUND: ")
+    assert "BASTION_ENFORCE_MAX_TOKENS=true" in err
+    enforced = {**BASELINE, "BASTION_RESPONSES_BACKGROUND": "true", "BASTION_ENFORCE_MAX_TOKENS": "true"}
+    assert cli("check-config", env=enforced)[0] == 0
+
+
 def test_unknown_names_are_warned_about_with_a_suggestion(cli: CLI, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("BASTION_KEYS_FLIE=/tmp/keys.json\n")
     status, _, err = cli("check-config", env={**BASELINE, "BASTION_PROT": "8001", "BASTION_SIMULATE_TFTT": "1"})

@@ -56,7 +56,7 @@ def test_atomic_write_is_owner_only_and_leaves_no_temp_file(tmp_path: Path) -> N
 def test_unknown_field_is_a_clear_error() -> None:
     good = {"sha256": "a" * 64, "created": "2026-01-01T00:00:00Z"}
     record = {"id": "abcd1234", "name": "x", "created": "2026-01-01T00:00:00Z", "secrets": [good], "colour": "red"}
-    with pytest.raises(KeyStoreError, match=r"keys\[0\]\.colour: unknown field"):
+    with pytest.raises(KeyStoreError, match=r"keys\[0\] \(id abcd1234\)\.colour: unknown field"):
         parse_key_file(json.dumps({"version": 1, "keys": [record]}))
     with pytest.raises(KeyStoreError, match=r"top level|extra|unknown field"):
         parse_key_file(json.dumps({"version": 1, "keys": [], "owner": "me"}))
@@ -65,7 +65,7 @@ def test_unknown_field_is_a_clear_error() -> None:
 def test_bad_cidr_bad_json_and_duplicates_are_clear_errors() -> None:
     good = {"sha256": "a" * 64, "created": "2026-01-01T00:00:00Z"}
     record = {"id": "abcd1234", "name": "x", "created": "2026-01-01T00:00:00Z", "secrets": [good]}
-    with pytest.raises(KeyStoreError, match=r"keys\[0\]\.allow_ips: '10\.0\.0\.0/33' is not a valid"):
+    with pytest.raises(KeyStoreError, match=r"keys\[0\] \(id abcd1234\)\.allow_ips: '10\.0\.0\.0/33' is not a valid"):
         parse_key_file(json.dumps({"keys": [{**record, "allow_ips": ["10.0.0.0/33"]}]}))
     with pytest.raises(KeyStoreError, match="invalid JSON at line 1"):
         parse_key_file("{nope")

@@ -284,3 +284,23 @@ async def test_a_body_that_is_not_valid_in_its_encoding_is_400() -> None:
     with pytest.raises(GatewayError) as refused:
         await SMALL.inspect(CHAT, b'\xff\xfe{\x00"\x00\x00\xd8')  # UTF-16 with a lone surrogate
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("full_parse_limit", [64 * 1024, 0])  # json.loads, then the scanner
+@pytest.mark.parametrize("background", [True, "true", 1, "on"])
+async def test_a_background_response_is_refused_unless_allowed(full_parse_limit: int, background: object) -> None:
+    body = json.dumps({"model": "m", "input": "hi", "background": background}).encode()
+    with pytest.raises(GatewayError) as refused:
+        await RequestInspector(default_max_tokens=100, full_parse_limit=full_parse_limit).inspect("/v1/responses", body)
+    assert refused.value.status == 400 and refused.value.param == "background"
+    allowed = RequestInspector(default_max_tokens=100, allow_background=True, full_parse_limit=full_parse_limit)
+    _, facts = await allowed.inspect("/v1/responses", body)
+    assert facts.background and facts.completion_cap == 100
+    _, facts = await SMALL.inspect(CHAT, json.dumps({"model": "m", "messages": [], "background": True}).encode())
+    assert not facts.background  # not a field of chat requests (vLLM ignores it there)
+
+
+@pytest.mark.parametrize("background", [False, "no", 0, None])
+async def test_a_request_that_is_not_background_passes(background: object) -> None:
+    body = json.dumps({"model": "m", "input": "hi", "background": background}).encode()
+    assert not (await SMALL.inspect("/v1/responses", body))[1].background

@@ -35,6 +35,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..budget.policy import Budget, from_mapping, to_mapping
+from ..jsonscan import valid_unicode
 from .identity import Principal
 from .ipfilter import parse_network, parse_networks
 
@@ -43,6 +44,9 @@ log = logging.getLogger("bastion.auth")
 KEY_PREFIX = "bst-"
 _KEY_ID = re.compile(r"[a-z0-9][a-z0-9-]{2,39}")
 Limit = Annotated[int, Field(ge=0)]  # per-key limit; 0 = unlimited, absent = the gateway default
+
+
+_NOT_UNICODE = "not valid Unicode (a lone surrogate, such as the JSON escape \\ud800): write it as UTF-8 text"
 
 
 class KeyStoreError(ValueError):
@@ -76,6 +80,16 @@ class KeyRecord(_Strict):
     # Its priority class (BASTION_PRIORITY_CLASSES); None = BASTION_DEFAULT_PRIORITY_CLASS.
     priority_class: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     secrets: list[SecretHash] = Field(min_length=1)
+
+    @field_validator("name", "models", "budgets", mode="before")
+    @classmethod
+    def _unicode(cls, value: object) -> object:
+        # JSON's "\ud800" decodes to a lone surrogate, which pydantic's `str` takes: as the `principal` label
+        # (the name) or a budget gauge's `model` label (`day:MODEL`), it made every scrape of /metrics a 500.
+        texts = [value] if isinstance(value, str) else list(value) if isinstance(value, list | dict) else []
+        if not all(valid_unicode(text) for text in texts if isinstance(text, str)):
+            raise ValueError(_NOT_UNICODE)
+        return value
 
     @field_validator("allow_ips")
     @classmethod
@@ -149,7 +163,7 @@ def parse_key_file(text: str, source: str = "keys file") -> KeyFile:
     try:
         parsed = KeyFile.model_validate(raw)
     except ValidationError as exc:
-        raise KeyStoreError(f"{source}: {_describe(exc)}") from None
+        raise KeyStoreError(f"{source}: {_describe(exc, raw)}") from None
     seen: set[str] = set()
     for record in parsed.keys:
         if record.id in seen:
@@ -158,14 +172,29 @@ def parse_key_file(text: str, source: str = "keys file") -> KeyFile:
     return parsed
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, raw: object = None) -> str:
+    """One line for the operator: where in the file (with the key's id, to find it), and what is wrong."""
     problems = []
     for item in error.errors(include_input=False):
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        where = _with_key_id(where, item["loc"], raw)
         message = "unknown field (not allowed)" if item["type"] == "extra_forbidden" else item["msg"]
         message = message.removeprefix("Value error, ")
         problems.append(f"{where or 'top level'}: {message}")
     return "; ".join(problems)
+
+
+def _with_key_id(where: str, loc: tuple[int | str, ...], raw: object) -> str:
+    """`keys[3].name` as `keys[3] (id 1a2b3c4d).name`: the id is what `bastion keys list` shows."""
+    if len(loc) < 2 or loc[0] != "keys" or not isinstance(loc[1], int) or not isinstance(raw, dict):
+        return where
+    records = raw.get("keys")
+    record = records[loc[1]] if isinstance(records, list) and 0 <= loc[1] < len(records) else None
+    key_id = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        return where
+    head = f"keys[{loc[1]}]"
+    return f"{head} (id {key_id}){where[len(head) :]}"
 
 
 def read_key_file(path: Path) -> KeyFile:
