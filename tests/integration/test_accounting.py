@@ -281,6 +281,55 @@ def test_a_background_response_cannot_continue_a_previous_one(gw_background: tup
     assert settled(base, who) == 0
 
 
+BUILT_IN_TOOLS = [
+    [{"type": "code_interpreter", "container": {"type": "auto"}}],
+    [{"type": "web_search_preview"}],
+    [{"type": "function", "name": "f", "parameters": {}}, {"type": "mcp", "server_label": "container"}],
+]
+
+
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("tools", BUILT_IN_TOOLS)
+def test_a_background_response_cannot_run_built_in_tools(
+    gw_background: tuple[Proc, str], upstream: tuple[str, list[Received]], tools: list[Any], large: bool
+) -> None:
+    """vLLM runs built-in tools (code interpreter, web search, container, MCP; with a tool server) in a loop
+    in which every turn after the first may generate up to the rest of the context window
+    (`sampling_params.max_tokens = max_model_len - len(prompt)`) and re-reads the growing conversation: the
+    enforced `max_output_tokens` bounds the first turn only. A background response is charged its
+    reservation, so such a request ran many times what it paid; now refused, with nothing forwarded."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    received = len(upstream[1])
+    fields: dict[str, Any] = {"model": "m", "input": "x" * (70_000 if large else 2), "background": True}
+    reply = post(base, "/v1/responses", {**fields, "tools": tools}, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "background_not_supported" and error["param"] == "tools"
+    assert len(upstream[1]) == received  # nothing reached the engine
+    assert settled(base, who) == 0
+    # Function tools come back to the client (vLLM never calls them): allowed, charged the reservation.
+    body = json.dumps({**fields, "tools": [{"type": "function", "name": "f", "parameters": {}}]}).encode()
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 200, reply.text
+    reserved = estimate(body, DEFAULT_MAX_TOKENS)
+    assert charged(base, who, reserved) == reserved
+
+
+def test_a_background_response_with_tools_too_large_to_read_is_refused(gw_background: tuple[Proc, str]) -> None:
+    """Tools past 64 KiB are not decoded: which types they hold is unknown, so a background request is refused."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    tools = [{"type": "function", "name": f"f{i}", "parameters": {}} for i in range(2000)]
+    tools.append({"type": "code_interpreter", "container": {"type": "auto"}})
+    body = {"model": "m", "input": "hi", "background": True, "tools": tools}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools", reply.text
+    assert settled(base, who) == 0
+
+
 @pytest.mark.parametrize("terminal", ["response.incomplete", "response.failed"])
 def test_a_responses_stream_that_ends_incomplete_or_failed_is_charged_its_usage(
     gw: tuple[Proc, str], terminal: str
