@@ -704,3 +704,24 @@ def test_charged_tokens_are_the_usage_reported_or_the_estimate_never_zero(
         expected = estimate(body, max(_cap(request, path), events))
     assert expected > 0
     assert charged(base, who, expected) == expected, (streams, reply.text[-300:])
+
+
+def test_a_cancel_is_not_held_behind_a_full_engine(upstream: tuple[str, list[Received]]) -> None:
+    """Fairness on, the engine's capacity taken: a `cancel` (a retrieval, which generates nothing and is what
+    frees the engine of a runaway background response) waited in the gateway's queue behind the very
+    generation it meant to stop (2.5 s here, or a 429 past the class's deadline). Now it goes straight on."""
+    env = {**ENV, "BASTION_ROUTES": STORED_ROUTES, "BASTION_FAIRNESS": "1", "BASTION_ENGINE_CAPACITY": "1"}
+    with gateway("--upstream-url", upstream[0], env=env) as (_, base):
+        who = token()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        held = threading.Thread(target=post, args=(base, CHAT, body, who, {"delay": 3.0}))
+        held.start()
+        try:
+            time.sleep(0.5)  # the slow request holds the engine's one slot
+            started = time.monotonic()
+            reply = httpx.post(base + "/v1/responses/resp_bg/cancel", headers=auth(who, {}), timeout=10)
+            waited = time.monotonic() - started
+            assert reply.status_code == 200 and reply.json()["status"] == "cancelled", reply.text
+            assert waited < 1.0, waited
+        finally:
+            held.join(timeout=15)
