@@ -61,10 +61,16 @@ WANTED = frozenset(
         "background",
         "previous_response_id",
         "tools",
+        "input",
     }
 )
-# Wanted values decoded only when policy needs them (`tools`: a background response's), not for every large body.
-_LAZY = frozenset({"tools"})
+# Wanted values decoded only when policy needs them (a background response's), not for every large body.
+_LAZY = frozenset({"tools", "input"})
+# What a background response's `input` may hold: text, whose tokens its bytes show (the reservation, all it is
+# charged, is estimated from them). Not an image or file (a URL, or a small image of many pixels), nor a stored
+# item (`item_reference`): thousands of prompt tokens the bytes do not show.
+_TEXT_ITEMS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "reasoning_text", "summary_text"})
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Routes whose `prompt` may be a batch: each prompt of a list gets its own `n` choices (vLLM's completions).
@@ -279,6 +285,15 @@ class RequestInspector:
                 code="background_not_supported",
                 param="previous_response_id",
             )
+        if not _text_only(fields.get("input") if spans is None else _lazy_input(body, spans)):
+            raise GatewayError(
+                400,
+                "A background response's `input` must be text (strings or text parts; a list at most 64 KiB): "
+                "images, files and stored items add prompt tokens that cannot be estimated. Leave out "
+                "`background`, or send the text alone.",
+                code="background_not_supported",
+                param="input",
+            )
         tools = fields.get("tools") if spans is None else _decode_lazy(body, spans, "tools")
         if _built_in(tools):
             # vLLM calls built-in tools itself (a tool server's code interpreter, web search, container, MCP), in a
@@ -434,6 +449,35 @@ def _decode_lazy(body: bytes, spans: dict[str, Span], key: str) -> Any:
         return json.loads(body[span.start : span.end])
     except (ValueError, RecursionError):
         raise _invalid("The request body is not valid JSON.") from None
+
+
+def _lazy_input(body: bytes, spans: dict[str, Span]) -> Any:
+    """A large body's `input`: a string (text, whatever its size) as "", else decoded (UNREAD past 64 KiB)."""
+    span = spans.get("input")
+    if span is not None and body[span.start : span.start + 1] == b'"':
+        return ""
+    return _decode_lazy(body, spans, "input")
+
+
+def _text_only(value: object) -> bool:
+    """Whether a Responses `input` holds text alone (`_TEXT_ITEMS` of `_TEXT_PARTS`); too large to read: not.
+    Neither a string nor a list: vLLM refuses it."""
+    if value is UNREAD:
+        return False
+    if not isinstance(value, list):
+        return True
+    for item in value:
+        if not isinstance(item, dict) or item.get("type", "message") not in _TEXT_ITEMS:
+            return False
+        for key in ("content", "output", "summary"):
+            parts = item.get(key)
+            if parts is None or isinstance(parts, str):
+                continue
+            if not isinstance(parts, list):
+                return False
+            if not all(isinstance(part, dict) and part.get("type") in _TEXT_PARTS for part in parts):
+                return False
+    return True
 
 
 def _built_in(tools: object) -> bool:

@@ -164,6 +164,11 @@ def gw_background(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, 
         yield pair
 
 
+def generations(upstream: tuple[str, list[Received]]) -> int:
+    """Requests to generate the upstream got (not the gateway's health probes, which come at any time)."""
+    return sum(1 for received in upstream[1] if received.path == "/v1/responses")
+
+
 def settled(base: str, credential: str) -> int:
     """What is charged once every request before has finished settling (a settle may land after its reply)."""
     time.sleep(0.3)
@@ -180,13 +185,13 @@ def test_a_background_response_is_refused_unless_the_operator_allows_it(
     _, base = gw
     who = token()
     fresh_minute()
-    received = len(upstream[1])
+    received = generations(upstream)
     body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
     reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "background_not_supported" and error["param"] == "background"
-    assert len(upstream[1]) == received  # nothing reached the engine
+    assert generations(upstream) == received  # nothing reached the engine
     assert settled(base, who) == 0
     body["background"] = False
     assert post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4}).status_code == 200
@@ -301,13 +306,13 @@ def test_a_background_response_cannot_run_built_in_tools(
     _, base = gw_background
     who = token()
     fresh_minute()
-    received = len(upstream[1])
+    received = generations(upstream)
     fields: dict[str, Any] = {"model": "m", "input": "x" * (70_000 if large else 2), "background": True}
     reply = post(base, "/v1/responses", {**fields, "tools": tools}, who, {"prompt": 13, "completion": 4})
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "background_not_supported" and error["param"] == "tools"
-    assert len(upstream[1]) == received  # nothing reached the engine
+    assert generations(upstream) == received  # nothing reached the engine
     assert settled(base, who) == 0
     # Function tools come back to the client (vLLM never calls them): allowed, charged the reservation.
     body = json.dumps({**fields, "tools": [{"type": "function", "name": "f", "parameters": {}}]}).encode()
@@ -725,3 +730,45 @@ def test_a_cancel_is_not_held_behind_a_full_engine(upstream: tuple[str, list[Rec
             assert waited < 1.0, waited
         finally:
             held.join(timeout=15)
+
+
+IMAGE = {"type": "input_image", "image_url": "https://example.invalid/a-4096x4096-image.png"}
+TEXT_ONLY = [
+    {"role": "user", "content": "hi"},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+    {"role": "user", "content": [{"type": "input_text", "text": "more"}]},
+]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [{"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, IMAGE]}],
+        [{"role": "user", "content": [{"type": "input_file", "file_url": "https://example.invalid/a.pdf"}]}],
+        [{"type": "item_reference", "id": "msg_1"}],
+        [{"type": "function_call_output", "call_id": "c", "output": [IMAGE]}],
+        [{"role": "user", "content": "x" * 70_000}, {"role": "user", "content": "a list past 64 KiB: unread"}],
+    ],
+)
+def test_a_background_response_needs_its_prompt_in_its_bytes(
+    gw_background: tuple[Proc, str], upstream: tuple[str, list[Received]], parts: list[Any]
+) -> None:
+    """A background response is charged its reservation: the prompt estimated from the request's bytes. An image
+    or file behind a URL (or a stored item, `item_reference`) is read by the engine as thousands of prompt
+    tokens a 60-byte reference does not show: charged ~15 where the engine read thousands, like the
+    `previous_response_id` that is refused for that reason. Refused; a text-only conversation is served."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    received = generations(upstream)
+    fields: dict[str, Any] = {"model": "m", "background": True, "max_output_tokens": 10}
+    reply = post(base, "/v1/responses", {**fields, "input": parts}, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "background_not_supported" and error["param"] == "input"
+    assert generations(upstream) == received  # nothing reached the engine
+    assert settled(base, who) == 0
+    body = json.dumps({**fields, "input": TEXT_ONLY}).encode()
+    assert post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4}).status_code == 200
+    reserved = estimate(body, 10)
+    assert charged(base, who, reserved) == reserved
