@@ -60,8 +60,17 @@ WANTED = frozenset(
         "prompt_embeds",
         "background",
         "previous_response_id",
+        "tools",
+        "input",
     }
 )
+# Wanted values decoded only when policy needs them (a background response's), not for every large body.
+_LAZY = frozenset({"tools", "input"})
+# What a background response's `input` may hold: text, whose tokens its bytes show (the reservation, all it is
+# charged, is estimated from them). Not an image or file (a URL, or a small image of many pixels), nor a stored
+# item (`item_reference`): thousands of prompt tokens the bytes do not show.
+_TEXT_ITEMS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "reasoning_text", "summary_text"})
 # Routes whose requests take `stream_options.include_usage` (vLLM's chat and completion requests).
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Routes whose `prompt` may be a batch: each prompt of a list gets its own `n` choices (vLLM's completions).
@@ -215,7 +224,7 @@ class RequestInspector:
                     param="model",
                 )
         stream = lax_bool(fields.get("stream")) is True
-        background = path in BACKGROUND_ROUTES and "background" in fields and self._background(fields)
+        background = path in BACKGROUND_ROUTES and "background" in fields and self._background(fields, body, spans)
         if generates:
             # Enforced, a cap too large to read is replaced by the default (`_write_cap`): that is what it reads.
             unread = self.default_max_tokens if self.enforce_max_tokens and path in CAP_FIELDS else None
@@ -254,7 +263,7 @@ class RequestInspector:
             facts.model, True, True, prompt, facts.completion_cap, facts.priority, facts.background
         )
 
-    def _background(self, fields: dict[str, Any]) -> bool:
+    def _background(self, fields: dict[str, Any], body: bytes, spans: dict[str, Span] | None) -> bool:
         """Whether the request asks for a background response (as vLLM reads `background`), if it may."""
         if lax_bool(fields["background"]) is not True:
             return False  # false, null, or a value vLLM refuses itself
@@ -275,6 +284,27 @@ class RequestInspector:
                 "prompt cannot be estimated. Send the conversation as `input`, or leave out `background`.",
                 code="background_not_supported",
                 param="previous_response_id",
+            )
+        if not _text_only(fields.get("input") if spans is None else _lazy_input(body, spans)):
+            raise GatewayError(
+                400,
+                "A background response's `input` must be text (strings or text parts; a list at most 64 KiB): "
+                "images, files and stored items add prompt tokens that cannot be estimated. Leave out "
+                "`background`, or send the text alone.",
+                code="background_not_supported",
+                param="input",
+            )
+        tools = fields.get("tools") if spans is None else _decode_lazy(body, spans, "tools")
+        if _built_in(tools):
+            # vLLM calls built-in tools itself (a tool server's code interpreter, web search, container, MCP), in a
+            # loop whose later turns may each generate up to the rest of the context window: the enforced cap
+            # bounds the first turn only, and the reservation (all a background response is charged) with it.
+            raise GatewayError(
+                400,
+                "A background response cannot use built-in tools (only `function` tools): what they generate "
+                "cannot be bounded. Leave out `background`, or the built-in tools.",
+                code="background_not_supported",
+                param="tools",
             )
         return True
 
@@ -396,6 +426,8 @@ def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
     """The wanted values of a large body, each decoded alone (one too large to be a policy value is UNREAD)."""
     fields: dict[str, Any] = {}
     for key, span in spans.items():
+        if key in _LAZY:
+            continue
         if span.end - span.start > _VALUE_LIMIT:
             fields[key] = UNREAD
             continue
@@ -404,6 +436,56 @@ def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
         except (ValueError, RecursionError):
             raise _invalid("The request body is not valid JSON.") from None
     return fields
+
+
+def _decode_lazy(body: bytes, spans: dict[str, Span], key: str) -> Any:
+    """A `_LAZY` value of a large body: None if absent, UNREAD if too large to decode."""
+    span = spans.get(key)
+    if span is None:
+        return None
+    if span.end - span.start > _VALUE_LIMIT:
+        return UNREAD
+    try:
+        return json.loads(body[span.start : span.end])
+    except (ValueError, RecursionError):
+        raise _invalid("The request body is not valid JSON.") from None
+
+
+def _lazy_input(body: bytes, spans: dict[str, Span]) -> Any:
+    """A large body's `input`: a string (text, whatever its size) as "", else decoded (UNREAD past 64 KiB)."""
+    span = spans.get("input")
+    if span is not None and body[span.start : span.start + 1] == b'"':
+        return ""
+    return _decode_lazy(body, spans, "input")
+
+
+def _text_only(value: object) -> bool:
+    """Whether a Responses `input` holds text alone (`_TEXT_ITEMS` of `_TEXT_PARTS`); too large to read: not.
+    Neither a string nor a list: vLLM refuses it."""
+    if value is UNREAD:
+        return False
+    if not isinstance(value, list):
+        return True
+    for item in value:
+        if not isinstance(item, dict) or item.get("type", "message") not in _TEXT_ITEMS:
+            return False
+        for key in ("content", "output", "summary"):
+            parts = item.get(key)
+            if parts is None or isinstance(parts, str):
+                continue
+            if not isinstance(parts, list):
+                return False
+            if not all(isinstance(part, dict) and part.get("type") in _TEXT_PARTS for part in parts):
+                return False
+    return True
+
+
+def _built_in(tools: object) -> bool:
+    """Whether Responses `tools` may hold a tool vLLM runs itself (any type but `function`); too large to read:
+    may. Not a list: vLLM refuses the request."""
+    if tools is UNREAD:
+        return True
+    return isinstance(tools, list) and any(not isinstance(t, dict) or t.get("type") != "function" for t in tools)
 
 
 def _batch(fields: dict[str, Any], body: bytes, spans: dict[str, Span] | None) -> int:

@@ -164,6 +164,11 @@ def gw_background(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, 
         yield pair
 
 
+def generations(upstream: tuple[str, list[Received]]) -> int:
+    """Requests to generate the upstream got (not the gateway's health probes, which come at any time)."""
+    return sum(1 for received in upstream[1] if received.path == "/v1/responses")
+
+
 def settled(base: str, credential: str) -> int:
     """What is charged once every request before has finished settling (a settle may land after its reply)."""
     time.sleep(0.3)
@@ -180,13 +185,13 @@ def test_a_background_response_is_refused_unless_the_operator_allows_it(
     _, base = gw
     who = token()
     fresh_minute()
-    received = len(upstream[1])
+    received = generations(upstream)
     body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
     reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "background_not_supported" and error["param"] == "background"
-    assert len(upstream[1]) == received  # nothing reached the engine
+    assert generations(upstream) == received  # nothing reached the engine
     assert settled(base, who) == 0
     body["background"] = False
     assert post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4}).status_code == 200
@@ -278,6 +283,55 @@ def test_a_background_response_cannot_continue_a_previous_one(gw_background: tup
     body = {"model": "m", "input": "more", "background": True, "previous_response_id": "resp_1"}
     reply = post(base, "/v1/responses", body, who, {})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "previous_response_id", reply.text
+    assert settled(base, who) == 0
+
+
+BUILT_IN_TOOLS = [
+    [{"type": "code_interpreter", "container": {"type": "auto"}}],
+    [{"type": "web_search_preview"}],
+    [{"type": "function", "name": "f", "parameters": {}}, {"type": "mcp", "server_label": "container"}],
+]
+
+
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("tools", BUILT_IN_TOOLS)
+def test_a_background_response_cannot_run_built_in_tools(
+    gw_background: tuple[Proc, str], upstream: tuple[str, list[Received]], tools: list[Any], large: bool
+) -> None:
+    """vLLM runs built-in tools (code interpreter, web search, container, MCP; with a tool server) in a loop
+    in which every turn after the first may generate up to the rest of the context window
+    (`sampling_params.max_tokens = max_model_len - len(prompt)`) and re-reads the growing conversation: the
+    enforced `max_output_tokens` bounds the first turn only. A background response is charged its
+    reservation, so such a request ran many times what it paid; now refused, with nothing forwarded."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    received = generations(upstream)
+    fields: dict[str, Any] = {"model": "m", "input": "x" * (70_000 if large else 2), "background": True}
+    reply = post(base, "/v1/responses", {**fields, "tools": tools}, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "background_not_supported" and error["param"] == "tools"
+    assert generations(upstream) == received  # nothing reached the engine
+    assert settled(base, who) == 0
+    # Function tools come back to the client (vLLM never calls them): allowed, charged the reservation.
+    body = json.dumps({**fields, "tools": [{"type": "function", "name": "f", "parameters": {}}]}).encode()
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 200, reply.text
+    reserved = estimate(body, DEFAULT_MAX_TOKENS)
+    assert charged(base, who, reserved) == reserved
+
+
+def test_a_background_response_with_tools_too_large_to_read_is_refused(gw_background: tuple[Proc, str]) -> None:
+    """Tools past 64 KiB are not decoded: which types they hold is unknown, so a background request is refused."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    tools = [{"type": "function", "name": f"f{i}", "parameters": {}} for i in range(2000)]
+    tools.append({"type": "code_interpreter", "container": {"type": "auto"}})
+    body = {"model": "m", "input": "hi", "background": True, "tools": tools}
+    reply = post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools", reply.text
     assert settled(base, who) == 0
 
 
@@ -655,3 +709,66 @@ def test_charged_tokens_are_the_usage_reported_or_the_estimate_never_zero(
         expected = estimate(body, max(_cap(request, path), events))
     assert expected > 0
     assert charged(base, who, expected) == expected, (streams, reply.text[-300:])
+
+
+def test_a_cancel_is_not_held_behind_a_full_engine(upstream: tuple[str, list[Received]]) -> None:
+    """Fairness on, the engine's capacity taken: a `cancel` (a retrieval, which generates nothing and is what
+    frees the engine of a runaway background response) waited in the gateway's queue behind the very
+    generation it meant to stop (2.5 s here, or a 429 past the class's deadline). Now it goes straight on."""
+    env = {**ENV, "BASTION_ROUTES": STORED_ROUTES, "BASTION_FAIRNESS": "1", "BASTION_ENGINE_CAPACITY": "1"}
+    with gateway("--upstream-url", upstream[0], env=env) as (_, base):
+        who = token()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        held = threading.Thread(target=post, args=(base, CHAT, body, who, {"delay": 3.0}))
+        held.start()
+        try:
+            time.sleep(0.5)  # the slow request holds the engine's one slot
+            started = time.monotonic()
+            reply = httpx.post(base + "/v1/responses/resp_bg/cancel", headers=auth(who, {}), timeout=10)
+            waited = time.monotonic() - started
+            assert reply.status_code == 200 and reply.json()["status"] == "cancelled", reply.text
+            assert waited < 1.0, waited
+        finally:
+            held.join(timeout=15)
+
+
+IMAGE = {"type": "input_image", "image_url": "https://example.invalid/a-4096x4096-image.png"}
+TEXT_ONLY = [
+    {"role": "user", "content": "hi"},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+    {"role": "user", "content": [{"type": "input_text", "text": "more"}]},
+]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [{"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, IMAGE]}],
+        [{"role": "user", "content": [{"type": "input_file", "file_url": "https://example.invalid/a.pdf"}]}],
+        [{"type": "item_reference", "id": "msg_1"}],
+        [{"type": "function_call_output", "call_id": "c", "output": [IMAGE]}],
+        [{"role": "user", "content": "x" * 70_000}, {"role": "user", "content": "a list past 64 KiB: unread"}],
+    ],
+)
+def test_a_background_response_needs_its_prompt_in_its_bytes(
+    gw_background: tuple[Proc, str], upstream: tuple[str, list[Received]], parts: list[Any]
+) -> None:
+    """A background response is charged its reservation: the prompt estimated from the request's bytes. An image
+    or file behind a URL (or a stored item, `item_reference`) is read by the engine as thousands of prompt
+    tokens a 60-byte reference does not show: charged ~15 where the engine read thousands, like the
+    `previous_response_id` that is refused for that reason. Refused; a text-only conversation is served."""
+    _, base = gw_background
+    who = token()
+    fresh_minute()
+    received = generations(upstream)
+    fields: dict[str, Any] = {"model": "m", "background": True, "max_output_tokens": 10}
+    reply = post(base, "/v1/responses", {**fields, "input": parts}, who, {"prompt": 13, "completion": 4})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "background_not_supported" and error["param"] == "input"
+    assert generations(upstream) == received  # nothing reached the engine
+    assert settled(base, who) == 0
+    body = json.dumps({**fields, "input": TEXT_ONLY}).encode()
+    assert post(base, "/v1/responses", body, who, {"prompt": 13, "completion": 4}).status_code == 200
+    reserved = estimate(body, 10)
+    assert charged(base, who, reserved) == reserved

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
+from ..accounting import retrieval
 from ..asgi import CONNECTION_HOOK, ASGIApp, DisconnectWatch, Receive, Scope, Send
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import GatewayError, send_error
@@ -38,8 +39,8 @@ class FairShare:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = exchange_of(scope)
-        gate = self.gates.get(self.engine_name_for(exchange)) if scope["method"] == "POST" else None
-        if gate is None:  # GETs (the model list) take no sequence of the engine's
+        gate = self.gates.get(self.engine_name_for(exchange)) if not retrieval(exchange) else None
+        if gate is None:  # retrievals (GETs, a cancel) take no sequence of the engine's
             await self.app(scope, receive, send)
             return
         cls = self.classes.of(exchange.principal)
