@@ -596,7 +596,9 @@ class Settings(BaseSettings):
         description="Forward Responses API requests with `background: true` (vLLM answers at once, generates "
         "afterwards, and reports usage only to a later GET /v1/responses/{id}). Each is charged its reservation "
         "(prompt estimate + max_output_tokens) when posted, since the usage never comes back to that request; "
-        "needs BASTION_ENFORCE_MAX_TOKENS so the engine cannot generate past it. Off: refused with a 400.",
+        "needs BASTION_ENFORCE_MAX_TOKENS so the engine cannot generate past it. Still refused (400): one with "
+        "previous_response_id, built-in tools, or an input that is not text alone (its prompt is not in its bytes). "
+        "Off: refused with a 400.",
     )
     auth_failure_limit: int = Field(
         20, ge=0, description="Failed authentications per minute per client IP before 429s; 0 = unlimited."
