@@ -201,6 +201,7 @@ class RateLimiter:
             self.slots, self.token_windows = slots, tokens
             self.storage: Storage = windows
             self._redis: Redis | None = client
+            self._memory: MemoryStorage | None = None
             # The Redis parts again, by their own types: the paths that save round trips (`admit`, `finish`).
             self._redis_parts: tuple[LeanRedisStorage, RedisSlots, RedisTokens] | None = (windows, slots, tokens)
             self._scripts: list[Script] = [
@@ -213,7 +214,7 @@ class RateLimiter:
             self._redis = None
             self._redis_parts = None
             self._scripts = []
-            memory = MemoryStorage()
+            memory = self._memory = MemoryStorage()
             self.slots = MemorySlots()
             self.token_windows = MemoryTokens(memory)
             self.storage = memory
@@ -324,9 +325,14 @@ class RateLimiter:
                     )
                     reset_time, remaining = start + expiry, rpm - count
                 else:
-                    admitted = await self.requests.hit(item, key)
-                    stats = await self.requests.get_window_stats(item, key)
-                    reset_time, remaining = stats.reset_time, stats.remaining
+                    expiry = item.get_expiry()
+                    if self._memory is not None:  # hit and window stats in one plain call
+                        admitted, start, count = self._memory.acquire_with_window(item.key_for(key), rpm, expiry)
+                        reset_time, remaining = start + expiry, rpm - count
+                    else:
+                        admitted = await self.requests.hit(item, key)
+                        stats = await self.requests.get_window_stats(item, key)
+                        reset_time, remaining = stats.reset_time, stats.remaining
                 headers = limit_headers("requests", rpm, remaining, reset_time - now)
                 if not admitted:
                     raise self._refused(
