@@ -116,7 +116,9 @@ def test_a_long_random_sequence_answers_the_same() -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["both", "both", "hit"]), st.sampled_from(sorted(ITEMS)), STEPS), max_size=80))
+@given(
+    st.lists(st.tuples(st.sampled_from(["both", "both", "hit"]), st.sampled_from(sorted(ITEMS)), STEPS), max_size=80)
+)
 def test_acquire_with_window_answers_as_hit_then_window_stats(ops: list[tuple[str, str, float]]) -> None:
     """The limiter's one call per request answers what `limits`' `hit` then `get_window_stats` answer."""
 

@@ -143,7 +143,7 @@ class MemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, T
         The limiter's per-request path: two strategy calls cost four coroutines and the window trimmed twice."""
         now = self._now()
         hits = self._window(key, expiry, now)
-        acquired = 1 <= limit and len(hits) < limit
+        acquired = limit >= 1 and len(hits) < limit
         if acquired:
             hits.times.append(now)
         counted = hits.oldest_after(now - expiry)
