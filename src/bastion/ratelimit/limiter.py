@@ -202,6 +202,7 @@ class RateLimiter:
             self.storage: Storage = windows
             self._redis: Redis | None = client
             self._memory: MemoryStorage | None = None
+            self._local: tuple[MemorySlots, MemoryTokens] | None = None
             # The Redis parts again, by their own types: the paths that save round trips (`admit`, `finish`).
             self._redis_parts: tuple[LeanRedisStorage, RedisSlots, RedisTokens] | None = (windows, slots, tokens)
             self._scripts: list[Script] = [
@@ -215,9 +216,11 @@ class RateLimiter:
             self._redis_parts = None
             self._scripts = []
             memory = self._memory = MemoryStorage()
-            self.slots = MemorySlots()
-            self.token_windows = MemoryTokens(memory)
+            local = MemorySlots(), MemoryTokens(memory)
+            self.slots, self.token_windows = local
             self.storage = memory
+            # The memory parts by their own types: `admit` and `finish` call them plainly (nothing waits).
+            self._local = local
         self.requests = MovingWindowRateLimiter(self.storage)
         # Failed logins are counted per process, even with Redis: slowing a key guesser needs no exact
         # cross-replica count, and the check runs before every credential, so it must cost no round trip.
@@ -271,6 +274,7 @@ class RateLimiter:
         not called otherwise (the caller then knows nothing was issued)."""
         key, rpm, tpm, conc = self.limits_for(principal, client_ip)
         admission = Admission(key, tpm, None, [])
+        local = self._local
         try:
             now = time.time()
             token_headers: Headers = []  # for a response: what is left with this request's reservation
@@ -283,6 +287,8 @@ class RateLimiter:
                 if conc > 0 and self._redis_parts is not None:  # the reservation and the slot in one round trip
                     reservation = await self._reserve_with_slot(admission, window_key, tpm, amount, conc)
                     slot_asked = True
+                elif local is not None:
+                    reservation = local[1].reserve_now(window_key, tpm, MINUTE, amount)
                 else:
                     reservation = await self.token_windows.reserve(window_key, tpm, MINUTE, amount)
                 window = reservation.window
@@ -302,7 +308,9 @@ class RateLimiter:
                     )
                 admission.reserved, admission.ticket = amount, reservation.ticket
             if conc > 0:
-                if not slot_asked:
+                if local is not None:
+                    admission.slot = local[0].acquire_now(key, conc)
+                elif not slot_asked:
                     admission.slot = await self.slots.acquire(key, conc)
                 if admission.slot is None:
                     request_headers = await self._request_headers(key, rpm, now) if rpm > 0 else []
@@ -423,6 +431,16 @@ class RateLimiter:
         """When a request ends: give its slot back and settle its reservation to `tokens` (on Redis, in one
         round trip; each call's failure counted as `release` and `settle` count it)."""
         delta = tokens - admission.reserved
+        local = self._local
+        if local is not None:  # memory: the same steps as `release` then `settle`, as plain calls
+            try:
+                if admission.slot is not None:
+                    local[0].release_now(admission.key, admission.slot)
+            finally:
+                if admission.tpm > 0 and delta != 0:
+                    key = per_minute(admission.tpm).key_for(admission.key)
+                    local[1].settle_now(key, MINUTE, admission.ticket, delta, tokens)
+            return
         parts = self._redis_parts
         if parts is None or admission.slot is None or admission.tpm <= 0 or delta == 0 or self._redis is None:
             try:
