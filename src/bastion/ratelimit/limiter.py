@@ -133,8 +133,18 @@ def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Hea
         (limit_name, b"%d" % limit),
         (remaining_name, b"%d" % max(0, remaining)),
         # A window with nothing counted in it has nothing to reset.
-        (reset_name, reset_duration(reset_in if remaining < limit else 0).encode()),
+        (reset_name, _reset_bytes(reset_in) if remaining < limit else b"0s"),
     ]
+
+
+def _reset_bytes(seconds: float) -> bytes:
+    """`reset_duration(seconds)` as bytes; the two forms every request's headers carry (under a second, under a
+    minute) made directly, without the hour and minute arithmetic."""
+    if 0 < seconds < 1:
+        return b"%dms" % math.ceil(seconds * 1000)
+    if 1 <= seconds < 59:  # rounded up, still under a minute
+        return b"%ds" % math.ceil(round(seconds, 3))
+    return reset_duration(seconds).encode()
 
 
 def _tokens_left(tpm: int, left: int, reset_in: float) -> Headers:
@@ -152,6 +162,7 @@ class Admission:
     headers: Headers
     reserved: int = 0  # tokens reserved against the tokens/min window
     ticket: int = 0  # which window counter holds them (see tokens.py)
+    window: str = ""  # that window's storage key (tpm > 0), kept for the settle
 
 
 class RateLimited(GatewayError):
@@ -283,7 +294,7 @@ class RateLimiter:
             slot_asked = False
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
-                window_key = per_minute(tpm).key_for(key)
+                window_key = admission.window = per_minute(tpm).key_for(key)
                 if conc > 0 and self._redis_parts is not None:  # the reservation and the slot in one round trip
                     reservation = await self._reserve_with_slot(admission, window_key, tpm, amount, conc)
                     slot_asked = True
@@ -438,7 +449,7 @@ class RateLimiter:
                     local[0].release_now(admission.key, admission.slot)
             finally:
                 if admission.tpm > 0 and delta != 0:
-                    key = per_minute(admission.tpm).key_for(admission.key)
+                    key = admission.window or per_minute(admission.tpm).key_for(admission.key)
                     local[1].settle_now(key, MINUTE, admission.ticket, delta, tokens)
             return
         parts = self._redis_parts
