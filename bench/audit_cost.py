@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 
 from bastion.audit import AuditLog, audit_log
+from bastion.auth.identity import Principal
 from bastion.context import Exchange
 from bastion.usage import Usage
 
 
 def finished() -> Exchange:
     e = Exchange(request_id="0123456789abcdef0123456789abcdef", method="POST", path="/v1/chat/completions")
-    e.client_ip, e.principal, e.model, e.stream, e.status = "127.0.0.1", "team-a", "qwen2.5-7b-instruct", True, 200
+    e.client_ip, e.model, e.stream, e.status = "127.0.0.1", "qwen2.5-7b-instruct", True, 200
+    e.principal = Principal("k1", "team-a", "key")
     e.usage = Usage(57, 312)
     e.first_byte, e.finished = e.started + 0.0812345, e.started + 2.4012345
     return e

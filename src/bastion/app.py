@@ -131,7 +131,8 @@ class Gateway:
             await send_error(send, error, [(b"x-request-id", exchange.request_id.encode())])
         finally:
             try:
-                await _finish_deferred(exchange)
+                if exchange.deferred:  # most requests leave nothing: no coroutine to make and await
+                    await _finish_deferred(exchange)
             finally:  # cancelled there too (a graceful shutdown running out): the served request is recorded
                 exchange.finished = time.perf_counter()
                 for listener in self._listeners:

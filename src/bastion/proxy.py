@@ -402,4 +402,6 @@ def _safe_path(path: str, raw_path: bytes) -> bool:
     """Refuse dot segments and encoded separators that an upstream might normalise away."""
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return False
+    if b"%" not in raw_path and b"\\" not in raw_path:  # nothing the pattern could match: not searched
+        return True
     return _FORBIDDEN_IN_PATH.search(raw_path) is None

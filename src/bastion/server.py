@@ -199,7 +199,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow_head(len(name) + len(value) + 4)
+        # `_grow_head` inline: this runs for every header of every request.
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_header_bytes:
+            raise HeadTooLarge
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:

@@ -121,6 +121,28 @@ def test_line_is_byte_for_byte_what_json_dumps_made(tmp_path: Path, fields: dict
     assert line == _as_json_dumps_would(exchange, time_field)
 
 
+def test_one_listener_writes_each_line_with_its_own_fields(tmp_path: Path) -> None:
+    """The encoded middle fields are remembered by their values: a line never carries another request's."""
+    path = tmp_path / "audit.log"
+    listener = audit_log(str(path))
+    assert listener is not None
+    variants: list[dict[str, object]] = [
+        {},
+        {"principal": "team-a"},
+        {"principal": "team-b", "client_ip": "10.0.0.2"},
+        {"principal": "team-b", "client_ip": "10.0.0.2", "method": "GET"},
+        {"path": "/v1/completions", "model": "m"},
+        {"model": "m", "engine": "m/1"},
+        {"engine": "m/1"},
+        {},
+    ]
+    exchanges = [_exchange(**fields) for fields in variants * 2]
+    for exchange in exchanges:
+        listener(exchange)
+    for line, exchange in zip(path.read_text().splitlines(keepends=True), exchanges, strict=True):
+        assert line == _as_json_dumps_would(exchange, json.loads(line)["time"])
+
+
 def test_time_is_utc_with_milliseconds(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     listener = audit_log(str(path))

@@ -381,8 +381,16 @@ async def test_a_large_body_is_received_whole_with_flow_control(monkeypatch: pyt
 async def test_a_line_break_in_a_header_is_refused() -> None:
     async with KeepAliveServer(ok()) as server:
         pool = server.pool()
-        with pytest.raises(ValueError):
-            await pool.open(b"GET", b"/", [(b"x-a", b"1\r\nx-injected: 1")], b"")
+        broken = [
+            [(b"x-a", b"1\r\nx-injected: 1")],
+            [(b"x-a", b"1\nx-injected: 1")],  # a bare LF, which many servers take as a line end
+            [(b"x-a", b"1\rx")],
+            [(b"x-ok", b"1"), (b"x-a\r\nx-injected", b"1")],  # in a name
+        ]
+        for headers in broken:
+            for method, body in ((b"GET", b""), (b"POST", b"{}")):
+                with pytest.raises(ValueError):
+                    await pool.open(method, b"/", headers, body)
         assert server.requests == []
         pool.close()
 
@@ -435,3 +443,25 @@ async def test_failures_map_to_gateway_statuses() -> None:
 
 def _client() -> Client:
     return Client(timeouts=Timeouts(connect=5, read=600, write=60, pool=30), max_connections=1024, keepalive_expiry=30)
+
+
+async def test_a_body_the_upstream_never_reads_is_a_write_timeout() -> None:
+    """A request body larger than the socket buffers waits for the upstream to take it, for the write timeout."""
+    stalled = asyncio.Event()
+
+    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stalled.wait()
+        writer.close()
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    timeouts = http1.Timeouts(connect=1, read=5, write=0.3, pool=1)
+    pool = Pool("127.0.0.1", port, ssl_context=None, timeouts=timeouts, max_connections=1, keepalive_expiry=30)
+    try:
+        with pytest.raises(http1.WriteTimeout):
+            await asyncio.wait_for(pool.open(b"POST", b"/", [], b"x" * (64 << 20)), 5)
+    finally:
+        pool.close()
+        stalled.set()
+        server.close()
+        await server.wait_closed()

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from bastion.logs import RedactingFilter
+from bastion.logs import _TRIGGER, RedactingFilter, may_hold_credential
 
 
 @pytest.mark.parametrize(
@@ -25,3 +27,19 @@ def test_credential_shapes_and_registered_secrets_are_redacted(line: str, hidden
 def test_a_line_without_credentials_is_returned_as_is() -> None:
     line = 'POST /v1/chat/completions 200 {"model":"qwen2.5-7b-instruct"}'
     assert RedactingFilter().redact(line) is line
+
+
+# Shapes, their pieces, other cases, and letters that fold to ASCII ones (a Kelvin sign, a dotted capital I).
+FRAGMENTS = ["bearer", "BeArEr", "bst-", "BST-", "eyJ", "EYj", "vllm_api_key", "VLLM_API_KEY", "VLLM_API_\u212aEY",
+             "bea", "rer", "bs", "t-", "ey", "J", "vllm_", "api_key", "x", " ", "-", "\u0130", "\u212a"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=8).map("".join))
+def test_the_fast_credential_check_answers_as_the_trigger_regex(text: str) -> None:
+    assert may_hold_credential(text) == (_TRIGGER.search(text) is not None)
+
+
+def test_a_request_id_without_credential_shapes_is_returned_as_is() -> None:
+    request_id = "0123456789abcdef0123456789abcdef"
+    assert RedactingFilter().redact(request_id) is request_id
+    assert RedactingFilter().redact("id-bst-0123456789abc") == "id-bst-[redacted]"

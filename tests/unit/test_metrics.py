@@ -75,6 +75,29 @@ def test_success_counts_request_latency_ttft_and_tokens() -> None:
     assert _value(metrics, "bastion_tokens_total", kind="completion", **tokens) == 24
 
 
+@pytest.mark.parametrize("latency", [0.0, 0.004, 0.005, 0.0051, 1.0, 2.4999, 600.0, 601.0, 1e9, float("nan")])
+def test_histograms_count_as_prometheus_observe_does(latency: float) -> None:
+    """The listener updates a child's values directly: every bucket, the count and the sum agree with the
+    public `observe` on a second histogram, a value on a bucket's bound, past the last and a NaN included."""
+    metrics = _metrics()
+    metrics(_exchange(200, started=0.0, finished=latency))
+    reference = _metrics()
+    reference.duration.labels(MODEL, "/v1/chat/completions").observe(latency)
+    reference.requests.labels(MODEL, "/v1/chat/completions", "200", "", "").inc()
+    reference.inflight.dec()
+
+    def samples(m: Metrics) -> list[tuple[str, dict[str, str], float]]:
+        names = ("bastion_request_duration_seconds", "bastion_requests", "bastion_inflight_requests")
+        found = [(s.name, s.labels, s.value) for f in m.registry.collect() if f.name in names for s in f.samples]
+        return sorted(((n, labels, v) for n, labels, v in found if not n.endswith("_created")), key=repr)
+
+    ours, theirs = samples(metrics), samples(reference)
+    assert len(ours) == len(theirs) > 20
+    for (name, labels, value), (name2, labels2, value2) in zip(ours, theirs, strict=True):
+        assert (name, labels) == (name2, labels2)
+        assert value == value2 or (value != value and value2 != value2), (name, labels)  # NaN sums
+
+
 def test_responses_charged_an_estimate_are_counted_by_route() -> None:
     metrics = _metrics()
     metrics(_exchange(200, usage_estimated=True))

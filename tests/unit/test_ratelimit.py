@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
 
@@ -57,6 +59,18 @@ class Principal:
 )  # fmt: skip
 def test_reset_duration_like_openai(seconds: float, text: str) -> None:
     assert reset_duration(seconds) == text
+
+
+EDGES = [-1.0, 0.0, 1e-9, 0.0004, 0.0005, 0.9994, 0.9995, 0.9999999, 1.0, 1.0004, 1.0005, 58.9994, 58.99951, 59.0,
+         59.0004, 59.9995, 59.9999, 60.0, 3599.9996, 3600.0, 1e7]  # fmt: skip
+
+
+@given(st.floats(min_value=-10, max_value=1e6, allow_nan=False) | st.sampled_from(EDGES))
+def test_limit_headers_reset_is_reset_duration(seconds: float) -> None:
+    """The headers' own fast form of the reset (under a second, under a minute) says what reset_duration says."""
+    (_, _, (_, reset)) = limit_headers("requests", 10, 3, seconds)
+    assert reset == reset_duration(seconds).encode()
+    assert limit_headers("tokens", 10, 10, seconds)[2][1] == b"0s"  # nothing counted: nothing to reset
 
 
 def test_limit_headers() -> None:

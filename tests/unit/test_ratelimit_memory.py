@@ -115,6 +115,32 @@ def test_a_long_random_sequence_answers_the_same() -> None:
     run_with_clock(scenario)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.sampled_from(["both", "both", "hit"]), st.sampled_from(sorted(ITEMS)), STEPS), max_size=80)
+)
+def test_acquire_with_window_answers_as_hit_then_window_stats(ops: list[tuple[str, str, float]]) -> None:
+    """The limiter's one call per request answers what `limits`' `hit` then `get_window_stats` answer."""
+
+    async def scenario(clock: Clock) -> None:
+        ours, theirs = MemoryStorage(), MovingWindowRateLimiter(LibraryStorage())
+        for op, name, step in ops:
+            clock.now += step
+            item = ITEMS[name]
+            where = (op, name, clock.now - START)
+            if op == "hit":  # another request's plain hit, on both
+                assert await MovingWindowRateLimiter(ours).hit(item, name) == await theirs.hit(item, name), where
+                continue
+            acquired, start, count = ours.acquire_with_window(item.key_for(name), item.amount, item.get_expiry())
+            assert acquired == await theirs.hit(item, name), where
+            expected = await theirs.get_window_stats(item, name)
+            assert item.amount - count == expected.remaining, where
+            if expected.remaining < item.amount:  # an empty window: see compare_strategies
+                assert start + item.get_expiry() == expected.reset_time, where
+
+    run_with_clock(scenario)
+
+
 COUNTER_OPS = st.lists(
     st.tuples(
         st.sampled_from(["incr", "decr", "get", "get_expiry", "clear"]),

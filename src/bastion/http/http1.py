@@ -408,6 +408,11 @@ class Connection(asyncio.Protocol):
             transport.writelines((head, body))
         return response
 
+    @property
+    def draining(self) -> bool:
+        """Whether `drain` would wait (the request's bytes are not all with the kernel yet)."""
+        return self._drained is not None
+
     async def drain(self, seconds: float) -> None:
         """Wait until the kernel took the request (only ever waits for large bodies)."""
         if self._drained is None:

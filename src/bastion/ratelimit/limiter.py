@@ -133,8 +133,18 @@ def limit_headers(kind: str, limit: int, remaining: int, reset_in: float) -> Hea
         (limit_name, b"%d" % limit),
         (remaining_name, b"%d" % max(0, remaining)),
         # A window with nothing counted in it has nothing to reset.
-        (reset_name, reset_duration(reset_in if remaining < limit else 0).encode()),
+        (reset_name, _reset_bytes(reset_in) if remaining < limit else b"0s"),
     ]
+
+
+def _reset_bytes(seconds: float) -> bytes:
+    """`reset_duration(seconds)` as bytes; the two forms every request's headers carry (under a second, under a
+    minute) made directly, without the hour and minute arithmetic."""
+    if 0 < seconds < 1:
+        return b"%dms" % math.ceil(seconds * 1000)
+    if 1 <= seconds < 59:  # rounded up, still under a minute
+        return b"%ds" % math.ceil(round(seconds, 3))
+    return reset_duration(seconds).encode()
 
 
 def _tokens_left(tpm: int, left: int, reset_in: float) -> Headers:
@@ -152,6 +162,7 @@ class Admission:
     headers: Headers
     reserved: int = 0  # tokens reserved against the tokens/min window
     ticket: int = 0  # which window counter holds them (see tokens.py)
+    window: str = ""  # that window's storage key (tpm > 0), kept for the settle
 
 
 class RateLimited(GatewayError):
@@ -201,6 +212,8 @@ class RateLimiter:
             self.slots, self.token_windows = slots, tokens
             self.storage: Storage = windows
             self._redis: Redis | None = client
+            self._memory: MemoryStorage | None = None
+            self._local: tuple[MemorySlots, MemoryTokens] | None = None
             # The Redis parts again, by their own types: the paths that save round trips (`admit`, `finish`).
             self._redis_parts: tuple[LeanRedisStorage, RedisSlots, RedisTokens] | None = (windows, slots, tokens)
             self._scripts: list[Script] = [
@@ -213,10 +226,12 @@ class RateLimiter:
             self._redis = None
             self._redis_parts = None
             self._scripts = []
-            memory = MemoryStorage()
-            self.slots = MemorySlots()
-            self.token_windows = MemoryTokens(memory)
+            memory = self._memory = MemoryStorage()
+            local = MemorySlots(), MemoryTokens(memory)
+            self.slots, self.token_windows = local
             self.storage = memory
+            # The memory parts by their own types: `admit` and `finish` call them plainly (nothing waits).
+            self._local = local
         self.requests = MovingWindowRateLimiter(self.storage)
         # Failed logins are counted per process, even with Redis: slowing a key guesser needs no exact
         # cross-replica count, and the check runs before every credential, so it must cost no round trip.
@@ -270,6 +285,7 @@ class RateLimiter:
         not called otherwise (the caller then knows nothing was issued)."""
         key, rpm, tpm, conc = self.limits_for(principal, client_ip)
         admission = Admission(key, tpm, None, [])
+        local = self._local
         try:
             now = time.time()
             token_headers: Headers = []  # for a response: what is left with this request's reservation
@@ -278,10 +294,12 @@ class RateLimiter:
             slot_asked = False
             if tpm > 0:
                 amount = min(max(tokens, 0), tpm)  # a request larger than the limit waits for an empty window
-                window_key = per_minute(tpm).key_for(key)
+                window_key = admission.window = per_minute(tpm).key_for(key)
                 if conc > 0 and self._redis_parts is not None:  # the reservation and the slot in one round trip
                     reservation = await self._reserve_with_slot(admission, window_key, tpm, amount, conc)
                     slot_asked = True
+                elif local is not None:
+                    reservation = local[1].reserve_now(window_key, tpm, MINUTE, amount)
                 else:
                     reservation = await self.token_windows.reserve(window_key, tpm, MINUTE, amount)
                 window = reservation.window
@@ -301,7 +319,9 @@ class RateLimiter:
                     )
                 admission.reserved, admission.ticket = amount, reservation.ticket
             if conc > 0:
-                if not slot_asked:
+                if local is not None:
+                    admission.slot = local[0].acquire_now(key, conc)
+                elif not slot_asked:
                     admission.slot = await self.slots.acquire(key, conc)
                 if admission.slot is None:
                     request_headers = await self._request_headers(key, rpm, now) if rpm > 0 else []
@@ -324,9 +344,14 @@ class RateLimiter:
                     )
                     reset_time, remaining = start + expiry, rpm - count
                 else:
-                    admitted = await self.requests.hit(item, key)
-                    stats = await self.requests.get_window_stats(item, key)
-                    reset_time, remaining = stats.reset_time, stats.remaining
+                    expiry = item.get_expiry()
+                    if self._memory is not None:  # hit and window stats in one plain call
+                        admitted, start, count = self._memory.acquire_with_window(item.key_for(key), rpm, expiry)
+                        reset_time, remaining = start + expiry, rpm - count
+                    else:
+                        admitted = await self.requests.hit(item, key)
+                        stats = await self.requests.get_window_stats(item, key)
+                        reset_time, remaining = stats.reset_time, stats.remaining
                 headers = limit_headers("requests", rpm, remaining, reset_time - now)
                 if not admitted:
                     raise self._refused(
@@ -417,6 +442,16 @@ class RateLimiter:
         """When a request ends: give its slot back and settle its reservation to `tokens` (on Redis, in one
         round trip; each call's failure counted as `release` and `settle` count it)."""
         delta = tokens - admission.reserved
+        local = self._local
+        if local is not None:  # memory: the same steps as `release` then `settle`, as plain calls
+            try:
+                if admission.slot is not None:
+                    local[0].release_now(admission.key, admission.slot)
+            finally:
+                if admission.tpm > 0 and delta != 0:
+                    key = admission.window or per_minute(admission.tpm).key_for(admission.key)
+                    local[1].settle_now(key, MINUTE, admission.ticket, delta, tokens)
+            return
         parts = self._redis_parts
         if parts is None or admission.slot is None or admission.tpm <= 0 or delta == 0 or self._redis is None:
             try:

@@ -137,6 +137,18 @@ class MemoryStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, T
             hits.times.extend(repeat(now, amount))
         return True
 
+    def acquire_with_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """`acquire_entry` of one hit then `get_moving_window` (what `MovingWindowRateLimiter.hit` then
+        `get_window_stats` do) in one plain call on one clock reading: (acquired, window start, hits in it).
+        The limiter's per-request path: two strategy calls cost four coroutines and the window trimmed twice."""
+        now = self._now()
+        hits = self._window(key, expiry, now)
+        acquired = limit >= 1 and len(hits) < limit
+        if acquired:
+            hits.times.append(now)
+        counted = hits.oldest_after(now - expiry)
+        return (acquired, now, 0) if counted is None else (acquired, *counted)
+
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """(time of the oldest hit in the window, hits in it); (now, 0) for an empty window."""
         now = self._now()

@@ -22,7 +22,7 @@ from ..accounting import charge
 from ..asgi import ASGIApp, Receive, Scope, Send
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import send_error
-from .limiter import Admission, RateLimited, RateLimiter
+from .limiter import RateLimited, RateLimiter
 
 
 class Alongside(Protocol):
@@ -73,8 +73,5 @@ class RateLimitMiddleware:
                 if alongside is not None:
                     await alongside.unclaimed(exchange)
             finally:
-                await self._finish(admission, exchange)
-
-    async def _finish(self, admission: Admission, exchange: Exchange) -> None:
-        tokens, exchange.usage_estimated = charge(exchange)
-        await self.limiter.finish(admission, tokens)
+                tokens, exchange.usage_estimated = charge(exchange)
+                await self.limiter.finish(admission, tokens)

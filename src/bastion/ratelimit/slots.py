@@ -69,13 +69,20 @@ class MemorySlots:
         self._counts: dict[str, int] = {}
 
     async def acquire(self, key: str, limit: int) -> str | None:
+        return self.acquire_now(key, limit)
+
+    async def release(self, key: str, slot: str) -> None:
+        self.release_now(key, slot)
+
+    # The same, as plain calls: the limiter's memory path (no coroutine per request for what never waits).
+    def acquire_now(self, key: str, limit: int) -> str | None:
         count = self._counts.get(key, 0)
         if count >= limit:
             return None
         self._counts[key] = count + 1
         return key
 
-    async def release(self, key: str, slot: str) -> None:
+    def release_now(self, key: str, slot: str) -> None:
         count = self._counts.get(key, 0) - 1
         if count > 0:
             self._counts[key] = count

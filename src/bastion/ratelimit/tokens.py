@@ -85,10 +85,17 @@ class MemoryTokens:
         self._storage = storage
 
     async def reserve(self, key: str, limit: int, expiry: int, amount: int) -> Reservation:
+        return self.reserve_now(key, limit, expiry, amount)
+
+    async def settle(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> None:
+        self._storage.settle_sliding_window(key, expiry, ticket, delta, actual)
+
+    # The same, as plain calls: the limiter's memory path (no coroutine per request for what never waits).
+    def reserve_now(self, key: str, limit: int, expiry: int, amount: int) -> Reservation:
         admitted, window, counts = self._storage.reserve_sliding_window(key, limit, expiry, amount)
         return Reservation(admitted, window, Window(*counts))
 
-    async def settle(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> None:
+    def settle_now(self, key: str, expiry: int, ticket: int, delta: int, actual: int) -> None:
         self._storage.settle_sliding_window(key, expiry, ticket, delta, actual)
 
 
