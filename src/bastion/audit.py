@@ -255,9 +255,7 @@ class AuditLog:
 
     def _segment(self, principal: str, client_ip: str, method: str, path: str, model: str, engine: str) -> str:
         """The encoded fields from principal to engine (path and model cut and redacted), remembered."""
-        if len(self._segments) >= _MEMO_SIZE:
-            self._segments.clear()
-        segment = self._segments[(principal, client_ip, method, path, model, engine)] = (
+        segment = (
             f',"principal":{_json_str(principal)}'
             f',"client_ip":{_json_str(client_ip)}'
             f',"method":{_json_str(method)}'
@@ -265,6 +263,12 @@ class AuditLog:
             f',"model":{_json_str(self._client_field(model))}'
             f',"engine":{_json_str(engine)}'
         )
+        # Not remembered past the cut: the key would hold the whole path (any client's, up to the 64 KiB head),
+        # _MEMO_SIZE of them. Keying by the cut values instead would cost two slices on every hit.
+        if len(path) <= _MAX_FIELD and len(model) <= _MAX_FIELD:
+            if len(self._segments) >= _MEMO_SIZE:
+                self._segments.clear()
+            self._segments[(principal, client_ip, method, path, model, engine)] = segment
         return segment
 
     def _client_field(self, text: str) -> str:

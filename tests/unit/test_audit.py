@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,24 @@ def test_a_secret_added_later_is_redacted_even_in_a_field_already_memoised(tmp_p
     listener.add_secret("engine-key-minted-later-0123")
     listener(_exchange(model="engine-key-minted-later-0123"))
     assert [line["model"] for line in _lines(path)] == ["engine-key-minted-later-0123", "[redacted]"]
+
+
+def test_the_memo_holds_no_more_of_a_long_path_than_the_line_writes(tmp_path: Path) -> None:
+    """Any client, before authentication, chooses the path (up to the 64 KiB head): the memo of encoded fields
+    must keep what the line keeps (256 characters), not each distinct whole path (1,024 of them: 64 MiB)."""
+    listener = audit_log(str(tmp_path / "audit.log"))
+    assert listener is not None
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        for i in range(600):
+            listener(_exchange(path=f"/v1/{i:06d}" + "a" * 60_000, status=401))
+            listener.writer.flush()
+        held = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 1024 * 1024, f"{held} bytes held after 600 long paths"
+    assert len(_lines(tmp_path / "audit.log")[0]["path"]) == 256  # type: ignore[arg-type]
 
 
 def test_unwritable_destination_is_a_start_up_error(tmp_path: Path) -> None:
