@@ -424,25 +424,17 @@ def _parse(body: bytes) -> dict[str, Any]:
 
 def _decode_values(body: bytes, spans: dict[str, Span]) -> dict[str, Any]:
     """The wanted values of a large body, each decoded alone (one too large to be a policy value is UNREAD)."""
-    fields: dict[str, Any] = {}
-    for key, span in spans.items():
-        if key in _LAZY:
-            continue
-        if span.end - span.start > _VALUE_LIMIT:
-            fields[key] = UNREAD
-            continue
-        try:
-            fields[key] = json.loads(body[span.start : span.end])
-        except (ValueError, RecursionError):
-            raise _invalid("The request body is not valid JSON.") from None
-    return fields
+    return {key: _decode_span(body, span) for key, span in spans.items() if key not in _LAZY}
 
 
 def _decode_lazy(body: bytes, spans: dict[str, Span], key: str) -> Any:
     """A `_LAZY` value of a large body: None if absent, UNREAD if too large to decode."""
     span = spans.get(key)
-    if span is None:
-        return None
+    return None if span is None else _decode_span(body, span)
+
+
+def _decode_span(body: bytes, span: Span) -> Any:
+    """One value of a large body, decoded alone; UNREAD if too large to be a policy value."""
     if span.end - span.start > _VALUE_LIMIT:
         return UNREAD
     try:

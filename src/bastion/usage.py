@@ -31,7 +31,7 @@ _KEY_TAIL = len(_USAGE_KEY) - 1  # bytes at a chunk's end that may start a key t
 _EVENT_END = b"\n\n"
 # The events that end a Responses stream with its usage: vLLM always ends with `completed`; OpenAI's API (an
 # external upstream) ends a response cut at `max_output_tokens` with `incomplete`, a failed one with `failed`.
-_RESPONSE_COMPLETED = re.compile(rb'"type":\s*"response\.(?:completed|incomplete|failed)"')
+_RESPONSE_END = re.compile(rb'"type":\s*"response\.(?:completed|incomplete|failed)"')
 _NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')  # the usage-only event (vLLM writes no spaces; others may)
 _DECODER = json.JSONDecoder()
 MAX_USAGE_OBJECT = 4096  # bytes of a usage object decoded at most
@@ -113,7 +113,7 @@ def event_usage(event: bytes) -> Usage | None:
     """Usage in one SSE event: top level of its data, or inside `response` for the event that ends a Responses
     stream (`response.completed`, `.incomplete`, `.failed`)."""
     usage = find_usage(event)
-    if usage is None and _RESPONSE_COMPLETED.search(event):
+    if usage is None and _RESPONSE_END.search(event):
         usage = find_usage(event, depth=2)
     return usage
 
