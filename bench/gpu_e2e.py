@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,19 +277,9 @@ class Run:
             requests = 60 if concurrency == 1 else concurrency * (2 if self.simulate else 4)
             rounds = plan.rounds or (1 if concurrency == 1 else 2)
             for round_ in range(1, rounds + 1):
-                if plan.paired:
-                    self.wait_idle()
-                    for name, result in self.paired(concurrency, max_tokens).items():
-                        table[f"{name}_{step}" + (f"_round{round_}" if round_ > 1 else "")] = result
-                        say(f"{name} (paired) {step} round {round_}: {result}")
-                    self.write()
-                    continue
-                for name, url, key in targets:
-                    self.wait_idle()
-                    gateway = pid if name == "bastion" else None
-                    result = self.load(url, key, concurrency, requests, max_tokens, gateway)
+                for name, result in self.measure_round(targets, pid, concurrency, requests, max_tokens):
                     table[f"{name}_{step}" + (f"_round{round_}" if round_ > 1 else "")] = result
-                    say(f"{name} {step} round {round_}: {result}")
+                    say(f"{name}{' (paired)' if plan.paired else ''} {step} round {round_}: {result}")
                     self.write()  # what a cut run (a device's time limit) has measured so far is kept
         if {"direct", "bastion"} - set(plan.targets):
             return
@@ -303,6 +294,18 @@ class Run:
             added = [table[b]["ttft_p50_ms"] - table[a]["ttft_p50_ms"] for a, b in pairs]
             self.results[f"ttft_p50_added_ms_{step}_rounds"] = [round(a, 2) for a in added]
             self.results[f"cpu_us_per_chunk_{step}_rounds"] = [table[b].get("cpu_us_per_chunk") for _, b in pairs]
+
+    def measure_round(
+        self, targets: list[tuple[str, str, str]], pid: int | None, concurrency: int, requests: int, max_tokens: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One round's results by target, each as it is measured: the targets one after the other, or paired."""
+        if self.plan.paired:
+            self.wait_idle()
+            yield from self.paired(concurrency, max_tokens).items()
+            return
+        for name, url, key in targets:
+            self.wait_idle()
+            yield name, self.load(url, key, concurrency, requests, max_tokens, pid if name == "bastion" else None)
 
     def running_in_vllm(self) -> float:
         text = httpx.get(
