@@ -334,6 +334,7 @@ def test_storage_keys_are_the_librarys() -> None:
 
 def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
     def exchange(**fields: object) -> Exchange:
+        fields.setdefault("forwarded", True)  # the proxy handed it to the engine
         return Exchange("r", "POST", "/v1/chat/completions", prompt_estimate=100, completion_cap=50, **fields)  # type: ignore[arg-type]
 
     assert charge(exchange(usage=Usage(10, 20), status=200)) == (30, False)
@@ -346,8 +347,32 @@ def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
     assert charge(exchange(status=200, stream=True, events=80)) == (180, True)
     get = Exchange("r", "GET", "/v1/models", status=200)
     assert charge(get) == (0, False)  # no body, nothing generated
-    cut = Exchange("r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT)
+    cut = Exchange(
+        "r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT, forwarded=True
+    )
     assert charge(cut) == (1, False)  # never 0 once the engine had it
+
+
+def test_what_never_reached_the_engine_costs_nothing_and_a_forwarded_background_response_its_reservation() -> None:
+    """A client that left the fair queue was charged as if the engine had its request (a background one its
+    whole reservation); a background response timed out waiting for its answer's head (a 504) was charged
+    nothing though the engine generates it anyway. Not background, a timeout still costs nothing: the gateway
+    closes the connection and vLLM aborts the request."""
+
+    def exchange(**fields: object) -> Exchange:
+        return Exchange("r", "POST", "/v1/responses", prompt_estimate=100, completion_cap=50, **fields)  # type: ignore[arg-type]
+
+    for background in (False, True):
+        for stream in (False, True):
+            left = exchange(outcome=Outcome.CLIENT_DISCONNECT, background=background, stream=stream)
+            assert charge(left) == (0, False), (background, stream)
+    late = {"outcome": Outcome.UPSTREAM_ERROR, "status": 504, "reason": "upstream_timeout", "forwarded": True}
+    assert charge(exchange(background=True, **late)) == (150, False)
+    assert charge(exchange(background=True, stream=True, **late)) == (150, False)
+    assert charge(exchange(**late)) == (0, False)  # not background: today's rule, nothing
+    never = {**late, "status": 502, "reason": "upstream_unavailable", "forwarded": False}
+    assert charge(exchange(background=True, **never)) == (0, False)  # refused, reset unread: never had it
+    assert charge(exchange(background=True, status=400, forwarded=True)) == (0, False)  # the engine refused it
 
 
 def test_redis_password_stays_secret() -> None:
