@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from limits import RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from bastion.accounting import charge
-from bastion.context import Exchange, Outcome
+from bastion.context import Exchange, Outcome, exchange_of
 from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
 from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
 from bastion.ratelimit.memory import MemoryStorage
@@ -392,3 +393,43 @@ def test_the_gateway_imports_no_third_party_redis_client() -> None:
         "assert not {'coredis', 'redis'} & set(sys.modules), 'a third-party Redis client was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_failing_charge_still_frees_the_slot_and_settles(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`charge` raising in the middleware's `finally` skipped `limiter.finish`: the request's concurrency slot
+    stayed taken (a key locked out once its max_concurrent slots leaked) and its reservation unsettled. Now
+    `finish` runs whatever fails before it; the failure is logged once, with the request id."""
+    from bastion.ratelimit import RateLimitMiddleware, middleware
+
+    def broken(exchange: Exchange) -> tuple[int, bool]:
+        raise RuntimeError("a bug in accounting")
+
+    monkeypatch.setattr(middleware, "charge", broken)  # the one failure injected
+    limits = limiter(tpm=1000, max_concurrent=1)
+    statuses: list[int] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        exchange_of(scope).status = 200
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])  # type: ignore[arg-type]
+
+    stage = RateLimitMiddleware(app, limits)  # type: ignore[arg-type]
+    for number in range(3):
+        exchange = Exchange(f"req-{number}", "POST", "/v1/chat/completions", client_ip="ip", prompt_estimate=60)
+        scope: dict[str, object] = {"type": "http"}
+        exchange.attach(scope)
+        with contextlib.suppress(RuntimeError):  # (it escaped, past the slot's release)
+            await stage(scope, None, send)  # type: ignore[arg-type]
+        assert exchange.status == 200, (number, statuses)  # admitted: the slot before was given back
+    assert statuses == []  # no 429 answered
+    records = [r for r in caplog.records if r.name == "bastion.ratelimit"]
+    assert [r.getMessage() for r in records] == [
+        f"request req-{n}: charging it failed; settled to its reservation" for n in range(3)
+    ]
+    assert all(r.exc_info is not None for r in records)
+    admission = await limits.admit(None, "ip", 0)
+    assert remaining(admission.headers) == 1000 - 3 * 60  # each settled to its reservation, none left pending
