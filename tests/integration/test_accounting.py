@@ -122,6 +122,25 @@ def test_a_streamed_request_in_utf16_or_utf32_is_served_and_charged(gw: tuple[Pr
     assert charged(base, who, 16) == 16
 
 
+@pytest.mark.parametrize("size", [10, 70_000], ids=["small", "past 64 KiB"])
+def test_a_body_behind_a_utf8_byte_order_mark_is_served_and_charged(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]], size: int
+) -> None:
+    """vLLM's server reads a UTF-8 body behind a byte order mark (json.loads skips it); the gateway read a small
+    one, and refused a large one 400. Both are now inspected alike: usage asked for, hidden, charged; forwarded
+    with the mark, as received."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    sent = {"model": "m", "messages": [{"role": "user", "content": "x" * size}], "stream": True, "max_tokens": 8}
+    reply = post(base, CHAT, b"\xef\xbb\xbf" + json.dumps(sent).encode(), who, {"prompt": 11, "completion": 5})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream"), reply.text
+    assert '"usage"' not in reply.text.replace('"usage":{', "")  # the gateway's own usage event is hidden
+    assert charged(base, who, 16) == 16
+    forwarded = [received.body for received in upstream[1] if received.path == CHAT][-1]
+    assert forwarded.startswith(b"\xef\xbb\xbf") and json.loads(forwarded)["stream_options"] == {"include_usage": True}
+
+
 @pytest.mark.parametrize("asked", [True, 1, "true", "on"])
 def test_a_client_that_asked_for_usage_in_any_form_gets_it(gw: tuple[Proc, str], asked: object) -> None:
     _, base = gw
