@@ -12,11 +12,16 @@ Accounting follows what the engine did, never what the request claims:
 - a Responses API request with `background: true` (allowed by the operator) is charged its
   reservation unless its own response carried usage (a background stream the client read to
   its end): the engine answers at once and generates afterwards, and its usage only ever
-  reaches a later `GET /v1/responses/{id}`;
+  reaches a later `GET /v1/responses/{id}`. That holds once it was forwarded (`Exchange.forwarded`)
+  whatever the gateway answered: a 504 because the engine's answer was late, a 502 because the
+  connection broke after the request was written; closing the connection does not stop it;
 - a retrieval (any GET, a `cancel` of a stored response or batch) is charged nothing, whatever
   usage its body repeats: that generation was charged by the request that made it, and a stored
   response may be fetched any number of times;
-- anything refused, or failed before the upstream answered, is charged nothing.
+- a request whose client left before it was forwarded (waiting in the fair queue) is charged
+  nothing, background or not: the engine never had it;
+- anything refused, or failed before the upstream answered, is charged nothing (a request that
+  is not background included: the gateway closes the connection, and vLLM then aborts it).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
     usage = exchange.usage
     if usage is not None:
         return usage.total_tokens, False
+    if not exchange.forwarded:
+        return 0, False  # refused, or left before the engine had it (the fair queue): nothing generated
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
         # A background response goes on generating without its client: what was reserved.
         streamed = exchange.stream and not exchange.background
@@ -47,6 +54,9 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
     if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
         tokens = _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))
         return tokens, tokens > 0
+    if exchange.background and exchange.outcome is Outcome.UPSTREAM_ERROR:
+        # Forwarded, then the gateway gave up on it (its answer's head late: a 504): the engine generates anyway.
+        return _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events)), False
     return 0, False
 
 

@@ -55,6 +55,10 @@ class Exchange:
     completion_cap: int = 0
     priority: int | None = None
     background: bool = False  # a Responses API `background: true`: it generates after its response ends
+    # Whether the request may have reached the engine: set by the proxy as it hands the request to the upstream,
+    # cleared again by a failure that proves it did not (refused, reset unread, body not taken). A request
+    # answered before (refused, or left in the fair queue) never was: `accounting.charge` charges it nothing.
+    forwarded: bool = False
     events: int = 0
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).

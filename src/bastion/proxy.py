@@ -28,7 +28,15 @@ from .engine.router import Backend, EngineGroup, Router
 from .engine.state import Phase
 from .errors import GatewayError, send_error, upstream_failure
 from .http.client import Client
-from .http.http1 import ConnectError, ConnectionReset, HTTPError, ReadTimeout, Response, WriteTimeout
+from .http.http1 import (
+    ConnectError,
+    ConnectionReset,
+    ConnectTimeout,
+    HTTPError,
+    ReadTimeout,
+    Response,
+    WriteTimeout,
+)
 from .usage import BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
@@ -88,6 +96,10 @@ _NOT_RETRIED = (ReadTimeout, WriteTimeout)
 # connections can close before its listener does (Linux 6.18: 264 of 300 tries), so a request sent just
 # after the one that died with it is accepted into the dying listener's backlog, then reset.
 _NOT_TAKEN = (ConnectError, ConnectionReset)
+# Failures that prove the engine never had the whole request: no connection (refused, timed out, none free in
+# the pool), reset unread, or a body it did not read in time. Any other (a read timeout waiting for the
+# response head above all) came after the request was written: the engine may be generating it.
+_NEVER_SENT = (ConnectError, ConnectTimeout, ConnectionReset, WriteTimeout)
 # A server error's head, before any byte went to the client, is tried once on another replica: a 503 from a
 # replica not ready (yet), and the 500 vLLM's API server answers for the second or so between its engine core
 # dying (EngineDeadError) and its own exit. Once is the bound: a request that itself makes engines fail costs two.
@@ -196,9 +208,12 @@ class Proxy:
             sent = headers
             if upstream.api_key:
                 sent = [*headers, (b"authorization", b"Bearer " + upstream.api_key.encode())]
+            exchange.forwarded = True  # until a failure proves the engine never had it (`_NEVER_SENT`)
             try:
                 response = await self._client.open(scope["method"], upstream.base_url, target, sent, content)
             except HTTPError as exc:
+                if isinstance(exc, _NEVER_SENT):
+                    exchange.forwarded = False
                 other = None if attempt or isinstance(exc, _NOT_RETRIED) else router.acquire(group, affinity, backend)
                 backend.release()
                 if other is None:

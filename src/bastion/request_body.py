@@ -199,7 +199,9 @@ class RequestInspector:
             return body, RequestFacts(completion_cap=cap)
         if not body:
             return body, RequestFacts(completion_cap=cap)
-        if body[:1] == b"\x00" or body[1:2] == b"\x00" or body[:2] in _UTF16_BOMS:
+        if body[:1] in _ENCODED_STARTS or body[1:2] == b"\x00":  # (one test for the rare starts: not ASCII JSON)
+            if body[:3] == _UTF8_BOM:
+                return await self._after_bom(path, body, priority, assign_priority)
             body = _as_utf8(body)
         prompt = max(1, len(body) // BYTES_PER_TOKEN)
         spans: dict[str, Span] | None = None
@@ -262,6 +264,19 @@ class RequestInspector:
         return edited, RequestFacts(
             facts.model, True, True, prompt, facts.completion_cap, facts.priority, facts.background
         )
+
+    async def _after_bom(
+        self, path: str, body: bytes, priority: int, assign_priority: bool
+    ) -> tuple[bytes, RequestFacts]:
+        """A UTF-8 body behind a byte order mark, which `json.loads` (and so vLLM's server) skips: inspected without
+        it, as any other (the scanner of a large body and the byte edits know no mark: a large one was a 400),
+        and forwarded with it, as received. After the mark, `json.loads` reads UTF-8 alone: no second mark, no
+        UTF-16 or UTF-32 (refused here too, where inspecting the rest would have made them UTF-8)."""
+        rest = body[3:]
+        if rest[:1] in _ENCODED_STARTS or rest[1:2] == b"\x00":
+            raise _invalid("The request body is not valid JSON.")
+        edited, facts = await self.inspect(path, rest, priority=priority, assign_priority=assign_priority)
+        return _UTF8_BOM + edited, facts
 
     def _background(self, fields: dict[str, Any], body: bytes, spans: dict[str, Span] | None) -> bool:
         """Whether the request asks for a background response (as vLLM reads `background`), if it may."""
@@ -396,7 +411,11 @@ def _with_priority(facts: RequestFacts, priority: int) -> RequestFacts:
     )
 
 
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also how UTF-32 with a byte order mark begins
+_UTF8_BOM = b"\xef\xbb\xbf"
+# First bytes of a body that is not plain UTF-8 JSON: a byte order mark (UTF-8's, UTF-16's, or UTF-32's, which
+# begins as UTF-16's does) or a NUL (RFC 4627's pattern for UTF-16 and UTF-32, also a NUL second byte). No
+# JSON text in UTF-8 starts with a byte that is not ASCII.
+_ENCODED_STARTS = frozenset({b"\x00", b"\xff", b"\xfe", b"\xef"})
 
 
 def _as_utf8(body: bytes) -> bytes:

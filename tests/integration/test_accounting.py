@@ -122,6 +122,25 @@ def test_a_streamed_request_in_utf16_or_utf32_is_served_and_charged(gw: tuple[Pr
     assert charged(base, who, 16) == 16
 
 
+@pytest.mark.parametrize("size", [10, 70_000], ids=["small", "past 64 KiB"])
+def test_a_body_behind_a_utf8_byte_order_mark_is_served_and_charged(
+    gw: tuple[Proc, str], upstream: tuple[str, list[Received]], size: int
+) -> None:
+    """vLLM's server reads a UTF-8 body behind a byte order mark (json.loads skips it); the gateway read a small
+    one, and refused a large one 400. Both are now inspected alike: usage asked for, hidden, charged; forwarded
+    with the mark, as received."""
+    _, base = gw
+    who = token()
+    fresh_minute()
+    sent = {"model": "m", "messages": [{"role": "user", "content": "x" * size}], "stream": True, "max_tokens": 8}
+    reply = post(base, CHAT, b"\xef\xbb\xbf" + json.dumps(sent).encode(), who, {"prompt": 11, "completion": 5})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream"), reply.text
+    assert '"usage"' not in reply.text.replace('"usage":{', "")  # the gateway's own usage event is hidden
+    assert charged(base, who, 16) == 16
+    forwarded = [received.body for received in upstream[1] if received.path == CHAT][-1]
+    assert forwarded.startswith(b"\xef\xbb\xbf") and json.loads(forwarded)["stream_options"] == {"include_usage": True}
+
+
 @pytest.mark.parametrize("asked", [True, 1, "true", "on"])
 def test_a_client_that_asked_for_usage_in_any_form_gets_it(gw: tuple[Proc, str], asked: object) -> None:
     _, base = gw
@@ -272,6 +291,79 @@ def test_a_background_stream_left_at_once_is_charged_its_reservation(gw_backgrou
         )
     reserved = estimate(body.encode(), 10)
     assert charged(base, who, reserved) == reserved
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_background_response_whose_answer_was_late_is_charged_its_reservation(
+    upstream: tuple[str, list[Received]], background: bool
+) -> None:
+    """The engine's answer head later than BASTION_UPSTREAM_READ_TIMEOUT: a 504, and the connection closed. A
+    background response goes on generating all the same, and was charged nothing; now its reservation. Not
+    background, the closed connection makes vLLM abort it: still charged nothing."""
+    env = {
+        **ENV,
+        "BASTION_ENFORCE_MAX_TOKENS": "true",
+        "BASTION_RESPONSES_BACKGROUND": "true",
+        "BASTION_UPSTREAM_READ_TIMEOUT": "0.3",
+    }
+    with gateway("--upstream-url", upstream[0], env=env) as (_, base):
+        who = token()
+        fresh_minute()
+        received = generations(upstream)
+        body = json.dumps({"model": "m", "input": "hi", "background": background, "max_output_tokens": 10})
+        reply = post(base, "/v1/responses", body.encode(), who, {"delay": 1.0})
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "upstream_timeout", reply.text
+        assert generations(upstream) == received + 1  # the engine had it
+        expected = estimate(body.encode(), 10) if background else 0
+        assert charged(base, who, expected) == expected
+        assert settled(base, who) == expected
+
+
+def fair_gateway(upstream: str) -> Any:
+    """Fairness on with one engine slot, background responses allowed, a day budget (its reservations seen)."""
+    env = {
+        **ENV,
+        "BASTION_FAIRNESS": "1",
+        "BASTION_ENGINE_CAPACITY": "1",
+        "BASTION_ENFORCE_MAX_TOKENS": "true",
+        "BASTION_RESPONSES_BACKGROUND": "true",
+        "BASTION_BUDGET_DAY": str(TPM),
+    }
+    return gateway("--upstream-url", upstream, env=env)
+
+
+@pytest.mark.parametrize(("background", "stream"), [(True, False), (True, True), (False, False), (False, True)])
+def test_a_request_left_in_the_fair_queue_is_charged_nothing_and_releases_its_reservations(
+    upstream: tuple[str, list[Received]], background: bool, stream: bool
+) -> None:
+    """Its engine full, a request waits in the gateway's fair queue; its client leaves: nothing was forwarded.
+    It was charged as if the engine had it (a background one its whole reservation, any other its prompt
+    estimate, or that and its cap when not streamed); now nothing, its tokens/min and budget reservations
+    both given back."""
+    with fair_gateway(upstream[0]) as (_, base):
+        holder, who = token(), token()
+        fresh_minute(8)
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
+        held.start()
+        try:
+            time.sleep(0.5)  # the slow request holds the engine's one slot
+            received = generations(upstream)
+            body = {"model": "m", "input": "hi", "background": background, "stream": stream, "max_output_tokens": 10}
+            with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client leaves
+                httpx.post(
+                    base + "/v1/responses",
+                    content=json.dumps(body),
+                    headers=auth(who),
+                    timeout=httpx.Timeout(10, read=0.5),
+                )
+            assert settled(base, who) == 0
+            day = httpx.get(base + "/v1/usage", headers=auth(who), timeout=10).json()["periods"][0]
+            assert (day["used"], day["reserved"]) == (0, 0), day
+        finally:
+            held.join(timeout=15)
+        assert generations(upstream) == received  # it never reached the engine, even once the slot came free
+        assert settled(base, who) == 0
 
 
 def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:

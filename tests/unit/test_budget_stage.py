@@ -207,6 +207,28 @@ async def test_failures_release_and_broken_streams_keep_the_reservation(tmp_path
     assert (day["used"], day["reserved"]) == (charge(h.seen[0])[0], 0)  # no usage: charged as the limits charge it
 
 
+async def test_a_failing_charge_still_settles_the_budget(
+    tmp_path: Path, upstream: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`charge` raising in the stage's `finally` skipped the settle: the reservation stayed held. Now it is settled
+    to what was reserved (the conservative charge), and the failure logged once with the request id."""
+    from bastion.budget import middleware
+
+    def broken(exchange: Exchange) -> tuple[int, bool]:
+        raise RuntimeError("a bug in accounting")
+
+    monkeypatch.setattr(middleware, "charge", broken)  # the one failure injected
+    h = Harness(tmp_path, upstream.port, Ledger(Calendar(zone("UTC"))))
+    async with h.http(h.key_a) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        day = (await client.get("/v1/usage")).json()["periods"][0]
+    reserved = h.seen[0].prompt_estimate + h.seen[0].completion_cap
+    assert (day["used"], day["reserved"]) == (reserved, 0)
+    [record] = [r for r in caplog.records if r.name == "bastion.budget"]
+    expected = f"request {h.seen[0].request_id}: charging it failed; budget settled to its reservation"
+    assert record.getMessage() == expected and record.exc_info is not None
+
+
 async def test_usage_shows_the_callers_principal_only(tmp_path: Path, upstream: ScriptedUpstream) -> None:
     h = Harness(tmp_path, upstream.port, Ledger(Calendar(zone("UTC"))))
     async with h.http(h.key_a) as alice, h.http(h.key_b) as bob:

@@ -31,10 +31,12 @@ def gateway_client(
 
 
 async def test_connection_refused_is_502() -> None:
-    async with gateway_client(free_port()) as client:
+    seen: list[Exchange] = []
+    async with gateway_client(free_port(), seen) as client:
         response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert not seen[0].forwarded  # the engine never had it: charged nothing, background or not
 
 
 async def test_no_answer_within_read_timeout_is_504() -> None:
@@ -47,6 +49,7 @@ async def test_no_answer_within_read_timeout_is_504() -> None:
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "timeout_error"
     assert (seen[0].outcome, seen[0].reason) == ("upstream_error", "upstream_timeout")
+    assert seen[0].forwarded  # written, its answer late: a background response is generated anyway
 
 
 async def test_all_upstream_connections_busy_is_503_with_retry_after() -> None:
@@ -63,6 +66,7 @@ async def test_all_upstream_connections_busy_is_503_with_retry_after() -> None:
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "upstream_busy"
     assert (seen[0].outcome, seen[0].reason) == ("rejected", "upstream_busy")
+    assert not seen[0].forwarded
 
 
 @pytest.mark.parametrize("status", [400, 404, 422, 500, 503])
@@ -111,6 +115,7 @@ async def test_a_request_reset_unread_by_our_own_child_is_503_not_ready(phase: P
             response = await client.post("/v1/chat/completions", json=CHAT)
     assert (response.status_code, response.json()["error"]["code"]) == (status, code)
     assert server.resets == 1
+    assert not seen[0].forwarded  # reset unread
     if status == 503:
         assert response.headers["retry-after"] == "5"
         assert (seen[0].outcome, seen[0].reason) == ("rejected", "upstream_not_ready")
@@ -129,6 +134,7 @@ async def test_a_request_our_own_child_read_and_died_on_is_502() -> None:
             response = await client.post("/v1/chat/completions", json=CHAT)
     assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_unavailable")
     assert (seen[0].outcome, seen[0].reason) == ("upstream_error", "upstream_unavailable")
+    assert seen[0].forwarded
 
 
 async def test_stream_broken_mid_way_ends_with_error_event() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from limits import RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from bastion.accounting import charge
-from bastion.context import Exchange, Outcome
+from bastion.context import Exchange, Outcome, exchange_of
 from bastion.ratelimit import RateLimited, RateLimiter, reset_duration
 from bastion.ratelimit.limiter import PerMinute, limit_headers, per_minute
 from bastion.ratelimit.memory import MemoryStorage
@@ -334,6 +335,7 @@ def test_storage_keys_are_the_librarys() -> None:
 
 def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
     def exchange(**fields: object) -> Exchange:
+        fields.setdefault("forwarded", True)  # the proxy handed it to the engine
         return Exchange("r", "POST", "/v1/chat/completions", prompt_estimate=100, completion_cap=50, **fields)  # type: ignore[arg-type]
 
     assert charge(exchange(usage=Usage(10, 20), status=200)) == (30, False)
@@ -346,8 +348,32 @@ def test_charge_is_usage_or_a_conservative_estimate_never_zero() -> None:
     assert charge(exchange(status=200, stream=True, events=80)) == (180, True)
     get = Exchange("r", "GET", "/v1/models", status=200)
     assert charge(get) == (0, False)  # no body, nothing generated
-    cut = Exchange("r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT)
+    cut = Exchange(
+        "r", "POST", "/v1/x", prompt_estimate=0, completion_cap=1, outcome=Outcome.CLIENT_DISCONNECT, forwarded=True
+    )
     assert charge(cut) == (1, False)  # never 0 once the engine had it
+
+
+def test_what_never_reached_the_engine_costs_nothing_and_a_forwarded_background_response_its_reservation() -> None:
+    """A client that left the fair queue was charged as if the engine had its request (a background one its
+    whole reservation); a background response timed out waiting for its answer's head (a 504) was charged
+    nothing though the engine generates it anyway. Not background, a timeout still costs nothing: the gateway
+    closes the connection and vLLM aborts the request."""
+
+    def exchange(**fields: object) -> Exchange:
+        return Exchange("r", "POST", "/v1/responses", prompt_estimate=100, completion_cap=50, **fields)  # type: ignore[arg-type]
+
+    for background in (False, True):
+        for stream in (False, True):
+            left = exchange(outcome=Outcome.CLIENT_DISCONNECT, background=background, stream=stream)
+            assert charge(left) == (0, False), (background, stream)
+    late = {"outcome": Outcome.UPSTREAM_ERROR, "status": 504, "reason": "upstream_timeout", "forwarded": True}
+    assert charge(exchange(background=True, **late)) == (150, False)
+    assert charge(exchange(background=True, stream=True, **late)) == (150, False)
+    assert charge(exchange(**late)) == (0, False)  # not background: today's rule, nothing
+    never = {**late, "status": 502, "reason": "upstream_unavailable", "forwarded": False}
+    assert charge(exchange(background=True, **never)) == (0, False)  # refused, reset unread: never had it
+    assert charge(exchange(background=True, status=400, forwarded=True)) == (0, False)  # the engine refused it
 
 
 def test_redis_password_stays_secret() -> None:
@@ -367,3 +393,43 @@ def test_the_gateway_imports_no_third_party_redis_client() -> None:
         "assert not {'coredis', 'redis'} & set(sys.modules), 'a third-party Redis client was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_failing_charge_still_frees_the_slot_and_settles(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`charge` raising in the middleware's `finally` skipped `limiter.finish`: the request's concurrency slot
+    stayed taken (a key locked out once its max_concurrent slots leaked) and its reservation unsettled. Now
+    `finish` runs whatever fails before it; the failure is logged once, with the request id."""
+    from bastion.ratelimit import RateLimitMiddleware, middleware
+
+    def broken(exchange: Exchange) -> tuple[int, bool]:
+        raise RuntimeError("a bug in accounting")
+
+    monkeypatch.setattr(middleware, "charge", broken)  # the one failure injected
+    limits = limiter(tpm=1000, max_concurrent=1)
+    statuses: list[int] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        exchange_of(scope).status = 200
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])  # type: ignore[arg-type]
+
+    stage = RateLimitMiddleware(app, limits)  # type: ignore[arg-type]
+    for number in range(3):
+        exchange = Exchange(f"req-{number}", "POST", "/v1/chat/completions", client_ip="ip", prompt_estimate=60)
+        scope: dict[str, object] = {"type": "http"}
+        exchange.attach(scope)
+        with contextlib.suppress(RuntimeError):  # (it escaped, past the slot's release)
+            await stage(scope, None, send)  # type: ignore[arg-type]
+        assert exchange.status == 200, (number, statuses)  # admitted: the slot before was given back
+    assert statuses == []  # no 429 answered
+    records = [r for r in caplog.records if r.name == "bastion.ratelimit"]
+    assert [r.getMessage() for r in records] == [
+        f"request req-{n}: charging it failed; settled to its reservation" for n in range(3)
+    ]
+    assert all(r.exc_info is not None for r in records)
+    admission = await limits.admit(None, "ip", 0)
+    assert remaining(admission.headers) == 1000 - 3 * 60  # each settled to its reservation, none left pending

@@ -304,3 +304,41 @@ async def test_a_background_response_is_refused_unless_allowed(full_parse_limit:
 async def test_a_request_that_is_not_background_passes(background: object) -> None:
     body = json.dumps({"model": "m", "input": "hi", "background": background}).encode()
     assert not (await SMALL.inspect("/v1/responses", body))[1].background
+
+
+@pytest.mark.parametrize("size", [10, 40_000], ids=["json.loads", "past 64 KiB: the scanner"])
+@pytest.mark.parametrize("options", [None, {"include_usage": False}])  # `include_usage` inserted, or merged
+async def test_a_body_behind_a_utf8_byte_order_mark_is_inspected_and_forwarded_with_it(
+    size: int, options: dict[str, Any] | None
+) -> None:
+    """json.loads (vLLM's server) skips a UTF-8 byte order mark. A body past 64 KiB with one was a 400 (the
+    scanner knows no mark), and a small one a 400 as soon as an edit needed the scanner's spans (merging
+    `include_usage` into the client's `stream_options`). Now both are read without it and forwarded with it."""
+    sent: dict[str, Any] = {"model": "m", "stream": "yes", "max_tokens": 7, "priority": -5, "n": 2}
+    sent["messages"] = [{"role": "user", "content": "é" * size}]
+    if options is not None:
+        sent["stream_options"] = options
+    plain = json.dumps(sent, ensure_ascii=False).encode()
+    body, facts = await SMALL.inspect(CHAT, b"\xef\xbb\xbf" + plain)
+    expected_body, expected = await SMALL.inspect(CHAT, plain)
+    assert body == b"\xef\xbb\xbf" + expected_body  # the same edits, the mark kept in front
+    assert facts == expected
+    assert (facts.model, facts.stream, facts.usage_added, facts.priority) == ("m", True, True, 0)
+    assert facts.completion_cap == 14  # max_tokens for each of n
+    assert json.loads(body)["stream_options"] == {"include_usage": True}  # json.loads reads the mark, as vLLM
+
+
+@pytest.mark.parametrize("inspector", [SMALL, LARGE], ids=["json.loads", "scanner"])
+@pytest.mark.parametrize(
+    "rest",
+    [b'\xef\xbb\xbf{"model":"m"}', '{"model":"m"}'.encode("utf-16"), '{"model":"m"}'.encode("utf-16-le")],
+    ids=["two marks", "utf-16 with its own mark", "utf-16 without"],
+)
+async def test_after_a_utf8_byte_order_mark_only_utf8_is_read(inspector: RequestInspector, rest: bytes) -> None:
+    """What json.loads refuses after the mark (vLLM answers 400) is refused, not made UTF-8 and forwarded."""
+    body = b"\xef\xbb\xbf" + rest
+    with pytest.raises(ValueError):
+        json.loads(body)
+    with pytest.raises(GatewayError) as refused:
+        await inspector.inspect(CHAT, body)
+    assert (refused.value.status, refused.value.resolved_code) == (400, "invalid_json")

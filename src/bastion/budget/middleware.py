@@ -137,7 +137,11 @@ class BudgetStage:
             # Settled (a release when nothing was used: `used` 0) without waiting here: on Redis the settle is
             # queued now and the gateway awaits it once the limiter's finish, queued as this stage returns, has
             # joined it in one write (one round trip at the end of a request, not two).
-            used, _ = charge(exchange)
+            try:
+                used, _ = charge(exchange)
+            except Exception:  # a bug: shown once; the reservation is still settled (kept: the conservative charge)
+                log.exception("request %s: charging it failed; budget settled to its reservation", exchange.request_id)
+                used = verdict.reservation.tokens
             waiting = self.ledger.settle_soon(verdict.reservation, used)
             if waiting is not None:
                 exchange.deferred += (waiting,)

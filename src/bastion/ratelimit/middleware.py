@@ -15,6 +15,7 @@ claims it. One it never claims (the limits refused the request, or a stage in be
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from ..asgi import ASGIApp, Receive, Scope, Send
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import send_error
 from .limiter import RateLimited, RateLimiter
+
+log = logging.getLogger("bastion.ratelimit")
 
 
 class Alongside(Protocol):
@@ -69,9 +72,15 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            try:  # first: its release (queued) leaves in the limiter's finish's write
-                if alongside is not None:
+            # `finish` runs whatever fails before it: skipped, the request's concurrency slot stayed taken (a key
+            # locked out once its max_concurrent slots leaked) and its reservation was never settled.
+            tokens = admission.reserved
+            try:
+                if alongside is not None:  # first: its release (queued) leaves in the limiter's finish's write
                     await alongside.unclaimed(exchange)
-            finally:
                 tokens, exchange.usage_estimated = charge(exchange)
+            except Exception:
+                # A bug: shown once, and the request keeps what it reserved (the conservative charge).
+                log.exception("request %s: charging it failed; settled to its reservation", exchange.request_id)
+            finally:
                 await self.limiter.finish(admission, tokens)
