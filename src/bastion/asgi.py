@@ -87,6 +87,10 @@ class BodyWriter(Protocol):
     def write(self, data: bytes) -> None:
         """One chunk of the started chunked response, straight to the connection (after `writable`)."""
 
+    def write_framed(self, chunk: bytes) -> bool:
+        """Bytes framed already as chunks of the response (size lines, CRLFs), as they are, if `writable`: else
+        nothing is written and False returned."""
+
     def started(self) -> bool:
         """Whether the response's head went out (or the connection is gone): no other answer can follow."""
 

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from .asgi import ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
+from .asgi import BodyWriter, ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
@@ -37,7 +37,7 @@ from .http.http1 import (
     Response,
     WriteTimeout,
 )
-from .usage import BodyUsage, StreamTap
+from .usage import EVENT_END, USAGE_KEY, BodyUsage, StreamTap
 
 log = logging.getLogger("bastion.proxy")
 
@@ -291,7 +291,7 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         writer = watch.body_writer(send) if tap is not None else None
         if tap is not None and writer is not None:
-            response.push_to(_pusher(tap, exchange, writer.writable, writer.write))
+            response.push_to(_pusher(tap, exchange, writer))
 
         body = b""  # what goes out with the end of the response
         try:
@@ -388,20 +388,27 @@ class Proxy:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _pusher(
-    tap: StreamTap, exchange: Exchange, writable: Callable[[], bool], write: Callable[[bytes], None]
-) -> Callable[[bytes], bool]:
-    """The sink a pushed event stream's bytes go to: the tap, then the client's connection; False if it cannot now."""
+def _pusher(tap: StreamTap, exchange: Exchange, writer: BodyWriter) -> Callable[[bytes, bytes | None], bool]:
+    """The sink a pushed event stream's bytes go to: the tap, then the client's connection; False if it cannot
+    now (the bytes then wait for the relay's task). A read of whole chunks comes with its framing (`framed`):
+    when the tap would pass it whole (`StreamTap`'s rule, checked here inline: this runs for every token), it
+    is written as it came, since the client's response is chunked the same way."""
+    writable, write, write_framed = writer.writable, writer.write, writer.write_framed
 
-    def push(data: bytes) -> bool:
-        if not writable():
-            return False
+    def push(data: bytes, framed: bytes | None) -> bool:
+        if framed is not None and not tap.held and data.endswith(EVENT_END) and USAGE_KEY not in data:
+            if not write_framed(framed):
+                return False
+            out = data
+        else:
+            if not writable():
+                return False
+            out = tap.feed(data)
+            if out:
+                write(out)
         if exchange.first_byte is None:
             exchange.first_byte = time.perf_counter()
-        out = tap.feed(data)
-        if out:
-            exchange.events += out.count(b"\n\n")
-            write(out)
+        exchange.events += out.count(b"\n\n")
         return True
 
     return push

@@ -26,9 +26,9 @@ from typing import Any
 
 from .jsonscan import Depth
 
-_USAGE_KEY = b'"usage":'
-_KEY_TAIL = len(_USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
-_EVENT_END = b"\n\n"
+USAGE_KEY = b'"usage":'
+_KEY_TAIL = len(USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
+EVENT_END = b"\n\n"
 # The events that end a Responses stream with its usage: vLLM always ends with `completed`; OpenAI's API (an
 # external upstream) ends a response cut at `max_output_tokens` with `incomplete`, a failed one with `failed`.
 _RESPONSE_END = re.compile(rb'"type":\s*"response\.(?:completed|incomplete|failed)"')
@@ -92,7 +92,7 @@ def _decode(data: bytes) -> tuple[bool, Any]:
 def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
     """The last usage object keyed at nesting `depth` of the JSON text in `data` (1: the top level)."""
     found: Usage | None = None
-    at = data.find(_USAGE_KEY)
+    at = data.find(USAGE_KEY)
     if at < 0:
         return None
     tracker = Depth()
@@ -101,11 +101,11 @@ def find_usage(data: bytes, *, depth: int = 1) -> Usage | None:
         tracker.advance(data[position:at])
         position = at
         if not tracker.in_string and tracker.depth == depth:
-            start = at + len(_USAGE_KEY)
+            start = at + len(USAGE_KEY)
             usage = usage_from(_decode(data[start : start + MAX_USAGE_OBJECT])[1])
             if usage is not None:
                 found = usage
-        at = data.find(_USAGE_KEY, at + 1)
+        at = data.find(USAGE_KEY, at + 1)
     return found
 
 
@@ -144,15 +144,15 @@ class BodyUsage:
             self._held = data
             return
         position = 0
-        at = data.find(_USAGE_KEY)
+        at = data.find(USAGE_KEY)
         while 0 <= at < end:
             self._depth.advance(data[position:at])
             position = at
             if not self._depth.in_string and self._depth.depth == 1:
-                start = at + len(_USAGE_KEY)
+                start = at + len(USAGE_KEY)
                 self._capture = data[start : start + MAX_USAGE_OBJECT]
                 self._decode_capture(final=False)
-            at = data.find(_USAGE_KEY, at + 1)
+            at = data.find(USAGE_KEY, at + 1)
         if not last:
             self._depth.advance(data[position:end])
             self._held = data[end:]
@@ -181,54 +181,58 @@ class StreamTap:
     its blank line arrives (a client cannot use half an event anyway). The usage
     event is removed only when `strip_usage` is set, i.e. when the gateway asked
     for usage on the client's behalf.
+
+    A chunk passes whole and unchanged, with nothing to remember, when nothing is `held`, it ends
+    with `EVENT_END` and holds no `USAGE_KEY`: a relay may check that itself, inline, and then
+    need not feed it (the pushed relay's fast path, `proxy._pusher`).
     """
 
-    __slots__ = ("_pending", "strip_usage", "usage")
+    __slots__ = ("held", "strip_usage", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
-        self._pending = b""
+        self.held = b""  # an unfinished trailing event
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        cut = data.rfind(_EVENT_END)
+        data = self.held + chunk if self.held else chunk
+        cut = data.rfind(EVENT_END)
         if cut < 0:
             if len(data) > MAX_PENDING_EVENT:
-                self._pending = b""
+                self.held = b""
                 return data
-            self._pending = data
+            self.held = data
             return b""
-        cut += len(_EVENT_END)
-        complete, self._pending = data[:cut], data[cut:]
-        if _USAGE_KEY in complete:
+        cut += len(EVENT_END)
+        complete, self.held = data[:cut], data[cut:]
+        if USAGE_KEY in complete:
             complete = self._take_usage(complete)
         return complete
 
     def flush(self) -> bytes:
         """Whatever is still held when the stream ends."""
-        rest, self._pending = self._pending, b""
+        rest, self.held = self.held, b""
         return rest
 
     def _take_usage(self, events: bytes) -> bytes:
         # The usual case: one usage event, the last in the block; found and cut out without
         # splitting every event of the block (at high token rates a block holds dozens).
-        at = events.rfind(_USAGE_KEY)
-        before = events.rfind(_EVENT_END, 0, at)
-        start = 0 if before < 0 else before + len(_EVENT_END)
-        end = events.find(_EVENT_END, at) + len(_EVENT_END)
+        at = events.rfind(USAGE_KEY)
+        before = events.rfind(EVENT_END, 0, at)
+        start = 0 if before < 0 else before + len(EVENT_END)
+        end = events.find(EVENT_END, at) + len(EVENT_END)
         event = events[start:end]
-        if events.find(_USAGE_KEY, 0, start) < 0 and (usage := event_usage(event)) is not None:
+        if events.find(USAGE_KEY, 0, start) < 0 and (usage := event_usage(event)) is not None:
             self.usage = usage
             if self.strip_usage and _NO_CHOICES.search(event):
                 return events[:start] + events[end:]
             return events
         kept: list[bytes] = []
-        for event in events.split(_EVENT_END)[:-1]:
-            usage = event_usage(event) if _USAGE_KEY in event else None
+        for event in events.split(EVENT_END)[:-1]:
+            usage = event_usage(event) if USAGE_KEY in event else None
             if usage is not None:
                 self.usage = usage
                 if self.strip_usage and _NO_CHOICES.search(event):
                     continue
-            kept.append(event + _EVENT_END)
+            kept.append(event + EVENT_END)
         return b"".join(kept)

@@ -60,7 +60,7 @@ async def _pushing(pool: Pool) -> tuple[http1.Response, list[bytes]]:
     """A GET whose body is pushed to a sink that takes everything; what it took."""
     response = await pool.open(b"GET", b"/", [], b"")
     pushed: list[bytes] = []
-    response.push_to(lambda data: pushed.append(data) is None)
+    response.push_to(lambda data, framed: pushed.append(data) is None)
     return response, pushed
 
 
@@ -91,6 +91,99 @@ async def test_pushed_bytes_go_to_the_sink_while_the_reader_waits() -> None:
         pool.close()
 
 
+async def _pushed_reads(writes: list[bytes]) -> tuple[list[tuple[bytes, bytes | None]], bytes, http1.Response]:
+    """A chunked answer whose body is written as `writes`, each its own segment (so each is one read), pushed
+    to a sink that takes everything: what the sink got, (data, framed) per call, and what the reader got."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for data in writes:
+            await step.wait()
+            step.clear()
+            writer.write(data)
+            await writer.drain()
+        return True
+
+    calls: list[tuple[bytes, bytes | None]] = []
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
+        reader = asyncio.ensure_future(response.read())
+        for _ in writes:
+            await asyncio.sleep(0.02)
+            step.set()
+        read = await asyncio.wait_for(reader, 5)
+        response.release()
+        pool.close()
+    return calls, read, response
+
+
+async def test_a_read_of_whole_chunks_skips_the_parser_and_comes_with_its_framing() -> None:
+    """The pushed fast path: a read of one or several whole chunks goes to the sink as it came (its framing, for a
+    relay that frames its client's response the same way) with its data; the parser still ends the body."""
+    writes = [b"1\r\na\r\n", b"6\r\nevent\n\r\n", b"2\r\nbc\r\n3\r\ndef\r\n", b"A\r\n0123456789\r\n", b"0\r\n\r\n"]
+    calls, read, response = await _pushed_reads(writes)
+    # The first chunk is parsed (the parser is not known to stand between chunks until it ended one).
+    assert calls == [
+        (b"a", None),
+        (b"event\n", writes[1]),
+        (b"bcdef", writes[2]),
+        (b"0123456789", writes[3]),
+    ]
+    assert read == b"" and response.complete
+
+
+async def test_whatever_is_not_whole_chunks_goes_to_the_parser_and_the_body_stays_exact() -> None:
+    """Part of a chunk, a chunk with extensions or a size that is not plain hex, whole chunks followed by part
+    of one, the last chunk with the bytes before it: parsed, and nothing lost, doubled or reframed."""
+    writes = [
+        b"1\r\na\r\n",
+        b"5\r\nhel",  # part of a chunk
+        b"lo\r\n",
+        b"3;ext=1\r\nxyz\r\n",  # an extension
+        b"2\r\nkl\r\n1\r\n",  # a whole chunk, then part of the next
+        b"m\r\n",
+        b"3\r\nnop\r\n0\r\n\r\n",  # the last read: a chunk and the end
+    ]
+    calls, read, response = await _pushed_reads(writes)
+    assert all(framed is None for _, framed in calls), calls
+    assert b"".join(data for data, _ in calls) + read == b"ahelloxyzklmnop"
+    assert response.complete
+
+
+@pytest.mark.parametrize(
+    "bad", [b"3\r\nxyzXY", b"+2\r\nqq\r\n", b" 2\r\nqq\r\n", b"0x2\r\nqq\r\n", b"1_0\r\n" + b"q" * 16 + b"\r\n"]
+)
+async def test_what_only_looks_like_a_chunk_is_refused_by_the_parser(bad: bytes) -> None:
+    """A read that looks like a chunk but is not one (data not followed by CRLF, a size `int()` would take but
+    HTTP does not: a sign, a space, 0x, an underscore) is not taken as one: the parser sees it and fails the
+    response, as it would have."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
+        await step.wait()
+        writer.write(bad)
+        await writer.drain()
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        calls: list[tuple[bytes, bytes | None]] = []
+        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
+        reader = asyncio.ensure_future(response.read())
+        await asyncio.sleep(0.02)
+        step.set()
+        with pytest.raises(http1.RemoteProtocolError):
+            await asyncio.wait_for(reader, 5)
+        assert all(framed is None for _, framed in calls)
+        response.close()
+        pool.close()
+
+
 async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_them() -> None:
     """A refused chunk (say the client's buffer is full) is buffered and wakes the reader; chunks behind it
     queue after it, and nothing is pushed while the reader is away (it may hold bytes), so order holds."""
@@ -115,7 +208,7 @@ async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_th
         accept = True
         pushed: list[bytes] = []
 
-        def sink(data: bytes) -> bool:
+        def sink(data: bytes, framed: bytes | None) -> bool:
             if accept:
                 pushed.append(data)
             return accept

@@ -340,13 +340,18 @@ async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatc
     """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
     and pushing resumes after: nothing lost, nothing reordered, across the switches."""
     answers: list[bool] = []
-    writable = server.ChunkWriter.writable
+    writable, write_framed = server.ChunkWriter.writable, server.ChunkWriter.write_framed
 
     def recorded(self: server.ChunkWriter) -> bool:
         answers.append(writable(self))
         return answers[-1]
 
+    def recorded_framed(self: server.ChunkWriter, chunk: bytes) -> bool:  # the fast path: its own check
+        answers.append(write_framed(self, chunk))
+        return answers[-1]
+
     monkeypatch.setattr(server.ChunkWriter, "writable", recorded)
+    monkeypatch.setattr(server.ChunkWriter, "write_framed", recorded_framed)
     events = numbered_events(6000, size=1000)  # ~6 MB: more than the kernel buffers between us hold
     upstream = await asyncio.start_server(sse_upstream(events), "127.0.0.1", 0)
     async with real_server(upstream.sockets[0].getsockname()[1]) as port:
@@ -397,10 +402,17 @@ class Watched:
         self.backends: list[Backend] = []
         self._exchanges: asyncio.Queue[Exchange] = asyncio.Queue()
         write, writable, acquire = server.ChunkWriter.write, server.ChunkWriter.writable, Router.acquire
+        write_framed = server.ChunkWriter.write_framed
 
         def counted_write(writer: server.ChunkWriter, data: bytes) -> None:
             self.pushed += 1
             write(writer, data)
+
+        def counted_write_framed(writer: server.ChunkWriter, chunk: bytes) -> bool:
+            written = write_framed(writer, chunk)
+            self.pushed += written
+            self.refused += not written
+            return written
 
         def counted_writable(writer: server.ChunkWriter) -> bool:
             answer = writable(writer)
@@ -414,6 +426,7 @@ class Watched:
             return backend
 
         monkeypatch.setattr(server.ChunkWriter, "write", counted_write)
+        monkeypatch.setattr(server.ChunkWriter, "write_framed", counted_write_framed)
         monkeypatch.setattr(server.ChunkWriter, "writable", counted_writable)
         monkeypatch.setattr(Router, "acquire", recorded_acquire)
 

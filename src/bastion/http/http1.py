@@ -30,6 +30,10 @@ import httptools
 
 # Above this many unread bytes the connection stops reading until the consumer catches up.
 _HIGH_WATER = 256 * 1024
+# What a chunk's size line may hold on a pushed stream's fast path: hex digits, no extensions, no more than
+# seven (anything else goes to the parser). `bytes.strip` of these leaving nothing is the check (half a regex's cost).
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_MOST_HEX = 7
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -137,7 +141,7 @@ class Response:
         # One lazily re-armed timer per response, not one per wait: a stream waits once per chunk.
         self._timer: asyncio.TimerHandle | None = None
         self._quiet_since = 0.0  # loop time the current wait began, or the last byte pushed to the sink arrived
-        self._sink: Callable[[bytes], bool] | None = None
+        self._sink: Callable[[bytes, bytes | None], bool] | None = None
         # Body bytes of the current `data_received` bound for the sink: handed over once the whole read is
         # parsed, so a read holding several chunks is one sink call (one write to the client), not one each.
         self._pushing: list[bytes] = []
@@ -162,7 +166,7 @@ class Response:
                 return b""
             await self._wait()
 
-    def push_to(self, sink: Callable[[bytes], bool]) -> None:
+    def push_to(self, sink: Callable[[bytes, bytes | None], bool]) -> None:
         """From now on, hand body bytes to `sink` as they arrive, while the reader waits with nothing unread.
 
         Relaying a stream through `read_some` costs a task wake-up per chunk. With a sink, bytes that
@@ -173,6 +177,10 @@ class Response:
         while the reader holds some (it is not parked then). The sink gets one call per read from the
         upstream, whatever number of chunks it held; the bytes of a read that also ends the response are
         not pushed but left to the reader, so they leave with the end of the response in one write.
+
+        The sink is called as `sink(data, framed)`: `framed` is None, except for a chunked body's read of
+        whole chunks (none the last), which skips the parser and comes as it arrived too (size lines and
+        CRLFs included): a relay whose client gets the same chunked framing can write it as it is.
         """
         self._sink = sink
 
@@ -252,7 +260,7 @@ class Response:
         data = pushing[0] if len(pushing) == 1 else b"".join(pushing)
         pushing.clear()
         sink = self._sink
-        if self._complete or self._error is not None or sink is None or not sink(data):
+        if self._complete or self._error is not None or sink is None or not sink(data, None):
             self._queue(data)
             return
         self._quiet_since = self._connection.loop.time()  # bytes arrived: the read timeout starts again
@@ -297,6 +305,8 @@ class Connection(asyncio.Protocol):
         self._head_only = False  # the request was HEAD: no body follows, whatever the head announces
         self._renew_parser = False
         self._drained: asyncio.Future[None] | None = None
+        # The parser stands between two chunks of a chunked body: a read of whole chunks may bypass it.
+        self._between_chunks = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -307,6 +317,28 @@ class Connection(asyncio.Protocol):
         if response is None:  # nothing was asked: a confused upstream; do not reuse the connection
             self._abort()
             return
+        sink = response._sink
+        if sink is not None and self._between_chunks:
+            # A pushed chunked body's fast path (inline: it runs for every token of a stream): a read of whole
+            # chunks, while the reader is parked with nothing unread, goes to the sink with its framing, the
+            # parser skipped (it stays between chunks, where it would be after parsing them). Anything else (part
+            # of a chunk, the last chunk) is parsed.
+            line = data.find(b"\r\n", 0, _MOST_HEX + 2)
+            waiter = response._waiter
+            if line > 0 and waiter is not None and not waiter.done() and not response._chunks:
+                size = data[:line]
+                start = line + 2
+                end = start + int(size, 16) if not size.strip(_HEX_DIGITS) else start
+                if start < end and end + 2 == len(data) and data.endswith(b"\r\n"):  # one chunk, not the last
+                    body: bytes | None = data[start:end]
+                else:
+                    body = _whole_chunks(data, start, end)
+                if body is not None:
+                    if sink(body, data):
+                        response._quiet_since = self.loop.time()  # bytes arrived: the read timeout starts again
+                    else:
+                        response._queue(body)  # refused (the client is full): the reader gets it
+                    return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # a 101: `on_headers_complete` failed the response
@@ -353,6 +385,7 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._between_chunks = False
         response = self.response
         if response is not None and response._complete:  # a second answer to one request: never reuse this
             self._abort()
@@ -392,7 +425,14 @@ class Connection(asyncio.Protocol):
             else:
                 response._feed(body)
 
+    def on_chunk_header(self) -> None:
+        self._between_chunks = False
+
+    def on_chunk_complete(self) -> None:
+        self._between_chunks = True  # after a chunk's closing CRLF (the last chunk's: after its trailers)
+
     def on_message_complete(self) -> None:
+        self._between_chunks = False
         if self.response is not None and not self._informational and not self._head_only:
             self.response._done()
 
@@ -473,6 +513,24 @@ class Connection(asyncio.Protocol):
             else:
                 transport.close()
         self.pool.retire(self)
+
+
+def _whole_chunks(data: bytes, start: int, end: int) -> bytes | None:
+    """The data of `data`'s chunks if it is nothing but whole chunks, none the last (the first's data at
+    `start:end`, empty if its size line was not plain hex); None otherwise."""
+    parts = []
+    while True:
+        if start == end or end + 2 > len(data) or data[end : end + 2] != b"\r\n":
+            return None
+        parts.append(data[start:end])
+        if end + 2 == len(data):
+            return b"".join(parts)
+        line = data.find(b"\r\n", end + 2, end + 3 + _MOST_HEX)
+        size = data[end + 2 : line]
+        if line < 0 or not size or size.strip(_HEX_DIGITS):
+            return None
+        start = line + 2
+        end = start + int(size, 16)
 
 
 def _ends_at_close(headers: Headers) -> bool:
