@@ -331,6 +331,8 @@ class Connection(asyncio.Protocol):
                 end = start + int(size, 16) if not size.strip(_HEX_DIGITS) else start
                 if start < end and end + 2 == len(data) and data.endswith(b"\r\n"):  # one chunk, not the last
                     body: bytes | None = data[start:end]
+                elif data.endswith(b"\r\n0\r\n\r\n"):  # a stream's tail: its last events with the end
+                    body = None
                 else:
                     body = _whole_chunks(data, start, end)
                 if body is not None:
