@@ -153,6 +153,19 @@ async def test_whatever_is_not_whole_chunks_goes_to_the_parser_and_the_body_stay
     assert response.complete
 
 
+async def test_a_size_line_split_across_reads_is_parsed_not_taken_for_whole_chunks() -> None:
+    """A read that ends a chunk and starts the next one's size line leaves the parser inside that line, not
+    between chunks: the next read may look like whole chunks on its own (here `5`, then `b`) while it is the
+    rest of the size (`15`) and that chunk's 0x15 bytes. It is parsed: the body is the upstream's, and the
+    parser, not left behind, ends the response."""
+    data = b"abcde\r\nb\r\n0123456789X"  # 21 bytes that also read as a 5-byte chunk and an 11-byte one
+    writes = [b"1\r\na\r\n", b"2\r\nbc\r\n1", b"5\r\n" + data + b"\r\n", b"0\r\n\r\n"]
+    calls, read, response = await _pushed_reads(writes)
+    assert b"".join(body for body, _ in calls) + read == b"abc" + data
+    assert all(framed is None for _, framed in calls), calls
+    assert response.complete
+
+
 @pytest.mark.parametrize(
     "bad", [b"3\r\nxyzXY", b"+2\r\nqq\r\n", b" 2\r\nqq\r\n", b"0x2\r\nqq\r\n", b"1_0\r\n" + b"q" * 16 + b"\r\n"]
 )

@@ -351,6 +351,10 @@ class Connection(asyncio.Protocol):
         else:
             if response._pushing:
                 response._push()
+        if self._between_chunks and data[-1] != 0x0A:
+            # Bytes after the chunk that ended (the start of the next size line: they end a read with no LF,
+            # which would have finished the line): the parser is inside that line, not between chunks.
+            self._between_chunks = False
         if self._renew_parser:  # a HEAD response ended with its head; this parser would wait for the body
             self._renew_parser = False
             self._parser = httptools.HttpResponseParser(self)
