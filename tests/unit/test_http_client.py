@@ -166,6 +166,22 @@ async def test_a_size_line_split_across_reads_is_parsed_not_taken_for_whole_chun
     assert response.complete
 
 
+async def test_seven_hex_digits_are_whole_chunks_anywhere_in_a_read_and_eight_are_parsed() -> None:
+    """The fast path takes size lines of up to seven hex digits (zero-padded sizes are plain HTTP) for the
+    first chunk of a read and for those after it alike; eight go to the parser; the body is the same."""
+    seven, eight = b"000000A\r\n0123456789\r\n", b"0000000A\r\n0123456789\r\n"
+    writes = [b"1\r\na\r\n", seven, b"1\r\nb\r\n" + seven, eight, b"1\r\nc\r\n" + eight, b"0\r\n\r\n"]
+    calls, read, response = await _pushed_reads(writes)
+    assert calls == [
+        (b"a", None),
+        (b"0123456789", writes[1]),
+        (b"b0123456789", writes[2]),
+        (b"0123456789", None),
+        (b"c0123456789", None),
+    ]
+    assert read == b"" and response.complete
+
+
 @pytest.mark.parametrize(
     "bad", [b"3\r\nxyzXY", b"+2\r\nqq\r\n", b" 2\r\nqq\r\n", b"0x2\r\nqq\r\n", b"1_0\r\n" + b"q" * 16 + b"\r\n"]
 )

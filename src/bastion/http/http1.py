@@ -529,7 +529,7 @@ def _whole_chunks(data: bytes, start: int, end: int) -> bytes | None:
         parts.append(data[start:end])
         if end + 2 == len(data):
             return b"".join(parts)
-        line = data.find(b"\r\n", end + 2, end + 3 + _MOST_HEX)
+        line = data.find(b"\r\n", end + 2, end + 4 + _MOST_HEX)  # up to seven digits, then CRLF
         size = data[end + 2 : line]
         if line < 0 or not size or size.strip(_HEX_DIGITS):
             return None
