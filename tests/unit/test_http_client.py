@@ -166,6 +166,45 @@ async def test_a_size_line_split_across_reads_is_parsed_not_taken_for_whole_chun
     assert response.complete
 
 
+async def test_a_connection_whose_chunks_skipped_the_parser_is_reused_cleanly() -> None:
+    """After reads that bypassed the parser, it ends the response (trailers included) and the connection, given
+    back, carries the next responses exactly: a chunked one read without a sink, then a content-length one."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if number == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for data in (b"1\r\na\r\n", b"2\r\nbc\r\n", b"3\r\ndef\r\n1\r\ng\r\n", b"0\r\nx-t: 1\r\n\r\n"):
+                await step.wait()
+                step.clear()
+                writer.write(data)
+                await writer.drain()
+        elif number == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nthere")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        calls: list[tuple[bytes, bytes | None]] = []
+        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
+        reader = asyncio.ensure_future(response.read())
+        for _ in range(4):
+            await asyncio.sleep(0.02)
+            step.set()
+        assert await asyncio.wait_for(reader, 5) == b"" and response.trailers == [(b"x-t", b"1")]
+        assert [framed is not None for _, framed in calls] == [False, True, True], calls
+        response.release()
+        for body in (b"hi", b"there"):
+            again = await pool.open(b"GET", b"/", [], b"")
+            assert await again.read() == body
+            again.release()
+        assert server.connections == 1
+        pool.close()
+
+
 async def test_seven_hex_digits_are_whole_chunks_anywhere_in_a_read_and_eight_are_parsed() -> None:
     """The fast path takes size lines of up to seven hex digits (zero-padded sizes are plain HTTP) for the
     first chunk of a read and for those after it alike; eight go to the parser; the body is the same."""
