@@ -153,6 +153,74 @@ async def test_whatever_is_not_whole_chunks_goes_to_the_parser_and_the_body_stay
     assert response.complete
 
 
+async def test_a_size_line_split_across_reads_is_parsed_not_taken_for_whole_chunks() -> None:
+    """A read that ends a chunk and starts the next one's size line leaves the parser inside that line, not
+    between chunks: the next read may look like whole chunks on its own (here `5`, then `b`) while it is the
+    rest of the size (`15`) and that chunk's 0x15 bytes. It is parsed: the body is the upstream's, and the
+    parser, not left behind, ends the response."""
+    data = b"abcde\r\nb\r\n0123456789X"  # 21 bytes that also read as a 5-byte chunk and an 11-byte one
+    writes = [b"1\r\na\r\n", b"2\r\nbc\r\n1", b"5\r\n" + data + b"\r\n", b"0\r\n\r\n"]
+    calls, read, response = await _pushed_reads(writes)
+    assert b"".join(body for body, _ in calls) + read == b"abc" + data
+    assert all(framed is None for _, framed in calls), calls
+    assert response.complete
+
+
+async def test_a_connection_whose_chunks_skipped_the_parser_is_reused_cleanly() -> None:
+    """After reads that bypassed the parser, it ends the response (trailers included) and the connection, given
+    back, carries the next responses exactly: a chunked one read without a sink, then a content-length one."""
+    step = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if number == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for data in (b"1\r\na\r\n", b"2\r\nbc\r\n", b"3\r\ndef\r\n1\r\ng\r\n", b"0\r\nx-t: 1\r\n\r\n"):
+                await step.wait()
+                step.clear()
+                writer.write(data)
+                await writer.drain()
+        elif number == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nthere")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool()
+        response = await pool.open(b"GET", b"/", [], b"")
+        calls: list[tuple[bytes, bytes | None]] = []
+        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
+        reader = asyncio.ensure_future(response.read())
+        for _ in range(4):
+            await asyncio.sleep(0.02)
+            step.set()
+        assert await asyncio.wait_for(reader, 5) == b"" and response.trailers == [(b"x-t", b"1")]
+        assert [framed is not None for _, framed in calls] == [False, True, True], calls
+        response.release()
+        for body in (b"hi", b"there"):
+            again = await pool.open(b"GET", b"/", [], b"")
+            assert await again.read() == body
+            again.release()
+        assert server.connections == 1
+        pool.close()
+
+
+async def test_seven_hex_digits_are_whole_chunks_anywhere_in_a_read_and_eight_are_parsed() -> None:
+    """The fast path takes size lines of up to seven hex digits (zero-padded sizes are plain HTTP) for the
+    first chunk of a read and for those after it alike; eight go to the parser; the body is the same."""
+    seven, eight = b"000000A\r\n0123456789\r\n", b"0000000A\r\n0123456789\r\n"
+    writes = [b"1\r\na\r\n", seven, b"1\r\nb\r\n" + seven, eight, b"1\r\nc\r\n" + eight, b"0\r\n\r\n"]
+    calls, read, response = await _pushed_reads(writes)
+    assert calls == [
+        (b"a", None),
+        (b"0123456789", writes[1]),
+        (b"b0123456789", writes[2]),
+        (b"0123456789", None),
+        (b"c0123456789", None),
+    ]
+    assert read == b"" and response.complete
+
+
 @pytest.mark.parametrize(
     "bad", [b"3\r\nxyzXY", b"+2\r\nqq\r\n", b" 2\r\nqq\r\n", b"0x2\r\nqq\r\n", b"1_0\r\n" + b"q" * 16 + b"\r\n"]
 )

@@ -336,6 +336,27 @@ async def test_a_streams_tail_and_its_end_leave_in_one_write(monkeypatch: pytest
     assert stream[-1] == b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail), stream  # the tail and the end: one write
 
 
+async def test_a_size_line_split_across_reads_reaches_the_client_as_the_upstream_sent_it() -> None:
+    """An upstream read that ends with the first digit of the next chunk's size (`1` of `15`), then one that
+    holds the rest and the chunk's 0x15 bytes, which on their own also read as two whole chunks (5 bytes, 11
+    bytes): the client gets the upstream's 0x15 bytes, not the 16 the fast path would take, and the end."""
+    event = b"data: {}\n\n"
+    inner = b"x: 1\n\r\nb\r\ndata: {1}\n\n"  # 0x15 bytes; as chunks, 5 (b"x: 1\n") then 0xb (b"data: {1}\n\n")
+    assert len(inner) == 0x15
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(content_length(head))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        framed = b"%x\r\n%s\r\n" % (len(event), event)
+        for chunk in (framed, framed + b"1", b"5\r\n" + inner + b"\r\n", framed, b"0\r\n\r\n"):
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.03)
+
+    assert await _relayed(answer) == event * 2 + inner + event
+
+
 async def test_a_client_that_cannot_keep_up_gets_every_event_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """While the client's buffer is full the hook refuses to write, the proxy falls back to send (which waits),
     and pushing resumes after: nothing lost, nothing reordered, across the switches."""

@@ -353,6 +353,10 @@ class Connection(asyncio.Protocol):
         else:
             if response._pushing:
                 response._push()
+        if self._between_chunks and data[-1] != 0x0A:
+            # Bytes after the chunk that ended (the start of the next size line: they end a read with no LF,
+            # which would have finished the line): the parser is inside that line, not between chunks.
+            self._between_chunks = False
         if self._renew_parser:  # a HEAD response ended with its head; this parser would wait for the body
             self._renew_parser = False
             self._parser = httptools.HttpResponseParser(self)
@@ -527,7 +531,7 @@ def _whole_chunks(data: bytes, start: int, end: int) -> bytes | None:
         parts.append(data[start:end])
         if end + 2 == len(data):
             return b"".join(parts)
-        line = data.find(b"\r\n", end + 2, end + 3 + _MOST_HEX)
+        line = data.find(b"\r\n", end + 2, end + 4 + _MOST_HEX)  # up to seven digits, then CRLF
         size = data[end + 2 : line]
         if line < 0 or not size or size.strip(_HEX_DIGITS):
             return None
