@@ -303,7 +303,7 @@ class Proxy:
                 ended = response.complete
                 if tap is not None:
                     chunk = tap.feed(chunk) + (tap.flush() if ended else b"")
-                    exchange.events += chunk.count(b"\n\n")
+                    exchange.events += chunk.count(tap.event_end)
                 elif reader is not None:
                     reader.feed(chunk, last=ended)
                 if ended:
@@ -399,16 +399,17 @@ def _pusher(tap: StreamTap, exchange: Exchange, writer: BodyWriter) -> Callable[
         if framed is not None and not tap.held and data.endswith(EVENT_END) and USAGE_KEY not in data:
             if not write_framed(framed):
                 return False
-            out = data
+            events = data.count(b"\n\n")
         else:
             if not writable():
                 return False
             out = tap.feed(data)
             if out:
                 write(out)
+            events = out.count(tap.event_end)  # a CRLF stream comes this way: its chunks end with b"\r\n"
         if exchange.first_byte is None:
             exchange.first_byte = time.perf_counter()
-        exchange.events += out.count(b"\n\n")
+        exchange.events += events
         return True
 
     return push

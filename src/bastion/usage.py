@@ -28,7 +28,8 @@ from .jsonscan import Depth
 
 USAGE_KEY = b'"usage":'
 _KEY_TAIL = len(USAGE_KEY) - 1  # bytes at a chunk's end that may start a key the next chunk completes
-EVENT_END = b"\n\n"
+EVENT_END = b"\n\n"  # what ends an event in an LF stream (vLLM, most servers)
+CRLF_EVENT_END = b"\r\n\r\n"  # ... in a CRLF stream (SSE allows it; some external upstreams send it)
 # The events that end a Responses stream with its usage: vLLM always ends with `completed`; OpenAI's API (an
 # external upstream) ends a response cut at `max_output_tokens` with `incomplete`, a failed one with `failed`.
 _RESPONSE_END = re.compile(rb'"type":\s*"response\.(?:completed|incomplete|failed)"')
@@ -182,31 +183,48 @@ class StreamTap:
     event is removed only when `strip_usage` is set, i.e. when the gateway asked
     for usage on the client's behalf.
 
+    Line endings (SSE allows CRLF, LF or CR): an event ends with `EVENT_END` (LF) unless bytes fed
+    with no LF event end hold a `CRLF_EVENT_END`: `event_end` is then CRLF for the rest of the
+    stream (a CRLF stream never holds b"\n\n"). Once a held event has ended with LF the check
+    stops, so an LF stream pays it once (one `rfind`), and a whole LF event never. A stream that mixes the two, or
+    ends lines with a lone CR, is not split into events: it is held up to `MAX_PENDING_EVENT`, then
+    passed on unread (charged an estimate).
+
     A chunk passes whole and unchanged, with nothing to remember, when nothing is `held`, it ends
     with `EVENT_END` and holds no `USAGE_KEY`: a relay may check that itself, inline, and then
-    need not feed it (the pushed relay's fast path, `proxy._pusher`).
+    need not feed it (the pushed relay's fast path, `proxy._pusher`). Events in what `feed`
+    returns are counted with `event_end`.
     """
 
-    __slots__ = ("held", "strip_usage", "usage")
+    __slots__ = ("_unsure", "event_end", "held", "strip_usage", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
         self.held = b""  # an unfinished trailing event
+        self.event_end = EVENT_END
+        self._unsure = True  # until an event has ended: the stream may end lines with CRLF
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self.held + chunk if self.held else chunk
-        cut = data.rfind(EVENT_END)
+        held = self.held
+        data = held + chunk if held else chunk
+        end = self.event_end
+        cut = data.rfind(end)
         if cut < 0:
-            if len(data) > MAX_PENDING_EVENT:
+            if self._unsure and (crlf := data.rfind(CRLF_EVENT_END)) >= 0:  # the first event of a CRLF stream
+                self.event_end, self._unsure, end, cut = CRLF_EVENT_END, False, CRLF_EVENT_END, crlf
+            elif len(data) > MAX_PENDING_EVENT:
                 self.held = b""
                 return data
-            self.held = data
-            return b""
-        cut += len(EVENT_END)
+            else:
+                self.held = data
+                return b""
+        elif held:  # an event held back ended here: the stream is as `event_end` says (not checked again)
+            self._unsure = False
+        cut += len(end)
         complete, self.held = data[:cut], data[cut:]
         if USAGE_KEY in complete:
-            complete = self._take_usage(complete)
+            complete = self._take_usage(complete, end)
         return complete
 
     def flush(self) -> bytes:
@@ -214,13 +232,13 @@ class StreamTap:
         rest, self.held = self.held, b""
         return rest
 
-    def _take_usage(self, events: bytes) -> bytes:
+    def _take_usage(self, events: bytes, end_mark: bytes) -> bytes:
         # The usual case: one usage event, the last in the block; found and cut out without
         # splitting every event of the block (at high token rates a block holds dozens).
         at = events.rfind(USAGE_KEY)
-        before = events.rfind(EVENT_END, 0, at)
-        start = 0 if before < 0 else before + len(EVENT_END)
-        end = events.find(EVENT_END, at) + len(EVENT_END)
+        before = events.rfind(end_mark, 0, at)
+        start = 0 if before < 0 else before + len(end_mark)
+        end = events.find(end_mark, at) + len(end_mark)
         event = events[start:end]
         if events.find(USAGE_KEY, 0, start) < 0 and (usage := event_usage(event)) is not None:
             self.usage = usage
@@ -228,11 +246,11 @@ class StreamTap:
                 return events[:start] + events[end:]
             return events
         kept: list[bytes] = []
-        for event in events.split(EVENT_END)[:-1]:
+        for event in events.split(end_mark)[:-1]:
             usage = event_usage(event) if USAGE_KEY in event else None
             if usage is not None:
                 self.usage = usage
                 if self.strip_usage and _NO_CHOICES.search(event):
                     continue
-            kept.append(event + EVENT_END)
+            kept.append(event + end_mark)
         return b"".join(kept)

@@ -146,3 +146,67 @@ def test_tap_cuts_usage_out_of_a_block_of_many_events(strip: bool) -> None:
     kept = continuous + TOKEN_EVENT + b'data: {"choices":[],"usage":null}\n\n'
     assert second.feed(mixed) == (kept if strip else mixed)
     assert second.usage == Usage(2, 3)
+
+
+def crlf(stream: bytes) -> bytes:
+    return stream.replace(b"\n", b"\r\n")
+
+
+RESPONSES_STREAM = (
+    b'event: response.created\ndata: {"response":{"id":"r","usage":null},"type":"response.created"}\n\n'
+    b'event: response.output_text.delta\ndata: {"delta":"hi","type":"response.output_text.delta"}\n\n'
+    b'event: response.completed\ndata: {"response":{"id":"r","usage":{"input_tokens":11,"output_tokens":4,'
+    b'"total_tokens":15}},"type":"response.completed"}\n\n'
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 12), max_size=10), strip=st.booleans())
+def test_a_crlf_stream_split_anywhere_is_streamed_read_and_stripped_like_lf(cuts: list[int], strip: bool) -> None:
+    """Events ended with CRLF (SSE allows it; an external upstream may send it), fed in pieces cut anywhere,
+    between \\r and \\n included: each event leaves as soon as it is whole, the usage is read, the usage-only
+    event is removed when the gateway asked for it, and the events are counted with the tap's `event_end`."""
+    events = [crlf(TOKEN_EVENT), crlf(TOKEN_EVENT.replace(b"hi", b"yo")), crlf(USAGE_EVENT), crlf(DONE)]
+    stream = b"".join(events)
+    points = sorted({c % len(stream) for c in cuts} | {stream.index(b"\r\n\r\n") + 1})  # one cut inside \r\n
+    tap = StreamTap(strip_usage=strip)
+    out = b""
+    for start, end in zip([0, *points], [*points, len(stream)], strict=True):
+        out += tap.feed(stream[start:end])
+        whole = sum(1 for e in range(len(events)) if len(b"".join(events[: e + 1])) <= end)
+        expected = b"".join(e for e in events[:whole] if not (strip and e == events[2]))
+        assert out == expected, "every whole event leaves at once, none is held back"
+    assert out + tap.flush() == (stream.replace(events[2], b"") if strip else stream)
+    assert tap.usage == Usage(2, 3)
+    assert tap.event_end == b"\r\n\r\n"
+    assert out.count(tap.event_end) == (3 if strip else 4)
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_a_crlf_block_of_many_events_and_a_responses_stream(strip: bool) -> None:
+    block = crlf(TOKEN_EVENT * 40 + USAGE_EVENT + DONE)
+    tap = StreamTap(strip_usage=strip)
+    assert tap.feed(block) == (crlf(TOKEN_EVENT * 40 + DONE) if strip else block)
+    assert tap.usage == Usage(2, 3)
+
+    continuous = crlf(b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n')
+    mixed = continuous + crlf(USAGE_EVENT + TOKEN_EVENT)
+    other = StreamTap(strip_usage=strip)
+    assert other.feed(mixed) == (continuous + crlf(TOKEN_EVENT) if strip else mixed)
+    assert other.usage == Usage(2, 3)
+
+    responses = StreamTap(strip_usage=strip)
+    stream = crlf(RESPONSES_STREAM)
+    out = b"".join(responses.feed(stream[i : i + 50]) for i in range(0, len(stream), 50))
+    assert out == stream and responses.flush() == b""  # response.completed is never hidden
+    assert responses.usage == Usage(11, 4)
+
+
+def test_an_lf_stream_stays_lf_and_checks_for_crlf_only_until_a_held_event_ends() -> None:
+    tap = StreamTap(strip_usage=False)
+    assert tap.feed(TOKEN_EVENT[:30]) == b""
+    assert tap.feed(TOKEN_EVENT[30:] + DONE) == TOKEN_EVENT + DONE
+    assert tap.event_end == b"\n\n" and not tap._unsure
+    # A stream that mixes both after it was found LF is not split at CRLF: held, then passed on unread.
+    assert tap.feed(crlf(USAGE_EVENT)) == b""
+    assert tap.flush() == crlf(USAGE_EVENT) and tap.usage is None
