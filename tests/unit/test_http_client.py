@@ -10,6 +10,7 @@ import asyncio
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -91,10 +92,8 @@ async def test_pushed_bytes_go_to_the_sink_while_the_reader_waits() -> None:
         pool.close()
 
 
-async def _pushed_reads(writes: list[bytes]) -> tuple[list[tuple[bytes, bytes | None]], bytes, http1.Response]:
-    """A chunked answer whose body is written as `writes`, each its own segment (so each is one read), pushed
-    to a sink that takes everything: what the sink got, (data, framed) per call, and what the reader got."""
-    step = asyncio.Event()
+def _stepped_chunks(writes: tuple[bytes, ...] | list[bytes], step: asyncio.Event) -> Any:
+    """An answer: a chunked response's head, then each of `writes` as its own segment, one each time `step` is set."""
 
     async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
@@ -105,12 +104,25 @@ async def _pushed_reads(writes: list[bytes]) -> tuple[list[tuple[bytes, bytes | 
             await writer.drain()
         return True
 
+    return answer
+
+
+async def _read_pushed(pool: Pool) -> tuple[http1.Response, list[tuple[bytes, bytes | None]], asyncio.Future[bytes]]:
+    """A GET whose body is pushed to a sink that takes everything, and read to its end meanwhile: the response,
+    what the sink got ((data, framed) per call) and the reader."""
+    response = await pool.open(b"GET", b"/", [], b"")
     calls: list[tuple[bytes, bytes | None]] = []
-    async with KeepAliveServer(answer) as server:
+    response.push_to(lambda data, framed: calls.append((data, framed)) is None)
+    return response, calls, asyncio.ensure_future(response.read())
+
+
+async def _pushed_reads(writes: list[bytes]) -> tuple[list[tuple[bytes, bytes | None]], bytes, http1.Response]:
+    """A chunked answer whose body is written as `writes`, each its own segment (so each is one read), pushed
+    to a sink that takes everything: what the sink got, (data, framed) per call, and what the reader got."""
+    step = asyncio.Event()
+    async with KeepAliveServer(_stepped_chunks(writes, step)) as server:
         pool = server.pool()
-        response = await pool.open(b"GET", b"/", [], b"")
-        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
-        reader = asyncio.ensure_future(response.read())
+        response, calls, reader = await _read_pushed(pool)
         for _ in writes:
             await asyncio.sleep(0.02)
             step.set()
@@ -187,10 +199,7 @@ async def test_a_connection_whose_chunks_skipped_the_parser_is_reused_cleanly() 
 
     async with KeepAliveServer(answer) as server:
         pool = server.pool()
-        response = await pool.open(b"GET", b"/", [], b"")
-        calls: list[tuple[bytes, bytes | None]] = []
-        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
-        reader = asyncio.ensure_future(response.read())
+        response, calls, reader = await _read_pushed(pool)
         for _ in range(4):
             await asyncio.sleep(0.02)
             step.set()
@@ -239,10 +248,7 @@ async def test_what_only_looks_like_a_chunk_is_refused_by_the_parser(bad: bytes)
 
     async with KeepAliveServer(answer) as server:
         pool = server.pool()
-        response = await pool.open(b"GET", b"/", [], b"")
-        calls: list[tuple[bytes, bytes | None]] = []
-        response.push_to(lambda data, framed: calls.append((data, framed)) is None)
-        reader = asyncio.ensure_future(response.read())
+        response, calls, reader = await _read_pushed(pool)
         await asyncio.sleep(0.02)
         step.set()
         with pytest.raises(http1.RemoteProtocolError):
@@ -256,15 +262,8 @@ async def test_bytes_the_sink_refuses_are_read_in_order_and_nothing_overtakes_th
     """A refused chunk (say the client's buffer is full) is buffered and wakes the reader; chunks behind it
     queue after it, and nothing is pushed while the reader is away (it may hold bytes), so order holds."""
     step = asyncio.Event()
-
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for data in (b"1\r\na\r\n", b"1\r\nb\r\n1\r\nc\r\n", b"1\r\nd\r\n", b"1\r\ne\r\n0\r\n\r\n"):
-            await step.wait()
-            step.clear()
-            writer.write(data)  # b and c in one segment: c arrives while b waits unread
-            await writer.drain()
-        return True
+    # b and c in one segment: c arrives while b waits unread
+    answer = _stepped_chunks((b"1\r\na\r\n", b"1\r\nb\r\n1\r\nc\r\n", b"1\r\nd\r\n", b"1\r\ne\r\n0\r\n\r\n"), step)
 
     async def next_write() -> None:
         step.set()
@@ -303,15 +302,9 @@ async def test_a_read_holding_several_chunks_is_one_push() -> None:
     """The sink (one write to the client) is called once per read from the upstream, not once per chunk
     in it; chunk sizes, extensions and a chunk split across two reads change nothing in the bytes."""
     step = asyncio.Event()
-
-    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for data in (b"1\r\na\r\n2;ext=1\r\nbc\r\nA\r\n0123", b"456789\r\n3\r\ndef\r\n", b"0\r\nx-t: 1\r\n\r\n"):
-            await step.wait()
-            step.clear()
-            writer.write(data)
-            await writer.drain()
-        return True
+    answer = _stepped_chunks(
+        (b"1\r\na\r\n2;ext=1\r\nbc\r\nA\r\n0123", b"456789\r\n3\r\ndef\r\n", b"0\r\nx-t: 1\r\n\r\n"), step
+    )
 
     async with KeepAliveServer(answer) as server:
         pool = server.pool()
