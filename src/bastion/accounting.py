@@ -18,8 +18,8 @@ Accounting follows what the engine did, never what the request claims:
 - a retrieval (any GET, a `cancel` of a stored response or batch) is charged nothing, whatever
   usage its body repeats: that generation was charged by the request that made it, and a stored
   response may be fetched any number of times;
-- a request whose client left before it was forwarded (waiting in the fair queue) is charged
-  nothing, background or not: the engine never had it;
+- a request whose client left before it was forwarded (waiting in the fair queue, or for a free
+  upstream connection) is charged nothing, background or not: the engine never had it;
 - anything refused, or failed before the upstream answered, is charged nothing (a request that
   is not background included: the gateway closes the connection, and vLLM then aborts it).
 """

@@ -55,9 +55,10 @@ class Exchange:
     completion_cap: int = 0
     priority: int | None = None
     background: bool = False  # a Responses API `background: true`: it generates after its response ends
-    # Whether the request may have reached the engine: set by the proxy as it hands the request to the upstream,
-    # cleared again by a failure that proves it did not (refused, reset unread, body not taken). A request
-    # answered before (refused, or left in the fair queue) never was: `accounting.charge` charges it nothing.
+    # Whether the request may have reached the engine: set (`sent`) the moment the HTTP client hands it to an
+    # upstream connection, cleared again by a failure that proves it did not (reset unread, body not taken). A
+    # request answered before (refused, left in the fair queue or while waiting for an upstream connection) never
+    # was: `accounting.charge` charges it nothing.
     forwarded: bool = False
     events: int = 0
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
@@ -87,6 +88,10 @@ class Exchange:
 
     def attach(self, scope: Scope) -> None:
         scope[_SCOPE_KEY] = self
+
+    def sent(self) -> None:
+        """The HTTP client handed the request to an upstream connection (`Pool.open`'s `on_sent`)."""
+        self.forwarded = True
 
 
 def exchange_of(scope: Scope) -> Exchange:

@@ -97,8 +97,9 @@ _NOT_RETRIED = (ReadTimeout, WriteTimeout)
 # after the one that died with it is accepted into the dying listener's backlog, then reset.
 _NOT_TAKEN = (ConnectError, ConnectionReset)
 # Failures that prove the engine never had the whole request: no connection (refused, timed out, none free in
-# the pool), reset unread, or a body it did not read in time. Any other (a read timeout waiting for the
-# response head above all) came after the request was written: the engine may be generating it.
+# the pool: then nothing was sent at all), reset unread, or a body it did not read in time. Any other (a read
+# timeout waiting for the response head above all) came after the request was written: the engine may be
+# generating it.
 _NEVER_SENT = (ConnectError, ConnectTimeout, ConnectionReset, WriteTimeout)
 # A server error's head, before any byte went to the client, is tried once on another replica: a 503 from a
 # replica not ready (yet), and the 500 vLLM's API server answers for the second or so between its engine core
@@ -208,9 +209,10 @@ class Proxy:
             sent = headers
             if upstream.api_key:
                 sent = [*headers, (b"authorization", b"Bearer " + upstream.api_key.encode())]
-            exchange.forwarded = True  # until a failure proves the engine never had it (`_NEVER_SENT`)
-            try:
-                response = await self._client.open(scope["method"], upstream.base_url, target, sent, content)
+            try:  # forwarded once the client hands the bytes over, unless a failure proves the engine never had them
+                response = await self._client.open(
+                    scope["method"], upstream.base_url, target, sent, content, on_sent=exchange.sent
+                )
             except HTTPError as exc:
                 if isinstance(exc, _NEVER_SENT):
                     exchange.forwarded = False

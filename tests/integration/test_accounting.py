@@ -366,6 +366,46 @@ def test_a_request_left_in_the_fair_queue_is_charged_nothing_and_releases_its_re
         assert settled(base, who) == 0
 
 
+@pytest.mark.parametrize("background", [True, False])
+def test_a_request_left_waiting_for_an_upstream_connection_is_charged_nothing(
+    upstream: tuple[str, list[Received]], background: bool
+) -> None:
+    """One upstream connection, held by a slow request; the next waits in the gateway's pool for it, and its
+    client leaves: nothing was sent to the engine. It was charged as if the engine had it (its whole reservation
+    when background); now nothing, its reservations given back, and it is never sent once the connection frees."""
+    env = {
+        **ENV,
+        "BASTION_UPSTREAM_MAX_CONNECTIONS": "1",
+        "BASTION_ENFORCE_MAX_TOKENS": "true",
+        "BASTION_RESPONSES_BACKGROUND": "true",
+        "BASTION_BUDGET_DAY": str(TPM),
+    }
+    with gateway("--upstream-url", upstream[0], env=env) as (_, base):
+        holder, who = token(), token()
+        fresh_minute(8)
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
+        held.start()
+        try:
+            time.sleep(0.5)  # the slow request holds the one connection
+            received = generations(upstream)
+            body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
+            with pytest.raises(httpx.ReadTimeout):  # waiting for the connection; the client leaves
+                httpx.post(
+                    base + "/v1/responses",
+                    content=json.dumps(body),
+                    headers=auth(who),
+                    timeout=httpx.Timeout(10, read=0.5),
+                )
+            assert settled(base, who) == 0
+            day = httpx.get(base + "/v1/usage", headers=auth(who), timeout=10).json()["periods"][0]
+            assert (day["used"], day["reserved"]) == (0, 0), day
+        finally:
+            held.join(timeout=15)
+        assert generations(upstream) == received  # never sent, even once the connection came free
+        assert settled(base, who) == 0
+
+
 def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:
     """`previous_response_id` makes the engine read the earlier conversation too, which the request's bytes do
     not show: a background response is charged its reservation, so that reservation would be far too low."""

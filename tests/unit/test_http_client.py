@@ -437,6 +437,38 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
             await pool.open(b"GET", b"/", [], b"")
 
 
+async def test_on_sent_says_when_the_request_was_handed_to_a_connection_and_only_then() -> None:
+    """`on_sent` is called once the request is on a connection: not for a refused connection, nor for a request
+    still waiting for a free one when it is cancelled (the server never saw a byte of either)."""
+    sent: list[str] = []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = sock.getsockname()[1]
+        pool = Pool("127.0.0.1", port, ssl_context=None, timeouts=FAST, max_connections=1, keepalive_expiry=30)
+        with pytest.raises(http1.ConnectError):
+            await pool.open(b"GET", b"/", [], b"", on_sent=lambda: sent.append("refused"))
+    gate = asyncio.Event()
+
+    async def answer(number: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        await gate.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        return True
+
+    async with KeepAliveServer(answer) as server:
+        pool = server.pool(max_connections=1)
+        first = asyncio.ensure_future(pool.open(b"GET", b"/", [], b"", on_sent=lambda: sent.append("first")))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(pool.open(b"GET", b"/", [], b"", on_sent=lambda: sent.append("waiting")))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # its client left while it waited for the one connection
+        gate.set()
+        response = await asyncio.wait_for(first, 5)
+        assert await response.read() == b"ok"
+        response.release()
+        pool.close()
+    assert sent == ["first"] and len(server.requests) == 1
+
+
 async def test_a_reset_before_any_answer_is_connection_reset_an_orderly_close_is_not() -> None:
     """A reset means the request was never read (the proxy answers 503 for its own child); a connection
     closed after the request was read stays a plain `RemoteProtocolError` (502: it may have cost the engine)."""

@@ -17,6 +17,7 @@ This package imports nothing from the rest of bastion: it is an HTTP client.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -74,7 +75,15 @@ class Client:
             )
         return pool
 
-    async def open(self, method: str, base_url: str, target: bytes, headers: Headers, body: bytes) -> Response:
+    async def open(
+        self,
+        method: str,
+        base_url: str,
+        target: bytes,
+        headers: Headers,
+        body: bytes,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Response:
         """Send `method base_url+target` and return once the response head is in (see `Pool.open`)."""
         found = self._bases.get(base_url)
         if found is None:
@@ -84,7 +93,9 @@ class Client:
                 parts.path.rstrip("/").encode("latin-1"),
             )
         pool, prefix = found
-        return await pool.open(method.encode("ascii"), prefix + target if prefix else target, headers, body)
+        return await pool.open(
+            method.encode("ascii"), prefix + target if prefix else target, headers, body, on_sent=on_sent
+        )
 
     async def aclose(self) -> None:
         """Close every connection, busy ones included: requests in flight fail with `PoolClosed`."""

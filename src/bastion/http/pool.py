@@ -20,6 +20,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 from .http1 import (
     ConnectError,
@@ -83,12 +84,15 @@ class Pool:
         headers: Headers,
         body: bytes,
         timeouts: Timeouts | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> Response:
         """Send a request; return once the response head is in.
 
         The request is written once, on one connection: a kept-alive connection found stale
         is dropped before anything is written on it, and a connection that fails after the
-        request went out is not retried.
+        request went out is not retried. `on_sent` is called the moment the request is handed
+        to the connection: before it, a failure or a cancellation (waiting for a connection,
+        connecting) means the server never saw a byte of it.
         """
         timeouts = timeouts or self.timeouts
         head = self._head(method, target, headers, body)
@@ -96,6 +100,8 @@ class Pool:
         if connection.transport is None:
             await self._connect(connection, timeouts)
         response = connection.send(method, head, body, timeouts.read)
+        if on_sent is not None:
+            on_sent()
         try:
             if connection.draining:  # only a large body waits for the kernel to take it
                 await connection.drain(timeouts.write)
