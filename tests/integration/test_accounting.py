@@ -332,6 +332,31 @@ def fair_gateway(upstream: str) -> Any:
     return gateway("--upstream-url", upstream, env=env)
 
 
+def left_behind_a_slow_one(base: str, upstream: tuple[str, list[Received]], body: dict[str, Any]) -> None:
+    """A slow request (2.5 s) takes what there is one of (an engine slot, an upstream connection); `body`, sent
+    to /v1/responses behind it, waits, and its client leaves after 0.5 s: charged nothing, its tokens/min and
+    day-budget reservations given back, and never sent to the engine, even once the slow one is done."""
+    holder, who = token(), token()
+    fresh_minute(8)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
+    held.start()
+    try:
+        time.sleep(0.5)  # the slow request holds it
+        received = generations(upstream)
+        with pytest.raises(httpx.ReadTimeout):  # the client leaves
+            httpx.post(
+                base + "/v1/responses", content=json.dumps(body), headers=auth(who), timeout=httpx.Timeout(10, read=0.5)
+            )
+        assert settled(base, who) == 0
+        day = httpx.get(base + "/v1/usage", headers=auth(who), timeout=10).json()["periods"][0]
+        assert (day["used"], day["reserved"]) == (0, 0), day
+    finally:
+        held.join(timeout=15)
+    assert generations(upstream) == received
+    assert settled(base, who) == 0
+
+
 @pytest.mark.parametrize(("background", "stream"), [(True, False), (True, True), (False, False), (False, True)])
 def test_a_request_left_in_the_fair_queue_is_charged_nothing_and_releases_its_reservations(
     upstream: tuple[str, list[Received]], background: bool, stream: bool
@@ -341,29 +366,8 @@ def test_a_request_left_in_the_fair_queue_is_charged_nothing_and_releases_its_re
     estimate, or that and its cap when not streamed); now nothing, its tokens/min and budget reservations
     both given back."""
     with fair_gateway(upstream[0]) as (_, base):
-        holder, who = token(), token()
-        fresh_minute(8)
-        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-        held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
-        held.start()
-        try:
-            time.sleep(0.5)  # the slow request holds the engine's one slot
-            received = generations(upstream)
-            body = {"model": "m", "input": "hi", "background": background, "stream": stream, "max_output_tokens": 10}
-            with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client leaves
-                httpx.post(
-                    base + "/v1/responses",
-                    content=json.dumps(body),
-                    headers=auth(who),
-                    timeout=httpx.Timeout(10, read=0.5),
-                )
-            assert settled(base, who) == 0
-            day = httpx.get(base + "/v1/usage", headers=auth(who), timeout=10).json()["periods"][0]
-            assert (day["used"], day["reserved"]) == (0, 0), day
-        finally:
-            held.join(timeout=15)
-        assert generations(upstream) == received  # it never reached the engine, even once the slot came free
-        assert settled(base, who) == 0
+        body = {"model": "m", "input": "hi", "background": background, "stream": stream, "max_output_tokens": 10}
+        left_behind_a_slow_one(base, upstream, body)  # queued behind it in the fair queue
 
 
 @pytest.mark.parametrize("background", [True, False])
@@ -381,29 +385,8 @@ def test_a_request_left_waiting_for_an_upstream_connection_is_charged_nothing(
         "BASTION_BUDGET_DAY": str(TPM),
     }
     with gateway("--upstream-url", upstream[0], env=env) as (_, base):
-        holder, who = token(), token()
-        fresh_minute(8)
-        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-        held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
-        held.start()
-        try:
-            time.sleep(0.5)  # the slow request holds the one connection
-            received = generations(upstream)
-            body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
-            with pytest.raises(httpx.ReadTimeout):  # waiting for the connection; the client leaves
-                httpx.post(
-                    base + "/v1/responses",
-                    content=json.dumps(body),
-                    headers=auth(who),
-                    timeout=httpx.Timeout(10, read=0.5),
-                )
-            assert settled(base, who) == 0
-            day = httpx.get(base + "/v1/usage", headers=auth(who), timeout=10).json()["periods"][0]
-            assert (day["used"], day["reserved"]) == (0, 0), day
-        finally:
-            held.join(timeout=15)
-        assert generations(upstream) == received  # never sent, even once the connection came free
-        assert settled(base, who) == 0
+        body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
+        left_behind_a_slow_one(base, upstream, body)  # waiting for the one connection
 
 
 def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:
