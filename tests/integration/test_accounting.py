@@ -319,7 +319,8 @@ def test_a_background_response_whose_answer_was_late_is_charged_its_reservation(
         assert settled(base, who) == expected
 
 
-def fair_gateway(upstream: str) -> Any:
+@pytest.fixture(scope="module")
+def gw_fair(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
     """Fairness on with one engine slot, background responses allowed, a day budget (its reservations seen)."""
     env = {
         **ENV,
@@ -329,17 +330,32 @@ def fair_gateway(upstream: str) -> Any:
         "BASTION_RESPONSES_BACKGROUND": "true",
         "BASTION_BUDGET_DAY": str(TPM),
     }
-    return gateway("--upstream-url", upstream, env=env)
+    with gateway("--upstream-url", upstream[0], env=env) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def gw_one_connection(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
+    """One upstream connection, background responses allowed, a day budget."""
+    env = {
+        **ENV,
+        "BASTION_UPSTREAM_MAX_CONNECTIONS": "1",
+        "BASTION_ENFORCE_MAX_TOKENS": "true",
+        "BASTION_RESPONSES_BACKGROUND": "true",
+        "BASTION_BUDGET_DAY": str(TPM),
+    }
+    with gateway("--upstream-url", upstream[0], env=env) as pair:
+        yield pair
 
 
 def left_behind_a_slow_one(base: str, upstream: tuple[str, list[Received]], body: dict[str, Any]) -> None:
-    """A slow request (2.5 s) takes what there is one of (an engine slot, an upstream connection); `body`, sent
+    """A slow request (1.5 s) takes what there is one of (an engine slot, an upstream connection); `body`, sent
     to /v1/responses behind it, waits, and its client leaves after 0.5 s: charged nothing, its tokens/min and
     day-budget reservations given back, and never sent to the engine, even once the slow one is done."""
     holder, who = token(), token()
     fresh_minute(8)
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-    held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 2.5}))
+    held = threading.Thread(target=post, args=(base, CHAT, chat, holder, {"delay": 1.5}))
     held.start()
     try:
         time.sleep(0.5)  # the slow request holds it
@@ -359,34 +375,25 @@ def left_behind_a_slow_one(base: str, upstream: tuple[str, list[Received]], body
 
 @pytest.mark.parametrize(("background", "stream"), [(True, False), (True, True), (False, False), (False, True)])
 def test_a_request_left_in_the_fair_queue_is_charged_nothing_and_releases_its_reservations(
-    upstream: tuple[str, list[Received]], background: bool, stream: bool
+    gw_fair: tuple[Proc, str], upstream: tuple[str, list[Received]], background: bool, stream: bool
 ) -> None:
     """Its engine full, a request waits in the gateway's fair queue; its client leaves: nothing was forwarded.
     It was charged as if the engine had it (a background one its whole reservation, any other its prompt
     estimate, or that and its cap when not streamed); now nothing, its tokens/min and budget reservations
     both given back."""
-    with fair_gateway(upstream[0]) as (_, base):
-        body = {"model": "m", "input": "hi", "background": background, "stream": stream, "max_output_tokens": 10}
-        left_behind_a_slow_one(base, upstream, body)  # queued behind it in the fair queue
+    body = {"model": "m", "input": "hi", "background": background, "stream": stream, "max_output_tokens": 10}
+    left_behind_a_slow_one(gw_fair[1], upstream, body)  # queued behind it in the fair queue
 
 
 @pytest.mark.parametrize("background", [True, False])
 def test_a_request_left_waiting_for_an_upstream_connection_is_charged_nothing(
-    upstream: tuple[str, list[Received]], background: bool
+    gw_one_connection: tuple[Proc, str], upstream: tuple[str, list[Received]], background: bool
 ) -> None:
     """One upstream connection, held by a slow request; the next waits in the gateway's pool for it, and its
     client leaves: nothing was sent to the engine. It was charged as if the engine had it (its whole reservation
     when background); now nothing, its reservations given back, and it is never sent once the connection frees."""
-    env = {
-        **ENV,
-        "BASTION_UPSTREAM_MAX_CONNECTIONS": "1",
-        "BASTION_ENFORCE_MAX_TOKENS": "true",
-        "BASTION_RESPONSES_BACKGROUND": "true",
-        "BASTION_BUDGET_DAY": str(TPM),
-    }
-    with gateway("--upstream-url", upstream[0], env=env) as (_, base):
-        body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
-        left_behind_a_slow_one(base, upstream, body)  # waiting for the one connection
+    body = {"model": "m", "input": "hi", "background": background, "max_output_tokens": 10}
+    left_behind_a_slow_one(gw_one_connection[1], upstream, body)  # waiting for the one connection
 
 
 def test_a_background_response_cannot_continue_a_previous_one(gw_background: tuple[Proc, str]) -> None:
