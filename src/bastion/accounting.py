@@ -46,17 +46,19 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
         return usage.total_tokens, False
     if not exchange.forwarded:
         return 0, False  # refused, or left before the engine had it (the fair queue): nothing generated
+    # What the engine may have generated: the prompt and its cap (or the events relayed, if more).
+    reserved = exchange.prompt_estimate + max(exchange.completion_cap, exchange.events)
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
-        # A background response goes on generating without its client: what was reserved.
-        streamed = exchange.stream and not exchange.background
-        completion = exchange.events if streamed else max(exchange.completion_cap, exchange.events)
-        return _at_least_one(exchange, exchange.prompt_estimate + completion), False
+        if exchange.stream and not exchange.background:  # it stopped with its stream: what was relayed
+            return _at_least_one(exchange, exchange.prompt_estimate + exchange.events), False
+        # Not streamed, or a background response, which goes on generating without its client: what was reserved.
+        return _at_least_one(exchange, reserved), False
     if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
-        tokens = _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events))
+        tokens = _at_least_one(exchange, reserved)
         return tokens, tokens > 0
     if exchange.background and exchange.outcome is Outcome.UPSTREAM_ERROR:
         # Forwarded, then the gateway gave up on it (its answer's head late: a 504): the engine generates anyway.
-        return _at_least_one(exchange, exchange.prompt_estimate + max(exchange.completion_cap, exchange.events)), False
+        return _at_least_one(exchange, reserved), False
     return 0, False
 
 

@@ -401,7 +401,7 @@ def _pusher(tap: StreamTap, exchange: Exchange, writer: BodyWriter) -> Callable[
         if framed is not None and not tap.held and data.endswith(EVENT_END) and USAGE_KEY not in data:
             if not write_framed(framed):
                 return False
-            events = data.count(b"\n\n")
+            events = data.count(EVENT_END)
         else:
             if not writable():
                 return False

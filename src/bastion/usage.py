@@ -224,7 +224,7 @@ class StreamTap:
         cut += len(end)
         complete, self.held = data[:cut], data[cut:]
         if USAGE_KEY in complete:
-            complete = self._take_usage(complete, end)
+            complete = self._take_usage(complete)
         return complete
 
     def flush(self) -> bytes:
@@ -232,9 +232,10 @@ class StreamTap:
         rest, self.held = self.held, b""
         return rest
 
-    def _take_usage(self, events: bytes, end_mark: bytes) -> bytes:
+    def _take_usage(self, events: bytes) -> bytes:
         # The usual case: one usage event, the last in the block; found and cut out without
         # splitting every event of the block (at high token rates a block holds dozens).
+        end_mark = self.event_end
         at = events.rfind(USAGE_KEY)
         before = events.rfind(end_mark, 0, at)
         start = 0 if before < 0 else before + len(end_mark)

@@ -319,32 +319,29 @@ def test_a_background_response_whose_answer_was_late_is_charged_its_reservation(
         assert settled(base, who) == expected
 
 
-@pytest.fixture(scope="module")
-def gw_fair(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
-    """Fairness on with one engine slot, background responses allowed, a day budget (its reservations seen)."""
+def background_gateway(upstream: str, **settings: str) -> Any:
+    """Background responses allowed (so with caps enforced), a day budget (its reservations seen), and `settings`."""
     env = {
         **ENV,
-        "BASTION_FAIRNESS": "1",
-        "BASTION_ENGINE_CAPACITY": "1",
         "BASTION_ENFORCE_MAX_TOKENS": "true",
         "BASTION_RESPONSES_BACKGROUND": "true",
         "BASTION_BUDGET_DAY": str(TPM),
+        **settings,
     }
-    with gateway("--upstream-url", upstream[0], env=env) as pair:
+    return gateway("--upstream-url", upstream, env=env)
+
+
+@pytest.fixture(scope="module")
+def gw_fair(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
+    """Fairness on with one engine slot."""
+    with background_gateway(upstream[0], BASTION_FAIRNESS="1", BASTION_ENGINE_CAPACITY="1") as pair:
         yield pair
 
 
 @pytest.fixture(scope="module")
 def gw_one_connection(upstream: tuple[str, list[Received]]) -> Iterator[tuple[Proc, str]]:
-    """One upstream connection, background responses allowed, a day budget."""
-    env = {
-        **ENV,
-        "BASTION_UPSTREAM_MAX_CONNECTIONS": "1",
-        "BASTION_ENFORCE_MAX_TOKENS": "true",
-        "BASTION_RESPONSES_BACKGROUND": "true",
-        "BASTION_BUDGET_DAY": str(TPM),
-    }
-    with gateway("--upstream-url", upstream[0], env=env) as pair:
+    """One upstream connection."""
+    with background_gateway(upstream[0], BASTION_UPSTREAM_MAX_CONNECTIONS="1") as pair:
         yield pair
 
 
