@@ -65,6 +65,7 @@ class Plan:
     targets: list[str]
     procs: int  # load processes per round (with a window)
     paired: bool  # direct and bastion at once, half the streams each, in one window
+    control: bool = False  # with paired: after each round, one whose two halves both go direct
 
 
 class Run:
@@ -233,19 +234,23 @@ class Run:
             raise subprocess.CalledProcessError(load.returncode, load.args, out)
         return json.loads(out)  # type: ignore[no-any-return]
 
-    def paired(self, concurrency: int, max_tokens: str) -> dict[str, dict[str, Any]]:
+    def paired(self, concurrency: int, max_tokens: str, control: bool = False) -> dict[str, dict[str, Any]]:
         """Direct and bastion at once on one engine, half the streams each, the same drawn lengths, one window.
 
         The engine's batch is shared, so its own swings (±10-20 % between rounds of the same load) reach both
-        halves alike: what differs between them is the path. Each half's requests/s and tokens/s are its own."""
+        halves alike: what differs between them is the path. Each half's requests/s and tokens/s are its own.
+        `control`: both halves direct ("control" is the second), so the ratio's spread with no gateway at all
+        is measured under the same load: what a paired ratio can tell apart."""
         direct_url, internal_key = self.internal()
         at = time.time() + 3.0 + 5.0 + self.plan.warmup  # both started, warmed up (3 requests one by one), loaded
         half = concurrency // 2
         procs = max(1, self.plan.procs // 2)
+        gateway_pid = self.proc.pid if self.proc else None
+        second = (direct_url, internal_key, None) if control else (self.base, self.key, gateway_pid)
         loads = {
             "direct": self.start_load(direct_url, internal_key, half, 0, max_tokens, None, procs=procs, at=at),
-            "bastion": self.start_load(self.base, self.key, half, 0, max_tokens, self.proc.pid if self.proc else None,
-                                       procs=procs, at=at),
+            "control" if control else "bastion": self.start_load(*second[:2], half, 0, max_tokens, second[2],
+                                                                  procs=procs, at=at),
         }  # fmt: skip
         return {name: self.finish(load) for name, load in loads.items()}
 
@@ -264,7 +269,7 @@ class Run:
         """Direct vs through bastion at each concurrency, alternated (vLLM's own throughput drifts a few %)."""
         direct_url, internal_key = self.internal()
         plan = self.plan
-        table = {}
+        table: dict[str, dict[str, Any]] = {}
         self.results["plan"] = dataclasses.asdict(plan)
         self.results["overhead"] = table
         pid = self.proc.pid if self.proc is not None else None
@@ -284,13 +289,17 @@ class Run:
         if {"direct", "bastion"} - set(plan.targets):
             return
         for _, _, step in steps:
-            rounds = [f"_round{r}" if r > 1 else "" for r in range(1, (plan.rounds or 2) + 1)]
-            pairs = [(f"direct_{step}{r}", f"bastion_{step}{r}") for r in rounds]
+            suffixes = [f"_round{r}" if r > 1 else "" for r in range(1, (plan.rounds or 2) + 1)]
+            pairs = [(f"direct_{step}{r}", f"bastion_{step}{r}") for r in suffixes]
             pairs = [(a, b) for a, b in pairs if a in table and b in table]
             for measure in ("tokens_per_s", "requests_per_s"):
                 ratios = [table[b][measure] / table[a][measure] for a, b in pairs]
                 self.results[f"{measure}_ratio_{step}_rounds"] = [round(r, 4) for r in ratios]
                 self.results[f"{measure}_ratio_{step}"] = round(sum(ratios) / len(ratios), 4)
+            controls = [(f"direct_a_{step}{r}", f"control_{step}{r}") for r in suffixes]
+            for measure in ("tokens_per_s", "requests_per_s") if plan.control else ():
+                ratios = [table[b][measure] / table[a][measure] for a, b in controls if a in table and b in table]
+                self.results[f"{measure}_control_ratio_{step}_rounds"] = [round(r, 4) for r in ratios]
             added = [table[b]["ttft_p50_ms"] - table[a]["ttft_p50_ms"] for a, b in pairs]
             self.results[f"ttft_p50_added_ms_{step}_rounds"] = [round(a, 2) for a in added]
             self.results[f"cpu_us_per_chunk_{step}_rounds"] = [table[b].get("cpu_us_per_chunk") for _, b in pairs]
@@ -302,6 +311,10 @@ class Run:
         if self.plan.paired:
             self.wait_idle()
             yield from self.paired(concurrency, max_tokens).items()
+            if self.plan.control:
+                self.wait_idle()
+                for name, result in self.paired(concurrency, max_tokens, control=True).items():
+                    yield f"{name}_a" if name == "direct" else name, result
             return
         for name, url, key in targets:
             self.wait_idle()
@@ -450,14 +463,20 @@ def main() -> None:
         "--paired", action="store_true",
         help="each round: direct and bastion at once, half the streams each, in one window (needs --seconds)",
     )  # fmt: skip
+    measure.add_argument(
+        "--control", action="store_true",
+        help="with --paired: after each round one more whose two halves both go direct (the ratio's own spread)",
+    )  # fmt: skip
     measure.add_argument("--engine-args", default="", help="more vLLM arguments, e.g. '--max-num-seqs 64'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     plan = Plan(
         concurrency=[int(c) for c in args.concurrency.split(",")], rounds=args.rounds, seconds=args.seconds,
         warmup=args.warmup, max_tokens=args.max_tokens.split(","), targets=args.targets.split(","),
-        procs=args.load_procs, paired=args.paired,
+        procs=args.load_procs, paired=args.paired, control=args.control,
     )  # fmt: skip
+    if args.control and not args.paired:
+        parser.error("--control needs --paired")
     if args.paired and not args.seconds:
         parser.error("--paired needs --seconds (the two halves share a measured window)")
     run = Run(args.out, args.simulate, args.port, plan, args.engine_args)

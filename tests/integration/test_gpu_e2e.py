@@ -56,14 +56,18 @@ def test_driver_measures_windows_of_each_length_against_the_simulator(tmp_path: 
 
 def test_paired_rounds_run_both_paths_at_once_against_the_simulator(tmp_path: Path) -> None:
     """`--paired`: direct and bastion in one window, half the streams each, so the engine's own swings reach
-    both alike; each half is reported on its own, the gateway's CPU with the bastion half."""
+    both alike; each half is reported on its own, the gateway's CPU with the bastion half. `--control` adds a
+    round whose halves both go direct: the ratio's spread with no gateway in it."""
     skip = "functional,disconnect,kill,drain"
     args = ["--simulate", "--skip", skip, "--port", str(free_port()), "--concurrency", "8", "--rounds", "1"]
-    window = ["--seconds", "1.5", "--warmup", "0.5", "--max-tokens", "8", "--load-procs", "4", "--paired"]
+    window = ["--seconds", "1.5", "--warmup", "0.5", "--max-tokens", "8", "--load-procs", "4", "--paired", "--control"]
     results = _run(tmp_path, *args, *window, timeout=120)
     rounds = results["overhead"]
     assert isinstance(rounds, dict)
-    assert sorted(rounds) == ["bastion_c8", "direct_c8"]
+    assert sorted(rounds) == ["bastion_c8", "control_c8", "direct_a_c8", "direct_c8"]
+    for name in ("direct_a_c8", "control_c8"):  # both halves of the control round went to the engine itself
+        assert rounds[name]["url"] == rounds["direct_c8"]["url"] and "cpu_us_per_chunk" not in rounds[name]
+    assert 0.5 < results["tokens_per_s_control_ratio_c8_rounds"][0] < 2  # type: ignore[index]
     direct, bastion = rounds["direct_c8"], rounds["bastion_c8"]
     for row in (direct, bastion):
         assert row["concurrency"] == 4 and row["procs"] == 2 and row["errors"] == 0
