@@ -242,7 +242,9 @@ class Run:
         `control`: both halves direct ("control" is the second), so the ratio's spread with no gateway at all
         is measured under the same load: what a paired ratio can tell apart."""
         direct_url, internal_key = self.internal()
-        at = time.time() + 3.0 + 5.0 + self.plan.warmup  # both started, warmed up (3 requests one by one), loaded
+        # both started (a few seconds for vLLM's tokenizer-bound first requests; the simulator needs less),
+        # warmed up (3 requests one by one), loaded
+        at = time.time() + (3.0 if self.simulate else 8.0) + self.plan.warmup
         half = concurrency // 2
         procs = max(1, self.plan.procs // 2)
         gateway_pid = self.proc.pid if self.proc else None

@@ -136,11 +136,14 @@ def stream_load(url: str, key: str, concurrency: int, requests: int) -> dict[str
     return json.loads(out)  # type: ignore[no-any-return]
 
 
-def paced_load(url: str, key: str, concurrency: int, window: float, warmup: float, pids: dict[str, list[int]]) -> Any:
-    """One round of bench/streams.py: `concurrency` paced streams, measured over `window` seconds."""
+def paced_load(
+    url: str, key: str, concurrency: int, window: float, warmup: float, ramp: float, pids: dict[str, list[int]]
+) -> Any:
+    """One round of bench/streams.py: `concurrency` paced streams started over `ramp` seconds, measured over
+    `window` seconds after `warmup`."""
     args = [
         PYTHON, str(HERE / "streams.py"), "--url", url, "-c", str(concurrency), "--max-tokens", str(TOKENS),
-        "--ramp", str(TOKENS * ITL), "--warmup", str(warmup), "--seconds", str(window),
+        "--ramp", str(ramp), "--warmup", str(warmup), "--seconds", str(window),
         *(f"--pid={name}={pid}" for name, group in pids.items() for pid in group),
     ]  # fmt: skip
     out = subprocess.run(args, env={**os.environ, "BENCH_KEY": key}, capture_output=True, text=True, check=True)
@@ -216,7 +219,8 @@ def measure(args: argparse.Namespace, quiet: Quiet) -> dict[str, Any]:
             ("nginx", f"http://127.0.0.1:{nginx_port}", key, nginx_pids),
             ("python floor", f"http://127.0.0.1:{relay_port}", "", [floor.pid]),
         ]
-        window, warmup = (1.5, 0.3) if args.quick else (args.window, TOKENS * ITL)
+        # a stream lasts TOKENS * ITL: started over that long, the load is even when the window opens
+        window, warmup, ramp = (1.0, 0.2, 0.2) if args.quick else (args.window, TOKENS * ITL, TOKENS * ITL)
         paced: dict[str, Any] = {}
         for concurrency in (32, 128) if args.quick else (32, 128, 512):
             rounds: dict[str, list[Any]] = {name: [] for name, *_ in paths}
@@ -226,7 +230,7 @@ def measure(args: argparse.Namespace, quiet: Quiet) -> dict[str, Any]:
                     load = quiet()
                     watched = {"upstream": [up.pid]} | ({"gateway": pids} if pids else {})
                     with Sampler(gateway.pid) as sampler:
-                        row = paced_load(url, credential, concurrency, window, warmup, watched)
+                        row = paced_load(url, credential, concurrency, window, warmup, ramp, watched)
                     row["load_average"] = load
                     if name == "bastion":
                         results["rss_load_mib"] = max(results.get("rss_load_mib", 0), round(sampler.peak, 1))

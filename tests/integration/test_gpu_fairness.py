@@ -19,11 +19,11 @@ DRIVER = Path(__file__).parents[2] / "bench" / "gpu_fairness.py"
 def test_driver_against_the_simulator(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     argv = [sys.executable, str(DRIVER), "--simulate", "--out", str(tmp_path), "--window", "2", "--warmup", "1"]
-    argv += ["--idle-window", "1", "--configs", "reserve=2;reserve=2,backlog=64,lead=0.1"]
+    argv += ["--rounds", "1", "--idle-window", "1", "--configs", "reserve=2;reserve=2,backlog=64,lead=0.1"]
     subprocess.run(argv, env=env, check=True, timeout=120, cwd="/tmp")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["simulated"] is True and results["idle"]["ttft_p50_ms"] > 0
-    assert len(results["rounds"]) == 2
+    assert len(results["rounds"]) == 1
     for entry in results["rounds"]:
         assert entry["flood_alone"]["batch_tokens_per_s"] > 0
         assert set(entry["configs"]) == {"reserve=2", "reserve=2,backlog=64,lead=0.1"}

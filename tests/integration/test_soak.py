@@ -44,7 +44,7 @@ from tests.support import AUTH, gateway, simulator
 # A steady rate held (and RSS growth over time): run alone.
 pytestmark = pytest.mark.serial
 
-SHORT_SECONDS = 20.0
+SHORT_SECONDS = 12.0
 RATE = 40.0  # requests per second, steady
 WORKERS = 16
 MAX_TOKENS = 24
