@@ -141,10 +141,18 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not _safe_path(scope["path"], raw_path):
             raise GatewayError(404, "Unknown route.")
-        if self._router.named and scope["path"] == "/v1/models" and scope["method"] == "GET":
-            # Every model's entry, whichever engines are ready: never a 503 because the first one is not.
-            await self._send_model_list(send, exchange, exchange.principal, _our_headers(scope, exchange))
-            return
+        if self._router.named and scope["method"] == "GET" and scope["path"].startswith("/v1/models"):
+            if scope["path"] == "/v1/models":
+                # Every model's entry, whichever engines are ready: never a 503 because the first one is not.
+                await self._send_model_list(send, exchange, exchange.principal, _our_headers(scope, exchange))
+                return
+            if scope["path"].startswith("/v1/models/"):
+                # One model's card, from the engine serving it: forwarded, it went to the first engine, whatever
+                # the model (another engine's answer, never this model's card).
+                await self._send_model_card(
+                    send, exchange, scope["path"][len("/v1/models/") :], _our_headers(scope, exchange)
+                )
+                return
         group = self._router.group(exchange.model)
         if group is None:
             raise GatewayError(404, f"The model {exchange.model!r} does not exist.", code="model_not_found")
@@ -376,6 +384,23 @@ class Proxy:
         data = [card for card in cards if principal is None or principal.allows(card["id"])]
         body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
         exchange.status = 200
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _send_model_card(
+        self, send: Send, exchange: Exchange, name: str, ours: list[tuple[bytes, bytes]]
+    ) -> None:
+        """`GET /v1/models/{model}` with several engines: the model's card as `GET /v1/models` lists it, or 404.
+        (A restricted principal asking for a model not its own was refused by the route guard.)"""
+        cards = await self._catalog.cards() if self._catalog is not None else []
+        card = next((card for card in cards if card["id"] == name), None)
+        if card is None and self._catalog is None and self._router.group(name) is not None:
+            card = {"id": name, "object": "model", "created": self._created, "owned_by": "bastion"}
+        if card is None:
+            raise GatewayError(404, f"The model {name!r} does not exist.", code="model_not_found")
+        body = json.dumps(card, separators=(",", ":")).encode()
+        exchange.model, exchange.status = name, 200
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

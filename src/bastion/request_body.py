@@ -75,8 +75,11 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "reason
 USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Routes whose `prompt` may be a batch: each prompt of a list gets its own `n` choices (vLLM's completions).
 BATCH_PROMPT_ROUTES = frozenset({"/v1/completions"})
-# Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority).
-PRIORITY_ROUTES = USAGE_OPTION_ROUTES
+# Routes whose requests take vLLM's integer `priority` (lower first under --scheduling-policy priority): the
+# generating ones and the pooling ones alike (an embedding scheduled ahead takes the engine's next step too).
+PRIORITY_ROUTES = USAGE_OPTION_ROUTES | frozenset(
+    {"/v1/responses", "/v1/embeddings", "/v1/pooling", "/v1/classify", "/v1/score", "/v1/rerank"}
+)
 # The completion caps each route's requests take, in vLLM's order (`max_completion_tokens or max_tokens`: a 0 or
 # null falls through to the next); a name of another route is ignored by vLLM there, so it caps nothing. The
 # last is written in where a request sets none and the operator asked for it (`enforce_max_tokens`): the engine

@@ -74,3 +74,22 @@ def test_models_list_is_each_engines_own_card_filtered_per_principal(base: str) 
     restricted = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
     [only] = restricted.models.list()
     assert only.id == "code" and only.model_dump()["max_model_len"] == 32768
+
+
+def test_one_models_card_comes_from_its_own_engine_and_an_unknown_one_is_404(base: str) -> None:
+    """`GET /v1/models/{model}` (the SDK's `models.retrieve`) was forwarded like a request naming no model: to the
+    first engine (here one that never answers: a 503), whatever model the path named."""
+    everyone = openai.OpenAI(base_url=base + "/v1", api_key=TEST_KEY, max_retries=0)
+    listed = {model.id: model.model_dump() for model in everyone.models.list()}
+    for name in ("chat", "code", "dead"):
+        assert everyone.models.retrieve(name).model_dump() == listed[name], name
+    with pytest.raises(openai.NotFoundError) as missing:
+        everyone.models.retrieve("CODE")
+    assert missing.value.code == "model_not_found"
+
+    now = int(time.time())
+    token = jose_jwt.encode({"sub": "ci", "exp": now + 600, "models": ["code"]}, JWT_SECRET, algorithm="HS256")
+    restricted = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
+    assert restricted.models.retrieve("code").id == "code"
+    with pytest.raises(openai.PermissionDeniedError):
+        restricted.models.retrieve("chat")

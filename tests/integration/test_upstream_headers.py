@@ -96,3 +96,30 @@ async def test_a_model_list_the_gateway_cannot_read_is_refused_not_passed_on(tmp
     assert filtered.status_code == 502 and b"m2" not in filtered.content, "fails closed: never the whole list"
     assert filtered.json()["error"]["code"] == "upstream_invalid"
     assert whole.status_code == 200 and whole.json()["data"] == json.loads(MODELS)["data"], "unrestricted: untouched"
+
+
+async def test_every_route_vllm_reads_a_priority_on_carries_the_keys_class_never_the_clients(tmp_path: Path) -> None:
+    """vLLM takes `priority` on the Responses API and its pooling routes as on chat: a batch key sending
+    `"priority": -1000` there jumped every interactive request in a priority-scheduled engine's queue,
+    and one sending none ran at 0, the top class's priority."""
+    data = KeyFile()
+    _, batch = create_key(data, name="nightly", priority_class="batch")
+    write_key_file(tmp_path / "keys.json", data)
+    usage = b'{"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2,"input_tokens":1,"output_tokens":1}}'
+    routes = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/score")
+    async with ScriptedUpstream(by_path({r.encode(): respond(200, usage) for r in routes})) as upstream:
+        args = ("--upstream-url", f"http://127.0.0.1:{upstream.port}", "--keys-file", str(tmp_path / "keys.json"))
+        env = {"BASTION_FAIRNESS": "1", "BASTION_AUDIT_LOG": "off"}
+        with gateway(*args, env=env, ready=False) as (_, base):
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                for route in routes:
+                    for claimed in ({"priority": -1000}, {}):
+                        body = {"model": "m1", "input": "hi", "messages": [], **claimed}
+                        answer = await client.post(route, json=body, headers={"authorization": f"Bearer {batch}"})
+                        assert answer.status_code == 200, (route, answer.text)
+    sent = {}
+    for raw in upstream.requests:
+        if raw.startswith(b"POST "):
+            path = raw.split(b" ", 2)[1].decode()
+            sent.setdefault(path, []).append(json.loads(raw.split(b"\r\n\r\n", 1)[1]).get("priority"))
+    assert sent == {route: [2, 2] for route in routes}, "batch is order 2: held there, and written in"
