@@ -212,21 +212,26 @@ class Proxy:
                     response.close()
             if backend is not None:
                 backend.release()
-        if exchange.usage is None and backend is not None and exchange.route in COUNTED_ROUTES:
-            await self._count_prompt(exchange, backend, content)
+        if exchange.usage is None and exchange.forwarded and exchange.route in COUNTED_ROUTES:
+            await self._count_prompt(exchange, group, content)
         if broke is not None:
             raise broke
 
-    async def _count_prompt(self, exchange: Exchange, backend: Backend, content: bytes) -> None:
+    async def _count_prompt(self, exchange: Exchange, group: EngineGroup, content: bytes) -> None:
         """No usage was read: the engine that served the request counts its prompt, for `accounting.charge`.
 
         The client is gone (or the response is over) by now: the wait, at most the counter's timeout, delays
         only this request's settle and the release of its key's concurrency slot. Its replica is released.
         """
         counter = self._counter
-        if counter is not None and not exchange.background and estimates_prompt(exchange):
+        if counter is None or exchange.background or not estimates_prompt(exchange):
+            return
+        # The replica it went to last (`Exchange.engine`): a client that left before the response head never
+        # let `_open` hand its backend back. A restarted replica's new engine serves the same model.
+        served = next((r.backend for r in group.replicas if r.backend.label == exchange.engine), None)
+        if served is not None:
             exchange.prompt_counted = await counter.count(
-                backend.upstream, exchange.route, content, exchange.model, exchange.request_id
+                served.upstream, exchange.route, content, exchange.model, exchange.request_id
             )
 
     async def _open(
@@ -251,6 +256,9 @@ class Proxy:
                 response = await self._client.open(
                     scope["method"], upstream.base_url, target, sent, content, on_sent=exchange.sent
                 )
+            except asyncio.CancelledError:
+                backend.release()  # the client left waiting for the head: the caller never gets this backend
+                raise
             except HTTPError as exc:
                 if isinstance(exc, _NEVER_SENT):
                     exchange.forwarded = False
