@@ -7,8 +7,11 @@ Accounting follows what the engine did, never what the request claims:
   reader knows) is charged what was reserved for it: the prompt estimate plus the
   completion cap (or the stream events forwarded, if more), and counted as estimated;
 - a response cut short (the client went away, the upstream broke mid-stream) is charged
-  the prompt estimate plus the stream events forwarded (one token each), or, not
+  its prompt plus the stream events forwarded (one token each), or, not
   streamed, the completion cap: what the engine may have generated;
+- wherever no usage was read, the prompt is the engine's own count (`Exchange.prompt_counted`: the proxy
+  asked the engine's `POST /tokenize` on its way out) when there is one, else the estimate from the bytes
+  (`len(body) // 4`, which a digit-heavy prompt, ~1 token per byte, paid a quarter of);
 - a Responses API request with `background: true` (allowed by the operator) is charged its
   reservation unless its own response carried usage (a background stream the client read to
   its end): the engine answers at once and generates afterwards, and its usage only ever
@@ -46,11 +49,13 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
         return usage.total_tokens, False
     if not exchange.forwarded:
         return 0, False  # refused, or left before the engine had it (the fair queue): nothing generated
+    # The prompt as the engine counted it, if the proxy could ask; else as estimated from the bytes.
+    prompt = exchange.prompt_estimate if exchange.prompt_counted is None else exchange.prompt_counted
     # What the engine may have generated: the prompt and its cap (or the events relayed, if more).
-    reserved = exchange.prompt_estimate + max(exchange.completion_cap, exchange.events)
+    reserved = prompt + max(exchange.completion_cap, exchange.events)
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
         if exchange.stream and not exchange.background:  # it stopped with its stream: what was relayed
-            return _at_least_one(exchange, exchange.prompt_estimate + exchange.events), False
+            return _at_least_one(exchange, prompt + exchange.events), False
         # Not streamed, or a background response, which goes on generating without its client: what was reserved.
         return _at_least_one(exchange, reserved), False
     if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
@@ -60,6 +65,18 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
         # Forwarded, then the gateway gave up on it (its answer's head late: a 504): the engine generates anyway.
         return _at_least_one(exchange, reserved), False
     return 0, False
+
+
+def estimates_prompt(exchange: Exchange) -> bool:
+    """Whether `charge` would charge this request a prompt it never read from usage: what the engine was given
+    may then be counted by the engine itself (the proxy asks, `engine.prompt_count`)."""
+    if exchange.usage is not None or not exchange.forwarded or retrieval(exchange):
+        return False
+    if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
+        return True
+    if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
+        return True
+    return exchange.background and exchange.outcome is Outcome.UPSTREAM_ERROR
 
 
 def _at_least_one(exchange: Exchange, tokens: int) -> int:

@@ -42,6 +42,7 @@ from .engine.engines import EngineEntry, load_engines_json, parse_engines
 from .engine.external import ExternalWatch, status_of
 from .engine.fleet import Carried, Fleet, ReplicaPlan
 from .engine.probe import ProbeChannel
+from .engine.prompt_count import PROMPT_COUNT_TIMEOUT, PromptCounter
 from .engine.router import Backend, EngineGroup, Replica, Router
 from .engine.spec import EngineSpec, free_port
 from .engine.state import Phase, Upstream
@@ -278,7 +279,12 @@ def create_app(
         models = ProbeChannel(_ENGINE_MODELS_TIMEOUT, max_connections=1)
         services.append(models)
         catalog = ModelCatalog(router, models.http, timeout=_ENGINE_MODELS_TIMEOUT)
-    inner: ASGIApp = Proxy(router, client, methods=settings.passthrough_methods, catalog=catalog)
+    # A prompt whose usage was never read (its client left, its engine broke mid-stream) is counted by the engine
+    # that served it (POST /tokenize), over connections of its own, bounded by a short timeout: never longer than
+    # the silence after which the operator calls an engine failed.
+    counter = PromptCounter(min(PROMPT_COUNT_TIMEOUT, settings.upstream_read_timeout))
+    services.append(counter)
+    inner: ASGIApp = Proxy(router, client, methods=settings.passthrough_methods, catalog=catalog, counter=counter)
     classes = settings.class_table() if settings.fairness else None
     gates: dict[str, Gate] = {}
     if classes is not None:  # the fair queue, just before the proxy forwards (bastion.fairness)

@@ -61,6 +61,10 @@ class Exchange:
     # was: `accounting.charge` charges it nothing.
     forwarded: bool = False
     events: int = 0
+    # The prompt's tokens as the engine that served it counted them (`POST /tokenize`), asked by the proxy on
+    # its way out when no usage was read (the client left, the engine broke mid-stream): `accounting.charge`
+    # charges it instead of `prompt_estimate`. None: not asked, or the engine could not say.
+    prompt_counted: int | None = None
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)

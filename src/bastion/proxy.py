@@ -19,11 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
+from .accounting import estimates_prompt
 from .asgi import BodyWriter, ClientGone, DisconnectWatch, Receive, Scope, Send, read_body
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
 from .engine.catalog import ModelCatalog
+from .engine.prompt_count import COUNTED_ROUTES, PromptCounter
 from .engine.router import Backend, EngineGroup, Router
 from .engine.state import Phase
 from .errors import GatewayError, send_error, upstream_failure
@@ -113,14 +115,23 @@ class UpstreamBroke(Exception):
 
 class Proxy:
     """`catalog` answers `GET /v1/models` when engines are named (BASTION_ENGINES); without one,
-    bastion lists the engines' names itself (tests that build a proxy by hand)."""
+    bastion lists the engines' names itself (tests that build a proxy by hand). `counter` asks the engine how
+    many tokens a prompt was when its usage was never read (the client left, the engine broke mid-stream);
+    without one, such a prompt is charged its estimate from the bytes."""
 
     def __init__(
-        self, router: Router, client: Client, *, methods: Iterable[str], catalog: ModelCatalog | None = None
+        self,
+        router: Router,
+        client: Client,
+        *,
+        methods: Iterable[str],
+        catalog: ModelCatalog | None = None,
+        counter: PromptCounter | None = None,
     ) -> None:
         self._router = router
         self._client = client
         self._catalog = catalog
+        self._counter = counter
         self._created = int(time.time())
         self._methods = frozenset(m.upper() for m in methods)
 
@@ -177,6 +188,7 @@ class Proxy:
         response: Response | None = None
         backend: Backend | None = None
         completed = False
+        broke: UpstreamBroke | None = None
         try:
             backend, response = await self._open(scope, exchange, group, target, content)
             if restricted and scope["path"] == "/v1/models":
@@ -187,6 +199,8 @@ class Proxy:
             if not watch.absorb():
                 raise
             exchange.outcome = Outcome.CLIENT_DISCONNECT
+        except UpstreamBroke as exc:
+            broke = exc  # raised again once the prompt is counted
         finally:
             watch.finish()
             if response is not None:
@@ -198,6 +212,27 @@ class Proxy:
                     response.close()
             if backend is not None:
                 backend.release()
+        if exchange.usage is None and exchange.forwarded and exchange.route in COUNTED_ROUTES:
+            await self._count_prompt(exchange, group, content)
+        if broke is not None:
+            raise broke
+
+    async def _count_prompt(self, exchange: Exchange, group: EngineGroup, content: bytes) -> None:
+        """No usage was read: the engine that served the request counts its prompt, for `accounting.charge`.
+
+        The client is gone (or the response is over) by now: the wait, at most the counter's timeout, delays
+        only this request's settle and the release of its key's concurrency slot. Its replica is released.
+        """
+        counter = self._counter
+        if counter is None or exchange.background or not estimates_prompt(exchange):
+            return
+        # The replica it went to last (`Exchange.engine`): a client that left before the response head never
+        # let `_open` hand its backend back. A restarted replica's new engine serves the same model.
+        served = next((r.backend for r in group.replicas if r.backend.label == exchange.engine), None)
+        if served is not None:
+            exchange.prompt_counted = await counter.count(
+                served.upstream, exchange.route, content, exchange.model, exchange.request_id
+            )
 
     async def _open(
         self, scope: Scope, exchange: Exchange, group: EngineGroup, target: bytes, content: bytes
@@ -221,6 +256,9 @@ class Proxy:
                 response = await self._client.open(
                     scope["method"], upstream.base_url, target, sent, content, on_sent=exchange.sent
                 )
+            except asyncio.CancelledError:
+                backend.release()  # the client left waiting for the head: the caller never gets this backend
+                raise
             except HTTPError as exc:
                 if isinstance(exc, _NEVER_SENT):
                     exchange.forwarded = False

@@ -111,6 +111,9 @@ class _Server(socketserver.ThreadingTCPServer):
             body = b'{"object":"list","data":[{"id":"m","object":"model"}]}' if request.path != "/health" else b""
             _send(sock, 200, "application/json", body, plan)
             return
+        if request.path == "/tokenize":  # an OpenAI-compatible upstream that is not vLLM: no tokenizer route
+            _send(sock, 404, "application/json", b'{"detail":"Not Found"}', plan)
+            return
         if request.path.startswith("/v1/responses/"):  # a stored response: fetched, replayed or cancelled
             _stored(sock, method, request, plan)
             return

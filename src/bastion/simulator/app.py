@@ -106,6 +106,8 @@ class Simulator:
             await _send(send, 200, self._models())
         elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
             await self._generate(scope, receive, send, chat=path == "/v1/chat/completions")
+        elif path == "/tokenize" and method == "POST":  # like vLLM's: outside /v1, so outside its API key
+            await self._tokenize(receive, send)
         else:
             await _send(send, 404, _vllm_error(404, "Not Found"))
 
@@ -126,6 +128,22 @@ class Simulator:
             "max_model_len": 32768,
         }
         return json.dumps({"object": "list", "data": [card]}).encode()
+
+    async def _tokenize(self, receive: Receive, send: Send) -> None:
+        """vLLM's `POST /tokenize`: a chat's `messages` or a `prompt`, counted as this server's usage counts them
+        (so the gateway's count of a prompt whose usage it never read is what the usage would have said)."""
+        try:
+            request: Any = json.loads(await read_body(receive, 64 << 20))
+            if not isinstance(request, dict) or not ("messages" in request or isinstance(request.get("prompt"), str)):
+                raise ValueError
+        except ClientGone:
+            return
+        except ValueError:
+            await _send(send, 400, _vllm_error(400, "Invalid tokenize request"))
+            return
+        count = prompt_tokens(request, chat="messages" in request)
+        answer = {"count": count, "max_model_len": 32768, "tokens": list(range(count)), "token_strs": None}
+        await _send(send, 200, json.dumps(answer, separators=(",", ":")).encode())
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         self._served += 1
@@ -205,7 +223,7 @@ class _Job:
         self.length = min(tokens, cap) if cap is not None else tokens
         self.finish_reason = "length" if cap is not None and cap <= tokens else "stop"
         text = _prompt_text(request, chat)
-        self.prompt_tokens = max(1, len(text.split())) + (4 if chat else 0)
+        self.prompt_tokens = _count(text, chat)
         start = zlib.crc32(text.encode())
         self.words = [" " + WORDS[(start + i) % len(WORDS)] for i in range(self.length)]
         self.generated = 0
@@ -312,6 +330,15 @@ class _Job:
         self._account()
         watch.finish()
         await _send(send, 200, json.dumps(body, separators=(",", ":")).encode())
+
+
+def prompt_tokens(request: dict[str, Any], *, chat: bool) -> int:
+    """A prompt's tokens as this server counts them: its words, and 4 for a chat's template."""
+    return _count(_prompt_text(request, chat), chat)
+
+
+def _count(text: str, chat: bool) -> int:
+    return max(1, len(text.split())) + (4 if chat else 0)
 
 
 def _prompt_text(request: dict[str, Any], chat: bool) -> str:
