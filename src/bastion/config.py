@@ -806,6 +806,53 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("upstream_command")
+    @classmethod
+    def _check_one_upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("upstream_url") is not None:
+            raise ValueError(
+                "BASTION_UPSTREAM_URL is set too, and an external upstream is never spawned: unset one of them "
+                "(the URL for a server you run yourself, the command for a child bastion supervises)"
+            )
+        return value
+
+    @field_validator("engines", "engines_file")
+    @classmethod
+    def _check_engines_source(cls, value: Any, info: ValidationInfo) -> Any:
+        if not value:
+            return value
+        if info.field_name == "engines_file":
+            if "engines" not in info.data:  # BASTION_ENGINES itself is wrong: its line says so
+                return value
+            if info.data["engines"]:
+                raise ValueError("BASTION_ENGINES is set too: give the engine list in one of them, and unset the other")
+        # One engine's own settings beside the list would be ignored without a word.
+        given = " and ".join(f"BASTION_{n.upper()}" for n in ("upstream_url", "upstream_command") if info.data.get(n))
+        if given:
+            raise ValueError(
+                f"{given} is for the one engine used when there is no engine list: move it into an entry of the "
+                f'list ("url" or "command") and unset {given}'
+            )
+        return value
+
+    @field_validator("engine_reserve")
+    @classmethod
+    def _check_reserve(cls, value: int, info: ValidationInfo) -> int:
+        if not value or info.data.get("engines") or info.data.get("engines_file"):  # room = capacity x replicas
+            return value
+        capacity = info.data.get("engine_capacity")
+        if capacity == 0:
+            raise ValueError(
+                "a reserve is kept out of BASTION_ENGINE_CAPACITY, which is 0 (no cap); set the capacity (vLLM's "
+                "--max-num-seqs) or set the reserve to 0"
+            )
+        if capacity is not None and value >= capacity:
+            raise ValueError(
+                f"{value} of BASTION_ENGINE_CAPACITY={capacity} leaves no room for any class but the highest "
+                "(its requests would all wait for their deadline); keep it below the capacity (2-4 is usual)"
+            )
+        return value
+
     @field_validator("engine_backlog")
     @classmethod
     def _check_backlog(cls, value: int, info: ValidationInfo) -> int:

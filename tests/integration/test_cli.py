@@ -57,6 +57,10 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
     """(environment, the variable the line must name) for each mistake serve refuses at start-up."""
     (tmp / "broken-keys.json").write_text('{"version": 1, "keys": [{"id": "x"}]}')
     valid = {"BASTION_UPSTREAM_COMMAND": SIMULATED, "BASTION_API_KEYS": TEST_KEY, "BASTION_AUDIT_LOG": "off"}
+    without_command = {k: v for k, v in valid.items() if k != "BASTION_UPSTREAM_COMMAND"}
+    engines = json.dumps([{"model": "chat", "command": SIMULATED}])
+    engines_file = tmp / "engines.json"
+    engines_file.write_text(engines)
     return {
         "malformed keys file": ({**valid, "BASTION_KEYS_FILE": str(tmp / "broken-keys.json")}, "BASTION_KEYS_FILE"),
         "token endpoint without secret": ({**valid, "BASTION_TOKEN_ENDPOINT": "true"}, "BASTION_TOKEN_ENDPOINT"),
@@ -70,6 +74,29 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             {**valid, "BASTION_UPSTREAM_COMMAND": "{python} -m x --port {prot}"},
             "BASTION_UPSTREAM_COMMAND",
         ),
+        # The walk of 2026-12-01: a traceback, or accepted and half ignored.
+        "unreadable Redis CA file": (
+            {**valid, "BASTION_REDIS_URL": "rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/ca.pem"},
+            "BASTION_REDIS_URL",
+        ),
+        "Redis option misspelt": (
+            {**valid, "BASTION_REDIS_URL": "rediss://127.0.0.1:6379/0?ssl_cert_req=none"},
+            "BASTION_REDIS_URL",
+        ),
+        "engines beside the one engine's command": ({**valid, "BASTION_ENGINES": engines}, "BASTION_ENGINES"),
+        "engines in both places": (
+            {**without_command, "BASTION_ENGINES": engines, "BASTION_ENGINES_FILE": str(engines_file)},
+            "BASTION_ENGINES_FILE",
+        ),
+        "an upstream URL and a command": (
+            {**valid, "BASTION_UPSTREAM_URL": "http://127.0.0.1:8001"},
+            "BASTION_UPSTREAM_COMMAND",
+        ),
+        "reserve not below the capacity": (
+            {**valid, "BASTION_FAIRNESS": "true", "BASTION_ENGINE_CAPACITY": "2", "BASTION_ENGINE_RESERVE": "2"},
+            "BASTION_ENGINE_RESERVE",
+        ),
+        "reserve without a capacity": ({**valid, "BASTION_ENGINE_RESERVE": "2"}, "BASTION_ENGINE_RESERVE"),
     }
 
 
@@ -82,6 +109,13 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
         "missing JWT PEM",
         "bad Redis URL",
         "bad placeholder",
+        "unreadable Redis CA file",
+        "Redis option misspelt",
+        "engines beside the one engine's command",
+        "engines in both places",
+        "an upstream URL and a command",
+        "reserve not below the capacity",
+        "reserve without a capacity",
     ],
 )
 def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, case: str) -> None:
