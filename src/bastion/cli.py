@@ -104,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(line if line.startswith(" ") else f"bastion: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: `serve` and `simulate` have shut down gracefully by now (uvicorn raises the signal again once
+        # done), a CLI call was left; the shell's status for SIGINT, without a traceback.
+        return 130
 
 
 def _run(command: str, args: dict[str, Any]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import PYTHON, TEST_KEY, free_port, gateway
+from tests.support import PYTHON, TEST_KEY, free_port, gateway, simulator
 
 SIMULATED = "{python} -m bastion simulate --host {host} --port {port}"
 CHAT = {"model": "qwen2.5-7b-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -188,6 +190,27 @@ def test_a_busy_port_stops_serve_before_the_child_starts(tmp_path: Path, busy_po
 def test_a_busy_port_stops_simulate_naming_its_own_variable(tmp_path: Path, busy_port: int) -> None:
     line = one_line(bastion("simulate", env={"BASTION_SIMULATE_PORT": str(busy_port)}, cwd=tmp_path))
     assert line.startswith(f"bastion: port {busy_port} is in use (BASTION_SIMULATE_PORT)"), line
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_serve_and_its_child_without_a_traceback() -> None:
+    """README: `make demo` ... "Ctrl-C stops both". It did, then printed a 25-line KeyboardInterrupt traceback."""
+    with gateway("--upstream-command", SIMULATED) as (proc, _):
+        proc.signal(signal.SIGINT)  # what a terminal's Ctrl-C sends (the child has a process group of its own)
+        assert proc.popen.wait(20) == 130
+        output = proc.output()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert re.search(r"upstream pid=\d+ stopped", output), output
+
+
+def test_ctrl_c_stops_simulate_without_a_traceback() -> None:
+    with simulator() as (proc, _):
+        proc.signal(signal.SIGINT)
+        assert proc.popen.wait(20) == 130
+        output = proc.output()
+    assert "Traceback" not in output, output
 
 
 # --- logs ---------------------------------------------------------------------------------------------------
