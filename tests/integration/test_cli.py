@@ -313,3 +313,22 @@ def test_keys_on_a_malformed_file_is_one_line_like_serve(tmp_path: Path) -> None
         line = one_line(bastion("keys", *action, "--keys-file", str(path), cwd=tmp_path))
         assert line.startswith(f"bastion: invalid BASTION_KEYS_FILE: {path}: keys[0]"), line
     assert path.read_text() == '{"version": 1, "keys": [{"id": "x"}]}', "a broken store is never rewritten"
+
+
+def test_keys_create_refuses_a_class_the_gateway_does_not_have_and_a_bad_network(tmp_path: Path) -> None:
+    """`--priority-class gold` made a key the gateway silently served at the lowest class; `--allow-ip 10.0.0.0/33`
+    was exit status 1 naming `allow_ips`, the key file's field, rather than the flag."""
+    path = tmp_path / "keys.json"
+    create = ("keys", "create", "--keys-file", str(path), "--name")
+    line = one_line(bastion(*create, "a", "--priority-class", "gold", cwd=tmp_path))
+    assert line.startswith("bastion: --priority-class 'gold' is not a class of BASTION_PRIORITY_CLASSES "), line
+    assert "(interactive, standard, batch)" in line
+    refused = bastion(*create, "b", "--allow-ip", "10.0.0.0/33", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "bastion keys create: error: argument --allow-ip: '10.0.0.0/33' is not a valid IP address or CIDR network"
+    )
+    assert not path.exists(), "nothing was created"
+    classes = {"BASTION_PRIORITY_CLASSES": '{"gold": {"order": 0}, "standard": {"order": 1}}'}
+    made = bastion(*create, "c", "--priority-class", "gold", "--allow-ip", "10.0.0.0/8", env=classes, cwd=tmp_path)
+    assert made.returncode == 0 and made.stdout.startswith("bst-"), made.stderr
