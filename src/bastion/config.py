@@ -285,7 +285,7 @@ class Settings(BaseSettings):
         le=256,
         description="Gateway worker processes sharing the port, each on its own event loop and CPU core; the "
         "`bastion serve` process supervises them and the engines. Above 1 needs BASTION_REDIS_URL (limits and "
-        "budgets shared exactly) and BASTION_FAIRNESS off. One worker carries ~25-45k streamed chunks/s.",
+        "budgets shared exactly) and BASTION_FAIRNESS off. One carries ~26-52k streamed tokens/s (docs/operations.md).",
     )
 
     # --- upstream --------------------------------------------------------------------
