@@ -806,6 +806,33 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("fairness")
+    @classmethod
+    def _check_scheduling_policy(cls, value: bool, info: ValidationInfo) -> bool:
+        """vLLM refuses a nonzero `priority` unless run with --scheduling-policy priority, which bastion adds to
+        the vLLM it supervises; an explicit other policy wins, and every request below the top class would fail."""
+        if not value:
+            return value
+        given: list[tuple[str, str]] = []
+        if not (info.data.get("upstream_url") or info.data.get("upstream_command") or info.data.get("engines")):
+            given.append(("BASTION_VLLM_EXTRA_ARGS", info.data.get("vllm_extra_args") or ""))
+        for item in info.data.get("engines") or []:
+            if isinstance(item, dict) and item.get("vllm_model") and isinstance(item.get("extra_args"), str):
+                given.append((f"BASTION_ENGINES entry {item.get('model')!r} extra_args", item["extra_args"]))
+        for where, text in given:
+            words = shlex.split(text)
+            for i, word in enumerate(words):
+                name, _, inline = word.partition("=")
+                if name == "--scheduling-policy":
+                    policy = inline or (words[i + 1] if i + 1 < len(words) else "")
+                    if policy != "priority":
+                        raise ValueError(
+                            f"{where} sets --scheduling-policy {policy}, and vLLM then refuses every request whose "
+                            "class has a nonzero priority (all but the highest); drop it (bastion adds "
+                            "--scheduling-policy priority) or set BASTION_FAIRNESS=false"
+                        )
+        return value
+
     @field_validator("upstream_command")
     @classmethod
     def _check_one_upstream(cls, value: str | None, info: ValidationInfo) -> str | None:

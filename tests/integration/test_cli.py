@@ -99,6 +99,10 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             "BASTION_ENGINE_RESERVE",
         ),
         "reserve without a capacity": ({**valid, "BASTION_ENGINE_RESERVE": "2"}, "BASTION_ENGINE_RESERVE"),
+        "fairness beside an explicit FCFS vLLM": (
+            {**without_command, "BASTION_FAIRNESS": "true", "BASTION_VLLM_EXTRA_ARGS": "--scheduling-policy fcfs"},
+            "BASTION_FAIRNESS",
+        ),
     }
 
 
@@ -118,6 +122,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
         "an upstream URL and a command",
         "reserve not below the capacity",
         "reserve without a capacity",
+        "fairness beside an explicit FCFS vLLM",
     ],
 )
 def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, case: str) -> None:
