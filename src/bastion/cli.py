@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -134,9 +135,36 @@ def _check(settings: Settings) -> int:
     logging_for(settings)
     build(settings)
     for name, value in settings.model_dump().items():
-        print(f"{name} = {value}")
+        print(f"{name} = {_shown(name, value)}")
     print("bastion: configuration OK", file=sys.stderr)
     return 0
+
+
+_HIDDEN = "**********"  # as pydantic shows a SecretStr
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def _shown(name: str, value: Any) -> Any:
+    """A setting as check-config prints it: an engine entry's `api_key`, and environment values whose name looks
+    like a credential (HF_TOKEN=...), hidden as the SecretStr settings are."""
+    if name == "engines" and isinstance(value, list):
+        return [_entry_shown(item) if isinstance(item, dict) else item for item in value]
+    if name == "upstream_env" and isinstance(value, dict):
+        return _env_shown(value)
+    return value
+
+
+def _entry_shown(item: dict[str, Any]) -> dict[str, Any]:
+    shown = dict(item)
+    if shown.get("api_key") is not None:
+        shown["api_key"] = _HIDDEN
+    if isinstance(shown.get("env"), dict):
+        shown["env"] = _env_shown(shown["env"])
+    return shown
+
+
+def _env_shown(env: dict[str, Any]) -> dict[str, Any]:
+    return {k: _HIDDEN if _SECRET_NAME.search(str(k)) else v for k, v in env.items()}
 
 
 def _serve(settings: Settings) -> int:

@@ -337,3 +337,17 @@ def test_keys_create_refuses_a_class_the_gateway_does_not_have_and_a_bad_network
     classes = {"BASTION_PRIORITY_CLASSES": '{"gold": {"order": 0}, "standard": {"order": 1}}'}
     made = bastion(*create, "c", "--priority-class", "gold", "--allow-ip", "10.0.0.0/8", env=classes, cwd=tmp_path)
     assert made.returncode == 0 and made.stdout.startswith("bst-"), made.stderr
+
+
+def test_check_config_hides_an_engine_key_and_credential_like_environment_values(tmp_path: Path) -> None:
+    """It printed `engines = [{..., 'api_key': '<the external engine's key>'}]` and HF_TOKEN values in clear."""
+    engines = [
+        {"model": "a", "url": "http://127.0.0.1:9", "api_key": "Zq9-engine-key"},
+        {"model": "b", "command": SIMULATED, "env": {"HF_TOKEN": "hf_Zq9token", "OMP_NUM_THREADS": "4"}},
+    ]
+    env = {"BASTION_ENGINES": json.dumps(engines), "BASTION_UPSTREAM_ENV": "HF_TOKEN=hf_Zq9own CUDA_VISIBLE_DEVICES=1"}
+    result = bastion("check-config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Zq9" not in result.stdout + result.stderr
+    assert "'api_key': '**********'" in result.stdout and "'OMP_NUM_THREADS': '4'" in result.stdout
+    assert "upstream_env = {'HF_TOKEN': '**********', 'CUDA_VISIBLE_DEVICES': '1'}" in result.stdout
