@@ -862,6 +862,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("engine_capacity", "engine_reserve", "engine_backlog", "engine_waiting_threshold")
+    @classmethod
+    def _check_gate_is_on(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Read only by the fair queue: set without it, an operator believes the engine capped when nothing is.
+        given = value is not None if info.field_name == "engine_waiting_threshold" else bool(value)
+        if given and info.data.get("fairness") is False:
+            raise ValueError(
+                "is read only by the fair queue, which is off: set BASTION_FAIRNESS=true as well, or unset it"
+            )
+        return value
+
     @field_validator("engine_reserve")
     @classmethod
     def _check_reserve(cls, value: int, info: ValidationInfo) -> int:

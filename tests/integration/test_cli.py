@@ -98,7 +98,14 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             {**valid, "BASTION_FAIRNESS": "true", "BASTION_ENGINE_CAPACITY": "2", "BASTION_ENGINE_RESERVE": "2"},
             "BASTION_ENGINE_RESERVE",
         ),
-        "reserve without a capacity": ({**valid, "BASTION_ENGINE_RESERVE": "2"}, "BASTION_ENGINE_RESERVE"),
+        "reserve without a capacity": (
+            {**valid, "BASTION_FAIRNESS": "true", "BASTION_ENGINE_RESERVE": "2"},
+            "BASTION_ENGINE_RESERVE",
+        ),
+        "a gate setting without the fair queue": (
+            {**valid, "BASTION_ENGINE_CAPACITY": "64"},
+            "BASTION_ENGINE_CAPACITY",
+        ),
         "fairness beside an explicit FCFS vLLM": (
             {**without_command, "BASTION_FAIRNESS": "true", "BASTION_VLLM_EXTRA_ARGS": "--scheduling-policy fcfs"},
             "BASTION_FAIRNESS",
@@ -123,6 +130,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
         "reserve not below the capacity",
         "reserve without a capacity",
         "fairness beside an explicit FCFS vLLM",
+        "a gate setting without the fair queue",
     ],
 )
 def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, case: str) -> None:
