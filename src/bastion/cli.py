@@ -130,12 +130,14 @@ def _run(command: str, args: dict[str, Any]) -> int:
 
 def _check(settings: Settings) -> int:
     """Build everything `serve` builds (key store, JWT keys, audit log, child command), bind and spawn nothing."""
-    from .preflight import build, logging_for
+    from .preflight import build, logging_for, usage_db_busy
 
     logging_for(settings)
-    build(settings)
+    build(settings, claim=False)  # beside a live gateway, as when checking an upgrade: its lock is not a mistake
     for name, value in settings.model_dump().items():
         print(f"{name} = {_shown(name, value)}")
+    if (busy := usage_db_busy(settings)) is not None:
+        print(f"bastion: note: {busy}", file=sys.stderr)
     print("bastion: configuration OK", file=sys.stderr)
     return 0
 

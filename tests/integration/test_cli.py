@@ -359,3 +359,21 @@ def test_check_config_hides_an_engine_key_and_credential_like_environment_values
     assert "Zq9" not in result.stdout + result.stderr
     assert "'api_key': '**********'" in result.stdout and "'OMP_NUM_THREADS': '4'" in result.stdout
     assert "upstream_env = {'HF_TOKEN': '**********', 'CUDA_VISIBLE_DEVICES': '1'}" in result.stdout
+
+
+def test_check_config_beside_the_running_gateway_passes_and_notes_its_usage_file(tmp_path: Path) -> None:
+    """docs/operations.md, "Upgrading": check-config while the old gateway serves. With a key file (the systemd
+    setup) the usage file beside it is held by that gateway, and check-config failed with exit 2; a trial `serve`
+    beside it needs a usage file of its own, as the doc now says."""
+    keys = tmp_path / "keys.json"
+    env = {"BASTION_KEYS_FILE": str(keys), "BASTION_UPSTREAM_COMMAND": SIMULATED, "BASTION_AUDIT_LOG": "off"}
+    assert bastion("keys", "create", "--name", "a", env=env, cwd=tmp_path).returncode == 0
+    with gateway(env=env):
+        checked = bastion("check-config", env=env, cwd=tmp_path)
+        assert checked.returncode == 0, checked.stderr
+        note = f"bastion: note: usage database {tmp_path / 'usage.sqlite3'} is in use by another gateway process"
+        assert note in checked.stderr and "configuration OK" in checked.stderr
+        trial = bastion("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+        assert one_line(trial).startswith("bastion: invalid BASTION_BUDGET_DB: "), trial.stderr
+        own = bastion("check-config", env={**env, "BASTION_BUDGET_DB": str(tmp_path / "trial.sqlite3")}, cwd=tmp_path)
+        assert own.returncode == 0 and "note:" not in own.stderr, own.stderr
