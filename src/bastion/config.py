@@ -812,6 +812,12 @@ class Settings(BaseSettings):
         """vLLM refuses a nonzero `priority` unless run with --scheduling-policy priority, which bastion adds to
         the vLLM it supervises; an explicit other policy wins, and every request below the top class would fail."""
         if not value:
+            for item in info.data.get("engines") or []:
+                if isinstance(item, dict) and item.get("capacity") is not None:
+                    raise ValueError(
+                        f"is off, and BASTION_ENGINES entry {item.get('model')!r} sets a capacity, which only the fair "
+                        'queue reads: set BASTION_FAIRNESS=true, or drop "capacity"'
+                    )
             return value
         given: list[tuple[str, str]] = []
         if not (info.data.get("upstream_url") or info.data.get("upstream_command") or info.data.get("engines")):

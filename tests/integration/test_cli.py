@@ -106,6 +106,10 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             {**valid, "BASTION_ENGINE_CAPACITY": "64"},
             "BASTION_ENGINE_CAPACITY",
         ),
+        "an entry's capacity without the fair queue": (
+            {**without_command, "BASTION_ENGINES": json.dumps([{"model": "a", "command": SIMULATED, "capacity": 8}])},
+            "BASTION_FAIRNESS",
+        ),
         "fairness beside an explicit FCFS vLLM": (
             {**without_command, "BASTION_FAIRNESS": "true", "BASTION_VLLM_EXTRA_ARGS": "--scheduling-policy fcfs"},
             "BASTION_FAIRNESS",
@@ -131,6 +135,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
         "reserve without a capacity",
         "fairness beside an explicit FCFS vLLM",
         "a gate setting without the fair queue",
+        "an entry's capacity without the fair queue",
     ],
 )
 def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, case: str) -> None:
