@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(line if line.startswith(" ") else f"bastion: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: `serve` and `simulate` have shut down gracefully by now (uvicorn raises the signal again once
+        # done), a CLI call was left; the shell's status for SIGINT, without a traceback.
+        return 130
 
 
 def _run(command: str, args: dict[str, Any]) -> int:
@@ -125,14 +130,43 @@ def _run(command: str, args: dict[str, Any]) -> int:
 
 def _check(settings: Settings) -> int:
     """Build everything `serve` builds (key store, JWT keys, audit log, child command), bind and spawn nothing."""
-    from .preflight import build, logging_for
+    from .preflight import build, logging_for, usage_db_busy
 
     logging_for(settings)
-    build(settings)
+    build(settings, claim=False)  # beside a live gateway, as when checking an upgrade: its lock is not a mistake
     for name, value in settings.model_dump().items():
-        print(f"{name} = {value}")
+        print(f"{name} = {_shown(name, value)}")
+    if (busy := usage_db_busy(settings)) is not None:
+        print(f"bastion: note: {busy}", file=sys.stderr)
     print("bastion: configuration OK", file=sys.stderr)
     return 0
+
+
+_HIDDEN = "**********"  # as pydantic shows a SecretStr
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def _shown(name: str, value: Any) -> Any:
+    """A setting as check-config prints it: an engine entry's `api_key`, and environment values whose name looks
+    like a credential (HF_TOKEN=...), hidden as the SecretStr settings are."""
+    if name == "engines" and isinstance(value, list):
+        return [_entry_shown(item) if isinstance(item, dict) else item for item in value]
+    if name == "upstream_env" and isinstance(value, dict):
+        return _env_shown(value)
+    return value
+
+
+def _entry_shown(item: dict[str, Any]) -> dict[str, Any]:
+    shown = dict(item)
+    if shown.get("api_key") is not None:
+        shown["api_key"] = _HIDDEN
+    if isinstance(shown.get("env"), dict):
+        shown["env"] = _env_shown(shown["env"])
+    return shown
+
+
+def _env_shown(env: dict[str, Any]) -> dict[str, Any]:
+    return {k: _HIDDEN if _SECRET_NAME.search(str(k)) else v for k, v in env.items()}
 
 
 def _serve(settings: Settings) -> int:

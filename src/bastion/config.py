@@ -285,7 +285,7 @@ class Settings(BaseSettings):
         le=256,
         description="Gateway worker processes sharing the port, each on its own event loop and CPU core; the "
         "`bastion serve` process supervises them and the engines. Above 1 needs BASTION_REDIS_URL (limits and "
-        "budgets shared exactly) and BASTION_FAIRNESS off. One worker carries ~25-45k streamed chunks/s.",
+        "budgets shared exactly) and BASTION_FAIRNESS off. One carries ~26-52k streamed tokens/s (docs/operations.md).",
     )
 
     # --- upstream --------------------------------------------------------------------
@@ -803,6 +803,97 @@ class Settings(BaseSettings):
             raise ValueError(
                 "a background response is charged its reservation, which holds only if the engine stops there: "
                 "set BASTION_ENFORCE_MAX_TOKENS=true as well"
+            )
+        return value
+
+    @field_validator("fairness")
+    @classmethod
+    def _check_scheduling_policy(cls, value: bool, info: ValidationInfo) -> bool:
+        """vLLM refuses a nonzero `priority` unless run with --scheduling-policy priority, which bastion adds to
+        the vLLM it supervises; an explicit other policy wins, and every request below the top class would fail."""
+        if not value:
+            for item in info.data.get("engines") or []:
+                if isinstance(item, dict) and item.get("capacity") is not None:
+                    raise ValueError(
+                        f"is off, and BASTION_ENGINES entry {item.get('model')!r} sets a capacity, which only the fair "
+                        'queue reads: set BASTION_FAIRNESS=true, or drop "capacity"'
+                    )
+            return value
+        given: list[tuple[str, str]] = []
+        if not (info.data.get("upstream_url") or info.data.get("upstream_command") or info.data.get("engines")):
+            given.append(("BASTION_VLLM_EXTRA_ARGS", info.data.get("vllm_extra_args") or ""))
+        for item in info.data.get("engines") or []:
+            if isinstance(item, dict) and item.get("vllm_model") and isinstance(item.get("extra_args"), str):
+                given.append((f"BASTION_ENGINES entry {item.get('model')!r} extra_args", item["extra_args"]))
+        for where, text in given:
+            words = shlex.split(text)
+            for i, word in enumerate(words):
+                name, _, inline = word.partition("=")
+                if name == "--scheduling-policy":
+                    policy = inline or (words[i + 1] if i + 1 < len(words) else "")
+                    if policy != "priority":
+                        raise ValueError(
+                            f"{where} sets --scheduling-policy {policy}, and vLLM then refuses every request whose "
+                            "class has a nonzero priority (all but the highest); drop it (bastion adds "
+                            "--scheduling-policy priority) or set BASTION_FAIRNESS=false"
+                        )
+        return value
+
+    @field_validator("upstream_command")
+    @classmethod
+    def _check_one_upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("upstream_url") is not None:
+            raise ValueError(
+                "BASTION_UPSTREAM_URL is set too, and an external upstream is never spawned: unset one of them "
+                "(the URL for a server you run yourself, the command for a child bastion supervises)"
+            )
+        return value
+
+    @field_validator("engines", "engines_file")
+    @classmethod
+    def _check_engines_source(cls, value: Any, info: ValidationInfo) -> Any:
+        if not value:
+            return value
+        if info.field_name == "engines_file":
+            if "engines" not in info.data:  # BASTION_ENGINES itself is wrong: its line says so
+                return value
+            if info.data["engines"]:
+                raise ValueError("BASTION_ENGINES is set too: give the engine list in one of them, and unset the other")
+        # One engine's own settings beside the list would be ignored without a word.
+        given = " and ".join(f"BASTION_{n.upper()}" for n in ("upstream_url", "upstream_command") if info.data.get(n))
+        if given:
+            raise ValueError(
+                f"{given} is for the one engine used when there is no engine list: move it into an entry of the "
+                f'list ("url" or "command") and unset {given}'
+            )
+        return value
+
+    @field_validator("engine_capacity", "engine_reserve", "engine_backlog", "engine_waiting_threshold")
+    @classmethod
+    def _check_gate_is_on(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Read only by the fair queue: set without it, an operator believes the engine capped when nothing is.
+        given = value is not None if info.field_name == "engine_waiting_threshold" else bool(value)
+        if given and info.data.get("fairness") is False:
+            raise ValueError(
+                "is read only by the fair queue, which is off: set BASTION_FAIRNESS=true as well, or unset it"
+            )
+        return value
+
+    @field_validator("engine_reserve")
+    @classmethod
+    def _check_reserve(cls, value: int, info: ValidationInfo) -> int:
+        if not value or info.data.get("engines") or info.data.get("engines_file"):  # room = capacity x replicas
+            return value
+        capacity = info.data.get("engine_capacity")
+        if capacity == 0:
+            raise ValueError(
+                "a reserve is kept out of BASTION_ENGINE_CAPACITY, which is 0 (no cap); set the capacity (vLLM's "
+                "--max-num-seqs) or set the reserve to 0"
+            )
+        if capacity is not None and value >= capacity:
+            raise ValueError(
+                f"{value} of BASTION_ENGINE_CAPACITY={capacity} leaves no room for any class but the highest "
+                "(its requests would all wait for their deadline); keep it below the capacity (2-4 is usual)"
             )
         return value
 

@@ -19,16 +19,18 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .app import Gateway, create_app, engine_problem
 from .auth.keys import KeyStoreError, read_key_file
-from .budget.sqlite import UsageDBError, check_free
+from .budget.sqlite import UsageDBBusy, UsageDBError, check_free
 from .config import ConfigError, Settings, problem
 from .engine.vllm import NO_VLLM_HINT, vllm_unavailable
 from .listen import bind
 from .logs import RedactingFilter, configure_logging
 
 
-def build(settings: Settings) -> Gateway:
-    """The gateway `serve` would run, or `ConfigError` with every problem found."""
-    found = problems(settings)
+def build(settings: Settings, *, claim: bool = True) -> Gateway:
+    """The gateway `serve` would run, or `ConfigError` with every problem found. `claim=False` (check-config)
+    leaves out what only the running process takes, as the port: the SQLite usage file's lock, which the live
+    gateway holds while its next version is checked beside it (docs/operations.md, "Upgrading")."""
+    found = problems(settings, claim=claim)
     if found:
         raise ConfigError(found)
     try:
@@ -48,7 +50,7 @@ def logging_for(settings: Settings) -> RedactingFilter:
     return redactor
 
 
-def problems(settings: Settings) -> list[str]:
+def problems(settings: Settings, *, claim: bool = True) -> list[str]:
     found = [
         *_child(settings),
         *_keys_file(settings.keys_file),
@@ -58,7 +60,7 @@ def problems(settings: Settings) -> list[str]:
         *_budget_db(settings.budget_db),
     ]
     if not found:
-        found += _usage_db_free(settings)
+        found += _usage_db_free(settings, claim=claim)
     found += _workers(settings)
     if settings.token_endpoint and (settings.jwt_secret is None or "HS256" not in settings.jwt_algorithms):
         found.append(
@@ -165,16 +167,37 @@ def _budget_db(path: Path | None) -> list[str]:
     return []
 
 
-def _usage_db_free(settings: Settings) -> list[str]:
+def _usage_db_free(settings: Settings, *, claim: bool = True) -> list[str]:
     """The SQLite usage file belongs to one gateway process: a second one is refused in one line."""
-    options = settings.budget_options()
-    if options.redis_url is not None or options.db is None or not options.db.parent.is_dir():
+    db = _usage_db(settings)
+    if db is None:
         return []
     try:
-        check_free(options.db)
+        check_free(db, lock=claim)
     except UsageDBError as exc:
         return [problem(Settings, "budget_db", str(exc))]
     return []
+
+
+def usage_db_busy(settings: Settings) -> str | None:
+    """Why a `serve` beside the running gateway would be refused (its SQLite usage file is held), or None."""
+    db = _usage_db(settings)
+    if db is None:
+        return None
+    try:
+        check_free(db)
+    except UsageDBBusy as exc:
+        return str(exc)
+    except UsageDBError:
+        return None
+    return None
+
+
+def _usage_db(settings: Settings) -> Path | None:
+    options = settings.budget_options()
+    if options.redis_url is not None or options.db is None or not options.db.parent.is_dir():
+        return None
+    return options.db
 
 
 def _audit_log(destination: str) -> list[str]:

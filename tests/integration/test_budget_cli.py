@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -120,6 +121,14 @@ def test_usage_cli_says_what_is_missing(tmp_path: Path) -> None:
     assert absent.returncode == 2 and "does not exist" in absent.stderr
     since = bastion("usage", "--since", "yesterday-ish", "--db", str(tmp_path / "x"), cwd=tmp_path)
     assert since.returncode == 2 and "--since" in since.stderr
+    # Redis out of reach: why, and what to check (it said only "unreachable: RedisUnavailable"); never the password.
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    down = bastion("usage", env={"BASTION_REDIS_URL": f"redis://:Zq9secret@127.0.0.1:{port}/0"}, cwd=tmp_path)
+    assert down.returncode == 1 and down.stderr.count("\n") == 1, down.stderr
+    assert down.stderr.startswith("bastion: budget storage (Redis) unreachable: cannot connect to Redis: "), down.stderr
+    assert down.stderr.rstrip().endswith("check BASTION_REDIS_URL (the gateway's) and that Redis runs")
+    assert "Zq9secret" not in down.stderr
 
 
 def test_keys_create_with_budgets(tmp_path: Path) -> None:

@@ -21,27 +21,24 @@ from tests.support import TEST_KEY, free_port, gateway
 ROOT = Path(__file__).parents[2]
 
 
-def readme_block(heading: str) -> str:
-    """The first ```bash block after `heading` in README.md."""
-    text = (ROOT / "README.md").read_text()
+def doc_block(heading: str, doc: str = "README.md") -> str:
+    """The first ```bash block after `heading` in `doc`."""
+    text = (ROOT / doc).read_text()
     after = text[text.index(heading) :]
     match = re.search(r"```bash\n(.*?)```", after, re.DOTALL)
     assert match is not None, heading
     return match.group(1)
 
 
-def test_the_api_keys_block_of_the_readme_runs_as_pasted(tmp_path: Path) -> None:
-    """Creates a key, starts a gateway over the simulator, waits for it, calls it, lists, rotates, revokes, stops."""
-    port = free_port()
-    block = readme_block("### API keys").replace("localhost:8000", f"localhost:{port}")
-    # `make demo` made .venv in the checkout; here, one whose bin is the interpreter running the tests.
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    (tmp_path / ".venv" / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+def run_pasted(block: str, cwd: Path, port: int, timeout: float = 90) -> str:
+    """`block` as a user pastes it into bash (-e, pipefail), on `port` instead of 8000; its output, status 0."""
+    block = block.replace("localhost:8000", f"localhost:{port}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BASTION_", "VLLM_"))}
     env["BASTION_PORT"] = str(port)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `bastion` as installed
     shell = subprocess.Popen(
         ["bash", "-e", "-o", "pipefail", "-c", block],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -49,15 +46,42 @@ def test_the_api_keys_block_of_the_readme_runs_as_pasted(tmp_path: Path) -> None
         start_new_session=True,
     )
     try:
-        output, _ = shell.communicate(timeout=90)
+        output, _ = shell.communicate(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(shell.pid, signal.SIGKILL)  # the gateway and its simulator, if the block did not stop them
     assert shell.returncode == 0, output
+    return output
+
+
+def test_the_api_keys_block_of_the_readme_runs_as_pasted(tmp_path: Path) -> None:
+    """Creates a key, starts a gateway over the simulator, waits for it, calls it, lists, rotates, revokes, stops."""
+    # `make demo` made .venv in the checkout; here, one whose bin is the interpreter running the tests.
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+    output = run_pasted(doc_block("### API keys"), tmp_path, free_port())
     assert '"id":"qwen2.5-7b-instruct"' in output.replace(" ", ""), output
     assert re.search(r"^\w+ +bst-\w+_… +alice +active ", output, re.MULTILINE), output
     assert "rotated key" in output and "revoked key" in output
     assert (tmp_path / "keys.json").exists()
+
+
+def test_the_two_models_block_of_engines_md_runs_as_pasted(tmp_path: Path) -> None:
+    """Its curl lines ran before the gateway listened: every one printed nothing (curl -s, connection refused)."""
+    output = run_pasted(doc_block("## Two models", "docs/engines.md"), tmp_path, free_port())
+    compact = output.replace(" ", "")
+    assert '{"status":"ready","engines":{"chat":{' in compact and '"code":{"ready":1' in compact, output
+    assert '"id":"chat"' in compact and '"id":"code"' in compact, output
+    assert '"object":"chat.completion","created":' in compact and '"model":"code"' in compact, output
+    assert '"code":"model_not_found"' in compact, output
+
+
+def test_the_rolling_restart_block_of_engines_md_runs_as_pasted(tmp_path: Path) -> None:
+    output = run_pasted(doc_block("## Two replicas", "docs/engines.md"), tmp_path, free_port())
+    assert '"chat":{"ready":2,"replicas":[' in output.replace(" ", ""), output
+    printed = re.findall(r"^(chat/\d): restarted \(", output, re.MULTILINE)  # by the CLI, one line per replica
+    assert printed == ["chat/0", "chat/1", "chat/1"], output
+    assert "SIGUSR1: rolling restart of every engine" in output, output
 
 
 @contextlib.contextmanager

@@ -284,6 +284,7 @@ async def test_with_a_lead_the_backlog_opens_only_near_a_predicted_end() -> None
 
 
 def test_a_backlog_without_a_capacity_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASTION_FAIRNESS", "true")  # without it, any gate setting is refused (test_cli.py)
     monkeypatch.setenv("BASTION_ENGINE_BACKLOG", "4")
     with pytest.raises(ConfigError) as raised:
         load(Settings, env_file=None)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +176,27 @@ def test_the_url_forms_config_accepts() -> None:
         with pytest.raises(ValueError, match="special characters") as bad_url:
             parse_url(leaky)
         assert "Zq9" not in str(bad_url.value) and "Yw7" not in str(bad_url.value)
+
+
+def test_url_mistakes_are_one_reason_never_a_traceback_or_silently_ignored(tmp_path: Path) -> None:
+    """A CA file that cannot be read was a FileNotFoundError traceback from `check-config`; an option bastion does
+    not read (a typo, or a TLS option on a plain URL) was ignored, leaving TLS unverified or the wrong database."""
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    cases = {
+        "rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem": "ssl_ca_certs=/nonexistent/ca.pem: cannot be read as CA",
+        f"rediss://h/0?ssl_ca_certs={not_pem}": f"ssl_ca_certs={not_pem}: cannot be read as CA",
+        "rediss://h/0?ssl_ca_cert=/etc/ca.pem": "has a query option bastion does not read",
+        "redis://h/0?database=2": "has a query option bastion does not read",
+        "redis://h/0?ssl_cert_reqs=required": "apply to TLS: write rediss://",
+        "redis+unix:///run/redis.sock?ssl_ca_certs=/etc/ca.pem": "apply to TLS: write rediss://",
+    }
+    for url, reason in cases.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            parse_url(url)
+    with pytest.raises(ValueError) as leaky:  # an unencoded "?" in a password: the option's name is not echoed
+        parse_url("redis://h/0?Zq9Yw7=1")
+    assert "Zq9" not in str(leaky.value)
 
 
 # --- the connection ---------------------------------------------------------------------------------------

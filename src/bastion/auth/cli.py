@@ -21,6 +21,7 @@ from typing import Any
 from ..budget.policy import Budget, parse_budget, to_mapping, unique
 from ..config import ConfigError, Settings, load
 from ..jsonscan import valid_unicode
+from .ipfilter import parse_network
 from .keys import (
     KeyFile,
     KeyRecord,
@@ -71,6 +72,15 @@ def _budgets(given: list[Budget] | None) -> list[Budget] | None:
         raise KeyStoreError(str(exc)) from None
 
 
+def _network(text: str) -> str:
+    """A `--allow-ip` value, checked as the key file's `allow_ips` is (a usage error, not a half-made key)."""
+    try:
+        parse_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _limit_help(what: str, setting: str) -> str:
     default = Settings.model_fields[setting].get_default()
     return f"{what} (default: the gateway's BASTION_{setting.upper()}, {default}; 0 = unlimited)"
@@ -106,12 +116,14 @@ def register(commands: Any) -> None:
         "create", parents=[store, limits], help="create a key; prints it once, alone, on stdout"
     )
     create.add_argument("--name", required=True, help="who or what the key is for (shown in logs and metrics)")
-    create.add_argument("--allow-ip", action="append", metavar="CIDR", help="only from these networks (repeatable)")
+    create.add_argument(
+        "--allow-ip", action="append", type=_network, metavar="CIDR", help="only from these networks (repeatable)"
+    )
     create.add_argument(
         "--priority-class",
         metavar="CLASS",
-        help="its priority class when the engine is saturated, e.g. interactive or batch "
-        "(default: BASTION_DEFAULT_PRIORITY_CLASS; see docs/fairness.md)",
+        help="its priority class when the engine is saturated: one of BASTION_PRIORITY_CLASSES, e.g. interactive "
+        "or batch (default: BASTION_DEFAULT_PRIORITY_CLASS; see docs/fairness.md)",
     )
     create.add_argument("--expires", type=duration, metavar="DURATION", help="lifetime, e.g. 30d (default: none)")
     create.add_argument(
@@ -169,6 +181,15 @@ def _keys(args: dict[str, Any]) -> int:
         raise ConfigError(
             [f"{path} does not exist (BASTION_KEYS_FILE, --keys-file): check the path, or make it with `keys create`"]
         )
+    if (wanted := args.get("priority_class")) is not None:
+        names = [c.name for c in settings.class_table().classes]
+        if wanted not in names:  # the gateway would give it the lowest class, without a word
+            raise ConfigError(
+                [
+                    f"--priority-class {wanted!r} is not a class of BASTION_PRIORITY_CLASSES ({', '.join(names)}); "
+                    "name one of them (run `bastion keys` with the gateway's environment if it defines others)"
+                ]
+            )
     try:
         if args["action"] == "list":
             return _list(_read(path), args["json"])

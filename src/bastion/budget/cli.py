@@ -55,8 +55,11 @@ def _usage(args: dict[str, Any]) -> int:
         return 2
     try:
         rows = _rows(options, calendar, since, args["key"], now)
-    except (UsageDBError, LedgerUnavailable) as exc:
+    except UsageDBError as exc:
         _say(str(exc))
+        return 1
+    except LedgerUnavailable as exc:
+        _say(f"{exc}; check BASTION_REDIS_URL (the gateway's) and that Redis runs")
         return 1
     if rows is None:
         return 2

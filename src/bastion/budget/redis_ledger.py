@@ -282,7 +282,9 @@ class RedisLedger:
             return await call
         except (TimeoutError, RedisUnavailable, OSError) as exc:
             self.errors += 1
-            raise LedgerUnavailable(f"budget storage (Redis) unreachable: {type(exc).__name__}") from exc
+            # The client's own words (they never hold the URL or its password): what an operator can act on.
+            reason = str(exc) if isinstance(exc, RedisUnavailable) and str(exc) else type(exc).__name__
+            raise LedgerUnavailable(f"budget storage (Redis) unreachable: {reason}") from exc
 
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._running()

@@ -47,6 +47,10 @@ class UsageDBError(RuntimeError):
     """The usage file cannot be used; the message names it and says why."""
 
 
+class UsageDBBusy(UsageDBError):
+    """Another gateway process holds the usage file (its lock)."""
+
+
 class UsageDB:
     """A connection to the usage file. Used from one thread only (SQLite's rule, kept by the journal)."""
 
@@ -169,10 +173,12 @@ class SQLiteJournal:
         return self._db
 
 
-def check_free(path: Path) -> None:
-    """Raise UsageDBError (one line) if another gateway process holds `path`, or if it is there and not a usage
-    database bastion can read (another file named by mistake, a damaged one): checked before `serve` starts."""
-    os.close(_lock(path))
+def check_free(path: Path, *, lock: bool = True) -> None:
+    """Raise UsageDBError (one line) if another gateway process holds `path` (UsageDBBusy; not checked with
+    `lock=False`), or if it is there and not a usage database bastion can read (another file named by mistake, a
+    damaged one): checked before `serve` starts."""
+    if lock:
+        os.close(_lock(path))
     if path.exists():
         try:
             UsageDB(path, readonly=True).close()
@@ -192,7 +198,7 @@ def _lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageDBError(
+        raise UsageDBBusy(
             f"usage database {path} is in use by another gateway process; budgets kept in one file work for "
             "one process only: give each its own BASTION_BUDGET_DB, or share budgets with BASTION_REDIS_URL"
         ) from None

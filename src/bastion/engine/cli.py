@@ -1,4 +1,4 @@
-"""`bastion engines restart [MODEL]`: ask the running gateway for a rolling restart.
+"""`bastion engines restart [MODEL | MODEL/INDEX]`: ask the running gateway for a rolling restart.
 
 It talks to the gateway's admin route (`POST /admin/engines/restart`) with
 BASTION_ADMIN_TOKEN from the environment (never a flag: argv is visible to every
@@ -20,15 +20,25 @@ _CONNECT_TIMEOUT = 5.0
 
 def register(commands: Any) -> None:
     """Add `engines restart` to bastion's subparsers."""
-    engines = commands.add_parser("engines", help="manage the running gateway's engines")
+    engines = commands.add_parser(
+        "engines",
+        help="manage the running gateway's engines",
+        description="Manage the engines of a running gateway, through its admin route (BASTION_ADMIN_TOKEN).",
+    )
     actions = engines.add_subparsers(dest="action", required=True, metavar="ACTION")
     restart = actions.add_parser(
         "restart",
-        help="restart MODEL's replicas (default: every engine) one at a time, without downtime where it has 2+",
+        help="restart MODEL's replicas (or MODEL/INDEX, one; default: every engine) one at a time, without "
+        "downtime where it has 2+",
         description="Rolling restart through the running gateway: start a new child, wait until ready, move new "
         "requests to it, drain and stop the old one. Needs BASTION_ADMIN_TOKEN in the environment.",
     )
-    restart.add_argument("model", nargs="?", help="the model (engine name) to restart; default: all")
+    restart.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL[/INDEX]",
+        help="the model (engine name) to restart, or one replica of it (chat/1); default: every engine",
+    )
     restart.add_argument("--url", help="the gateway's base URL (default: http://BASTION_HOST:BASTION_PORT)")
     restart.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds to wait for the restart to finish (default: 3600)"

@@ -8,6 +8,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_PORT = 6379
 _INVALID = "is not a valid URL (check the port and any special characters in the password: percent-encode them)"
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+_OPTIONS = ("db", *_TLS_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +46,17 @@ def parse_url(url: str) -> Endpoint:
     except ValueError:  # not echoed: a password with a "/" or "#" in it ends up here
         raise ValueError(_INVALID) from None
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if any(name not in _OPTIONS for name in query):  # a typo would be ignored: TLS unverified, or the wrong db
+        # The name is not echoed: an unencoded "?" in a password puts the rest of it here.
+        raise ValueError(
+            f"has a query option bastion does not read (it reads {', '.join(_OPTIONS)}; percent-encode any "
+            "special characters in the password)"
+        )
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
     db_text = query.get("db")
+    if parts.scheme in ("redis", "redis+unix") and any(name in query for name in _TLS_OPTIONS):
+        raise ValueError("ssl_ca_certs and ssl_cert_reqs apply to TLS: write rediss:// (or leave them out)")
     if parts.scheme == "redis+unix":
         if not parts.path:
             raise ValueError("a redis+unix:// URL needs a socket path")
@@ -79,7 +89,12 @@ def _db(text: str | None) -> int:
 
 
 def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    cafile = query.get("ssl_ca_certs")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:  # a path is not a secret; the rest of the URL is not echoed
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM file of certificates"
+        raise ValueError(f"ssl_ca_certs={cafile}: cannot be read as CA certificates ({reason})") from None
     reqs = query.get("ssl_cert_reqs", "required").lower()
     if reqs not in ("none", "optional", "required"):
         raise ValueError("ssl_cert_reqs must be none, optional or required")
