@@ -100,6 +100,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     return _PORTS.take(host)
 
 
+def _interruptible() -> None:
+    """SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (`make test &`, a CI runner
+    without job control) inherits it ignored, and an ignored SIGINT stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
     """A child process in its own session, with its output captured to a file."""
 
@@ -115,6 +121,7 @@ class Proc:
             env={**inherited, **(env or {})},
             cwd=tempfile.gettempdir(),
             start_new_session=True,
+            preexec_fn=_interruptible,
         )
         self.pid = self.popen.pid
 
