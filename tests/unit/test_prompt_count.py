@@ -82,6 +82,14 @@ def test_every_part_vllm_reads_as_text_is_counted_not_estimated(content: list[An
     assert asked(CHAT_ROUTE, {"messages": messages}) == {"model": "m", "messages": messages}
 
 
+@pytest.mark.parametrize("documents", [None, []])
+def test_no_documents_written_as_null_or_empty_is_counted_not_estimated(documents: Any) -> None:
+    # vLLM reads `"documents": null` (or []) as none: the prompt it runs is the one without them, so a key holder
+    # who added the key paid the bytes/4 estimate.
+    messages = [{"role": "user", "content": "1234567890"}]
+    assert asked(CHAT_ROUTE, {"messages": messages, "documents": documents}) == {"model": "m", "messages": messages}
+
+
 @pytest.mark.parametrize(
     ("route", "request_"),
     [

@@ -62,7 +62,8 @@ def tokenize_request(route: str, body: bytes, model: str) -> bytes | int | None:
     asked: dict[str, Any] = {"model": model} if model else {}
     if route == CHAT_ROUTE:
         messages = request.get("messages")
-        if not isinstance(messages, list) or not messages or "documents" in request:
+        # `documents` (which /tokenize does not take) only when there are some: null or [] is vLLM's default.
+        if not isinstance(messages, list) or not messages or request.get("documents"):
             return None
         if not all(_text_message(message) for message in messages):
             return None  # media: /tokenize would fetch it again, and its placeholder count is not the bytes'
