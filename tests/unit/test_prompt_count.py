@@ -65,6 +65,32 @@ def test_a_completion_is_asked_with_its_one_prompt_and_token_ids_count_themselve
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        ["1234567890"],
+        [{"type": "input_text", "text": "1234567890"}],
+        [{"type": "output_text", "text": "1234567890"}],
+        [{"type": "refusal", "refusal": "1234567890"}],
+        [{"type": "thinking", "thinking": "1234567890"}],
+        [{"type": "text", "text": "1"}, "2", {"type": "input_text", "text": "3"}],
+    ],
+)
+def test_every_part_vllm_reads_as_text_is_counted_not_estimated(content: list[Any]) -> None:
+    # vLLM reads bare strings and these parts as text on a text-only model: a key holder who wrapped a digit-heavy
+    # prompt in them paid its bytes/4 estimate, a quarter of the prefill, as before the count.
+    messages = [{"role": "user", "content": content}]
+    assert asked(CHAT_ROUTE, {"messages": messages}) == {"model": "m", "messages": messages}
+
+
+@pytest.mark.parametrize("documents", [None, []])
+def test_no_documents_written_as_null_or_empty_is_counted_not_estimated(documents: Any) -> None:
+    # vLLM reads `"documents": null` (or []) as none: the prompt it runs is the one without them, so a key holder
+    # who added the key paid the bytes/4 estimate.
+    messages = [{"role": "user", "content": "1234567890"}]
+    assert asked(CHAT_ROUTE, {"messages": messages, "documents": documents}) == {"model": "m", "messages": messages}
+
+
+@pytest.mark.parametrize(
     ("route", "request_"),
     [
         (COMPLETIONS_ROUTE, {"prompt": ["a", "b"]}),  # several prompts: /tokenize takes one

@@ -40,7 +40,9 @@ _CHAT_FIELDS: tuple[str, ...] = (
     "mm_processor_kwargs",
 )
 _COMPLETION_FIELDS: tuple[str, ...] = ("add_special_tokens",)
-_TEXT_PART = "text"
+# The part types vLLM reads as text on any model (chat_utils' MM_PARSER_MAP), media being everything else: a
+# client's `input_text` or bare-string parts were a 100k-token prompt charged its bytes/4 estimate.
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
 PROMPT_COUNT_TIMEOUT = 2.0  # the whole call: connect, send, answer
 PROMPT_COUNT_CONNECTIONS = 8  # per engine: a burst of clients leaving at once waits at most the timeout
 _KEEPALIVE = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive
@@ -60,7 +62,8 @@ def tokenize_request(route: str, body: bytes, model: str) -> bytes | int | None:
     asked: dict[str, Any] = {"model": model} if model else {}
     if route == CHAT_ROUTE:
         messages = request.get("messages")
-        if not isinstance(messages, list) or not messages or "documents" in request:
+        # `documents` (which /tokenize does not take) only when there are some: null or [] is vLLM's default.
+        if not isinstance(messages, list) or not messages or request.get("documents"):
             return None
         if not all(_text_message(message) for message in messages):
             return None  # media: /tokenize would fetch it again, and its placeholder count is not the bytes'
@@ -93,7 +96,7 @@ def _text_message(message: object) -> bool:
     if content is None or isinstance(content, str):
         return True
     return isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == _TEXT_PART for part in content
+        isinstance(part, str) or (isinstance(part, dict) and part.get("type") in _TEXT_PARTS) for part in content
     )
 
 
