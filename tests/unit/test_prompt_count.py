@@ -115,6 +115,9 @@ def test_shapes_tokenize_cannot_express_keep_the_estimate(route: str, request_: 
     ("answer", "count"),
     [
         (b'{"count":12,"max_model_len":32768,"tokens":[1]}', 12),
+        (b'{"count":900000,"max_model_len":32768}', 32768),  # no prompt the engine ran is longer than that
+        (b'{"count":900000,"max_model_len":"32768"}', 900000),
+        (b'{"count":900000,"max_model_len":0}', 900000),
         (b'{"count":0,"tokens":[]}', 0),
         (b'{"count":-1}', None),
         (b'{"count":"12"}', None),

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
 
 from .. import http
 from .state import Upstream
@@ -101,15 +101,22 @@ def _text_message(message: object) -> bool:
 
 
 def count_of(answer: bytes) -> int | None:
-    """The `count` of a `/tokenize` answer, if it is a non-negative integer."""
+    """The `count` of a `/tokenize` answer, if it is a non-negative integer; never more than the answer's own
+    `max_model_len` (vLLM's), as no prompt the engine ran can be longer: a broken upstream charges no more."""
     try:
         payload = json.loads(answer)
     except (ValueError, RecursionError):
         return None
-    count = payload.get("count") if isinstance(payload, dict) else None
-    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-        return count
-    return None
+    if not isinstance(payload, dict):
+        return None
+    count, limit = payload.get("count"), payload.get("max_model_len")
+    if not _natural(count):
+        return None
+    return min(count, limit) if _natural(limit) and limit > 0 else count
+
+
+def _natural(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class PromptCounter:
