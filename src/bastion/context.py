@@ -65,6 +65,9 @@ class Exchange:
     # its way out when no usage was read (the client left, the engine broke mid-stream): `accounting.charge`
     # charges it instead of `prompt_estimate`. None: not asked, or the engine could not say.
     prompt_counted: int | None = None
+    # Called once the engine is done with the request and before the gateway's own work after it (the prompt
+    # count): the fair queue gives its place in the gate back then, not when its stage returns. None: no gate.
+    engine_done: Callable[[], None] | None = None
     usage_estimated: bool = False  # a 2xx that ended without usage, charged a conservative estimate
     # Headers a stage before the proxy wants on the response (e.g. x-ratelimit-*).
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)

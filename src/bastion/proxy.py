@@ -230,6 +230,8 @@ class Proxy:
         # let `_open` hand its backend back. A restarted replica's new engine serves the same model.
         served = next((r.backend for r in group.replicas if r.backend.label == exchange.engine), None)
         if served is not None:
+            if exchange.engine_done is not None:
+                exchange.engine_done()  # the engine is done with it: its place in the fair queue's gate goes back
             exchange.prompt_counted = await counter.count(
                 served.upstream, exchange.route, content, exchange.model, exchange.request_id
             )

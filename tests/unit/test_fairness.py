@@ -8,10 +8,11 @@ import time
 
 import pytest
 
+from bastion.asgi import Message, Receive, Scope, Send
 from bastion.auth.identity import Principal
 from bastion.auth.jwt import JWTConfig, JWTVerifier, mint
 from bastion.config import ConfigError, Settings, load
-from bastion.context import Exchange
+from bastion.context import Exchange, exchange_of
 from bastion.engine.router import Backend, EngineGroup, Replica, Router
 from bastion.engine.state import Phase, Upstream
 from bastion.engine.vllm import VllmArgs, vllm_command
@@ -19,6 +20,7 @@ from bastion.fairness.classes import DEFAULT_CLASSES, parse_classes
 from bastion.fairness.gate import Gate, Refused, Shed
 from bastion.fairness.groups import GateLimits, follow_groups, group_gates, group_of
 from bastion.fairness.scrape import waiting_of
+from bastion.fairness.stage import FairShare
 from bastion.request_body import RequestInspector
 
 CLASSES = parse_classes(DEFAULT_CLASSES, "standard")
@@ -292,3 +294,36 @@ def test_a_backlog_without_a_capacity_is_refused_in_one_line(monkeypatch: pytest
     assert line.startswith("invalid BASTION_ENGINE_BACKLOG: a backlog is counted beyond BASTION_ENGINE_CAPACITY"), line
     monkeypatch.setenv("BASTION_ENGINE_CAPACITY", "64")
     assert load(Settings, env_file=None).engine_backlog == 4
+
+
+async def test_a_request_gives_its_gate_place_back_once_when_the_engine_is_done_not_when_its_stage_returns() -> None:
+    """The proxy calls `exchange.engine_done` before it counts a left client's prompt (up to seconds): the next
+    request is admitted then, and the stage's own return gives nothing back a second time."""
+    gate = Gate("e", CLASSES, capacity=1)
+    done, release = asyncio.Event(), asyncio.Event()
+
+    async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = exchange_of(scope)
+        assert exchange.engine_done is not None
+        exchange.engine_done()  # what Proxy._count_prompt does before asking the engine
+        done.set()
+        await release.wait()  # the count, still running
+
+    stage = FairShare(proxy, {"e": gate}, CLASSES, lambda exchange: "e")
+    exchange = Exchange(request_id="r1", method="POST", path="/v1/chat/completions")
+    exchange.principal = Principal(id="k", name="k", kind="key")
+    scope: Scope = {"type": "http"}
+    exchange.attach(scope)
+
+    async def nothing() -> Message:
+        raise AssertionError("the stage reads nothing when there is room")
+
+    async def ignore(message: Message) -> None:
+        raise AssertionError("the stage sends nothing when there is room")
+
+    running = asyncio.create_task(stage(scope, nothing, ignore))
+    await done.wait()
+    assert gate.outstanding == 0 and gate.enter(BATCH)  # the next one goes now, not after the count
+    release.set()
+    await running
+    assert gate.outstanding == 1  # the stage's return gave nothing back twice: only the second one is out

@@ -249,12 +249,15 @@ async def test_a_client_that_left_before_the_head_is_charged_the_count_and_its_r
         raise AssertionError("nothing is sent to a client that left")
 
     async with ScriptedUpstream(by_path(routes)) as engine, PromptCounter(1.0) as counter:
+        asked_before_done: list[int] = []  # the fair queue's seat goes back before the engine is asked to count
+        exchange.engine_done = lambda: asked_before_done.append(len(engine.requests))
         backend = Backend(Upstream(f"http://127.0.0.1:{engine.port}", None, Phase.READY), "chat/0")
         timeouts = Timeouts(connect=2, read=5, write=5, pool=2)
         async with Client(timeouts=timeouts, max_connections=4, keepalive_expiry=5) as client:
             router = Router([EngineGroup("chat", [Replica(0, backend)])])
             proxy = Proxy(router, client, methods=["POST"], counter=counter)
             await asyncio.wait_for(proxy(scope, receive, send), 5)
+        assert asked_before_done == [1] and len(engine.requests) == 2  # the chat request, then /tokenize
     assert (exchange.outcome, exchange.forwarded, exchange.prompt_counted) == ("client_disconnect", True, 55)
     assert charge(exchange) == (55 + 7, False)
     assert backend.outstanding == 0

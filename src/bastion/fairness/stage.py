@@ -18,7 +18,7 @@ from ..asgi import CONNECTION_HOOK, ASGIApp, DisconnectWatch, Receive, Scope, Se
 from ..context import Exchange, Outcome, exchange_of
 from ..errors import GatewayError, send_error
 from .classes import ClassTable
-from .gate import Gate, Refused, Shed
+from .gate import Gate, Hold, Refused, Shed
 
 EngineName = Callable[[Exchange], str]
 _MESSAGES = {
@@ -26,6 +26,26 @@ _MESSAGES = {
     Shed.FULL: "The model server is saturated and the gateway's queue is full; retry later.",
     Shed.EVICTED: "The model server is saturated and higher-priority requests took this request's place; retry later.",
 }
+
+
+class _Seat:
+    """A forwarded request's place in its gate, given back once: when the proxy says the engine is done with it
+    (before it counts a prompt, which may take seconds) or when the stage returns, whichever comes first."""
+
+    __slots__ = ("_exchange", "_gate", "_hold")
+
+    def __init__(self, gate: Gate, hold: Hold | None, exchange: Exchange) -> None:
+        self._gate: Gate | None = gate
+        self._hold = hold
+        self._exchange = exchange
+
+    def __call__(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        self._gate = None
+        usage = self._exchange.usage  # what the engine generated: how fast it goes, for the backlog's lead
+        gate.leave(self._hold, usage.completion_tokens if usage is not None else 0)
 
 
 class FairShare:
@@ -46,12 +66,11 @@ class FairShare:
         cls = self.classes.of(exchange.principal)
         if not gate.enter(cls) and not await self._queue(scope, receive, send, exchange, gate):
             return
-        hold = gate.forwarded(cls, exchange.completion_cap)
+        seat = exchange.engine_done = _Seat(gate, gate.forwarded(cls, exchange.completion_cap), exchange)
         try:
             await self.app(scope, receive, send)
         finally:
-            usage = exchange.usage  # what the engine generated: how fast it goes, for the backlog's lead
-            gate.leave(hold, usage.completion_tokens if usage is not None else 0)
+            seat()
 
     async def _queue(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, gate: Gate) -> bool:
         """Wait in the gate; True once admitted, False if answered here (refused) or the client left."""
