@@ -34,7 +34,7 @@ from .budget.metrics import BudgetMetrics
 from .budget.middleware import BudgetStage, Resolver
 from .budget.options import open_ledger
 from .budget.policy import parse_budget, unique
-from .config import Settings
+from .config import Settings, fairness_problem
 from .context import Exchange, Listener, Outcome
 from .engine.catalog import ModelCatalog
 from .engine.command import CommandError, CommandSource, build_command
@@ -425,6 +425,9 @@ def engine_entries(settings: Settings) -> tuple[EngineEntry, ...]:
     items = settings.engines
     if not items and settings.engines_file is not None:
         items = load_engines_json(settings.engines_file.read_text())
+        # BASTION_ENGINES was checked against BASTION_FAIRNESS as a setting; the file is read only now
+        if (problem := fairness_problem(settings.fairness, items, "BASTION_ENGINES_FILE")) is not None:
+            raise ValueError(problem.replace("BASTION_ENGINES_FILE entry", "entry"))
     return parse_engines(items, os.environ)
 
 

@@ -186,6 +186,40 @@ def _engines(value: list[Any]) -> list[Any]:
     return value
 
 
+def fairness_problem(fairness: bool, entries: list[Any], source: str) -> str | None:
+    """What an engine list (BASTION_ENGINES, or the file) says that BASTION_FAIRNESS contradicts, in one line:
+    a capacity only the fair queue reads, with it off; an explicit --scheduling-policy other than priority, with
+    it on (vLLM would then refuse every request below the top class)."""
+    for item in entries:
+        if not isinstance(item, dict):
+            continue
+        if not fairness and item.get("capacity") is not None:
+            return (
+                f"{source} entry {item.get('model')!r} sets a capacity, which only the fair queue reads, and "
+                'BASTION_FAIRNESS is off: set BASTION_FAIRNESS=true, or drop "capacity"'
+            )
+        if fairness and item.get("vllm_model") and isinstance(item.get("extra_args"), str):
+            problem = _policy_problem(f"{source} entry {item.get('model')!r} extra_args", item["extra_args"])
+            if problem is not None:
+                return problem
+    return None
+
+
+def _policy_problem(where: str, text: str) -> str | None:
+    words = shlex.split(text)
+    for i, word in enumerate(words):
+        name, _, inline = word.partition("=")
+        if name == "--scheduling-policy":
+            policy = inline or (words[i + 1] if i + 1 < len(words) else "")
+            if policy != "priority":
+                return (
+                    f"{where} sets --scheduling-policy {policy}, and vLLM then refuses every request whose class "
+                    "has a nonzero priority (all but the highest); drop it (bastion adds --scheduling-policy "
+                    "priority) or set BASTION_FAIRNESS=false"
+                )
+    return None
+
+
 def _session_header(value: str) -> str:
     value = value.strip().lower()
     if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", value):
@@ -811,32 +845,15 @@ class Settings(BaseSettings):
     def _check_scheduling_policy(cls, value: bool, info: ValidationInfo) -> bool:
         """vLLM refuses a nonzero `priority` unless run with --scheduling-policy priority, which bastion adds to
         the vLLM it supervises; an explicit other policy wins, and every request below the top class would fail."""
-        if not value:
-            for item in info.data.get("engines") or []:
-                if isinstance(item, dict) and item.get("capacity") is not None:
-                    raise ValueError(
-                        f"is off, and BASTION_ENGINES entry {item.get('model')!r} sets a capacity, which only the fair "
-                        'queue reads: set BASTION_FAIRNESS=true, or drop "capacity"'
-                    )
-            return value
-        given: list[tuple[str, str]] = []
-        if not (info.data.get("upstream_url") or info.data.get("upstream_command") or info.data.get("engines")):
-            given.append(("BASTION_VLLM_EXTRA_ARGS", info.data.get("vllm_extra_args") or ""))
-        for item in info.data.get("engines") or []:
-            if isinstance(item, dict) and item.get("vllm_model") and isinstance(item.get("extra_args"), str):
-                given.append((f"BASTION_ENGINES entry {item.get('model')!r} extra_args", item["extra_args"]))
-        for where, text in given:
-            words = shlex.split(text)
-            for i, word in enumerate(words):
-                name, _, inline = word.partition("=")
-                if name == "--scheduling-policy":
-                    policy = inline or (words[i + 1] if i + 1 < len(words) else "")
-                    if policy != "priority":
-                        raise ValueError(
-                            f"{where} sets --scheduling-policy {policy}, and vLLM then refuses every request whose "
-                            "class has a nonzero priority (all but the highest); drop it (bastion adds "
-                            "--scheduling-policy priority) or set BASTION_FAIRNESS=false"
-                        )
+        problem = fairness_problem(value, info.data.get("engines") or [], "BASTION_ENGINES")
+        if (
+            problem is None
+            and value
+            and not (info.data.get("upstream_url") or info.data.get("upstream_command") or info.data.get("engines"))
+        ):
+            problem = _policy_problem("BASTION_VLLM_EXTRA_ARGS", info.data.get("vllm_extra_args") or "")
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("upstream_command")

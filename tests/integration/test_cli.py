@@ -63,6 +63,11 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
     engines = json.dumps([{"model": "chat", "command": SIMULATED}])
     engines_file = tmp / "engines.json"
     engines_file.write_text(engines)
+
+    def written(name: str, entry: dict[str, object]) -> str:
+        (tmp / name).write_text(json.dumps([{"model": "a", **entry}]))
+        return str(tmp / name)
+
     return {
         "malformed keys file": ({**valid, "BASTION_KEYS_FILE": str(tmp / "broken-keys.json")}, "BASTION_KEYS_FILE"),
         "token endpoint without secret": ({**valid, "BASTION_TOKEN_ENDPOINT": "true"}, "BASTION_TOKEN_ENDPOINT"),
@@ -114,6 +119,24 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             {**without_command, "BASTION_FAIRNESS": "true", "BASTION_VLLM_EXTRA_ARGS": "--scheduling-policy fcfs"},
             "BASTION_FAIRNESS",
         ),
+        # The engine list in a file is read after the settings: checked the same, named by its own setting.
+        "an entry's capacity without the fair queue, in the engines file": (
+            {
+                **without_command,
+                "BASTION_ENGINES_FILE": written("capacity.json", {"command": SIMULATED, "capacity": 8}),
+            },
+            "BASTION_ENGINES_FILE",
+        ),
+        "fairness beside an FCFS entry in the engines file": (
+            {
+                **without_command,
+                "BASTION_FAIRNESS": "true",
+                "BASTION_ENGINES_FILE": written(
+                    "fcfs.json", {"vllm_model": "/m/a", "extra_args": "--scheduling-policy fcfs"}
+                ),
+            },
+            "BASTION_ENGINES_FILE",
+        ),
     }
 
 
@@ -136,6 +159,8 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
         "fairness beside an explicit FCFS vLLM",
         "a gate setting without the fair queue",
         "an entry's capacity without the fair queue",
+        "an entry's capacity without the fair queue, in the engines file",
+        "fairness beside an FCFS entry in the engines file",
     ],
 )
 def test_check_config_refuses_exactly_what_serve_refuses(tmp_path: Path, case: str) -> None:
