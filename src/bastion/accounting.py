@@ -47,29 +47,28 @@ def charge(exchange: Exchange) -> tuple[int, bool]:
     usage = exchange.usage
     if usage is not None:
         return usage.total_tokens, False
-    if not exchange.forwarded:
-        return 0, False  # refused, or left before the engine had it (the fair queue): nothing generated
+    if not estimates_prompt(exchange):
+        return 0, False  # refused, left before the engine had it, or failed before the upstream answered
     # The prompt as the engine counted it, if the proxy could ask; else as estimated from the bytes.
     prompt = exchange.prompt_estimate if exchange.prompt_counted is None else exchange.prompt_counted
     # What the engine may have generated: the prompt and its cap (or the events relayed, if more).
-    reserved = prompt + max(exchange.completion_cap, exchange.events)
+    reserved = _at_least_one(exchange, prompt + max(exchange.completion_cap, exchange.events))
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":
         if exchange.stream and not exchange.background:  # it stopped with its stream: what was relayed
             return _at_least_one(exchange, prompt + exchange.events), False
         # Not streamed, or a background response, which goes on generating without its client: what was reserved.
-        return _at_least_one(exchange, reserved), False
-    if exchange.outcome is Outcome.OK and 200 <= exchange.status < 300:
-        tokens = _at_least_one(exchange, reserved)
-        return tokens, tokens > 0
-    if exchange.background and exchange.outcome is Outcome.UPSTREAM_ERROR:
-        # Forwarded, then the gateway gave up on it (its answer's head late: a 504): the engine generates anyway.
-        return _at_least_one(exchange, reserved), False
-    return 0, False
+        return reserved, False
+    if exchange.outcome is Outcome.OK:  # a 2xx that ended without usage: charged as estimated
+        return reserved, reserved > 0
+    # A background response forwarded, then given up on by the gateway (its answer's head late: a 504): the
+    # engine generates it anyway.
+    return reserved, False
 
 
 def estimates_prompt(exchange: Exchange) -> bool:
-    """Whether `charge` would charge this request a prompt it never read from usage: what the engine was given
-    may then be counted by the engine itself (the proxy asks, `engine.prompt_count`)."""
+    """Whether `charge` charges this request a prompt it never read from usage (the one place that says which
+    requests are charged without usage): what the engine was given may then be counted by the engine itself
+    (the proxy asks, `engine.prompt_count`)."""
     if exchange.usage is not None or not exchange.forwarded or retrieval(exchange):
         return False
     if exchange.outcome is Outcome.CLIENT_DISCONNECT or exchange.reason == "midstream":

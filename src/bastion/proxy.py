@@ -24,7 +24,7 @@ from .asgi import BodyWriter, ClientGone, DisconnectWatch, Receive, Scope, Send,
 from .auth.errors import refusal
 from .auth.identity import Principal, filter_model_list
 from .context import Exchange, Outcome, exchange_of
-from .engine.catalog import ModelCatalog
+from .engine.catalog import Card, ModelCatalog
 from .engine.prompt_count import COUNTED_ROUTES, PromptCounter
 from .engine.router import Backend, EngineGroup, Router
 from .engine.state import Phase
@@ -152,17 +152,16 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not _safe_path(scope["path"], raw_path):
             raise GatewayError(404, "Unknown route.")
-        if self._router.named and scope["method"] == "GET" and scope["path"].startswith("/v1/models"):
-            if scope["path"] == "/v1/models":
+        if self._router.named and scope["method"] == "GET":
+            path = scope["path"]
+            if path == "/v1/models":
                 # Every model's entry, whichever engines are ready: never a 503 because the first one is not.
                 await self._send_model_list(send, exchange, exchange.principal, _our_headers(scope, exchange))
                 return
-            if scope["path"].startswith("/v1/models/"):
+            if path.startswith("/v1/models/"):
                 # One model's card, from the engine serving it: forwarded, it went to the first engine, whatever
                 # the model (another engine's answer, never this model's card).
-                await self._send_model_card(
-                    send, exchange, scope["path"][len("/v1/models/") :], _our_headers(scope, exchange)
-                )
+                await self._send_model_card(send, exchange, path[len("/v1/models/") :], _our_headers(scope, exchange))
                 return
         group = self._router.group(exchange.model)
         if group is None:
@@ -409,41 +408,35 @@ class Proxy:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return True
 
+    async def _cards(self) -> list[Card]:
+        """One card per model group, as its engine wrote it (`engine.catalog`), or made here without a catalog
+        (tests that build a proxy by hand)."""
+        if self._catalog is not None:
+            return await self._catalog.cards()
+        return [
+            {"id": g.name, "object": "model", "created": self._created, "owned_by": "bastion"}
+            for g in self._router.groups
+        ]
+
     async def _send_model_list(
         self, send: Send, exchange: Exchange, principal: Principal | None, ours: list[tuple[bytes, bytes]]
     ) -> None:
-        """`GET /v1/models` with several engines: one card per model group, as its engine wrote it
-        (`engine.catalog`), filtered for the principal (each engine serves the one model it is named for)."""
-        if self._catalog is not None:
-            cards = await self._catalog.cards()
-        else:
-            cards = [
-                {"id": g.name, "object": "model", "created": self._created, "owned_by": "bastion"}
-                for g in self._router.groups
-            ]
-        data = [card for card in cards if principal is None or principal.allows(card["id"])]
-        body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+        """`GET /v1/models` with several engines: one card per model group, filtered for the principal (each
+        engine serves the one model it is named for)."""
+        data = [card for card in await self._cards() if principal is None or principal.allows(card["id"])]
         exchange.status = 200
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await _send_json(send, {"object": "list", "data": data}, ours)
 
     async def _send_model_card(
         self, send: Send, exchange: Exchange, name: str, ours: list[tuple[bytes, bytes]]
     ) -> None:
         """`GET /v1/models/{model}` with several engines: the model's card as `GET /v1/models` lists it, or 404.
         (A restricted principal asking for a model not its own was refused by the route guard.)"""
-        cards = await self._catalog.cards() if self._catalog is not None else []
-        card = next((card for card in cards if card["id"] == name), None)
-        if card is None and self._catalog is None and self._router.group(name) is not None:
-            card = {"id": name, "object": "model", "created": self._created, "owned_by": "bastion"}
+        card = next((card for card in await self._cards() if card["id"] == name), None)
         if card is None:
             raise GatewayError(404, f"The model {name!r} does not exist.", code="model_not_found")
-        body = json.dumps(card, separators=(",", ":")).encode()
         exchange.model, exchange.status = name, 200
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await _send_json(send, card, ours)
 
     async def _end_stream_with_error(
         self, send: Send, tap: StreamTap, watch: DisconnectWatch, error: GatewayError
@@ -453,6 +446,14 @@ class Proxy:
         body = tap.flush() + b"data: " + event + b"\n\n"
         watch.finish()
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_json(send: Send, payload: object, ours: list[tuple[bytes, bytes]]) -> None:
+    """A 200 answered by the gateway itself: `payload` as compact JSON, with the gateway's own headers."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *ours]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _pusher(tap: StreamTap, exchange: Exchange, writer: BodyWriter) -> Callable[[bytes, bytes | None], bool]:
