@@ -31,6 +31,8 @@ WORDS = (
     "calm water and distant bells ring across green hills near an old stone bridge"
 ).split()
 _EVENT_STREAM = (b"content-type", b"text/event-stream; charset=utf-8")
+MAX_MODEL_LEN = 32768  # what its model card and its /tokenize answers say, as vLLM's do
+_MAX_BODY = 64 << 20
 
 
 # vLLM's buckets for its request-phase histograms (queue, prefill, decode, end-to-end).
@@ -125,7 +127,7 @@ class Simulator:
             "owned_by": "vllm",
             "root": self.settings.model,
             "parent": None,
-            "max_model_len": 32768,
+            "max_model_len": MAX_MODEL_LEN,
         }
         return json.dumps({"object": "list", "data": [card]}).encode()
 
@@ -133,16 +135,14 @@ class Simulator:
         """vLLM's `POST /tokenize`: a chat's `messages` or a `prompt`, counted as this server's usage counts them
         (so the gateway's count of a prompt whose usage it never read is what the usage would have said)."""
         try:
-            request: Any = json.loads(await read_body(receive, 64 << 20))
-            if not isinstance(request, dict) or not ("messages" in request or isinstance(request.get("prompt"), str)):
-                raise ValueError
+            request = await _json_object(receive)
         except ClientGone:
             return
-        except ValueError:
+        if request is None or not ("messages" in request or isinstance(request.get("prompt"), str)):
             await _send(send, 400, _vllm_error(400, "Invalid tokenize request"))
             return
         count = prompt_tokens(request, chat="messages" in request)
-        answer = {"count": count, "max_model_len": 32768, "tokens": list(range(count)), "token_strs": None}
+        answer = {"count": count, "max_model_len": MAX_MODEL_LEN, "tokens": list(range(count)), "token_strs": None}
         await _send(send, 200, json.dumps(answer, separators=(",", ":")).encode())
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
@@ -150,13 +150,10 @@ class Simulator:
         if self.settings.crash_after and self._served > self.settings.crash_after:
             os._exit(3)  # a crash, not a shutdown: what the supervisor must survive
         try:
-            body = await read_body(receive, 64 << 20)
-            request: Any = json.loads(body)
-            if not isinstance(request, dict):
-                raise ValueError
+            request = await _json_object(receive)
         except ClientGone:
             return
-        except ValueError:
+        if request is None:
             await _send(send, 400, _vllm_error(400, "Invalid JSON body"))
             return
         if self.settings.error_rate and self._random.random() < self.settings.error_rate:
@@ -353,6 +350,15 @@ def _prompt_text(request: dict[str, Any], chat: bool) -> str:
         return " ".join(parts)
     prompt = request.get("prompt", "")
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+
+
+async def _json_object(receive: Receive) -> dict[str, Any] | None:
+    """The request body as a JSON object, or None if it is not one (`ClientGone` if the client left)."""
+    try:
+        request = json.loads(await read_body(receive, _MAX_BODY))
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) else None
 
 
 def _vllm_error(status: int, message: str) -> bytes:
