@@ -425,9 +425,10 @@ def engine_entries(settings: Settings) -> tuple[EngineEntry, ...]:
     items = settings.engines
     if not items and settings.engines_file is not None:
         items = load_engines_json(settings.engines_file.read_text())
-        # BASTION_ENGINES was checked against BASTION_FAIRNESS as a setting; the file is read only now
-        if (problem := fairness_problem(settings.fairness, items, "BASTION_ENGINES_FILE")) is not None:
-            raise ValueError(problem.replace("BASTION_ENGINES_FILE entry", "entry"))
+        # BASTION_ENGINES was checked against BASTION_FAIRNESS as a setting; the file is read only now (its line
+        # is "invalid BASTION_ENGINES_FILE: entry ...")
+        if (problem := fairness_problem(settings.fairness, items)) is not None:
+            raise ValueError(problem)
     return parse_engines(items, os.environ)
 
 

@@ -186,20 +186,20 @@ def _engines(value: list[Any]) -> list[Any]:
     return value
 
 
-def fairness_problem(fairness: bool, entries: list[Any], source: str) -> str | None:
+def fairness_problem(fairness: bool, entries: list[Any], entry: str = "entry") -> str | None:
     """What an engine list (BASTION_ENGINES, or the file) says that BASTION_FAIRNESS contradicts, in one line:
     a capacity only the fair queue reads, with it off; an explicit --scheduling-policy other than priority, with
-    it on (vLLM would then refuse every request below the top class)."""
+    it on (vLLM would then refuse every request below the top class). `entry` names an item in that line."""
     for item in entries:
         if not isinstance(item, dict):
             continue
         if not fairness and item.get("capacity") is not None:
             return (
-                f"{source} entry {item.get('model')!r} sets a capacity, which only the fair queue reads, and "
+                f"{entry} {item.get('model')!r} sets a capacity, which only the fair queue reads, and "
                 'BASTION_FAIRNESS is off: set BASTION_FAIRNESS=true, or drop "capacity"'
             )
         if fairness and item.get("vllm_model") and isinstance(item.get("extra_args"), str):
-            problem = _policy_problem(f"{source} entry {item.get('model')!r} extra_args", item["extra_args"])
+            problem = _policy_problem(f"{entry} {item.get('model')!r} extra_args", item["extra_args"])
             if problem is not None:
                 return problem
     return None
@@ -845,7 +845,7 @@ class Settings(BaseSettings):
     def _check_scheduling_policy(cls, value: bool, info: ValidationInfo) -> bool:
         """vLLM refuses a nonzero `priority` unless run with --scheduling-policy priority, which bastion adds to
         the vLLM it supervises; an explicit other policy wins, and every request below the top class would fail."""
-        problem = fairness_problem(value, info.data.get("engines") or [], "BASTION_ENGINES")
+        problem = fairness_problem(value, info.data.get("engines") or [], "BASTION_ENGINES entry")
         if (
             problem is None
             and value
